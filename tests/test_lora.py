@@ -1,0 +1,157 @@
+"""LoraLinear4bit / LoraLinear16bit / inject_lora on CPU (and CUDA when present)."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes import functional as bnb_F
+from torch import nn
+
+from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit, inject_lora, lora_layers, matches_target
+
+from qlora_testing import requires_cuda
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def reference_linear4bit(weight: torch.Tensor, device: str, quant_type="nf4") -> bnb.nn.Linear4bit:
+    ref = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.bfloat16,
+                            compress_statistics=True, quant_type=quant_type)
+    ref.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, compress_statistics=True,
+                                   quant_type=quant_type, blocksize=64).to(device)
+    return ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fresh_layer_equals_bnb_linear4bit_bit_for_bit(device, quant_type):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128) * 0.02
+    layer = LoraLinear4bit.from_weight(weight, device=device, r=8, alpha=16, dropout=0.1, quant_type=quant_type).eval()
+    ref = reference_linear4bit(weight, device, quant_type)
+    x = torch.randn(3, 5, 128, device=device, dtype=torch.bfloat16)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    layer.train()  # dropout on the LoRA input changes nothing while B = 0
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+
+
+def test_nf4_round_trip_error_is_the_expected_bound():
+    torch.manual_seed(0)
+    weight = torch.randn(512, 512)
+    layer = LoraLinear4bit.from_weight(weight, r=4)
+    err = (layer.base_weight().float() - weight).norm() / weight.norm()
+    # NF4 with blocksize 64 on Gaussian weights: ≈ 0.092 relative (measured, FACTS.md); bf16 input adds little.
+    assert 0.08 < err < 0.10, err
+    fp4 = LoraLinear4bit.from_weight(weight, r=4, quant_type="fp4")
+    err_fp4 = (fp4.base_weight().float() - weight).norm() / weight.norm()
+    assert err < err_fp4 < 0.14  # NF4 is the better 4-bit type for normal weights (paper, Table 2)
+
+
+def test_lora_forward_is_base_plus_scaled_update():
+    torch.manual_seed(0)
+    layer = LoraLinear4bit.from_weight(torch.randn(32, 48) * 0.05, r=4, alpha=8, dropout=0.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    expected = layer.base_layer(x).float() + (x.float() @ layer.lora_A.float().t() @ layer.lora_B.float().t()) * 2.0
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_lora_init_is_peft_kaiming_uniform():
+    torch.manual_seed(0)
+    layer = LoraLinear4bit(1024, 16, r=64, device="cpu")
+    bound = (6 / ((1 + 5) * 1024)) ** 0.5  # kaiming_uniform with a=sqrt(5): gain² = 2/(1+a²)
+    assert layer.lora_A.abs().max() <= bound * 1.01 and layer.lora_A.abs().max() > bound * 0.9
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    assert layer.scaling == 16 / 64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_lora_gets_gradients_and_4bit_weight_never_changes(device):
+    torch.manual_seed(0)
+    layer = LoraLinear4bit.from_weight(torch.randn(64, 64) * 0.05, torch.randn(64) * 0.1, device=device, r=8)
+    packed = layer.base_layer.weight.data.clone()
+    absmax = layer.base_layer.weight.quant_state.absmax.clone()
+    bias = layer.base_layer.bias.detach().clone()
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["lora_A", "lora_B"]
+    opt = bnb.optim.AdamW32bit([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        x = torch.randn(4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        layer(x).float().pow(2).mean().backward()
+        assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
+        assert x.grad is not None  # gradients still flow through the frozen base to earlier layers
+        opt.step()
+        opt.zero_grad()
+    assert torch.count_nonzero(layer.lora_B) > 0
+    assert torch.equal(layer.base_layer.weight.data, packed)
+    assert torch.equal(layer.base_layer.weight.quant_state.absmax, absmax)
+    assert torch.equal(layer.base_layer.bias, bias)
+
+
+@pytest.mark.parametrize("cls", [LoraLinear4bit, LoraLinear16bit])
+def test_merged_weight_reproduces_the_layer(cls):
+    torch.manual_seed(0)
+    layer = cls.from_weight(torch.randn(48, 64) * 0.05, torch.randn(48) * 0.1, r=8, alpha=16).eval()
+    nn.init.normal_(layer.lora_B, std=0.05)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    merged = nn.functional.linear(x.float(), layer.merged_weight(torch.float32), layer.bias.float())
+    out = layer(x).float()
+    assert (out - merged).norm() / merged.norm() < 1e-2  # bf16 activations: ~3 significant digits
+    assert layer.merged_weight().dtype == torch.bfloat16
+
+
+def test_16bit_twin_matches_plain_linear_when_fresh():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16, dtype=torch.bfloat16)
+    layer = LoraLinear16bit.from_linear(linear, r=4)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer.eval()(x), linear(x), rtol=0, atol=0)
+
+
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "none"])
+def test_inject_lora_replaces_linears_and_freezes_the_rest(quantize):
+    model = nn.ModuleDict({"body": tiny_mlp(), "lm_head": nn.Linear(16, 8)})
+    names = inject_lora(model, r=4, quantize=quantize)
+    assert names == ["body.0", "body.2"]
+    assert set(lora_layers(model)) == {"body.0", "body.2"}
+    assert isinstance(model["lm_head"], nn.Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"body.{i}.lora_{ab}" for i in (0, 2) for ab in "AB"}
+
+
+def test_inject_lora_target_list_that_matches_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match="matches no nn.Linear.*body.0"):
+        inject_lora(nn.ModuleDict({"body": tiny_mlp()}), target_modules=["q_proj"], exclude=())
+
+
+def test_target_matching_by_suffix_and_regex():
+    assert matches_target("model.layers.0.self_attn.q_proj", ["q_proj"])
+    assert not matches_target("model.layers.0.self_attn.qq_proj", ["q_proj"])
+    assert matches_target("model.layers.3.mlp.up_proj", ["re:.*layers\\.[0-3]\\.mlp\\..*"])
+    assert not matches_target("lm_head", "all-linear", exclude=["lm_head"])
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="rank r"):
+        LoraLinear4bit(8, 8, r=0)
+    with pytest.raises(ValueError, match="quant_type"):
+        LoraLinear4bit(8, 8, quant_type="int4")
+    with pytest.raises(ValueError, match="dropout"):
+        LoraLinear16bit(8, 8, dropout=1.0)
+
+
+@requires_cuda
+def test_cuda_matmul_matches_dequantized_reference():
+    torch.manual_seed(0)
+    layer = LoraLinear4bit.from_weight(torch.randn(256, 512) * 0.02, device="cuda", r=16).eval()
+    nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
+    w = bnb_F.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+    ref = x.float() @ (w + layer.delta_weight()).t()
+    assert (layer(x).float() - ref).norm() / ref.norm() < 1e-2

@@ -127,19 +127,36 @@ class LoraLinear4bit(_LoraLinear):
         device = torch.device(device) if device is not None else weight.device
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, bias=bias is not None, device=device, **kwargs)
-        compute_dtype = layer.base_layer.compute_dtype
-        layer.base_layer.weight = bnb.nn.Params4bit(
-            weight.detach().to(compute_dtype), requires_grad=False, blocksize=NF4_BLOCKSIZE,
-            compress_statistics=layer.double_quant, quant_type=layer.quant_type,
-            quant_storage=layer.base_layer.weight.quant_storage,
-        ).to(device)
-        if bias is not None:
-            layer.base_layer.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
+        base = layer.base_layer
+        layer.base_layer = quantize_linear(weight, bias, device=device, quant_type=layer.quant_type,
+                                           double_quant=layer.double_quant, compute_dtype=base.compute_dtype,
+                                           quant_storage=base.weight.quant_storage)
         return layer
 
     def base_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
         return bnb_F.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, device: torch.device | str,
+                    quant_type: Literal["nf4", "fp4"] = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16,
+                    quant_storage: torch.dtype = torch.uint8) -> bnb.nn.Linear4bit:
+    """A frozen `bnb.nn.Linear4bit` holding `weight` quantized on `device` (blocksize 64, as the paper).
+
+    The weight is cast to `compute_dtype` first, as transformers' own 4-bit loading does, so both give
+    the same NF4 bytes.
+    """
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type,
+                              quant_storage=quant_storage, device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype), requires_grad=False,
+                                     blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
+                                     quant_type=quant_type, quant_storage=quant_storage).to(device)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
+    return layer
 
 
 class LoraLinear16bit(_LoraLinear):

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .lora import QuantType, lora_layer_class, lora_layer_kwargs, matches_target
+from .lora import QuantType, lora_layer_class, lora_layer_kwargs, matches_target, quantize_linear
 from .tokenizer import load_tokenizer
 
 DTypeName = Literal["bfloat16", "float16", "float32"]
@@ -116,29 +116,36 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class _LinearAssembler:
-    """Collects a target linear's weight (and bias) and swaps in its LoRA layer once all have arrived."""
+    """Collects a linear's weight (and bias) and, once all have arrived, swaps in its replacement:
+    a LoRA layer for LoRA targets, a plain frozen 4-bit linear for the other quantized linears."""
 
-    def __init__(self, model: nn.Module, targets: set[str], quant: QuantSpec, lora: LoraSpec, device: torch.device):
-        self.model, self.targets, self.device = model, targets, device
+    def __init__(self, model: nn.Module, lora_targets: set[str], quantized: set[str], quant: QuantSpec,
+                 lora: LoraSpec, device: torch.device):
+        self.model, self.lora_targets, self.device = model, lora_targets, device
+        self.handled = lora_targets | quantized
         self.layer_cls = lora_layer_class(quant.quantize)
+        storage = torch.uint8 if quant.quant_storage == "uint8" else torch_dtype(quant.quant_storage)
         self.kwargs = lora_layer_kwargs(quant.quantize, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                         double_quant=quant.double_quant,
-                                        compute_dtype=torch_dtype(quant.compute_dtype),
-                                        quant_storage=torch_dtype(quant.quant_storage)
-                                        if quant.quant_storage != "uint8" else torch.uint8)
+                                        compute_dtype=torch_dtype(quant.compute_dtype), quant_storage=storage)
+        self.quant_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("r", "alpha", "dropout")}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def offer(self, key: str, tensor: torch.Tensor) -> bool:
-        """Take `key` if it belongs to a target linear; build the layer when it is complete."""
+        """Take `key` if it belongs to a linear this assembler replaces; build it when complete."""
         module_name, _, attr = key.rpartition(".")
-        if module_name not in self.targets:
+        if module_name not in self.handled:
             return False
         parts = self.pending.setdefault(module_name, {})
         parts[attr] = tensor
         linear = self.model.get_submodule(module_name)
         if "weight" in parts and ("bias" in parts or linear.bias is None):
+            weight, bias = parts["weight"], parts.get("bias")
+            if module_name in self.lora_targets:
+                layer = self.layer_cls.from_weight(weight, bias, device=self.device, **self.kwargs)
+            else:
+                layer = quantize_linear(weight, bias, device=self.device, **self.quant_kwargs)
             parent_name, _, child = module_name.rpartition(".")
-            layer = self.layer_cls.from_weight(parts["weight"], parts.get("bias"), device=self.device, **self.kwargs)
             setattr(self.model.get_submodule(parent_name), child, layer)
             del self.pending[module_name]
         return True
@@ -177,7 +184,11 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
     if not targets:
         raise ValueError(f"lora.target_modules={lora.target_modules!r} (exclude={lora.exclude!r}) matches no "
                          f"linear layer of {name_or_path}; its linear layers include {sorted(linear_names)[:8]}")
-    assembler = _LinearAssembler(model, targets, quant, lora, device)
+    # Like the model card's load: every linear but the output head is 4-bit, LoRA or not.
+    head = model.get_output_embeddings()
+    quantized = set() if quant.quantize == "none" else {
+        n for n in linear_names if model.get_submodule(n) is not head}
+    assembler = _LinearAssembler(model, targets, quantized, quant, lora, device)
 
     expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     loaded: set[str] = set()

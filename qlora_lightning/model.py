@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import builtin
 from .lora import QuantType, lora_layer_class, lora_layer_kwargs, matches_target, quantize_linear
 from .tokenizer import load_tokenizer
 
@@ -80,7 +81,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_checkpoint_dir(name_or_path: str, *, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise download the hub repo's config and safetensors shards."""
+    """A local folder as is, a `builtin:` model's cached folder, or the hub repo's config and safetensors."""
+    name_or_path = builtin.resolve(name_or_path)
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
     from huggingface_hub import snapshot_download

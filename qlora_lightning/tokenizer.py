@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from . import builtin
+
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwargs) -> PreTrainedTokenizerBase:
-    """Load a tokenizer (hub id or local folder) and give it a pad token.
+    """Load a tokenizer (hub id, local folder or `builtin:` model) and give it a pad token.
 
     LLaMA tokenizers ship without a pad token and many chat models reuse EOS as pad. Padding is masked
     in the labels by position (the collator's attention mask), never by token id, so a shared id would
@@ -18,7 +20,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwar
     No token is added, so the embedding matrix keeps its size and the adapters stay PEFT-compatible.
     `trust_remote_code` stays off unless the user asks for it.
     """
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    tok = AutoTokenizer.from_pretrained(builtin.resolve(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token

@@ -1,0 +1,74 @@
+"""The command line: LightningCLI for `fit`/`validate`/`test`/`predict`, plus the extra subcommands.
+
+`python train.py fit --config configs/7b.yaml` and `qlora-lightning fit --config …` run the same CLI.
+`eval mmlu`, `generate`, `export` and `plot-loss` dispatch to typed functions whose signatures are
+their configs (`qlora-lightning generate --help`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .checkpoint import AtomicCheckpointIO
+from .data import InstructionDataModule
+from .module import QLoRAModule
+
+
+class QLoRACLI(LightningCLI):
+    """LightningCLI with the base model's name linked to the data module's tokenizer."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.base_model", "data.tokenizer")
+
+
+def trainer_defaults() -> dict:
+    """Trainer settings every QLoRA run wants unless the config says otherwise.
+
+    - `AtomicCheckpointIO`: atomic saves with a PEFT adapter folder beside each `.ckpt`;
+    - `ModelCheckpoint` named by step, keeping `last` (what `--ckpt_path last` resumes);
+    - bf16-true precision (the paper's compute dtype; LoRA weights are bf16 too) and clipping at 0.3
+      (the paper's max gradient norm).
+    """
+    return {
+        "plugins": [AtomicCheckpointIO()],
+        "precision": "bf16-true",
+        "gradient_clip_val": 0.3,
+        "gradient_clip_algorithm": "norm",
+        "callbacks": [ModelCheckpoint(filename="{step}", save_last=True, save_top_k=-1, every_n_train_steps=500),
+                      LearningRateMonitor(logging_interval="step")],
+    }
+
+
+def run_lightning_cli(args: list[str] | None = None) -> QLoRACLI:
+    """Run the LightningCLI (`fit`, `validate`, `test`, `predict`) on `args` (default: sys.argv)."""
+    return QLoRACLI(QLoRAModule, InstructionDataModule, trainer_defaults=trainer_defaults(),
+                    save_config_kwargs={"overwrite": True}, args=args)
+
+
+def _extra_commands() -> dict[str, Callable]:
+    from .eval.mmlu import evaluate_mmlu
+    from .export import export_merged
+    from .generate import generate_cli
+    from .plot import plot_loss
+
+    return {"eval mmlu": evaluate_mmlu, "generate": generate_cli, "export": export_merged, "plot-loss": plot_loss}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `qlora-lightning` and `train.py`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _extra_commands() if argv and argv[0] in ("eval", "generate", "export", "plot-loss") else {}
+    for name, fn in commands.items():
+        words = name.split()
+        if argv[: len(words)] == words:
+            from jsonargparse import CLI
+
+            CLI(fn, args=argv[len(words):])
+            return
+    if commands:
+        raise SystemExit(f"unknown command {' '.join(argv[:2])!r}; extra commands: {', '.join(commands)}")
+    run_lightning_cli(argv)

@@ -1,0 +1,227 @@
+"""`InstructionDataModule`: instruction data to training batches as the QLoRA recipe does, resumable mid-epoch.
+
+Pipeline: load the source (`sources.py`) → pick the subset with a fixed seed (validation first, then up to
+`max_examples` training records; the same on every run and rank) → format, template and tokenize each
+record once, cached → length-grouped distributed sampler (`sampler.py`) → padding collator (`tokenize.py`).
+
+Resume: Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` on restore. The
+state is the training sampler's epoch and how many samples of it this rank has consumed, counted from the
+trainer's completed batches (`fit_loop.epoch_loop.batch_progress.current.processed`: at `on_train_batch_end`,
+where `ModelCheckpoint(every_n_train_steps)` saves, it already includes the batch just trained; at
+validation and epoch-end saves it equals the batches done). The sampler's own count would be wrong because
+Lightning and DataLoader workers fetch batches ahead. The restored sampler skips those samples once, so the
+resumed run neither repeats nor skips examples.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from ..tokenizer import load_tokenizer
+from .formats import get_format
+from .sampler import LengthGroupedSampler
+from .sources import BadRecordError, encode_split, load_source, pick_subset
+from .templates import get_template
+from .tokenize import ExampleEncoder, InstructionCollator
+
+__all__ = ["InstructionDataModule"]
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction-tuning data for QLoRA (the constructor's arguments are the `data:` section of the config).
+
+    Args:
+        tokenizer: hub id or local folder of the tokenizer (the CLI links it from the model's base model);
+            research code may pass a loaded tokenizer object instead.
+        dataset: a hub dataset name (read with `datasets.load_dataset`), a local .jsonl/.json/.parquet/.csv
+            file, a folder written by `save_to_disk`, or `bundled:orca_sample_train` for the shipped sample.
+            Default: OpenOrca, the model card's training data.
+        split: split of a hub dataset or of a saved DatasetDict (files are one split).
+        val_dataset: a separate validation source (same kinds as `dataset`); None holds `val_size` records
+            out of `dataset` instead.
+        val_split: split of `val_dataset` when it is a hub dataset or DatasetDict.
+        format: record layout: openorca, alpaca, oasst1, input_output (see `formats.py`).
+        template: prompt template: qlora (the model card's, default), guanaco (same), alpaca, or chat (the
+            tokenizer's chat template).
+        max_examples: training records drawn from `dataset` with `seed`; 240000 is the model card's subset
+            of OpenOrca. None uses them all.
+        val_size: records held out of `dataset` for validation (before `max_examples` are drawn, so the two
+            never overlap); 1024 as qlora.py's `eval_dataset_size`. Ignored when `val_dataset` is set.
+        seed: picks the subset and orders every epoch; 42 as qlora.py. The same on every rank.
+        source_max_len: source (prompt) tokens kept, BOS included; 384 in the paper's OpenOrca/7B setup.
+        target_max_len: target (response + EOS) tokens kept; 128 in the paper's setup.
+        source_truncation: which end of a too-long source is kept: "right" keeps the start (qlora.py),
+            "left" keeps the end so the "### Assistant:" cue stays next to the answer.
+        train_on_source: also compute the loss on the prompt; false is the paper's default (and better in
+            its ablation).
+        batch_size: micro-batch per device; 16 is the 7B/13B model card's batch on one GPU.
+        eval_batch_size: validation micro-batch per device; no gradients, so it can match or exceed training's.
+        group_by_length: batch examples of similar length (less padding, the paper's setting).
+        pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores); None
+            pads to the longest sequence only.
+        num_workers: DataLoader worker processes; 2 keeps collation off the training loop, which needs little.
+        num_proc: processes that tokenize (only for 10k+ records); 2 matches this project's CPU machines;
+            see BENCHMARKS.md.
+        on_bad_record: "error" stops at the first unusable record naming its file, line/row and field;
+            "skip" drops bad records and reports how many in one warning.
+        cache_dir: where downloaded and tokenized data are cached; None uses the datasets cache
+            (HF_DATASETS_CACHE).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        dataset: str = "Open-Orca/OpenOrca",
+        split: str = "train",
+        val_dataset: str | None = None,
+        val_split: str = "validation",
+        format: str = "openorca",
+        template: str = "qlora",
+        max_examples: int | None = 240000,
+        val_size: int = 1024,
+        seed: int = 42,
+        source_max_len: int = 384,
+        target_max_len: int = 128,
+        source_truncation: Literal["right", "left"] = "right",
+        train_on_source: bool = False,
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        group_by_length: bool = True,
+        pad_to_multiple_of: int | None = 8,
+        num_workers: int = 2,
+        num_proc: int | None = 2,
+        on_bad_record: Literal["error", "skip"] = "error",
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        get_format(format)  # unknown names fail here, before any data is read
+        get_template(template)
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+        if (max_examples is not None and max_examples < 1) or val_size < 0 or batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("max_examples, batch_size and eval_batch_size must be positive and val_size >= 0")
+        self._tokenizer = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.hparams["tokenizer"] = tokenizer if self._tokenizer is None else self._tokenizer.name_or_path
+        self.train_data = None
+        self.val_data = None
+        self._train_sampler: LengthGroupedSampler | None = None
+        self._resume_state: dict | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use with `load_tokenizer` (which gives it a pad token)."""
+        if self._tokenizer is None:
+            if not self.hparams.tokenizer:
+                raise ValueError("InstructionDataModule needs `tokenizer` (a hub id or folder; the CLI links it from the model)")
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    @property
+    def collator(self) -> InstructionCollator:
+        """The batch collator (right padding, labels masked on source and padding)."""
+        return InstructionCollator(self.tokenizer.pad_token_id, self.hparams.train_on_source, self.hparams.pad_to_multiple_of)
+
+    def prepare_data(self) -> None:
+        """Download and tokenize once per node (Lightning runs this on local rank 0 before `setup`)."""
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenized splits (from the cache that `prepare_data` filled) on every rank."""
+        self._build()
+
+    def _build(self) -> None:
+        if self.train_data is not None:
+            return
+        h = self.hparams
+        encoder = ExampleEncoder(self.tokenizer, h.template, h.source_max_len, h.target_max_len, h.source_truncation)
+        source = load_source(h.dataset, h.split, h.cache_dir)
+        train_pos, val_pos = pick_subset(len(source.rows), h.seed, h.max_examples, 0 if h.val_dataset else h.val_size)
+        train, errors = encode_split(source, train_pos, encoder, h.format, h.cache_dir, h.num_proc)
+        val = None
+        if h.val_dataset:
+            val_source = load_source(h.val_dataset, h.val_split, h.cache_dir)
+            val_pos, source = np.arange(len(val_source.rows)), val_source
+        if len(val_pos):
+            val, val_errors = encode_split(source, val_pos, encoder, h.format, h.cache_dir, h.num_proc)
+            errors += val_errors
+        if errors and h.on_bad_record == "error":
+            more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
+            raise BadRecordError(f"{errors[0]}{more}; set on_bad_record: skip to drop bad records")
+        if errors:
+            rank_zero_warn(f"skipped {len(errors)} bad records (on_bad_record: skip); the first: {errors[0]}")
+        if len(train) == 0 or (val is not None and len(val) == 0):
+            raise BadRecordError(f"{h.dataset}: no usable records left for {'training' if len(train) == 0 else 'validation'}")
+        self.train_data, self.val_data = train, val
+
+    def _rank(self) -> tuple[int, int]:
+        """(world size, global rank) from the trainer; (1, 0) outside one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches in the sampler's length-grouped order, continuing a restored position."""
+        self._build()
+        h = self.hparams
+        world_size, rank = self._rank()
+        sampler = LengthGroupedSampler(
+            np.asarray(self.train_data["length"]),
+            h.batch_size,
+            num_replicas=world_size,
+            rank=rank,
+            seed=h.seed,
+            group_by_length=h.group_by_length,
+        )
+        if self._resume_state is not None:
+            sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_sampler = sampler
+        return self._loader(self.train_data, h.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in a fixed order ([] when there is no validation data)."""
+        self._build()
+        if self.val_data is None:
+            return []
+        return self._loader(self.val_data, self.hparams.eval_batch_size, None)
+
+    def _loader(self, data, batch_size: int, sampler: LengthGroupedSampler | None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def state_dict(self) -> dict:
+        """The data position for resume: sampler settings, `epoch`, and `consumed` samples of it on this rank."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}  # not training: there is no position to keep
+        loop = self.trainer.fit_loop
+        epoch = max(loop.epoch_progress.current.started - 1, 0)
+        consumed = loop.epoch_loop.batch_progress.current.processed * self.hparams.batch_size
+        return self._train_sampler.state_dict(epoch=epoch, consumed=min(consumed, len(self._train_sampler)))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the data position; the next training dataloader starts right after it."""
+        if not state:
+            return
+        self._resume_state = dict(state)
+        if self._train_sampler is not None:
+            self._train_sampler.load_state_dict(self._resume_state)
+            self._resume_state = None
+        # Lightning checks only the DataLoader for resumability and would warn that this resume is unreliable.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

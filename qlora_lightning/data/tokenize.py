@@ -1,0 +1,146 @@
+"""Tokens and batches: source/target encoding with the QLoRA limits, and the padding collator.
+
+Layout of one example (as in qlora.py): `[BOS?] source[:384] | target[:128]` where the target is the
+response followed by EOS. The source gets the special prefix the tokenizer itself adds to text (BOS for
+LLaMA, nothing for SmolLM2), never twice; chat templates write their own. EOS is part of the target's
+128 tokens: a response cut by the limit loses its EOS, so the model is never taught to stop mid-answer.
+Labels are -100 on the source (unless `train_on_source`) and on padding; padding is masked by position,
+never by token id, because pad may equal EOS and EOS must stay labelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .formats import Example
+from .templates import Template, get_template
+
+__all__ = ["IGNORE_INDEX", "special_prefix", "ExampleEncoder", "encode_prompt", "InstructionCollator"]
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy ignores
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer puts before any text by default (e.g. [BOS] for LLaMA, [] for SmolLM2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return list(full[:k])
+    raise ValueError(f"cannot find the special prefix of tokenizer {tokenizer.name_or_path!r}: {full} vs {plain}")
+
+
+def _marks_word_start(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether a text tokenized alone already starts as a new word (SentencePiece's '▁', add_prefix_space).
+
+    Such tokenizers would turn the template's " " separator into an extra space token, so it is dropped.
+    """
+    first = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])[0]
+    return first.startswith(("▁", "Ġ"))
+
+
+def _separator(tokenizer: PreTrainedTokenizerBase, template: Template) -> str:
+    """The text written between source and response for this tokenizer and template."""
+    if template.response_separator.isspace() and _marks_word_start(tokenizer):
+        return ""
+    return template.response_separator
+
+
+class ExampleEncoder:
+    """Turns `Example`s into `input_ids` plus `n_source` (how many leading ids are the source).
+
+    `source_max_len`/`target_max_len` default to the paper's 384/128. `source_truncation="right"` keeps
+    the start of a long source, as qlora.py does; "left" keeps its end (the prompt's "### Assistant:"
+    cue stays next to the answer) and still keeps the special prefix.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str = "qlora",
+        source_max_len: int = 384,
+        target_max_len: int = 128,
+        source_truncation: Literal["right", "left"] = "right",
+    ):
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; the target must end with one")
+        if source_truncation not in ("right", "left"):
+            raise ValueError(f"source_truncation must be 'right' or 'left', got {source_truncation!r}")
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.prefix = [] if self.template.renders_special_tokens else special_prefix(tokenizer)
+        if source_max_len <= len(self.prefix) or target_max_len < 1:
+            raise ValueError(
+                f"source_max_len ({source_max_len}) must exceed the special prefix ({len(self.prefix)} tokens) "
+                f"and target_max_len ({target_max_len}) must be at least 1"
+            )
+        self.source_max_len = source_max_len
+        self.target_max_len = target_max_len
+        self.source_truncation = source_truncation
+        self.separator = _separator(tokenizer, self.template)
+        self.template.render(Example(prompt="?", response="!"), tokenizer)  # fail now, not per record
+
+    def _truncate_source(self, ids: list[int]) -> list[int]:
+        room = self.source_max_len - len(self.prefix)
+        if len(ids) > room:
+            ids = ids[:room] if self.source_truncation == "right" else ids[len(ids) - room :]
+        return self.prefix + ids
+
+    def encode(self, examples: Sequence[Example]) -> dict[str, list]:
+        """Encode a batch: returns {"input_ids": [[...]], "n_source": [...]} (batched for speed)."""
+        tok = self.tokenizer
+        sources = [self.template.render(ex, tok) for ex in examples]
+        targets = [self.separator + ex.response for ex in examples]
+        src_ids = tok(sources, add_special_tokens=False)["input_ids"]
+        tgt_ids = tok(targets, add_special_tokens=False)["input_ids"]
+        input_ids, n_source = [], []
+        for s, t in zip(src_ids, tgt_ids):
+            s = self._truncate_source(s)
+            t = (t + [tok.eos_token_id])[: self.target_max_len]
+            input_ids.append(s + t)
+            n_source.append(len(s))
+        return {"input_ids": input_ids, "n_source": n_source}
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str = "qlora") -> list[int]:
+    """Token ids of a prompt from `templates.format_prompt`, with the special prefix exactly as in training."""
+    prefix = [] if get_template(template).renders_special_tokens else special_prefix(tokenizer)
+    return prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+class InstructionCollator:
+    """Pads rows of `input_ids`/`n_source` to the longest in the batch (optionally to a multiple of 8).
+
+    Returns `input_ids`, `attention_mask` and `labels` (long tensors, right padding). `pad_to_multiple_of`
+    8 keeps shapes friendly to tensor cores; `train_on_source` false (the paper's default) masks the
+    source in the labels so that only the response (and its EOS) is learned.
+    """
+
+    def __init__(self, pad_token_id: int, train_on_source: bool = False, pad_to_multiple_of: int | None = 8):
+        if pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; load it with qlora_lightning.tokenizer.load_tokenizer")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.train_on_source = train_on_source
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            n = len(ids)
+            input_ids[i, :n] = ids
+            attention_mask[i, :n] = 1
+            start = 0 if self.train_on_source else int(row["n_source"])
+            labels[i, start:n] = ids[start:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -179,6 +179,7 @@ class InstructionDataModule(L.LightningDataModule):
             rank=rank,
             seed=h.seed,
             group_by_length=h.group_by_length,
+            epoch_source=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
         )
         if self._resume_state is not None:
             sampler.load_state_dict(self._resume_state)

@@ -19,7 +19,7 @@ so that Lightning uses it as is under DDP instead of wrapping it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import DistributedSampler
@@ -32,7 +32,10 @@ class LengthGroupedSampler(DistributedSampler):
 
     `lengths`: token count of each example (only used when `group_by_length`). `batch_size`: the
     per-device micro-batch the DataLoader will form. `mega_batch_mult`: global batches per mega-batch,
-    HF's default of 50 (capped so that there are at least 4 mega-batches).
+    HF's default of 50 (capped so that there are at least 4 mega-batches). `epoch_source`: when given,
+    `set_epoch` takes the epoch from it instead of its argument; the datamodule passes the trainer's
+    `current_epoch`, because after resuming from an end-of-epoch checkpoint Lightning 2.6 calls
+    `set_epoch` with a number one ahead of the epoch it is running.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class LengthGroupedSampler(DistributedSampler):
         seed: int = 42,
         group_by_length: bool = True,
         mega_batch_mult: int = 50,
+        epoch_source: Callable[[], int] | None = None,
     ):
         n = len(lengths)
         if batch_size < 1:
@@ -56,6 +60,7 @@ class LengthGroupedSampler(DistributedSampler):
         self.batch_size = batch_size
         self.group_by_length = group_by_length
         self.mega_batch_mult = mega_batch_mult
+        self.epoch_source = epoch_source
         self.num_samples = n // num_replicas  # per rank, equal on every rank
         self.total_size = self.num_samples * num_replicas
         self._skip = 0  # samples of `self.epoch` to skip at the next iteration (set by load_state_dict)
@@ -100,6 +105,8 @@ class LengthGroupedSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order (Lightning calls this at each epoch start); a pending skip is for its own epoch only."""
+        if self.epoch_source is not None:
+            epoch = self.epoch_source()
         if epoch != self.epoch:
             self._skip = 0
         self.epoch = epoch
@@ -123,6 +130,9 @@ class LengthGroupedSampler(DistributedSampler):
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` left off: the next iteration yields exactly the samples not yet consumed.
 
+        A state taken at the end of an epoch leaves nothing to yield until `set_epoch` moves to the next one
+        (Lightning, resuming from such a checkpoint, first asks the finished epoch for one more batch).
+
         The order depends on seed, world size, batch size and data, so resuming with any of them changed
         cannot avoid repeats or skips: that raises instead of silently reshuffling.
         """
@@ -134,7 +144,5 @@ class LengthGroupedSampler(DistributedSampler):
                 + "; ".join(changed)
                 + "); resume with the same data, seed, batch size and devices"
             )
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if consumed >= self.num_samples:  # the checkpoint was taken at the end of `epoch`
-            epoch, consumed = epoch + 1, 0
-        self.epoch, self._skip, self._yielded = epoch, consumed, consumed
+        self.epoch = int(state["epoch"])
+        self._skip = self._yielded = min(int(state["consumed"]), self.num_samples)

@@ -30,6 +30,7 @@ from .tokenize import ExampleEncoder
 __all__ = ["BadRecordError", "RawSource", "load_source", "pick_subset", "encode_split", "BUNDLED_DIR"]
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
+PARALLEL_MIN_RECORDS = 10_000  # below this, starting `num_proc` workers costs more than it saves
 CACHE_VERSION = 1  # bump when the encoding of a record changes, so old cache files are not reused
 _FEATURES = Features(
     {
@@ -93,7 +94,7 @@ def _load_json_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str]:
 
 
 def load_source(name: str, split: str = "train", cache_dir: str | None = None) -> RawSource:
-    """Load `name`: `bundled:<name>`, a local file or `save_to_disk` folder, else a hub dataset's `split`."""
+    """Load `name`: `bundled:<name>`, a local file, a `save_to_disk` folder, else `load_dataset(name, split)`."""
     path = _resolve_bundled(name) if name.startswith("bundled:") else Path(name).expanduser()
     if path.is_file():
         if path.stat().st_size == 0:
@@ -112,17 +113,20 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
         except Exception as e:  # pyarrow/pandas errors do not name the file
             raise BadRecordError(f"{path}: cannot be read as {suffix[1:]}: {e}") from e
         label, identity = str(path), _file_identity(path)
-    elif path.is_dir():
+    elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, DatasetDict):
             if split not in loaded:
                 raise ValueError(f"{path}: no split {split!r}; splits: {', '.join(loaded)}")
             loaded = loaded[split]
         ds, kind, label, identity = loaded, "table", str(path), loaded._fingerprint
-    elif path.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv") or name.startswith((".", "/", "~")):
+    elif path.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
         raise FileNotFoundError(f"dataset file {name!r} does not exist")
-    else:
-        ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+    else:  # a dataset repository: a hub id, or a local folder laid out like one (data files named by split)
+        try:
+            ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+        except Exception as e:
+            raise ValueError(f"cannot load dataset {name!r} (split {split!r}) with datasets.load_dataset: {e}") from e
         kind, label, identity = "table", f"{name} (split {split})", ds._fingerprint
     if kind == "jsonl":
         text = ds.data.column("text")
@@ -224,13 +228,13 @@ def encode_split(
     """Encode the records at `positions` (indices into `source.rows`); returns (good rows, error messages).
 
     The result is cached under `cache_dir` (default: the datasets cache) and reused when the key matches.
-    Small inputs are encoded in-process: starting `num_proc` workers costs more than it saves below ~10k.
+    Fewer than `PARALLEL_MIN_RECORDS` records are encoded in-process.
     """
     rows = source.rows[positions]
     root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
     cache = root / "qlora_lightning" / f"tokenized-{cache_key(source, positions, encoder, format)}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    procs = num_proc if num_proc and num_proc > 1 and len(rows) >= 10_000 else None
+    procs = num_proc if num_proc and num_proc > 1 and len(rows) >= PARALLEL_MIN_RECORDS else None
     subset = source.dataset.select(rows)
     encoded = subset.map(
         _encode_batch,

@@ -153,13 +153,51 @@ class _LinearAssembler:
         return True
 
 
+#: LLaMA-2 shapes for `random:<size>` models: benchmarks build them with random weights directly in
+#: 4-bit on the device, so a 70B shape needs no 140 GB checkpoint on disk. `tiny` is for tests.
+RANDOM_SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+RANDOM_PREFIX = "random:"
+
+
+def _checkpoint_tensors(checkpoint_dir: Path, expected: set[str], model_name: str):
+    """(key, tensor) of every tensor in the folder's safetensors shards, one at a time, on the CPU."""
+    for shard in safetensors_shards(checkpoint_dir):
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in expected:
+                    raise KeyError(f"{shard.name}: tensor {key!r} has no place in {model_name} "
+                                   f"(is the folder's config.json the checkpoint's own?)")
+                yield key, f.get_tensor(key)
+
+
+def _random_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(key, tensor) for every parameter: N(0, 0.02) weights (LLaMA's init), ones for norms; made on `device`."""
+    g = torch.Generator(device).manual_seed(seed)
+    for key, p in model.named_parameters():
+        if p.dim() == 1:
+            yield key, torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            yield key, torch.randn(p.shape, device=device, dtype=dtype, generator=g).mul_(0.02)
+
+
 def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec = LoraSpec(),
                device: torch.device | str = "cpu", gradient_checkpointing: bool = True, train_mode: bool = True,
                with_tokenizer: bool = True, trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
     """Load a causal LM (hub id or local folder of safetensors) directly into its QLoRA form on `device`.
 
     Args:
-        name_or_path: hub id (e.g. "meta-llama/Llama-2-7b-hf") or a local folder as `save_pretrained` writes.
+        name_or_path: hub id (e.g. "meta-llama/Llama-2-7b-hf"), a local folder as `save_pretrained`
+            writes, `builtin:smollm2-135m-instruct`, or `random:7b|13b|70b|tiny` (random LLaMA-2-shaped
+            weights made on the device, for benchmarks; no tokenizer).
         quant: how the frozen base is stored (NF4 + double quant + bf16 compute by default).
         lora: the adapters. Fresh adapters (B = 0) leave the output exactly that of the 4-bit base,
             so the same call also serves to evaluate the base model.
@@ -173,12 +211,21 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         trust_remote_code: run modelling code shipped with the checkpoint; off unless the user asks.
     """
     device = torch.device(device)
-    checkpoint_dir = resolve_checkpoint_dir(name_or_path, revision=revision)
-    config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None) is not None:
-        raise ValueError(f"{name_or_path} is already quantized ({config.quantization_config}); "
-                         "QLoRA needs a 16/32-bit checkpoint to quantize")
     dtype = torch_dtype(quant.compute_dtype)
+    if name_or_path.startswith(RANDOM_PREFIX):
+        from transformers import LlamaConfig
+
+        shape = name_or_path[len(RANDOM_PREFIX):]
+        if shape not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
+        config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
+        checkpoint_dir, with_tokenizer = None, False
+    else:
+        checkpoint_dir = resolve_checkpoint_dir(name_or_path, revision=revision)
+        config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
+        if getattr(config, "quantization_config", None) is not None:
+            raise ValueError(f"{name_or_path} is already quantized ({config.quantization_config}); "
+                             "QLoRA needs a 16/32-bit checkpoint to quantize")
     model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
 
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -192,25 +239,21 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         n for n in linear_names if model.get_submodule(n) is not head}
     assembler = _LinearAssembler(model, targets, quantized, quant, lora, device)
 
-    expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
-    loaded: set[str] = set()
-    for shard in safetensors_shards(checkpoint_dir):
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key not in expected:
-                    raise KeyError(f"{shard.name}: tensor {key!r} has no place in {type(model).__name__} "
-                                   f"(is the folder's config.json the checkpoint's own?)")
-                tensor = f.get_tensor(key)
-                if not assembler.offer(key, tensor):
-                    _set_tensor(model, key, tensor.to(device, dtype))
-                loaded.add(key)
+    if checkpoint_dir is None:
+        tensors = _random_tensors(model, device, dtype)
+    else:
+        expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+        tensors = _checkpoint_tensors(checkpoint_dir, expected, type(model).__name__)
+    for key, tensor in tensors:
+        if not assembler.offer(key, tensor):
+            _set_tensor(model, key, tensor.to(device, dtype, copy=True))  # never alias the file's mmap
     if assembler.pending:
-        raise KeyError(f"{checkpoint_dir}: incomplete weights for {sorted(assembler.pending)}")
+        raise KeyError(f"{name_or_path}: incomplete weights for {sorted(assembler.pending)}")
 
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise KeyError(f"{checkpoint_dir}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None:

@@ -156,10 +156,12 @@ class InstructionDataModule(L.LightningDataModule):
         if errors and h.on_bad_record == "error":
             more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
             raise BadRecordError(f"{errors[0]}{more}; set on_bad_record: skip to drop bad records")
-        if errors:
-            rank_zero_warn(f"skipped {len(errors)} bad records (on_bad_record: skip); the first: {errors[0]}")
+        skipped = f"skipped {len(errors)} bad records (on_bad_record: skip); the first: {errors[0]}" if errors else ""
         if len(train) == 0 or (val is not None and len(val) == 0):
-            raise BadRecordError(f"{h.dataset}: no usable records left for {'training' if len(train) == 0 else 'validation'}")
+            empty = "training" if len(train) == 0 else "validation"
+            raise BadRecordError(f"{h.dataset}: no usable records left for {empty}" + (f": {skipped}" if skipped else ""))
+        if skipped:
+            rank_zero_warn(skipped)
         self.train_data, self.val_data = train, val
 
     def _rank(self) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
@@ -40,7 +41,6 @@ _FEATURES = Features(
         "error": Value("string"),
     }
 )
-_TABLES = {".parquet": "parquet", ".csv": "csv"}
 
 
 class BadRecordError(ValueError):
@@ -103,8 +103,13 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
         try:
             if suffix in (".jsonl", ".json"):
                 ds, kind = _load_json_file(path, cache_dir)
-            elif suffix in _TABLES:
-                ds = datasets.load_dataset(_TABLES[suffix], data_files=str(path), split="train", cache_dir=cache_dir)
+            elif suffix == ".csv":
+                # every cell is text (an answer "42" must not become an int, nor "NA" a null); empty cells are null
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+                ds = Dataset.from_pandas(frame, preserve_index=False)
+                kind = "table"
+            elif suffix == ".parquet":
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
                 kind = "table"
             else:
                 raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")

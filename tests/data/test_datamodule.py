@@ -1,0 +1,343 @@
+"""InstructionDataModule: sources, the deterministic subset, bad input, caching, and exact resume in Lightning."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import datasets
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from qlora_lightning.data import BadRecordError, InstructionDataModule, bundled_paths, pick_subset
+from qlora_lightning.data import sources
+from qlora_lightning.data.tokenize import ExampleEncoder
+
+
+@pytest.fixture
+def dm_args(tmp_path, smollm2_tokenizer):
+    """Small-run defaults: the real SmolLM2 tokenizer, a private cache, no workers."""
+    return dict(tokenizer=smollm2_tokenizer, max_examples=None, val_size=2, batch_size=4, num_workers=0,
+                cache_dir=str(tmp_path / "cache"))
+
+
+def setup_dm(**kw) -> InstructionDataModule:
+    dm = InstructionDataModule(**kw)
+    dm.setup("fit")
+    return dm
+
+
+def decoded(dm, split="train"):
+    data = dm.train_data if split == "train" else dm.val_data
+    tok = dm.tokenizer
+    return sorted(tok.decode(row["input_ids"][row["n_source"] :]) for row in data)
+
+
+# ----------------------------------------------------------------------------------------- subset
+
+
+def test_subset_is_fixed_by_seed_and_val_never_moves():
+    train, val = pick_subset(1000, seed=42, max_examples=300, val_size=50)
+    assert len(train) == 300 and len(val) == 50 and not set(train) & set(val)
+    again_train, again_val = pick_subset(1000, seed=42, max_examples=300, val_size=50)
+    assert (train == again_train).all() and (val == again_val).all()
+    more_train, more_val = pick_subset(1000, seed=42, max_examples=600, val_size=50)
+    assert (more_val == val).all() and set(train) <= set(more_train)  # a bigger budget extends the same subset
+    other_train, _ = pick_subset(1000, seed=43, max_examples=300, val_size=50)
+    assert set(other_train) != set(train)
+    all_train, _ = pick_subset(1000, seed=42, max_examples=None, val_size=50)
+    assert len(all_train) == 950
+    with pytest.raises(ValueError, match="val_size"):
+        pick_subset(10, seed=42, max_examples=None, val_size=10)
+
+
+def test_datamodule_subset_is_deterministic(dm_args, write_jsonl, orca_records):
+    path = str(write_jsonl(orca_records(40)))
+    a = setup_dm(**{**dm_args, "dataset": path, "max_examples": 20, "val_size": 5})
+    b = setup_dm(**{**dm_args, "dataset": path, "max_examples": 20, "val_size": 5, "cache_dir": dm_args["cache_dir"] + "2"})
+    assert len(a.train_data) == 20 and len(a.val_data) == 5
+    assert decoded(a) == decoded(b) and decoded(a, "val") == decoded(b, "val")
+    assert not set(decoded(a)) & set(decoded(a, "val"))
+    c = setup_dm(**{**dm_args, "dataset": path, "max_examples": 20, "val_size": 5, "seed": 1})
+    assert decoded(c) != decoded(a)
+
+
+# ---------------------------------------------------------------------------------------- sources
+
+
+def _orca_frame(n=6):
+    return pd.DataFrame({"system_prompt": [""] * n, "question": [f"What is {i} + 1?" for i in range(n)],
+                         "response": [str(i + 1) for i in range(n)]})
+
+
+def test_every_kind_of_source(dm_args, tmp_path, write_jsonl):
+    frame = _orca_frame()
+    records = frame.to_dict("records")
+    expected = sorted(f" {r['response']}<|im_end|>" for r in records)
+    (tmp_path / "array.json").write_text(json.dumps(records))
+    frame.to_parquet(tmp_path / "data.parquet")
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(tmp_path / "saved_dict"))
+    repo = tmp_path / "repo"  # a folder laid out like a hub dataset: read by load_dataset(name), the hub path
+    repo.mkdir()
+    frame.to_json(repo / "train.jsonl", orient="records", lines=True)
+    frame.head(2).to_json(repo / "validation.jsonl", orient="records", lines=True)
+    sources_ = [write_jsonl(records), tmp_path / "array.json", tmp_path / "data.parquet", tmp_path / "data.csv",
+                tmp_path / "saved", tmp_path / "saved_dict", repo]
+    for source in sources_:
+        dm = setup_dm(**{**dm_args, "dataset": str(source)})
+        assert sorted(decoded(dm) + decoded(dm, "val")) == expected, source
+
+    dm = setup_dm(**{**dm_args, "dataset": str(repo), "val_dataset": str(repo), "val_size": 0})
+    assert len(dm.train_data) == 6 and decoded(dm, "val") == [" 1<|im_end|>", " 2<|im_end|>"]
+    with pytest.raises(ValueError, match=r"cannot load dataset '\S*no-such-org/no-such-dataset'"):
+        setup_dm(**{**dm_args, "dataset": "no-such-org/no-such-dataset"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "missing.jsonl")})
+
+
+def test_bundled_sample(dm_args):
+    paths = bundled_paths()
+    lines = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert len(lines) == 400 and len(paths["val"].read_text().splitlines()) == 100
+    dm = setup_dm(**{**dm_args, "dataset": "bundled:orca_sample_train", "val_dataset": "bundled:orca_sample_val"})
+    assert len(dm.train_data) == 400 and len(dm.val_data) == 100
+    with pytest.raises(FileNotFoundError, match="bundled: bundled:orca_sample_train, bundled:orca_sample_val"):
+        setup_dm(**{**dm_args, "dataset": "bundled:nope"})
+
+
+def test_formats_through_the_datamodule(dm_args, write_jsonl):
+    alpaca = write_jsonl([{"instruction": f"Count to {i}.", "input": "", "output": "1 2"} for i in range(5)], "alpaca.jsonl")
+    dm = setup_dm(**{**dm_args, "dataset": str(alpaca), "format": "alpaca", "template": "alpaca"})
+    assert "### Instruction:\nCount to" in dm.tokenizer.decode(dm.train_data[0]["input_ids"])
+    text = "### Human: Hi {i} ### Assistant: Hello ### Human: Bye ### Assistant: Ciao"
+    oasst = write_jsonl([{"text": text.format(i=i)} for i in range(5)], "oasst.jsonl")
+    dm = setup_dm(**{**dm_args, "dataset": str(oasst), "format": "oasst1", "val_size": 1})
+    assert len(dm.train_data) == 8 and decoded(dm).count(" Ciao<|im_end|>") == 4  # 2 assistant turns per record
+    generic = write_jsonl([{"input": f"ping {i}", "output": "pong"} for i in range(5)], "io.jsonl")
+    dm = setup_dm(**{**dm_args, "dataset": str(generic), "format": "input_output", "template": "chat"})
+    assert "<|im_start|>user\nping" in dm.tokenizer.decode(dm.train_data[0]["input_ids"])
+
+
+def test_tokenizer_by_name_batches_and_hparams(dm_args, tmp_path, bos_tokenizer, write_jsonl, orca_records):
+    bos_tokenizer.save_pretrained(tmp_path / "tok")
+    dm = setup_dm(**{**dm_args, "tokenizer": str(tmp_path / "tok"), "dataset": str(write_jsonl(orca_records(9))), "val_size": 0})
+    assert dm.tokenizer.pad_token_id is not None  # given by load_tokenizer
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 4
+    assert (batch["input_ids"][:, 0] == bos_tokenizer.bos_token_id).all()
+    assert dm.val_dataloader() == [] and dm.hparams.tokenizer == str(tmp_path / "tok")
+    obj = InstructionDataModule(tokenizer=bos_tokenizer)
+    assert obj.hparams.tokenizer == bos_tokenizer.name_or_path and obj.tokenizer is bos_tokenizer
+    with pytest.raises(ValueError, match="needs `tokenizer`"):
+        InstructionDataModule().tokenizer
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+GOOD = {"system_prompt": "", "question": "What is 1 + 1?", "response": "2"}
+
+
+@pytest.mark.parametrize(
+    "lines, where, problem",
+    [
+        ([GOOD, GOOD, '{"question": "q", "response": "r"', GOOD], "line 3", "malformed JSON"),
+        ([GOOD, {"response": "2"}, GOOD], "line 2", "field 'question': missing"),
+        ([GOOD, GOOD, {**GOOD, "response": 2}], "line 3", "field 'response': must be a string, got int"),
+        ([GOOD, {**GOOD, "response": ""}, GOOD, GOOD], "line 2", "field 'response': is empty"),
+        ([GOOD, "", GOOD, '["a list"]'], "line 4", "expected a JSON object"),  # blank lines keep numbering
+    ],
+)
+def test_bad_jsonl_records_name_file_line_and_field(dm_args, write_jsonl, lines, where, problem):
+    path = write_jsonl(lines)
+    with pytest.raises(BadRecordError, match=re.escape(f"{path}: {where}: ") + ".*" + re.escape(problem)):
+        setup_dm(**{**dm_args, "dataset": str(path), "val_size": 0})
+
+
+def test_bad_table_rows_and_json_arrays(dm_args, tmp_path):
+    frame = _orca_frame()
+    frame["response"] = list(range(6))  # ints: a non-string field in every row
+    frame.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'bad.parquet'}: row ") + r"\d: field 'response': must be a string, got int"):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "bad.parquet")})
+    frame = _orca_frame()
+    frame.loc[3, "response"] = None
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'bad.csv'}: row 3: field 'response': is null")):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "bad.csv"), "val_size": 0})
+    (tmp_path / "bad.json").write_text('[\n{"question": "q", "response": "r"},\n{"question": }\n]')
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'bad.json'}: line 3: malformed JSON")):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "bad.json")})
+    (tmp_path / "arr.json").write_text(json.dumps([GOOD, {**GOOD, "question": ""}, GOOD]))
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'arr.json'}: record 1: field 'question': is empty")):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "arr.json"), "val_size": 0})
+
+
+def test_empty_files_and_bad_settings(dm_args, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'empty.jsonl'}: the file is empty")):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "empty.jsonl")})
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'blank.jsonl'}: no records")):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "blank.jsonl")})
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(ValueError, match="unsupported file type '.txt'"):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "data.txt")})
+    with pytest.raises(ValueError, match="unknown format 'orca'"):
+        InstructionDataModule(format="orca")
+    with pytest.raises(ValueError, match="unknown template 'vicuna'"):
+        InstructionDataModule(template="vicuna")
+    with pytest.raises(ValueError, match="on_bad_record must be"):
+        InstructionDataModule(on_bad_record="ignore")
+
+
+def test_skip_drops_bad_records_and_warns_once(dm_args, write_jsonl):
+    lines = [GOOD, "{oops", {**GOOD, "response": None}, {**GOOD, "question": "What is 2 + 2?"}, {"question": 3}] + [GOOD] * 5
+    path = write_jsonl(lines)
+    with pytest.warns(UserWarning) as caught:
+        dm = setup_dm(**{**dm_args, "dataset": str(path), "on_bad_record": "skip", "val_size": 1})
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("skipped 3 bad records") and str(path) in messages[0]
+    assert len(dm.train_data) + len(dm.val_data) == 7
+    assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_data)
+    with pytest.raises(BadRecordError, match=r"line 2: malformed JSON.*\(2 more bad records\)"):
+        setup_dm(**{**dm_args, "dataset": str(path), "val_size": 1})
+    only_bad = write_jsonl(["{oops", {"question": 3}], "bad.jsonl")
+    with pytest.raises(BadRecordError, match="no usable records left for training: skipped 2 bad records"):
+        setup_dm(**{**dm_args, "dataset": str(only_bad), "on_bad_record": "skip", "val_size": 0})
+
+
+# -------------------------------------------------------------------------------------- caching
+
+
+def test_tokenization_is_cached_and_keyed(dm_args, write_jsonl, orca_records, monkeypatch):
+    path = str(write_jsonl(orca_records(30)))
+    first = setup_dm(**{**dm_args, "dataset": path})
+    cache = sorted((Path(dm_args["cache_dir"]) / "qlora_lightning").glob("tokenized-*.arrow"))
+    assert len(cache) == 2  # train and val
+
+    def fail(self, examples):
+        raise AssertionError("tokenized again although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(ExampleEncoder, "encode", fail)
+        again = setup_dm(**{**dm_args, "dataset": path})
+    assert again.train_data["input_ids"] == first.train_data["input_ids"]
+    other = setup_dm(**{**dm_args, "dataset": path, "template": "alpaca", "target_max_len": 2})
+    assert other.train_data["input_ids"] != first.train_data["input_ids"]
+    assert max(r["length"] - r["n_source"] for r in other.train_data) == 2
+
+
+def test_parallel_tokenization_equals_serial(dm_args, write_jsonl, orca_records, monkeypatch):
+    path = str(write_jsonl(orca_records(60)))
+    serial = setup_dm(**{**dm_args, "dataset": path, "num_proc": None})
+    monkeypatch.setattr(sources, "PARALLEL_MIN_RECORDS", 0)
+    parallel = setup_dm(**{**dm_args, "dataset": path, "num_proc": 2, "cache_dir": dm_args["cache_dir"] + "-par"})
+    assert parallel.train_data["input_ids"] == serial.train_data["input_ids"]
+    assert list((Path(dm_args["cache_dir"] + "-par") / "qlora_lightning").glob("*_of_00002.arrow"))
+
+
+# -------------------------------------------------------------------------------- resume (Lightning)
+
+
+class Recorder(L.LightningModule):
+    """A toy model that records every training example it is given (as its unpadded token ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[int, ...]] = []
+
+    def training_step(self, batch, batch_idx):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            self.seen.append(tuple(ids[mask.bool()].tolist()))
+        x = batch["input_ids"].float().mean(dim=1, keepdim=True)
+        return (self.lin(x / 1000) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", (self.lin(batch["input_ids"].float().mean(dim=1, keepdim=True) / 1000) ** 2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.fixture
+def make_dm(tmp_path, write_jsonl, orca_records, smollm2_tokenizer):
+    data = write_jsonl(orca_records(70))
+
+    def make(**kw):
+        args = dict(tokenizer=smollm2_tokenizer, dataset=str(data), max_examples=None, val_size=6, batch_size=4,
+                    eval_batch_size=8, num_workers=0, cache_dir=str(tmp_path / "cache"))
+        return InstructionDataModule(**{**args, **kw})
+
+    return make
+
+
+def _fit(dm, tmp_path, name, max_steps, accumulate=1, ckpt_path=None, callbacks=(), **trainer_kw):
+    model = Recorder()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path / name, max_steps=max_steps, accumulate_grad_batches=accumulate,
+        callbacks=list(callbacks), logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **{"enable_checkpointing": bool(callbacks), **trainer_kw},
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+# 64 training examples / batch 4 = 16 batches per epoch; runs cover 2+ epochs and resume in epoch 0 or 1.
+@pytest.mark.parametrize(
+    "accumulate, save_every, resume_step, num_workers",
+    [(1, 5, 20, 0), (2, 3, 3, 0), (2, 3, 12, 2), (1, 16, 16, 0)],
+    ids=["mid-epoch1", "accumulate2-epoch0", "accumulate2-epoch1-workers", "epoch-boundary"],
+)
+def test_resume_sees_exactly_the_remaining_batches(make_dm, tmp_path, accumulate, save_every, resume_step, num_workers):
+    total_steps = 40 // accumulate  # 40 batches: 2.5 epochs
+    full = _fit(make_dm(num_workers=num_workers), tmp_path, "full", total_steps, accumulate)
+    assert len(full) == 40 * 4 and len(set(full[:64])) == 64  # every example once per epoch
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=save_every, save_top_k=-1)
+    first = _fit(make_dm(num_workers=num_workers), tmp_path, "first", resume_step + 2, accumulate, callbacks=[ckpt])
+    consumed = resume_step * accumulate * 4
+    assert first == full[: len(first)]
+    second = _fit(make_dm(num_workers=num_workers), tmp_path, "second", total_steps, accumulate,
+                  ckpt_path=tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    assert first[:consumed] + second == full
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_validation_and_epoch_end_checkpoints(make_dm, tmp_path, num_workers):
+    """Checkpoints written after validation (mid-epoch) and at epoch end restore the data position, also
+    when a resumed run is interrupted and resumed again. (Resuming from an epoch-end checkpoint, Lightning
+    2.6 asks the finished epoch for one more batch and calls set_epoch one ahead: both handled.)"""
+    make = functools.partial(make_dm, num_workers=num_workers)
+    kw = dict(val_check_interval=6, limit_val_batches=1)
+    full = _fit(make(), tmp_path, "full", 40, **kw)
+    on_val = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="val-{step}", save_top_k=-1, monitor="val_loss")
+    on_epoch_end = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end-{step}", save_top_k=-1, save_on_train_epoch_end=True)
+    first = _fit(make(), tmp_path, "first", 30, callbacks=[on_val, on_epoch_end], **kw)
+    assert first == full[: len(first)]
+    for name, step in (("end-step=16.ckpt", 16), ("val-step=12.ckpt", 12), ("val-step=28.ckpt", 28)):
+        second = _fit(make(), tmp_path, f"resume{step}", 40, ckpt_path=tmp_path / "ckpt" / name, **kw)
+        assert first[: step * 4] + second == full, name
+
+    again = ModelCheckpoint(dirpath=tmp_path / "again", filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    second = _fit(make(), tmp_path, "second", 22, ckpt_path=tmp_path / "ckpt" / "end-step=16.ckpt", callbacks=[again], **kw)
+    third = _fit(make(), tmp_path, "third", 40, ckpt_path=tmp_path / "again" / "step=20.ckpt", **kw)
+    assert first[:64] + second[:16] + third == full
+
+
+def test_resume_rejects_changed_settings(make_dm, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    _fit(make_dm(), tmp_path, "first", 3, callbacks=[ckpt])
+    state = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)["InstructionDataModule"]
+    assert state == {"epoch": 0, "consumed": 12, "seed": 42, "num_replicas": 1, "batch_size": 4, "num_examples": 64,
+                     "group_by_length": True}
+    with pytest.raises(ValueError, match=r"batch_size: 4 -> 8.*same data, seed, batch size and devices"):
+        _fit(make_dm(batch_size=8), tmp_path, "second", 6, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")

@@ -1,0 +1,122 @@
+"""Token layout with real tokenizers: masked source, labelled target + EOS, the 384/128 limits, BOS, padding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qlora_lightning.data.formats import Example
+from qlora_lightning.data.templates import format_prompt, render_source
+from qlora_lightning.data.tokenize import IGNORE_INDEX, ExampleEncoder, InstructionCollator, encode_prompt, special_prefix
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_exact_layout_with_smollm2(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    assert tok.pad_token_id == tok.eos_token_id  # SmolLM2 pads with EOS: labels must not be masked by id
+    examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
+    out = ExampleEncoder(tok).encode(examples)
+    rows = []
+    for ex, input_ids, n_source in zip(examples, out["input_ids"], out["n_source"]):
+        source = ids(tok, render_source(ex, "qlora"))  # SmolLM2 adds no BOS
+        target = ids(tok, " " + ex.response) + [tok.eos_token_id]
+        assert input_ids == source + target and n_source == len(source)
+        rows.append({"input_ids": input_ids, "n_source": n_source})
+
+    batch = InstructionCollator(tok.pad_token_id)(rows)
+    width = max(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == (2, -(-width // 8) * 8)
+    for i, row in enumerate(rows):
+        n, s = len(row["input_ids"]), row["n_source"]
+        assert batch["input_ids"][i, :n].tolist() == row["input_ids"]
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert (batch["labels"][i, :s] == IGNORE_INDEX).all()
+        assert batch["labels"][i, s:n].tolist() == row["input_ids"][s:]
+        assert batch["labels"][i, n - 1] == tok.eos_token_id  # EOS labelled although pad == EOS
+        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
+    assert tok.decode(batch["input_ids"][0, rows[0]["n_source"] :len(rows[0]["input_ids"])]) == " 4<|im_end|>"
+
+
+def test_limits_384_and_128(smollm2_tokenizer, bos_tokenizer):
+    long_q = " ".join(f"word{i}" for i in range(1500))
+    long_a = " ".join(f"answer{i}" for i in range(800))
+    for tok in (smollm2_tokenizer, bos_tokenizer):
+        (input_ids,), (n_source,) = ExampleEncoder(tok).encode([Example(long_q, long_a)]).values()
+        assert n_source == 384 and len(input_ids) == 384 + 128
+        assert tok.eos_token_id not in input_ids  # a cut response keeps no EOS: never learn to stop mid-answer
+        full_source = special_prefix(tok) + ids(tok, render_source(Example(long_q, long_a), "qlora"))
+        assert input_ids[:384] == full_source[:384]  # "right": the start is kept, as in qlora.py
+
+        (input_ids,), (n_source,) = ExampleEncoder(tok, source_truncation="left").encode([Example(long_q, "4")]).values()
+        prefix = special_prefix(tok)
+        assert n_source == 384 and input_ids[: len(prefix)] == prefix
+        assert input_ids[len(prefix) : n_source] == full_source[len(full_source) - 384 + len(prefix) :]
+        assert tok.decode(input_ids[:n_source]).endswith("### Assistant:")
+
+    out = ExampleEncoder(smollm2_tokenizer, source_max_len=20, target_max_len=5).encode([Example(long_q, long_a), Example("Hi", "Yo")])
+    assert [len(x) - s for x, s in zip(out["input_ids"], out["n_source"])] == [5, 3]  # " Yo" + EOS
+    assert out["n_source"][0] == 20
+
+
+def test_bos_is_added_once_as_the_tokenizer_expects(bos_tokenizer):
+    tok = bos_tokenizer
+    bos = tok.bos_token_id
+    assert special_prefix(tok) == [bos]
+    (input_ids,), (n_source,) = ExampleEncoder(tok).encode([Example("What is 2 + 2?", "4")]).values()
+    assert input_ids[0] == bos and input_ids.count(bos) == 1
+    assert input_ids[-1] == tok.eos_token_id
+
+    chat = copy.deepcopy(tok)  # a chat template that writes BOS itself (as LLaMA-2's does)
+    chat.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    (input_ids,), _ = ExampleEncoder(chat, "chat").encode([Example("What is 2 + 2?", "4")]).values()
+    assert input_ids[0] == bos and input_ids.count(bos) == 1
+    assert encode_prompt(chat, format_prompt("What is 2 + 2?", "chat", tokenizer=chat), "chat") == input_ids[:-2]
+
+
+def test_separator_follows_the_tokenizer(smollm2_tokenizer, sentencepiece_like_tokenizer):
+    """Byte-level BPE needs the space before the answer; SentencePiece marks a word start by itself."""
+    out = ExampleEncoder(smollm2_tokenizer).encode([Example("Hi", "Hello")])
+    assert out["input_ids"][0][out["n_source"][0] :] == ids(smollm2_tokenizer, " Hello") + [smollm2_tokenizer.eos_token_id]
+    sp = sentencepiece_like_tokenizer
+    out = ExampleEncoder(sp).encode([Example("Hi", "Hello")])
+    assert out["input_ids"][0][out["n_source"][0] :] == ids(sp, "Hello") + [sp.eos_token_id]
+
+
+def test_generation_prompt_tokens_equal_training_source(smollm2_tokenizer, bos_tokenizer):
+    for tok in (smollm2_tokenizer, bos_tokenizer):
+        for template in ("qlora", "alpaca"):
+            out = ExampleEncoder(tok, template).encode([Example("What is 2 + 2?", "4", system="Be brief.")])
+            prompt = format_prompt("What is 2 + 2?", template, system="Be brief.")
+            assert encode_prompt(tok, prompt, template) == out["input_ids"][0][: out["n_source"][0]]
+
+
+def test_collator_options():
+    rows = [{"input_ids": [5, 6, 7], "n_source": 2}, {"input_ids": [5, 6, 7, 8, 9], "n_source": 1}]
+    batch = InstructionCollator(0, pad_to_multiple_of=None)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, -100, -100], [-100, 6, 7, 8, 9]]
+    batch = InstructionCollator(0, train_on_source=True, pad_to_multiple_of=4)(rows)
+    assert batch["labels"].tolist() == [[5, 6, 7, -100, -100, -100, -100, -100], [5, 6, 7, 8, 9, -100, -100, -100]]
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+
+
+def test_encoder_and_collator_reject_unusable_settings(smollm2_tokenizer, bos_tokenizer):
+    no_eos = copy.deepcopy(bos_tokenizer)
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match="has no EOS token"):
+        ExampleEncoder(no_eos)
+    with pytest.raises(ValueError, match="must exceed the special prefix"):
+        ExampleEncoder(bos_tokenizer, source_max_len=1)
+    with pytest.raises(ValueError, match="needs a tokenizer that has a chat template"):
+        ExampleEncoder(bos_tokenizer, "chat")
+    with pytest.raises(ValueError, match="no pad token"):
+        InstructionCollator(None)

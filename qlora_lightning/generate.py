@@ -1,0 +1,194 @@
+"""Text generation with a (Q)LoRA model: prompt templates, left-padded batches, greedy or nucleus sampling.
+
+Prompts are written with the training templates (`data.templates.format_prompt`, the model card's
+"### Human: … ### Assistant:" by default, or the tokenizer's chat template) and encoded with the same
+special prefix as in training (`data.tokenize.encode_prompt`). Decoding is transformers' own
+`model.generate` with the KV cache; `inference_mode` switches a model loaded for training (train mode,
+gradient checkpointing, `use_cache=False`) to evaluation and back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+
+from .data.templates import format_prompt
+from .data.tokenize import encode_prompt
+from .export import load_with_adapter, resolve_device
+from .lora import QuantType
+from .model import QuantSpec
+
+
+@contextlib.contextmanager
+def inference_mode(model: PreTrainedModel, *, use_cache: bool = True):
+    """Eval mode (no dropout, no activation checkpointing), KV cache on, no autograd; restored on exit.
+
+    `no_grad` rather than `torch.inference_mode`: the callback runs this mid-training, and tensors a layer
+    might cache during an inference-mode call could not take part in the next backward.
+    """
+    was_training, cached = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = use_cache
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.config.use_cache = cached
+        model.train(was_training)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str | None) -> list[int]:
+    """Token ids of `prompt` written with `template` (None: the raw text), special prefix as in training."""
+    if template is None:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return encode_prompt(tokenizer, format_prompt(prompt, template, tokenizer=tokenizer), template)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with rows right-aligned, so every row's next token comes at the same step."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models end a turn with the latter)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(model.generation_config, "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config has an EOS token to stop at")
+    return sorted(set(ids))
+
+
+def generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
+                      sample: bool, temperature: float, top_p: float, eos_token_id: int | list[int] | None) -> GenerationConfig:
+    """A fresh `GenerationConfig` (the checkpoint's own sampling defaults are not inherited)."""
+    eos = stop_ids(model, tokenizer) if eos_token_id is None else eos_token_id
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                            use_cache=True, **sampling)
+
+
+def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
+
+
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
+             template: str | None = "qlora", max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7,
+             top_p: float = 0.9, batch_size: int = 8, seed: int | None = None,
+             eos_token_id: int | list[int] | None = None, streamer=None) -> list[str]:
+    """The model's answers to `prompts` (prompt text excluded, special tokens removed).
+
+    Args:
+        model / tokenizer: a causal LM (with or without our LoRA layers) and its tokenizer.
+        prompts: one prompt or several; several are generated in left-padded batches of `batch_size`.
+        template: "qlora" (the model card's "### Human: … ### Assistant:", what our training writes),
+            "chat" (the tokenizer's chat template), "alpaca", or None for the raw text.
+        max_new_tokens: most tokens generated per prompt.
+        sample: nucleus sampling instead of greedy decoding (greedy is deterministic: the default).
+        temperature / top_p: sampling settings; 0.7 and 0.9 are the paper's for Guanaco's generations.
+        seed: seeds torch's RNG before each batch, making sampling reproducible.
+        eos_token_id: ids that end a generation; None: the tokenizer's EOS and the model's (`stop_ids`).
+        streamer: a transformers streamer (e.g. `TextStreamer`) fed as tokens come; batch size 1 only.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError("a streamer follows one sequence; pass one prompt (or use `stream`)")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; load it with qlora_lightning.tokenizer.load_tokenizer")
+    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                               top_p=top_p, eos_token_id=eos_token_id)
+    stops = set(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
+    device = next(model.parameters()).device
+    encoded = [encode(tokenizer, p, template) for p in prompts]
+    answers = []
+    with inference_mode(model):
+        for start in range(0, len(encoded), batch_size):
+            rows = encoded[start:start + batch_size]
+            input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 streamer=streamer)
+            for row in out[:, input_ids.shape[1]:].tolist():
+                answers.append(tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True))
+    return answers
+
+
+def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, **kwargs) -> Iterator[str]:
+    """Yield the answer to one prompt piece by piece as it is generated (`generate`'s keyword arguments)."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generate(model, tokenizer, prompt, streamer=streamer, **kwargs)
+        except BaseException as e:  # re-raised in the consumer's thread below
+            errors.append(e)
+            streamer.on_finalized_text("", stream_end=True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = None, template: str | None = "qlora",
+                 max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
+                 seed: int = 0, batch_size: int = 8, stream_output: bool = True, quantize: QuantType = "nf4",
+                 device: str = "auto", allow_other_base: bool = False) -> list[str]:
+    """Answer prompts with a base model and (optionally) a PEFT LoRA adapter; print the answers.
+
+    Args:
+        base: hub id, local folder or `builtin:` name of the base model.
+        prompt: the prompt, or several (`--prompt+ "…" --prompt+ "…"`).
+        adapter: a PEFT LoRA adapter folder (ours or published); None generates with the base alone.
+        template: "qlora" (the model card's prompt, what training writes), "chat" (the tokenizer's chat
+            template), "alpaca", or None for the raw text.
+        max_new_tokens: most tokens generated per prompt.
+        sample: nucleus sampling instead of greedy decoding (greedy, deterministic, by default).
+        temperature: sampling temperature (0.7, the paper's for Guanaco).
+        top_p: nucleus size (0.9, the paper's for Guanaco).
+        seed: RNG seed, so that sampled answers can be reproduced.
+        batch_size: prompts per left-padded batch when not streaming.
+        stream_output: print tokens as they come, one prompt after another; off: batch all prompts and
+            print each answer when done.
+        quantize: "nf4" (the base as the adapter was trained on), "fp4", or "none" (bf16 base).
+        device: "auto" (CUDA if present, else CPU), "cpu", "cuda:0", ...
+        allow_other_base: skip the check that the adapter names `base` as its base model.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    loaded = load_with_adapter(base, adapter, quant=QuantSpec(quantize=quantize), device=resolve_device(device),
+                               allow_other_base=allow_other_base)
+    kwargs = dict(template=template, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                  top_p=top_p, seed=seed)
+    answers = []
+    if stream_output:
+        for p in prompts:
+            print(f"### {p}", flush=True)
+            pieces = []
+            for piece in stream(loaded.model, loaded.tokenizer, p, **kwargs):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+            print(flush=True)
+            answers.append("".join(pieces))
+    else:
+        answers = generate(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size, **kwargs)
+        for p, a in zip(prompts, answers):
+            print(f"### {p}\n{a}", file=sys.stdout, flush=True)
+    return answers

@@ -10,43 +10,51 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .checkpoint import AtomicCheckpointIO
 from .data import InstructionDataModule
 from .module import QLoRAModule
 
 
 class QLoRACLI(LightningCLI):
-    """LightningCLI with the base model's name linked to the data module's tokenizer."""
+    """LightningCLI with the base model's name linked to the data module's tokenizer and a `checkpoint:`
+    section (Lightning's `ModelCheckpoint`) whose defaults suit long QLoRA runs."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base_model", "data.tokenizer")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.filename": "{step}",  # step=500.ckpt (+ its PEFT folder step=500/)
+            "checkpoint.save_last": True,  # last.ckpt: what `--ckpt_path last` resumes
+            "checkpoint.save_top_k": -1,  # keep every periodic save (adapters are small)
+            "checkpoint.every_n_train_steps": 500,  # ~20 saves over the 10000-step 7B run
+        })
 
 
 def trainer_defaults() -> dict:
     """Trainer settings every QLoRA run wants unless the config says otherwise.
 
     - `AtomicCheckpointIO`: atomic saves with a PEFT adapter folder beside each `.ckpt`;
-    - `ModelCheckpoint` named by step, keeping `last` (what `--ckpt_path last` resumes);
     - bf16-true precision (the paper's compute dtype; LoRA weights are bf16 too) and clipping at 0.3
       (the paper's max gradient norm).
     """
     return {
-        "plugins": [AtomicCheckpointIO()],
+        "plugins": [{"class_path": "qlora_lightning.checkpoint.AtomicCheckpointIO"}],
         "precision": "bf16-true",
         "gradient_clip_val": 0.3,
         "gradient_clip_algorithm": "norm",
-        "callbacks": [ModelCheckpoint(filename="{step}", save_last=True, save_top_k=-1, every_n_train_steps=500),
-                      LearningRateMonitor(logging_interval="step")],
     }
 
 
-def run_lightning_cli(args: list[str] | None = None) -> QLoRACLI:
-    """Run the LightningCLI (`fit`, `validate`, `test`, `predict`) on `args` (default: sys.argv)."""
+def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
+    """Run the LightningCLI (`fit`, `validate`, `test`, `predict`) on `args` (default: sys.argv).
+
+    With `run=False` the arguments carry no subcommand and the CLI only builds the model, data module
+    and trainer (for research code and tests).
+    """
     return QLoRACLI(QLoRAModule, InstructionDataModule, trainer_defaults=trainer_defaults(),
-                    save_config_kwargs={"overwrite": True}, args=args)
+                    save_config_kwargs={"overwrite": True}, args=args, run=run)
 
 
 def _extra_commands() -> dict[str, Callable]:
@@ -60,6 +68,7 @@ def _extra_commands() -> dict[str, Callable]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `qlora-lightning` and `train.py`."""
+    args = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _extra_commands() if argv and argv[0] in ("eval", "generate", "export", "plot-loss") else {}
     for name, fn in commands.items():
@@ -67,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         if argv[: len(words)] == words:
             from jsonargparse import CLI
 
-            CLI(fn, args=argv[len(words):])
+            CLI(fn, args=argv[len(words):], as_positional=False)
             return
     if commands:
         raise SystemExit(f"unknown command {' '.join(argv[:2])!r}; extra commands: {', '.join(commands)}")
-    run_lightning_cli(argv)
+    run_lightning_cli(args)

@@ -208,8 +208,8 @@ def lora_layer_class(quantize: QuantType) -> type[_LoraLinear]:
 def lora_layer_kwargs(quantize: QuantType, *, r: int, alpha: float, dropout: float, double_quant: bool = True,
                       compute_dtype: torch.dtype = torch.bfloat16,
                       quant_storage: torch.dtype = torch.uint8) -> dict:
-    """Constructor arguments for `lora_layer_class(quantize)`."""
-    kwargs = dict(r=r, alpha=alpha, dropout=dropout, compute_dtype=compute_dtype)
+    """Constructor arguments for `lora_layer_class(quantize)`; A/B take the compute dtype (bf16 in the paper)."""
+    kwargs = dict(r=r, alpha=alpha, dropout=dropout, compute_dtype=compute_dtype, lora_dtype=compute_dtype)
     if quantize != "none":
         kwargs.update(quant_type=quantize, double_quant=double_quant, quant_storage=quant_storage)
     return kwargs

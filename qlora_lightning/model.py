@@ -34,7 +34,9 @@ class QuantSpec:
     quantize: "nf4" (the paper's 4-bit NormalFloat, information-theoretically optimal for normally
         distributed weights), "fp4", or "none" (bf16 base: the paper's 16-bit LoRA comparison).
     double_quant: also quantize the quantization constants (paper: saves ~0.37 bit/parameter, 3 GB at 65B).
-    compute_dtype: dtype the 4-bit weights are dequantized to for matmuls; bf16 as in the paper.
+    compute_dtype: dtype of the matmuls, of the LoRA weights and of the unquantized parameters; bf16 as in
+        the paper. CPUs without native bf16 matmul (AVX2 only) run bf16 60× slower than float32: use
+        float32 there (the CPU demo does).
     quant_storage: dtype the packed 4-bit bytes are stored in; set it to the other parameters' dtype
         (bfloat16) to let FSDP shard the 4-bit weights with the rest.
     """
@@ -62,6 +64,11 @@ class LoraSpec:
     dropout: float = 0.1
     target_modules: str | tuple[str, ...] = "all-linear"
     exclude: tuple[str, ...] = ("lm_head",)
+
+
+# Checkpoints record these specs among the module's hyperparameters; they are plain data, so resuming
+# may read them with `torch.load(weights_only=True)`, which refuses any other object.
+torch.serialization.add_safe_globals([QuantSpec, LoraSpec])
 
 
 class LoadedModel(NamedTuple):
@@ -130,7 +137,7 @@ class _LinearAssembler:
         self.kwargs = lora_layer_kwargs(quant.quantize, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                         double_quant=quant.double_quant,
                                         compute_dtype=torch_dtype(quant.compute_dtype), quant_storage=storage)
-        self.quant_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("r", "alpha", "dropout")}
+        self.quant_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("r", "alpha", "dropout", "lora_dtype")}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def offer(self, key: str, tensor: torch.Tensor) -> bool:

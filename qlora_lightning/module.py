@@ -13,7 +13,6 @@ import math
 import resource
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,14 @@ from torchmetrics import MeanMetric
 from .checkpoint import AtomicCheckpointIO, export_adapter, is_adapter_key, load_adapter_into, peft_adapter_config
 from .model import LoraSpec, QuantSpec, load_model
 
-#: Paged AdamW with 32-bit states over the LoRA parameters: the paper's optimizer (paging absorbs the
-#: memory spikes of long sequences); betas (0.9, 0.999) and no weight decay as in the paper's script;
-#: lr 2e-4 is the paper's for 7B/13B (configs set 1e-4 for 33B and larger).
-DEFAULT_OPTIMIZER = partial(bnb.optim.PagedAdamW32bit, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+def paged_adamw(params) -> torch.optim.Optimizer:
+    """The default optimizer: paged AdamW with 32-bit states, lr 2e-4, betas (0.9, 0.999), no weight decay.
+
+    The paper's optimizer and settings for 7B/13B (paging absorbs the memory spikes of long sequences;
+    configs set lr 1e-4 for 33B and larger). Override in a config with
+    `optimizer: {class_path: bitsandbytes.optim.PagedAdamW32bit, init_args: {lr: …}}`.
+    """
+    return bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
 
 class ConstantWithWarmup(LambdaLR):
@@ -61,7 +64,7 @@ class QLoRAModule(LightningModule):
 
     def __init__(self, base_model: str = "meta-llama/Llama-2-7b-hf", quant: QuantSpec = QuantSpec(),
                  lora: LoraSpec = LoraSpec(), gradient_checkpointing: bool = True, trust_remote_code: bool = False,
-                 optimizer: OptimizerCallable = DEFAULT_OPTIMIZER, scheduler: LRSchedulerCallable | None = None,
+                 optimizer: OptimizerCallable = paged_adamw, scheduler: LRSchedulerCallable | None = None,
                  warmup_ratio: float = 0.0, init_adapter: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -73,7 +76,7 @@ class QLoRAModule(LightningModule):
         self.tokenizer = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self.val_loss = MeanMetric()
-        self._pending_rng: dict[str, Any] | None = None
+        self._train_rng: dict[str, Any] | None = None
         self._step_start: float | None = None
 
     # ----------------------------------------------------------------------------------------- model
@@ -99,16 +102,26 @@ class QLoRAModule(LightningModule):
         n_labelled = (batch["labels"][:, 1:] != -100).sum()
         return out.loss, n_labelled
 
+    # The training RNG stream (LoRA dropout) is kept apart from everything that runs between batches
+    # (validation, data loader start-up): its state after each training step is taken and restored
+    # before the next one, and saved in checkpoints, so a resumed run draws exactly the same masks.
+    def _rng_state(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if state.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng is not None:  # resume: replay the exact dropout masks of the uninterrupted run
-            torch.set_rng_state(self._pending_rng["cpu"])
-            if torch.cuda.is_available() and self._pending_rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(self._pending_rng["cuda"], self.device)
-            self._pending_rng = None
+        if self._train_rng is not None:
+            self._set_rng_state(self._train_rng)
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
+        self._train_rng = self._rng_state()  # backward and the optimizer draw no random numbers
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -166,11 +179,10 @@ class QLoRAModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_key(k)}
         checkpoint["peft_adapter_config"] = self.adapter_config()
         checkpoint["peft_key_prefix"] = "model."
-        checkpoint["rng_state"] = {"cpu": torch.get_rng_state(),
-                                   "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        checkpoint["rng_state"] = self._train_rng if self._train_rng is not None else self._rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint holds exactly this model's adapters; restore RNG at the next train batch."""
+        """Check the checkpoint holds exactly this model's adapters; the RNG stream resumes at the next batch."""
         self.configure_model()
         ours = {f"model.{k}" for k in self.model.state_dict() if is_adapter_key(k)}
         theirs = set(checkpoint["state_dict"])
@@ -178,7 +190,7 @@ class QLoRAModule(LightningModule):
             missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
             raise KeyError(f"checkpoint adapters do not match the model (different lora/quant config?): "
                            f"missing {missing[:4]}, unexpected {unexpected[:4]}")
-        self._pending_rng = checkpoint.get("rng_state")
+        self._train_rng = checkpoint.get("rng_state")
 
     def on_fit_start(self) -> None:
         if not isinstance(self.trainer.strategy.checkpoint_io, AtomicCheckpointIO):

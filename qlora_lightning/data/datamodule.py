@@ -139,19 +139,21 @@ class InstructionDataModule(L.LightningDataModule):
         self._build()
 
     def _build(self) -> None:
+        """Load, subset, check and tokenize both splits once (cached on disk, so every rank can repeat it)."""
         if self.train_data is not None:
             return
         h = self.hparams
         encoder = ExampleEncoder(self.tokenizer, h.template, h.source_max_len, h.target_max_len, h.source_truncation)
         source = load_source(h.dataset, h.split, h.cache_dir)
         train_pos, val_pos = pick_subset(len(source.rows), h.seed, h.max_examples, 0 if h.val_dataset else h.val_size)
-        train, errors = encode_split(source, train_pos, encoder, h.format, h.cache_dir, h.num_proc)
-        val = None
+        val_source = source
         if h.val_dataset:
             val_source = load_source(h.val_dataset, h.val_split, h.cache_dir)
-            val_pos, source = np.arange(len(val_source.rows)), val_source
+            val_pos = np.arange(len(val_source.rows))
+        train, errors = encode_split(source, train_pos, encoder, h.format, h.cache_dir, h.num_proc)
+        val = None
         if len(val_pos):
-            val, val_errors = encode_split(source, val_pos, encoder, h.format, h.cache_dir, h.num_proc)
+            val, val_errors = encode_split(val_source, val_pos, encoder, h.format, h.cache_dir, h.num_proc)
             errors += val_errors
         if errors and h.on_bad_record == "error":
             more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qlora_lightning.data import BadRecordError, InstructionDataModule, bundled_paths, pick_subset
 from qlora_lightning.data import sources
+from qlora_lightning.data.sample import exact_match, main
 from qlora_lightning.data.tokenize import ExampleEncoder
 
 
@@ -103,10 +104,31 @@ def test_every_kind_of_source(dm_args, tmp_path, write_jsonl):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "missing.jsonl")})
 
 
-def test_bundled_sample(dm_args):
+def test_bundled_sample_is_what_the_script_generates(tmp_path):
     paths = bundled_paths()
-    lines = [json.loads(line) for line in paths["train"].read_text().splitlines()]
-    assert len(lines) == 400 and len(paths["val"].read_text().splitlines()) == 100
+    main(["--out", str(tmp_path)])
+    for split in ("train", "val"):
+        assert (tmp_path / f"orca_sample_{split}.jsonl").read_bytes() == paths[split].read_bytes()
+    train, val = (
+        [json.loads(line) for line in paths[split].read_text().splitlines()] for split in ("train", "val")
+    )
+    assert len(train) == 400 and len(val) == 100
+    assert not {r["question"] for r in train} & {r["question"] for r in val}
+    assert {r["task"] for r in val} >= {"addition", "units", "reverse", "uppercase"}
+    for r in train + val:
+        assert set(r) == {"id", "task", "system_prompt", "question", "response"} and 0 < len(r["response"]) <= 12
+        if r["task"] == "reverse":
+            assert r["response"] == re.search(r"'(\w+)'", r["question"]).group(1)[::-1]
+
+
+def test_exact_match_normalises_only_formatting():
+    assert exact_match(" 42.\n### Human: next", "42")
+    assert exact_match("'Paris'", "Paris") and exact_match("New  Delhi", "New Delhi")
+    assert not exact_match("HELLO", "hello")  # case matters: the uppercase task differs only by case
+    assert not exact_match("The answer is 42", "42") and not exact_match("", "42")
+
+
+def test_bundled_sample(dm_args):
     dm = setup_dm(**{**dm_args, "dataset": "bundled:orca_sample_train", "val_dataset": "bundled:orca_sample_val"})
     assert len(dm.train_data) == 400 and len(dm.val_data) == 100
     with pytest.raises(FileNotFoundError, match="bundled: bundled:orca_sample_train, bundled:orca_sample_val"):

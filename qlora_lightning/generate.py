@@ -21,7 +21,7 @@ from .data.templates import format_prompt
 from .data.tokenize import encode_prompt
 from .export import load_with_adapter, resolve_device
 from .lora import QuantType
-from .model import QuantSpec
+from .model import DTypeName, QuantSpec
 
 
 @contextlib.contextmanager
@@ -151,7 +151,8 @@ def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: s
 def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = None, template: str | None = "qlora",
                  max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
                  seed: int = 0, batch_size: int = 8, stream_output: bool = True, quantize: QuantType = "nf4",
-                 device: str = "auto", allow_other_base: bool = False) -> list[str]:
+                 compute_dtype: DTypeName = "bfloat16", device: str = "auto",
+                 allow_other_base: bool = False) -> list[str]:
     """Answer prompts with a base model and (optionally) a PEFT LoRA adapter; print the answers.
 
     Args:
@@ -169,11 +170,13 @@ def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = No
         stream_output: print tokens as they come, one prompt after another; off: batch all prompts and
             print each answer when done.
         quantize: "nf4" (the base as the adapter was trained on), "fp4", or "none" (bf16 base).
+        compute_dtype: dtype of the matmuls: "bfloat16" (the paper's); "float32" is faster on CPUs
+            without bf16 instructions.
         device: "auto" (CUDA if present, else CPU), "cpu", "cuda:0", ...
         allow_other_base: skip the check that the adapter names `base` as its base model.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    loaded = load_with_adapter(base, adapter, quant=QuantSpec(quantize=quantize), device=resolve_device(device),
+    loaded = load_with_adapter(base, adapter, quant=QuantSpec(quantize=quantize, compute_dtype=compute_dtype), device=resolve_device(device),
                                allow_other_base=allow_other_base)
     kwargs = dict(template=template, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                   top_p=top_p, seed=seed)

@@ -95,7 +95,7 @@ class QLoRAModule(LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # ----------------------------------------------------------------------------------------- steps
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_on(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean causal-LM loss over the labelled (target) tokens, and their count."""
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                          use_cache=False)
@@ -120,7 +120,7 @@ class QLoRAModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        loss, _ = self.loss_on(batch)
         self._train_rng = self._rng_state()  # backward and the optimizer draw no random numbers
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -138,7 +138,7 @@ class QLoRAModule(LightningModule):
                      on_step=True, batch_size=1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_labelled = self._loss(batch)
+        loss, n_labelled = self.loss_on(batch)
         self.val_loss.update(loss, weight=n_labelled)
 
     def on_validation_epoch_end(self) -> None:

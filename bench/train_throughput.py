@@ -203,7 +203,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", stack, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--target", str(args.target), "--steps", str(args.steps), "--vocab", str(args.vocab),
                "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not result:
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)

@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 
 from .checkpoint import AtomicCheckpointIO, export_adapter, is_adapter_key, load_adapter_into, peft_adapter_config
 from .model import LoraSpec, QuantSpec, load_model
+from .tokenizer import load_tokenizer
 
 def paged_adamw(params) -> torch.optim.Optimizer:
     """The default optimizer: paged AdamW with 32-bit states, lr 2e-4, betas (0.9, 0.999), no weight decay.
@@ -73,7 +74,7 @@ class QLoRAModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.model = None
-        self.tokenizer = None
+        self._tokenizer = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self.val_loss = MeanMetric()
         self._train_rng: dict[str, Any] | None = None
@@ -85,11 +86,18 @@ class QLoRAModule(LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        loaded = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device,
-                            gradient_checkpointing=self.gradient_checkpointing, trust_remote_code=self.trust_remote_code)
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device,
+                                gradient_checkpointing=self.gradient_checkpointing, with_tokenizer=False,
+                                trust_remote_code=self.trust_remote_code).model
         if self.init_adapter is not None:
             load_adapter_into(self.model, self.init_adapter, base_model=self.base_model)
+
+    @property
+    def tokenizer(self):
+        """The base model's tokenizer, loaded on first use (training itself needs only the data module's)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base_model, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -26,9 +26,13 @@ NF4_BLOCKSIZE = 64
 
 
 def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, dropout: nn.Module, scaling: float) -> torch.Tensor:
-    """`dropout(x) @ A^T @ B^T * scaling`, computed in the LoRA weights' dtype (bf16 by default)."""
+    """`dropout(x) @ A^T @ B^T * scaling`, computed in the LoRA weights' dtype (bf16 by default).
+
+    The scale is folded into the small (r × out) factor rather than applied to the activation-sized
+    result: one full-size temporary fewer per layer.
+    """
     x = dropout(x.to(lora_A.dtype))
-    return (x @ lora_A.t() @ lora_B.t()) * scaling
+    return (x @ lora_A.t()) @ (lora_B.t() * scaling)
 
 
 class _LoraLinear(nn.Module):
@@ -72,7 +76,8 @@ class _LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        return out + lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype)
+        # In place: neither the 4-bit matmul's nor nn.Linear's backward reads its own output.
+        return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a dense bf16 (out × in) tensor (dequantized for the 4-bit layer)."""

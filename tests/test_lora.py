@@ -155,3 +155,26 @@ def test_cuda_matmul_matches_dequantized_reference():
     w = bnb_F.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
     ref = x.float() @ (w + layer.delta_weight()).t()
     assert (layer(x).float() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_and_gradients_match_the_unfused_reference(device, dtype):
+    """The layer's forward (in-place add, scale folded into B) against the textbook formula."""
+    torch.manual_seed(0)
+    layer = LoraLinear4bit.from_weight(torch.randn(64, 96) * 0.05, device=device, r=8, alpha=16, dropout=0.0,
+                                       compute_dtype=dtype, lora_dtype=dtype)
+    nn.init.normal_(layer.lora_B, std=0.05)
+    x = torch.randn(3, 7, 96, device=device, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    out.float().square().sum().backward()
+    got = (out.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    w = bnb_F.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).to(dtype)
+    ref = x @ w.t() + (x @ layer.lora_A.t() @ layer.lora_B.t()) * layer.scaling
+    ref.float().square().sum().backward()
+    want = (ref.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for g, w_ in zip(got, want):
+        assert (g.float() - w_.float()).norm() / w_.float().norm() < tol

@@ -3,7 +3,8 @@
 Generates N OpenOrca-format records (default 240,000) with realistic lengths: a system prompt in most
 (OpenOrca-style sentences, some empty), questions of 50-400 words, responses of 5-300 words; words drawn
 from common English so that tokens per word are realistic. Then, with the SmolLM2 tokenizer, measures:
-- `encode`: `ExampleEncoder.encode` alone (template + tokenize + truncate), in-process, batches of 1000;
+- `encode`: `ExampleEncoder.encode` alone (template + tokenize + truncate), in-process, batches of 1000,
+  also per CPU-second (a figure that other processes on the machine do not change);
 - `setup`: `InstructionDataModule.setup` end to end from the JSONL file (read, subset, format, tokenize,
   write the cache) for each `--num-proc`, on a cold cache;
 - `cached`: `setup` again, reading the cache.
@@ -108,14 +109,15 @@ def main() -> None:
     rows = []
     encoder = ExampleEncoder(tok)
     examples = [Example(prompt=r["question"], response=r["response"], system=r["system_prompt"]) for r in records]
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     n_tokens = 0
     for i in range(0, len(examples), 1000):
         out = encoder.encode(examples[i : i + 1000])
         n_tokens += sum(map(len, out["input_ids"]))
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     rows.append(("encode (in-process, batches of 1000)", "-", dt, args.n / dt))
-    print(f"encode: {dt:.1f} s, {args.n / dt:,.0f} examples/s, {n_tokens / args.n:.0f} tokens/example after truncation")
+    print(f"encode: {dt:.1f} s, {args.n / dt:,.0f} examples/s, {n_tokens / args.n:.0f} tokens/example after truncation; "
+          f"{cpu:.1f} CPU s = {args.n / cpu:,.0f} examples per CPU-second (what contention does not change)")
 
     for num_proc in args.num_proc:
         common = dict(tokenizer=tok, dataset=str(data), max_examples=args.n - 1024, val_size=1024, num_proc=num_proc,

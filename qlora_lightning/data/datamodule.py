@@ -15,6 +15,7 @@ resumed run neither repeats nor skips examples.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Literal
 
@@ -68,8 +69,8 @@ class InstructionDataModule(L.LightningDataModule):
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores); None
             pads to the longest sequence only.
         num_workers: DataLoader worker processes; 2 keeps collation off the training loop, which needs little.
-        num_proc: processes that tokenize (only for 10k+ records); 2 matches this project's CPU machines;
-            see BENCHMARKS.md.
+        num_proc: processes that tokenize (only for 10k+ records); None uses one per CPU core, at most 8.
+            The tokenizer itself runs on one core here (see BENCHMARKS.md), so processes are the parallelism.
         on_bad_record: "error" stops at the first unusable record naming its file, line/row and field;
             "skip" drops bad records and reports how many in one warning.
         cache_dir: where downloaded and tokenized data are cached; None uses the datasets cache
@@ -97,7 +98,7 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         pad_to_multiple_of: int | None = 8,
         num_workers: int = 2,
-        num_proc: int | None = 2,
+        num_proc: int | None = None,
         on_bad_record: Literal["error", "skip"] = "error",
         cache_dir: str | None = None,
     ):
@@ -150,10 +151,11 @@ class InstructionDataModule(L.LightningDataModule):
         if h.val_dataset:
             val_source = load_source(h.val_dataset, h.val_split, h.cache_dir)
             val_pos = np.arange(len(val_source.rows))
-        train, errors = encode_split(source, train_pos, encoder, h.format, h.cache_dir, h.num_proc)
+        num_proc = h.num_proc or min(8, os.cpu_count() or 1)
+        train, errors = encode_split(source, train_pos, encoder, h.format, h.cache_dir, num_proc)
         val = None
         if len(val_pos):
-            val, val_errors = encode_split(val_source, val_pos, encoder, h.format, h.cache_dir, h.num_proc)
+            val, val_errors = encode_split(val_source, val_pos, encoder, h.format, h.cache_dir, num_proc)
             errors += val_errors
         if errors and h.on_bad_record == "error":
             more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""

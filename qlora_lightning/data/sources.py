@@ -82,7 +82,7 @@ def _load_json_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str]:
     """A .json file is either JSON Lines or one JSON array of records; .jsonl is always JSON Lines."""
     with open(path, encoding="utf-8") as f:
         head = f.read(4096).lstrip()
-    if path.suffix == ".json" and head.startswith("["):
+    if path.suffix.lower() == ".json" and head.startswith("["):
         try:
             with open(path, encoding="utf-8") as f:
                 records = json.load(f)
@@ -100,20 +100,17 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
         if path.stat().st_size == 0:
             raise BadRecordError(f"{path}: the file is empty")
         suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+            raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
         try:
             if suffix in (".jsonl", ".json"):
                 ds, kind = _load_json_file(path, cache_dir)
             elif suffix == ".csv":
                 # every cell is text (an answer "42" must not become an int, nor "NA" a null); empty cells are null
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-                ds = Dataset.from_pandas(frame, preserve_index=False)
-                kind = "table"
-            elif suffix == ".parquet":
-                ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
-                kind = "table"
+                ds, kind = Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])), "table"
             else:
-                raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
-        except (BadRecordError, ValueError):
+                ds, kind = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir), "table"
+        except BadRecordError:
             raise
         except Exception as e:  # pyarrow/pandas errors do not name the file
             raise BadRecordError(f"{path}: cannot be read as {suffix[1:]}: {e}") from e

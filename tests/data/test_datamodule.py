@@ -209,6 +209,9 @@ def test_empty_files_and_bad_settings(dm_args, tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'blank.jsonl'}: no records")):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "blank.jsonl")})
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'broken.parquet'}: cannot be read as parquet")):
+        setup_dm(**{**dm_args, "dataset": str(tmp_path / "broken.parquet")})
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="unsupported file type '.txt'"):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "data.txt")})

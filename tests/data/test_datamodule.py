@@ -6,6 +6,7 @@ import functools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import lightning as L
@@ -160,6 +161,18 @@ def test_tokenizer_by_name_batches_and_hparams(dm_args, tmp_path, bos_tokenizer,
     assert obj.hparams.tokenizer == bos_tokenizer.name_or_path and obj.tokenizer is bos_tokenizer
     with pytest.raises(ValueError, match="needs `tokenizer`"):
         InstructionDataModule().tokenizer
+
+
+def test_ranks_get_equal_disjoint_shares_from_the_trainer(dm_args, write_jsonl, orca_records):
+    dm = setup_dm(**{**dm_args, "dataset": str(write_jsonl(orca_records(23))), "val_size": 0})
+    shares = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0)
+        share = []
+        for b in dm.train_dataloader():
+            share += [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+        shares.append(share)
+    assert len(shares[0]) == len(shares[1]) == 11 and not set(shares[0]) & set(shares[1])
 
 
 # -------------------------------------------------------------------------------------- bad input

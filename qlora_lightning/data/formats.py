@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Example", "RecordError", "FORMATS", "register_format", "get_format", "format_record"]
+__all__ = ["Example", "RecordError", "FORMATS", "register_format", "get_format", "format_record", "text_field"]
 
 
 @dataclass(frozen=True)

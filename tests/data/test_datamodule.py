@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import datasets
 import lightning as L
-import numpy as np
 import pandas as pd
 import pytest
 import torch

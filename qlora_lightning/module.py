@@ -61,18 +61,21 @@ class QLoRAModule(LightningModule):
             HF's "constant" schedule, which ignores warmup, so what actually ran is 0.0: the default.
         init_adapter: a PEFT LoRA adapter folder to start from (continued training, or evaluation of
             published adapters); None starts fresh (B = 0).
+        predict_max_new_tokens: longest answer `predict` generates; 128, the recipe's target length.
     """
 
     def __init__(self, base_model: str = "meta-llama/Llama-2-7b-hf", quant: QuantSpec = QuantSpec(),
                  lora: LoraSpec = LoraSpec(), gradient_checkpointing: bool = True, trust_remote_code: bool = False,
                  optimizer: OptimizerCallable = paged_adamw, scheduler: LRSchedulerCallable | None = None,
-                 warmup_ratio: float = 0.0, init_adapter: str | None = None) -> None:
+                 warmup_ratio: float = 0.0, init_adapter: str | None = None,
+                 predict_max_new_tokens: int = 128) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
+        self.predict_max_new_tokens = predict_max_new_tokens
         self.model = None
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
@@ -162,6 +165,26 @@ class QLoRAModule(LightningModule):
         self.log("test/loss", loss)
         self.log("test/perplexity", torch.exp(loss))
         self.val_loss.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, str]]:
+        """Greedy answers to a batch's prompts (the tokens before each row's first label), with references.
+
+        Rows are right-padded by the collator, so a prompt is the prefix up to the first labelled token;
+        with `train_on_source` every token is labelled and prompts cannot be told apart: an error.
+        """
+        from .generate import generate
+
+        rows = []
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            labelled = (labels != -100).nonzero()
+            if len(labelled) == 0 or labelled[0].item() == 0:
+                raise ValueError("predict needs prompts without labels: set data.train_on_source false")
+            start = labelled[0].item()
+            rows.append((self.tokenizer.decode(ids[:start], skip_special_tokens=True),
+                         self.tokenizer.decode(ids[labels != -100], skip_special_tokens=True)))
+        answers = generate(self.model, self.tokenizer, [prompt for prompt, _ in rows], template=None,
+                           max_new_tokens=self.predict_max_new_tokens)
+        return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers)]
 
     # ------------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):

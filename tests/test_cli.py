@@ -85,8 +85,7 @@ def test_sigkill_mid_training_then_resume_from_last_finishes(tiny_chat_llama_dir
     proc.send_signal(signal.SIGKILL)  # may land in the middle of writing the next checkpoint
     proc.wait()
     killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert 4 <= killed_at < 400
-    assert not list((tmp_path / "checkpoints").glob(".*.tmp")) or True  # leftovers of the killed save are harmless
+    assert 2 <= killed_at < 400  # last.ckpt is the newest complete save: step 4 or, mid-save, step 2
     done = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=killed_at + 4, every=2) +
                           ["--ckpt_path", "last"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -106,3 +106,16 @@ def test_checkpoint_of_another_lora_config_is_a_clear_error(tiny_chat_llama_dir,
     other = QLoRAModule(str(tiny_chat_llama_dir), quant=FP32, lora=LoraSpec(r=8, target_modules=("q_proj",)))
     with pytest.raises(KeyError, match="do not match the model"):
         other.on_load_checkpoint(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False))
+
+
+def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir, tmp_path):
+    module, data = make(tiny_chat_llama_dir)
+    module.predict_max_new_tokens = 4
+    t = L.Trainer(default_root_dir=tmp_path, precision="32-true", accelerator="cpu", limit_val_batches=2,
+                  limit_test_batches=2, limit_predict_batches=1, enable_progress_bar=False, logger=False)
+    (val,) = t.validate(module, data)
+    (test,) = t.test(module, data)
+    assert val["val/loss"] == pytest.approx(test["test/loss"]) and val["val/perplexity"] > 1
+    (rows,) = t.predict(module, data)
+    assert len(rows) == 8 and all(r["prompt"].rstrip().endswith("### Assistant:") for r in rows)
+    assert all(isinstance(r["answer"], str) and r["reference"] for r in rows)

@@ -200,6 +200,14 @@ class InstructionDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_data, self.hparams.eval_batch_size, None)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """`test` scores the held-out split (loss, perplexity): instruction data has no separate test split."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """`predict` answers the held-out prompts (the module generates from each row's unlabelled prefix)."""
+        return self.val_dataloader()
+
     def _loader(self, data, batch_size: int, sampler: LengthGroupedSampler | None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(

@@ -11,6 +11,7 @@ import sys
 from typing import Callable
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from .data import InstructionDataModule
@@ -30,6 +31,15 @@ class QLoRACLI(LightningCLI):
             "checkpoint.save_top_k": -1,  # keep every periodic save (adapters are small)
             "checkpoint.every_n_train_steps": 500,  # ~20 saves over the 10000-step 7B run
         })
+
+    def before_instantiate_classes(self) -> None:
+        """CSV logs by default (Lightning would pick TensorBoard wherever it happens to be installed), in
+        `<default_root_dir>/lightning_logs`; any `trainer.logger` in the config is kept."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                          init_args=Namespace(save_dir=trainer.get("default_root_dir") or "."))
 
 
 def trainer_defaults() -> dict:

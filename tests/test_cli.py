@@ -105,3 +105,14 @@ def test_ddp_two_cpu_processes_train_and_write_checkpoints_once(tiny_chat_llama_
     assert state["global_step"] == 4
     # each rank consumed its own half of the data: the saved sampler position counts one rank's samples
     assert state["InstructionDataModule"]["num_replicas"] == 2
+
+
+def test_csv_logs_by_default_and_a_chosen_logger_is_kept(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cli = run_lightning_cli(["--config", str(REPO / "configs" / "7b.yaml"), "--trainer.default_root_dir",
+                             str(tmp_path)], run=False)
+    assert isinstance(cli.trainer.logger, CSVLogger) and cli.trainer.logger.save_dir == str(tmp_path)
+    cli = run_lightning_cli(["--config", str(REPO / "configs" / "7b.yaml"), "--trainer.logger", "false",
+                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.trainer.logger is None

@@ -1,7 +1,9 @@
 """`MMLUCallback`: MMLU accuracy every N optimizer steps during `fit`, as the QLoRA paper's training callback.
 
 Each rank scores every `world_size`-th question; `MMLUAccuracy` sums the counts across ranks, so every
-rank logs the same numbers. Rank zero writes the results JSON beside the checkpoints.
+rank gets the same numbers. Rank zero logs them and writes `mmlu_step=<N>.json` beside the checkpoints.
+Ranks may run one batch more or fewer than each other, which DDP allows (the forwards bypass the DDP
+wrapper); a strategy whose forward is collective (FSDP) would need equal batch counts.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class MMLUCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({"mmlu/accuracy": results["accuracy_mean_over_subjects"],
                                     "mmlu/accuracy_over_questions": results["accuracy_over_questions"]}, step=step)
-            write_report(results, self.results_dir(trainer) / f"mmlu_{self.split}_step={step}.json")
+            write_report(results, self.results_dir(trainer) / f"mmlu_step={step}.json")
         self.last_results = results
         return results
 

@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 LETTERS = ("A", "B", "C", "D")
@@ -75,7 +76,7 @@ class MMLUData:
         pool = self.shots.get(q.subject, [])
         if self.shots_from_dev:
             return pool[:k]
-        return [other for other in pool if other.question != q.question][:k]
+        return list(islice((other for other in pool if other.question != q.question), k))
 
 
 def subject_key(name: str) -> str:
@@ -194,7 +195,7 @@ def load_mmlu(data: str = "cais/mmlu", split: str = "test", subjects: Sequence[s
 
     Args:
         data: hub id (default `cais/mmlu`), a folder of the original CSVs, or a `.jsonl` file (one split:
-            the whole file is scored and `split` only labels the report).
+            the whole file is scored, `split` is not used and the report's split reads "whole file").
         split: "test" (the paper's reported number), "validation"/"val", or "dev".
         subjects: keep only these subjects (either spelling: "high school geography" or
             "high_school_geography"); None keeps all 57.
@@ -205,7 +206,7 @@ def load_mmlu(data: str = "cais/mmlu", split: str = "test", subjects: Sequence[s
         if not os.path.isfile(data):
             raise FileNotFoundError(f"{data}: no such JSONL file")
         questions = from_jsonl(data)
-        shots, from_dev, split = _group(questions), False, f"{split} (whole file)"
+        shots, from_dev, split = _group(questions), False, "whole file"
     elif os.path.isdir(data):
         questions, shots, from_dev = from_csv_folder(data, split), _group(from_csv_folder(data, "dev")), True
     else:

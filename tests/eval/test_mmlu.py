@@ -196,10 +196,10 @@ def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(tiny_chat
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, data)
     written = sorted(p.name for p in (tmp_path / "ckpt").glob("mmlu_*.json"))
-    assert written == ["mmlu_validation_step=0.json", "mmlu_validation_step=2.json", "mmlu_validation_step=4.json"]
+    assert written == ["mmlu_step=0.json", "mmlu_step=2.json", "mmlu_step=4.json"]
     assert module.model.training and not module.model.config.use_cache  # back to training afterwards
-    at_start = json.loads((tmp_path / "ckpt" / "mmlu_validation_step=0.json").read_text())
-    last = json.loads((tmp_path / "ckpt" / "mmlu_validation_step=4.json").read_text())
+    at_start = json.loads((tmp_path / "ckpt" / "mmlu_step=0.json").read_text())
+    last = json.loads((tmp_path / "ckpt" / "mmlu_step=4.json").read_text())
     assert at_start["questions"] == last["questions"] == 6 and last["step"] == 4
     # The step-4 numbers are those of the final model scored standalone.
     metric = MMLUAccuracy(callback._questions().subjects)
@@ -219,6 +219,7 @@ def test_evaluate_mmlu_through_the_cli_writes_results_beside_the_adapter(tiny_ch
           "--progress", "false"])
     results = json.loads(chat_adapter.with_name("adapter.mmlu_test_0shot.json").read_text())
     assert results["questions"] == 4 and set(results["subjects"]) == {"marketing", "anatomy"}
+    assert results["split"] == "whole file" and "no dev split" in results["shots_source"]
     assert results["accuracy_mean_over_subjects"] == sum(s["accuracy"] for s in results["subjects"].values()) / 2
 
 

@@ -35,7 +35,7 @@ class QuantSpec:
         distributed weights), "fp4", or "none" (bf16 base: the paper's 16-bit LoRA comparison).
     double_quant: also quantize the quantization constants (paper: saves ~0.37 bit/parameter, 3 GB at 65B).
     compute_dtype: dtype of the matmuls, of the LoRA weights and of the unquantized parameters; bf16 as in
-        the paper. CPUs without native bf16 matmul (AVX2 only) run bf16 60× slower than float32: use
+        the paper. CPUs without native bf16 matmul (AVX2 only) run bf16 matmuls 4-90x slower than float32: use
         float32 there (the CPU demo does).
     quant_storage: dtype the packed 4-bit bytes are stored in; set it to the other parameters' dtype
         (bfloat16) to let FSDP shard the 4-bit weights with the rest.

@@ -17,7 +17,7 @@ from qlora_lightning.checkpoint import adapter_state_dict, is_adapter_key
 from qlora_lightning.model import LoraSpec, QuantSpec
 
 REPO = Path(__file__).resolve().parents[1]
-# float32 compute: this CPU has no native bf16 matmul (60× slower); the recipe is otherwise the paper's.
+# float32 compute: this CPU has no native bf16 matmul (4-90× slower by shape); the recipe is otherwise the paper's.
 FP32 = QuantSpec(compute_dtype="float32")
 
 

@@ -94,6 +94,8 @@ class QLoRAModule(LightningModule):
                                 trust_remote_code=self.trust_remote_code).model
         if self.init_adapter is not None:
             load_adapter_into(self.model, self.init_adapter, base_model=self.base_model)
+        config = self.model.config
+        self._head_on_labelled_only = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
 
     @property
     def tokenizer(self):
@@ -107,11 +109,22 @@ class QLoRAModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------- steps
     def loss_on(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean causal-LM loss over the labelled (target) tokens, and their count."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         use_cache=False)
-        n_labelled = (batch["labels"][:, 1:] != -100).sum()
-        return out.loss, n_labelled
+        """Mean causal-LM loss over the labelled (target) tokens, and their count.
+
+        The output head runs on the labelled positions only: with source 384 / target 128 that skips three
+        quarters of the head's matmuls and of the fp32 logits that HF's loss would hold for every token.
+        Models that transform their logits (soft-capping, logit scale) take transformers' own loss.
+        """
+        labels = batch["labels"][:, 1:]
+        labelled = labels != -100
+        if not self._head_on_labelled_only:
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"], use_cache=False)
+            return out.loss, labelled.sum()
+        hidden = self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][labelled])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[labelled]), labelled.sum()
 
     # The training RNG stream (LoRA dropout) is kept apart from everything that runs between batches
     # (validation, data loader start-up): its state after each training step is taken and restored

@@ -119,3 +119,16 @@ def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir
     (rows,) = t.predict(module, data)
     assert len(rows) == 8 and all(r["prompt"].rstrip().endswith("### Assistant:") for r in rows)
     assert all(isinstance(r["answer"], str) and r["reference"] for r in rows)
+
+
+def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir):
+    module, data = make(tiny_chat_llama_dir, dropout=0.0)
+    module.configure_model()
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    loss, n = module.loss_on(batch)
+    ref = module.model(**batch).loss  # shifts and ignores -100 itself, over the full logits
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert n == (batch["labels"][:, 1:] != -100).sum() > 0
+    loss.backward()
+    assert all(p.grad is not None for n_, p in module.model.named_parameters() if p.requires_grad)

@@ -87,6 +87,14 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+def timed_setup(kwargs: dict) -> tuple[InstructionDataModule, float]:
+    """A data module built with `kwargs` and set up for fit, and the seconds that took."""
+    t = time.perf_counter()
+    dm = InstructionDataModule(**kwargs)
+    dm.setup("fit")
+    return dm, time.perf_counter() - t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=240_000, help="records to generate (the model card's 240k)")
@@ -122,16 +130,10 @@ def main() -> None:
     for num_proc in args.num_proc:
         common = dict(tokenizer=tok, dataset=str(data), max_examples=args.n - 1024, val_size=1024, num_proc=num_proc,
                       num_workers=0, cache_dir=str(workdir / f"cache-np{num_proc}"))
-        t = time.perf_counter()
-        dm = InstructionDataModule(**common)
-        dm.setup("fit")
-        dt = time.perf_counter() - t
+        dm, dt = timed_setup(common)
         rows.append(("datamodule setup, cold cache", num_proc, dt, args.n / dt))
         print(f"setup num_proc={num_proc}: {dt:.1f} s ({args.n / dt:,.0f} examples/s)")
-        t = time.perf_counter()
-        again = InstructionDataModule(**common)
-        again.setup("fit")
-        dt = time.perf_counter() - t
+        _, dt = timed_setup(common)
         rows.append(("datamodule setup, cached", num_proc, dt, args.n / dt))
         print(f"cached num_proc={num_proc}: {dt:.1f} s")
         lengths = np.asarray(dm.train_data["length"])

@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from .data.formats import format_record
-from .data.sample import BUNDLED, exact_match
+from .data.sample import exact_match
+from .data.sources import resolve_bundled
 from .data.templates import format_prompt
 from .generate import generate
 
@@ -39,7 +40,7 @@ class DemoReport(Callback):
         name = data.hparams.val_dataset
         if not name:
             raise ValueError("DemoReport needs data.val_dataset (a bundled name or a .jsonl file)")
-        path = BUNDLED / f"{name.removeprefix('bundled:')}.jsonl" if name.startswith("bundled:") else Path(name)
+        path = resolve_bundled(name) if name.startswith("bundled:") else Path(name)
         lines = [line for line in path.read_text().splitlines() if line.strip()][: self.examples]
         return [format_record(json.loads(line), data.hparams.format)[0] for line in lines]
 

@@ -133,11 +133,11 @@ class _LinearAssembler:
         self.model, self.lora_targets, self.device = model, lora_targets, device
         self.handled = lora_targets | quantized
         self.layer_cls = lora_layer_class(quant.quantize)
-        storage = torch.uint8 if quant.quant_storage == "uint8" else torch_dtype(quant.quant_storage)
+        compute, storage = torch_dtype(quant.compute_dtype), torch_dtype(quant.quant_storage)
         self.kwargs = lora_layer_kwargs(quant.quantize, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                        double_quant=quant.double_quant,
-                                        compute_dtype=torch_dtype(quant.compute_dtype), quant_storage=storage)
-        self.quant_kwargs = {k: v for k, v in self.kwargs.items() if k not in ("r", "alpha", "dropout", "lora_dtype")}
+                                        double_quant=quant.double_quant, compute_dtype=compute, quant_storage=storage)
+        self.quant_kwargs = dict(quant_type=quant.quantize, double_quant=quant.double_quant, compute_dtype=compute,
+                                 quant_storage=storage)
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
     def offer(self, key: str, tensor: torch.Tensor) -> bool:

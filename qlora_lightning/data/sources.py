@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from .formats import RecordError, format_record
+from .sample import BUNDLED
 from .tokenize import ExampleEncoder
 
-__all__ = ["BadRecordError", "RawSource", "load_source", "pick_subset", "encode_split", "BUNDLED_DIR"]
+__all__ = ["BadRecordError", "RawSource", "load_source", "pick_subset", "encode_split", "resolve_bundled"]
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
 PARALLEL_MIN_RECORDS = 10_000  # below this, starting `num_proc` workers costs more than it saves
 CACHE_VERSION = 1  # bump when the encoding of a record changes, so old cache files are not reused
 _FEATURES = Features(
@@ -68,11 +68,12 @@ def _file_identity(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _resolve_bundled(name: str) -> Path:
+def resolve_bundled(name: str) -> Path:
+    """`bundled:<stem>` → the shipped `<stem>.jsonl`; an unknown name lists the bundled ones."""
     stem = name.removeprefix("bundled:")
-    path = BUNDLED_DIR / f"{stem}.jsonl"
+    path = BUNDLED / f"{stem}.jsonl"
     if not path.is_file():
-        known = ", ".join(f"bundled:{p.stem}" for p in sorted(BUNDLED_DIR.glob("*.jsonl")))
+        known = ", ".join(f"bundled:{p.stem}" for p in sorted(BUNDLED.glob("*.jsonl")))
         raise FileNotFoundError(f"no bundled dataset {name!r}; bundled: {known}")
     return path
 
@@ -94,7 +95,7 @@ def _load_json_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str]:
 
 def load_source(name: str, split: str = "train", cache_dir: str | None = None) -> RawSource:
     """Load `name`: `bundled:<name>`, a local file, a `save_to_disk` folder, else `load_dataset(name, split)`."""
-    path = _resolve_bundled(name) if name.startswith("bundled:") else Path(name).expanduser()
+    path = resolve_bundled(name) if name.startswith("bundled:") else Path(name).expanduser()
     if path.is_file():
         if path.stat().st_size == 0:
             raise BadRecordError(f"{path}: the file is empty")

@@ -4,8 +4,8 @@
 with an unquantized bf16 base, used for the paper's 16-bit LoRA comparison. `inject_lora` swaps them in
 for the `nn.Linear` layers of a model and freezes everything else.
 
-The LoRA update is computed by `lora_delta`, a plain function, so that a fused kernel can replace the
-path behind the same interface while this one stays the reference in tests.
+Training runs through `lora_autograd.lora_linear` (base matmul and LoRA update under one hand-written
+autograd function); inference keeps bitsandbytes' own kernels plus `lora_delta`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes import functional as bnb_F
 from torch import nn
+
+from .lora_autograd import lora_linear
 
 QuantType = Literal["nf4", "fp4", "none"]
 
@@ -75,13 +77,26 @@ class _LoraLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            out = lora_linear(x.to(self.compute_dtype), self.lora_A, self.lora_B, self.bias, self.dense_weight,
+                              scaling=self.scaling, dropout_p=p)
+            return out.to(x.dtype)
         out = self.base_layer(x)
-        # In place: neither the 4-bit matmul's nor nn.Linear's backward reads its own output.
         return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
 
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as a dense bf16 (out × in) tensor (dequantized for the 4-bit layer)."""
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base matmul runs in (bf16 in the paper)."""
         raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen base weight as a dense (out × in) tensor in the compute dtype (dequantized if 4-bit)."""
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as a dense bf16 (out × in) tensor, for merging and export."""
+        return self.dense_weight().detach().to(torch.bfloat16)
 
     def delta_weight(self) -> torch.Tensor:
         """`B @ A * scaling` in fp32: what the adapter adds to the base weight."""
@@ -138,9 +153,17 @@ class LoraLinear4bit(_LoraLinear):
                                            quant_storage=base.weight.quant_storage)
         return layer
 
-    def base_weight(self) -> torch.Tensor:
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.base_layer.compute_dtype
+
+    def dense_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
-        return bnb_F.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
+        # FSDP hands the layer a plain tensor of the packed bytes: the quant state then lives on the module.
+        state = getattr(w, "quant_state", None)
+        if state is None:
+            state = self.base_layer.quant_state
+        return bnb_F.dequantize_4bit(w.data, state).to(self.compute_dtype)
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, device: torch.device | str,
@@ -159,6 +182,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, d
     layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype), requires_grad=False,
                                      blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
                                      quant_type=quant_type, quant_storage=quant_storage).to(device)
+    layer.quant_state = layer.weight.quant_state  # kept on the module too, for when FSDP replaces the parameter
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
     return layer
@@ -194,8 +218,12 @@ class LoraLinear16bit(_LoraLinear):
         layer.reset_lora_parameters()
         return layer
 
-    def base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight.detach().to(torch.bfloat16)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.base_layer.weight.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
 
 
 LoraLinear = _LoraLinear  # public name for isinstance checks over both kinds

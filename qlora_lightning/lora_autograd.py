@@ -1,0 +1,79 @@
+"""The training path of a LoRA layer as one autograd function: frozen base matmul and LoRA update fused.
+
+    y = x Wᵀ + b + (drop(x) Aᵀ)(s B)ᵀ          W frozen (4-bit or dense), A (r × in) and B (out × r) trained
+
+Composing the same thing from bitsandbytes' `matmul_4bit`, `nn.Dropout` and two matmuls under autograd
+writes and reads more activation-sized tensors than the math needs. Here:
+- the LoRA product is accumulated into the base output in the matmul itself (`addmm_`): no
+  activation-sized delta, no separate add;
+- dropout is one `native_dropout` call that returns the mask; backward applies the mask while adding
+  the LoRA input-gradient into the base one (`addcmul_`): no separate dropout backward and no gradient
+  accumulation pass;
+- the frozen weight is materialised (dequantized, for 4-bit) once in forward and once in backward, into
+  a temporary freed at once, and never saved: under activation checkpointing a saved copy would stay
+  alive for the layer's whole backward, and without checkpointing it would keep a dense model in memory;
+- saved for backward: the dropped input (for grad A), its mask (for grad x), the rank-sized `drop(x) Aᵀ`
+  (for grad B) and the small A and s·B.
+
+The plain composition stays the reference in tests (`tests/test_lora_autograd.py`), and inference
+(no gradient) keeps bitsandbytes' own kernels, which have a fast 4-bit GEMV for single tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
+                dense_weight: Callable[[], torch.Tensor], scaling: float, dropout_p: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, dense_weight(), bias)
+        if dropout_p > 0:
+            x_drop, mask = torch.native_dropout(x2, dropout_p, True)
+        else:
+            x_drop, mask = x2, None
+        a = lora_A.to(x.dtype)
+        scaled_b = (lora_B * scaling).to(x.dtype)
+        h = x_drop @ a.t()
+        out.addmm_(h, scaled_b.t())
+        ctx.save_for_backward(x_drop, mask, h, a, scaled_b)
+        ctx.dense_weight, ctx.scaling, ctx.dropout_p = dense_weight, scaling, dropout_p
+        ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x_drop, mask, h, a, scaled_b = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_h = g @ scaled_b
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ ctx.dense_weight()
+            if mask is None:
+                grad_x.addmm_(grad_h, a)
+            else:
+                grad_x.addcmul_(grad_h @ a, mask, value=1.0 / (1.0 - ctx.dropout_p))
+            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_a = (grad_h.t() @ x_drop).to(ctx.param_dtypes[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = ((g.t() @ h) * ctx.scaling).to(ctx.param_dtypes[1])
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
+                dense_weight: Callable[[], torch.Tensor], *, scaling: float, dropout_p: float) -> torch.Tensor:
+    """`x Wᵀ + b + (drop(x) Aᵀ)(s B)ᵀ` with a hand-written backward (see the module docstring).
+
+    `dense_weight()` returns the frozen (out × in) weight in `x`'s dtype; it is called once in forward
+    and once in backward, so a 4-bit layer passes its dequantization. `dropout_p` is the LoRA dropout
+    probability in training (0 for none). The frozen weight and bias get no gradient.
+    """
+    if bias is not None and bias.requires_grad:
+        raise ValueError("lora_linear trains only the LoRA factors; the base bias must be frozen")
+    return _LoraLinearFunction.apply(x, lora_A, lora_B, bias, dense_weight, scaling, dropout_p)

@@ -1,0 +1,108 @@
+"""The fused LoRA autograd function against the plain autograd composition it replaces."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit, lora_delta
+from qlora_lightning.lora_autograd import lora_linear
+from qlora_testing import requires_cuda
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def make_layer(kind: str, device: str, dtype: torch.dtype, dropout: float, quant_storage=torch.uint8):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64) / 8
+    cls = LoraLinear4bit if kind == "nf4" else LoraLinear16bit
+    extra = {"quant_storage": quant_storage} if kind == "nf4" else {}
+    layer = cls.from_weight(weight, device=device, r=8, alpha=16, dropout=dropout, compute_dtype=dtype,
+                            lora_dtype=dtype, **extra)
+    nn.init.normal_(layer.lora_B, std=0.1)  # a fresh B is zero, which would hide errors in grad A and grad x
+    return layer.train()
+
+
+def reference(layer, x: torch.Tensor, p: float) -> torch.Tensor:
+    """bitsandbytes' matmul_4bit (or nn.Linear) plus the LoRA delta, under plain autograd."""
+    if isinstance(layer, LoraLinear4bit):
+        w = layer.base_layer.weight
+        base = bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state)
+    else:
+        base = layer.base_layer(x)
+    drop = (lambda t: torch.native_dropout(t, p, True)[0]) if p > 0 else nn.Identity()
+    return base + lora_delta(x, layer.lora_A, layer.lora_B, drop, layer.scaling)
+
+
+def grads(layer, fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    torch.manual_seed(123)
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out).to(out.dtype))
+    return out.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["nf4", "16bit"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_output_and_gradients_equal_the_plain_composition(device, kind, dtype, tol, p):
+    layer = make_layer(kind, device, dtype, p)
+    x = torch.randn(3, 5, 64, device=device, dtype=dtype)
+    fused = grads(layer, layer, x)
+    plain = grads(layer, lambda t: reference(layer, t, p), x)
+    for name, a, b in zip(["output", "grad x", "grad A", "grad B"], fused, plain):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        err = (a.float() - b.float()).norm() / b.float().norm()
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+def test_dropout_drops_the_lora_input_only():
+    """With p near 1 the LoRA path vanishes (its input is almost all dropped) but the base output stays."""
+    layer = make_layer("nf4", "cpu", torch.float32, 0.1)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+    out = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.dense_weight, scaling=layer.scaling, dropout_p=0.999999)
+    assert torch.allclose(out, base, atol=1e-5)
+    no_drop = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.dense_weight, scaling=layer.scaling, dropout_p=0.0)
+    assert not torch.allclose(no_drop, base, atol=1e-3)
+
+
+def test_the_dense_weight_is_never_saved_for_backward():
+    layer = make_layer("nf4", "cpu", torch.float32, 0.1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        layer(torch.randn(4, 64, requires_grad=True)).sum().backward()
+    assert saved and (48, 64) not in saved, saved
+
+
+def test_under_checkpointing_the_recomputed_dropout_mask_is_the_same():
+    layer = make_layer("nf4", "cpu", torch.float32, 0.3)
+    x = torch.randn(6, 64)
+    direct = grads(layer, layer, x)
+    recomputed = grads(layer, lambda t: checkpoint(layer, t, use_reentrant=False), x)
+    for a, b in zip(direct, recomputed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_plain_packed_tensor_with_the_quant_state_on_the_module_works(device):
+    """What FSDP does: the packed bytes (bf16 storage, as FSDP needs) become a plain parameter."""
+    layer = make_layer("nf4", device, torch.bfloat16, 0.0, quant_storage=torch.bfloat16)
+    x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
+    before = grads(layer, layer, x)
+    layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.data.clone(), requires_grad=False)
+    assert getattr(layer.base_layer.weight, "quant_state", None) is None
+    after = grads(layer, layer, x)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_a_trainable_base_bias_is_refused():
+    layer = make_layer("16bit", "cpu", torch.float32, 0.0)
+    bias = nn.Parameter(torch.zeros(48))
+    with pytest.raises(ValueError, match="bias must be frozen"):
+        lora_linear(torch.randn(2, 64), layer.lora_A, layer.lora_B, bias, layer.dense_weight, scaling=1.0, dropout_p=0.0)

@@ -2,7 +2,8 @@
 `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + paged AdamW), on one GPU.
 
     python bench/train_throughput.py --shape 7b                 # writes a random bf16 7B to /tmp once
-    python bench/train_throughput.py --shape 70b --no-peer --batch 1
+    python bench/train_throughput.py --shape 70b --stacks ours --batch 1
+    python bench/train_throughput.py --shape 7b --stacks ours,ours-compiled,peer --profile
 
 Each stack runs in its own subprocess, one after the other on the same card, so peaks do not mix.
 Both train on the same random batches (micro-batch × sequence, the last `--target` tokens labelled, as
@@ -27,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry run of the harness itself
+STACKS = ["ours", "ours-compiled", "peer"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -72,22 +74,25 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_ours(args) -> dict:
+def run_ours(args, compile_layers: bool = False) -> dict:
     import lightning as L
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
     from qlora_lightning.model import LoraSpec
 
-    module = QLoRAModule(args.model, lora=LoraSpec(r=64, alpha=16, dropout=0.1))
+    module = QLoRAModule(args.model, lora=LoraSpec(r=64, alpha=16, dropout=0.1), compile_layers=compile_layers)
     t0 = time.perf_counter()
-    data = None
     times, losses = [], []
+    profile = {}
 
     class Timer(L.Callback):
         def on_train_start(self, trainer, pl_module):
             reset_peak()
 
         def on_train_batch_start(self, trainer, pl_module, batch, i):
+            if args.profile and i == args.warmup:
+                profile["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                profile["prof"].__enter__()
             sync()
             self.t = time.perf_counter()
 
@@ -95,6 +100,10 @@ def run_ours(args) -> dict:
             sync()
             times.append(time.perf_counter() - self.t)
             losses.append(outputs["loss"].item())
+            if "prof" in profile and i == args.warmup:  # one profiled step, then timing as usual
+                profile["prof"].__exit__(None, None, None)
+                table = profile.pop("prof").key_averages().table(sort_by="cuda_time_total", row_limit=30)
+                profile["table"] = table
 
     data = batches(args, args.vocab, "cpu")
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -103,9 +112,10 @@ def run_ours(args) -> dict:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
-    return {"stack": "ours", "step_s": times[args.warmup:], "losses": losses,
+    timed = times[args.warmup + (1 if args.profile else 0):]
+    return {"stack": "ours, compiled layers" if compile_layers else "ours", "step_s": timed, "losses": losses,
             "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
-            "peak_gib": peak_gib()}
+            "peak_gib": peak_gib(), "profile": profile.get("table")}
 
 
 def run_peer(args) -> dict:
@@ -166,9 +176,9 @@ def record(rows: list[dict], args) -> str:
     for r in rows:
         lines.append(f"| {r['stack']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
                      f"{r['first_step_s']:.0f} | {r['losses'][0]:.4f} |")
-    if len(rows) == 2:
-        ours, peer = rows
-        lines.append(f"\nours / peer: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}× tokens/s, "
+    peer = next((r for r in rows if r["stack"] == "peer"), None)
+    for ours in (r for r in rows if peer is not None and r is not peer):
+        lines.append(f"\n{ours['stack']} / peer: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}× tokens/s, "
                      f"{ours['peak_gib'] / peer['peak_gib']:.2f}× peak memory; first-step loss differs by "
                      f"{abs(ours['losses'][0] - peer['losses'][0]) / abs(peer['losses'][0]):.1e} (relative)")
     return "\n".join(lines) + "\n"
@@ -184,31 +194,38 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this (LLaMA-2: 32000)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-peer", action="store_true", help="ours only (e.g. 70B: no 140 GB checkpoint on disk)")
+    p.add_argument("--stacks", default="ours,peer",
+                   help="comma list of: ours, ours-compiled (compile_layers), peer (needs a checkpoint on disk)")
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
-    p.add_argument("--only", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=STACKS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only:
-        result = run_ours(args) if args.only == "ours" else run_peer(args)
+        result = run_peer(args) if args.only == "peer" else run_ours(args, compile_layers=args.only == "ours-compiled")
         print("RESULT " + json.dumps(result))
         return
+    stacks = args.stacks.split(",")
+    if unknown := set(stacks) - set(STACKS):
+        raise SystemExit(f"--stacks: unknown {sorted(unknown)}; choose from {STACKS}")
     if args.model is None:
-        if args.no_peer:
+        if "peer" not in stacks:
             args.model = f"random:{args.shape}"
         else:
             args.model = f"/tmp/random-{args.shape}"
             write_random_checkpoint(args.shape, Path(args.model))
     rows = []
-    for stack in (["ours"] if args.no_peer else ["ours", "peer"]):
+    for stack in stacks:
         cmd = [sys.executable, __file__, "--only", stack, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--target", str(args.target), "--steps", str(args.steps), "--vocab", str(args.vocab),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup)] + (["--profile"] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not result:
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
             raise SystemExit(f"{stack} failed (exit {out.returncode})")
         rows.append(summary(json.loads(result[0][len("RESULT "):]), args.batch * args.seq))
+        if rows[-1].get("profile"):
+            print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
     table = record(rows, args)
     print(table)
     if args.record:

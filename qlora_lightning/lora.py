@@ -82,8 +82,12 @@ class _LoraLinear(nn.Module):
             out = lora_linear(x.to(self.compute_dtype), self.lora_A, self.lora_B, self.bias, self.dense_weight,
                               scaling=self.scaling, dropout_p=p)
             return out.to(x.dtype)
-        out = self.base_layer(x)
+        out = self.base_forward(x)
         return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone, without gradient tracking needs (inference), in `x`'s dtype."""
+        return self.base_layer(x)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -157,13 +161,22 @@ class LoraLinear4bit(_LoraLinear):
     def compute_dtype(self) -> torch.dtype:
         return self.base_layer.compute_dtype
 
+    def quant_state(self) -> bnb_F.QuantState:
+        """The weight's quantization state. FSDP replaces the weight by a plain tensor of the packed bytes,
+        which has none: then the copy kept on the module serves."""
+        state = getattr(self.base_layer.weight, "quant_state", None)
+        return state if state is not None else self.base_layer.quant_state
+
     def dense_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        # FSDP hands the layer a plain tensor of the packed bytes: the quant state then lives on the module.
-        state = getattr(w, "quant_state", None)
-        if state is None:
-            state = self.base_layer.quant_state
-        return bnb_F.dequantize_4bit(w.data, state).to(self.compute_dtype)
+        return bnb_F.dequantize_4bit(self.base_layer.weight.data, self.quant_state()).to(self.compute_dtype)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes' kernels (a 4-bit GEMV for single tokens), called directly: `Linear4bit.forward`
+        # would re-wrap a plain (FSDP) weight in a new parameter object behind FSDP's back.
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.base_layer.weight.t(), bias=bias,
+                              quant_state=self.quant_state())
+        return out.to(x.dtype)
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, device: torch.device | str,

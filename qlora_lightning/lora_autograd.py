@@ -66,6 +66,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
+@torch.compiler.disable  # stays eager inside compiled layers: the same dropout draws as uncompiled
 def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
                 dense_weight: Callable[[], torch.Tensor], *, scaling: float, dropout_p: float) -> torch.Tensor:
     """`x Wᵀ + b + (drop(x) Aᵀ)(s B)ᵀ` with a hand-written backward (see the module docstring).

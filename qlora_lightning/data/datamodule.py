@@ -5,12 +5,15 @@ Pipeline: load the source (`sources.py`) → pick the subset with a fixed seed (
 record once, cached → length-grouped distributed sampler (`sampler.py`) → padding collator (`tokenize.py`).
 
 Resume: Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` on restore. The
-state is the training sampler's epoch and how many samples of it this rank has consumed, counted from the
-trainer's completed batches (`fit_loop.epoch_loop.batch_progress.current.processed`: at `on_train_batch_end`,
-where `ModelCheckpoint(every_n_train_steps)` saves, it already includes the batch just trained; at
-validation and epoch-end saves it equals the batches done). The sampler's own count would be wrong because
-Lightning and DataLoader workers fetch batches ahead. The restored sampler skips those samples once, so the
-resumed run neither repeats nor skips examples.
+state is the training sampler's epoch and how many examples of it all ranks together consumed, counted from
+the trainer's completed batches (`fit_loop.epoch_loop.batch_progress.current.processed` × micro-batch ×
+world size: at `on_train_batch_end`, where `ModelCheckpoint(every_n_train_steps)` saves, it already includes
+the batch just trained; at validation and epoch-end saves it equals the batches done). The sampler's own
+count would be wrong because Lightning and DataLoader workers fetch batches ahead. The restored sampler skips
+those examples once, so the resumed run neither repeats nor skips any. As the sampler's order depends only on
+the global batch (micro-batch × accumulate_grad_batches × devices), a checkpoint saved on 2 devices resumes
+exactly on 1 with twice the accumulation; `train_dataloader` then also converts Lightning's own per-rank
+batch counters to the new micro-batches (see `_rescale_batch_progress`).
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ class InstructionDataModule(L.LightningDataModule):
             "left" keeps the end so the "### Assistant:" cue stays next to the answer.
         train_on_source: also compute the loss on the prompt; false is the paper's default (and better in
             its ablation).
-        batch_size: micro-batch per device; 16 is the 7B/13B model card's batch on one GPU.
+        batch_size: micro-batch per device; 16 is the 7B/13B model card's batch on one GPU. An epoch holds only
+            full optimizer steps of batch_size × accumulate_grad_batches × devices examples: fewer than one such
+            global batch is left out of each epoch, other examples each epoch (see `sampler.py`).
         eval_batch_size: validation micro-batch per device; no gradients, so it can match or exceed training's.
         group_by_length: batch examples of similar length (less padding, the paper's setting).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores); None
@@ -168,19 +173,22 @@ class InstructionDataModule(L.LightningDataModule):
             rank_zero_warn(skipped)
         self.train_data, self.val_data = train, val
 
-    def _rank(self) -> tuple[int, int]:
-        """(world size, global rank) from the trainer; (1, 0) outside one."""
+    def _layout(self) -> tuple[int, int, int]:
+        """(world size, global rank, accumulate_grad_batches) from the trainer; (1, 0, 1) outside one."""
         trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if trainer is None:
+            return 1, 0, 1
+        return trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
         """Training batches in the sampler's length-grouped order, continuing a restored position."""
         self._build()
         h = self.hparams
-        world_size, rank = self._rank()
+        world_size, rank, accumulate = self._layout()
         sampler = LengthGroupedSampler(
             np.asarray(self.train_data["length"]),
             h.batch_size,
+            accumulate=accumulate,
             num_replicas=world_size,
             rank=rank,
             seed=h.seed,
@@ -188,10 +196,41 @@ class InstructionDataModule(L.LightningDataModule):
             epoch_source=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
         )
         if self._resume_state is not None:
-            sampler.load_state_dict(self._resume_state)
-            self._resume_state = None
+            state, self._resume_state = self._resume_state, None
+            sampler.load_state_dict(state)
+            if self.trainer is not None:
+                self._rescale_batch_progress(state, sampler)
         self._train_sampler = sampler
         return self._loader(self.train_data, h.batch_size, sampler)
+
+    def _rescale_batch_progress(self, state: dict, sampler: LengthGroupedSampler) -> None:
+        """Convert Lightning's restored per-rank batch counters to this run's micro-batches of the same position.
+
+        Lightning restores its loops (`restore_training_state` in `Trainer._run`) after this datamodule's
+        `load_state_dict` and before `FitLoop.run` → `setup_data` calls `train_dataloader`, so the counters
+        are here and still count the checkpoint's micro-batches per rank. Resumed on another split (say micro 8
+        on 2 ranks → micro 8 × 2 accumulation on 1), those counts no longer match the data: `current.ready`
+        decides the accumulation boundary (`current.ready % accumulate_grad_batches`, `_accumulated_batches_reached`
+        in 2.6.6) and the epoch end (`current.ready == num_training_batches`), and `data_fetcher.fetched` starts
+        from it. One micro-batch on every rank consumed `batch_size × world_size` examples before and after, so
+        `current` (this epoch) is set to the restored position in new micro-batches, and the earlier epochs in
+        `total` are converted alike (whole epochs of full optimizer steps: exact). Each counter keeps its offset
+        from `processed` (e.g. `completed = processed - 1` for a save at `on_train_batch_end`), as Lightning's
+        restart logic reads those offsets. `global_step` and the optimizer/scheduler progress count optimizer
+        steps, which the split does not change, and stay.
+        """
+        old = state["batch_size"] * state["num_replicas"]
+        new = sampler.batch_size * sampler.num_replicas
+        if old == new:
+            return
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        current, total = progress.current, progress.total
+        processed = min(int(state["consumed"]), sampler.total_size) // new  # this epoch's position, new micro-batches
+        earlier = (total.processed - current.processed) * old // new
+        shifts = ((current, processed - current.processed), (total, earlier + processed - total.processed))
+        for tracker, shift in shifts:
+            for field in ("ready", "started", "processed", "completed"):
+                setattr(tracker, field, getattr(tracker, field) + shift)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order ([] when there is no validation data)."""
@@ -222,21 +261,27 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        """The data position for resume: sampler settings, `epoch`, and `consumed` samples of it on this rank."""
+        """The data position for resume: sampler settings, `epoch`, and `consumed` examples of it on all ranks.
+
+        Lightning calls this on every rank and saves rank 0's; every rank has processed as many batches, so
+        all compute the same global count.
+        """
         if self._train_sampler is None or self.trainer is None:
             return {}  # not training: there is no position to keep
         loop = self.trainer.fit_loop
         epoch = max(loop.epoch_progress.current.started - 1, 0)
-        consumed = loop.epoch_loop.batch_progress.current.processed * self.hparams.batch_size
-        return self._train_sampler.state_dict(epoch=epoch, consumed=min(consumed, len(self._train_sampler)))
+        processed = loop.epoch_loop.batch_progress.current.processed
+        consumed = processed * self.hparams.batch_size * self.trainer.world_size
+        return self._train_sampler.state_dict(epoch=epoch, consumed=consumed)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the data position; the next training dataloader starts right after it."""
+        """Keep the data position to restore; the next training dataloader starts right after it.
+
+        It is applied there, not here, because Lightning restores its loop counters after this call and
+        `train_dataloader` may have to convert them (see `_rescale_batch_progress`).
+        """
         if not state:
             return
         self._resume_state = dict(state)
-        if self._train_sampler is not None:
-            self._train_sampler.load_state_dict(self._resume_state)
-            self._resume_state = None
         # Lightning checks only the DataLoader for resumability and would warn that this resume is unreliable.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

@@ -166,12 +166,13 @@ def test_ranks_get_equal_disjoint_shares_from_the_trainer(dm_args, write_jsonl, 
     dm = setup_dm(**{**dm_args, "dataset": str(write_jsonl(orca_records(23))), "val_size": 0})
     shares = []
     for rank in range(2):
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0, accumulate_grad_batches=1)
         share = []
         for b in dm.train_dataloader():
             share += [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(b["input_ids"], b["attention_mask"])]
         shares.append(share)
-    assert len(shares[0]) == len(shares[1]) == 11 and not set(shares[0]) & set(shares[1])
+    # full optimizer steps only: 23 // (4 × 2) = 2 steps of 8 examples, 4 to each rank
+    assert len(shares[0]) == len(shares[1]) == 8 and not set(shares[0]) & set(shares[1])
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -243,7 +244,7 @@ def test_skip_drops_bad_records_and_warns_once(dm_args, write_jsonl):
     messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith("skipped 3 bad records") and str(path) in messages[0]
     assert len(dm.train_data) + len(dm.val_data) == 7
-    assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_data)
+    assert sum(b["input_ids"].shape[0] for b in dm.train_dataloader()) == len(dm.train_data) // 4 * 4  # full batches
     with pytest.raises(BadRecordError, match=r"line 2: malformed JSON.*\(2 more bad records\)"):
         setup_dm(**{**dm_args, "dataset": str(path), "val_size": 1})
     only_bad = write_jsonl(["{oops", {"question": 3}], "bad.jsonl")
@@ -291,10 +292,12 @@ class Recorder(L.LightningModule):
         super().__init__()
         self.lin = torch.nn.Linear(1, 1)
         self.seen: list[tuple[int, ...]] = []
+        self.step_of: list[int] = []  # the optimizer step each example of `seen` went into
 
     def training_step(self, batch, batch_idx):
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
             self.seen.append(tuple(ids[mask.bool()].tolist()))
+            self.step_of.append(self.trainer.global_step)
         x = batch["input_ids"].float().mean(dim=1, keepdim=True)
         return (self.lin(x / 1000) ** 2).mean()
 
@@ -317,7 +320,7 @@ def make_dm(tmp_path, write_jsonl, orca_records, smollm2_tokenizer):
     return make
 
 
-def _fit(dm, tmp_path, name, max_steps, accumulate=1, ckpt_path=None, callbacks=(), **trainer_kw):
+def _train(dm, tmp_path, name, max_steps, accumulate=1, ckpt_path=None, callbacks=(), **trainer_kw):
     model = Recorder()
     trainer = L.Trainer(
         default_root_dir=tmp_path / name, max_steps=max_steps, accumulate_grad_batches=accumulate,
@@ -325,7 +328,19 @@ def _fit(dm, tmp_path, name, max_steps, accumulate=1, ckpt_path=None, callbacks=
         num_sanity_val_steps=0, **{"enable_checkpointing": bool(callbacks), **trainer_kw},
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return model.seen
+    return model, trainer
+
+
+def _fit(*args, **kwargs):
+    return _train(*args, **kwargs)[0].seen
+
+
+def _steps(model):
+    """The examples of each optimizer step (sorted: the split into micro-batches may order them otherwise)."""
+    steps: dict[int, list] = {}
+    for step, example in zip(model.step_of, model.seen):
+        steps.setdefault(step, []).append(example)
+    return [sorted(steps[k]) for k in sorted(steps)]
 
 
 # 64 training examples / batch 4 = 16 batches per epoch; runs cover 2+ epochs and resume in epoch 0 or 1.
@@ -370,11 +385,38 @@ def test_resume_from_validation_and_epoch_end_checkpoints(make_dm, tmp_path, num
     assert first[:64] + second[:16] + third == full
 
 
+# 64 examples, global batch 8 = 8 steps per epoch; 20 steps cover 2.5 epochs.
+@pytest.mark.parametrize(
+    "saved, resumed, resume_step",
+    [((4, 2), (2, 4), 3), ((2, 4), (8, 1), 8), ((8, 1), (4, 2), 11)],
+    ids=["mid-epoch0", "epoch-boundary", "mid-epoch1"],
+)
+def test_resume_on_another_micro_batch_split_sees_the_same_steps(make_dm, tmp_path, saved, resumed, resume_step):
+    """Saved with (micro-batch, accumulation) `saved`, resumed with `resumed` of the same global batch (what a
+    change of device count does per device): every optimizer step sees the uninterrupted run's examples, and
+    Lightning's batch counters end as that run's (they were converted to the new micro-batches)."""
+    (micro, accumulate), (new_micro, new_accumulate) = saved, resumed
+    full, full_trainer = _train(make_dm(batch_size=new_micro), tmp_path, "full", 20, new_accumulate)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=resume_step)
+    first, _ = _train(make_dm(batch_size=micro), tmp_path, "first", resume_step, accumulate, callbacks=[ckpt])
+    second, trainer = _train(make_dm(batch_size=new_micro), tmp_path, "second", 20, new_accumulate,
+                             ckpt_path=tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    assert len(_steps(full)) == 20 and all(len(step) == 8 for step in _steps(full))
+    assert _steps(first) == _steps(full)[:resume_step]
+    assert _steps(second) == _steps(full)[resume_step:]
+    assert (trainer.global_step, trainer.current_epoch) == (full_trainer.global_step, full_trainer.current_epoch)
+    # every loop counter (batch progress included) as the uninterrupted run's, but for `epoch_progress`, which
+    # Lightning 2.6 itself leaves one short in `ready`/`started` after resuming at an epoch end, whatever the split
+    resumed_loops, full_loops = trainer.fit_loop.state_dict(), full_trainer.fit_loop.state_dict()
+    del resumed_loops["epoch_progress"], full_loops["epoch_progress"]
+    assert resumed_loops == full_loops
+
+
 def test_resume_rejects_changed_settings(make_dm, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
     _fit(make_dm(), tmp_path, "first", 3, callbacks=[ckpt])
     state = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)["InstructionDataModule"]
-    assert state == {"epoch": 0, "consumed": 12, "seed": 42, "num_replicas": 1, "batch_size": 4, "num_examples": 64,
-                     "group_by_length": True}
-    with pytest.raises(ValueError, match=r"batch_size: 4 -> 8.*same data, seed, batch size and devices"):
+    assert state == {"epoch": 0, "consumed": 12, "global_batch": 4, "seed": 42, "num_examples": 64,
+                     "group_by_length": True, "num_replicas": 1, "batch_size": 4, "accumulate": 1}
+    with pytest.raises(ValueError, match=r"global_batch: 4 -> 8\).*same data, seed and global batch"):
         _fit(make_dm(batch_size=8), tmp_path, "second", 6, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")

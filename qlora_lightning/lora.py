@@ -310,6 +310,11 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str] = "all-lin
     return names
 
 
+def unwrapped_name(name: str) -> str:
+    """A module name as in the unwrapped model: FSDP inserts `_fsdp_wrapped_module.` levels."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
 def lora_layers(model: nn.Module) -> dict[str, _LoraLinear]:
-    """All LoRA layers of `model`, by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _LoraLinear)}
+    """All LoRA layers of `model`, by module name (as in the unwrapped model, also under FSDP)."""
+    return {unwrapped_name(n): m for n, m in model.named_modules() if isinstance(m, _LoraLinear)}

@@ -24,7 +24,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from .checkpoint import AtomicCheckpointIO, export_adapter, is_adapter_key, load_adapter_into, peft_adapter_config
+from .checkpoint import (AtomicCheckpointIO, adapter_state_dict, is_adapter_key, load_adapter_into, peft_adapter_config,
+                         save_peft_adapter, to_peft_keys)
 from .fsdp import check_shardable
 from .model import LoraSpec, QuantSpec, load_model
 from .tokenizer import load_tokenizer
@@ -252,14 +253,25 @@ class QLoRAModule(LightningModule):
         checkpoint["rng_state"] = self._train_rng if self._train_rng is not None else self._rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint holds exactly this model's adapters; the RNG stream resumes at the next batch."""
+        """Check the checkpoint holds exactly this model's adapters; the RNG stream resumes at the next batch.
+
+        Under FSDP, Lightning has loaded (and removed) the tensors before this hook: the adapter config
+        saved beside them (rank, scale, target layers) is checked instead.
+        """
         self.configure_model()
-        ours = {f"model.{k}" for k in self.model.state_dict() if is_adapter_key(k)}
-        theirs = set(checkpoint["state_dict"])
-        if ours != theirs:
-            missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-            raise KeyError(f"checkpoint adapters do not match the model (different lora/quant config?): "
-                           f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        saved = checkpoint.get("peft_adapter_config", {})
+        ours_config = self.adapter_config()
+        changed = [f"{k}: {saved[k]!r} -> {ours_config[k]!r}" for k in ("r", "lora_alpha", "target_modules")
+                   if k in saved and saved[k] != ours_config[k]]
+        if changed:
+            raise KeyError(f"checkpoint adapters do not match the model: {'; '.join(changed)}")
+        if "state_dict" in checkpoint:
+            ours = set(adapter_state_dict(self.model, prefix="model."))
+            theirs = set(checkpoint["state_dict"])
+            if ours != theirs:
+                missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
+                raise KeyError(f"checkpoint adapters do not match the model (different lora/quant config?): "
+                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
         self._train_rng = checkpoint.get("rng_state")
 
     def on_fit_start(self) -> None:
@@ -271,7 +283,8 @@ class QLoRAModule(LightningModule):
     def on_fit_end(self) -> None:
         """Export the final adapter as a PEFT folder `<log dir>/adapter`."""
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # a collective: all ranks
+        # The strategy's state dict: under FSDP the sharded adapters are gathered on rank 0 (a collective).
+        state = self.trainer.strategy.lightning_module_state_dict()
         if self.trainer.is_global_zero:
-            export_adapter(self.model, folder, base_model=self.base_model, r=self.lora.r, alpha=self.lora.alpha,
-                           dropout=self.lora.dropout)
+            save_peft_adapter(folder, to_peft_keys(state, prefix="model."), self.adapter_config())
             print(f"final adapter written to {folder}")

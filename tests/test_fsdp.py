@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_lightning.checkpoint import is_adapter_key
@@ -61,7 +62,11 @@ def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"] and all(is_adapter_key(k) for k in state["state_dict"])
-    assert (tmp_path / "checkpoints" / "last" / "adapter_model.safetensors").is_file()
+    last_adapter = load_file(tmp_path / "checkpoints" / "last" / "adapter_model.safetensors")
+    (final,) = tmp_path.glob("lightning_logs/version_*/adapter/adapter_model.safetensors")
+    final_adapter = load_file(final)  # written at the end of fit from the adapters gathered over both GPUs
+    assert final_adapter.keys() == last_adapter.keys()
+    assert all(torch.equal(final_adapter[k], last_adapter[k]) for k in last_adapter)
 
     # Same global batch on one GPU: micro-batch 2 × accumulation 2 × 1 device = 2 × 1 × 2.
     one = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=6, every=2, trainer__devices=1,

@@ -79,15 +79,12 @@ def reset_peak() -> None:
 def run_ours(args, compile_layers: bool = False) -> dict:
     import lightning as L
 
-    from lightning.pytorch.strategies import FSDPStrategy
-
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
-    from qlora_lightning.fsdp import decoder_layer_policy
+    from qlora_lightning.fsdp import QLoRAFSDPStrategy
     from qlora_lightning.model import LoraSpec, QuantSpec
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
-    strategy = FSDPStrategy(auto_wrap_policy=decoder_layer_policy, sharding_strategy="FULL_SHARD") \
-        if args.strategy == "fsdp" else args.strategy
+    strategy = QLoRAFSDPStrategy(sharding_strategy="FULL_SHARD") if args.strategy == "fsdp" else args.strategy
     module = QLoRAModule(args.model, quant=quant, lora=LoraSpec(r=64, alpha=16, dropout=0.1),
                          compile_layers=compile_layers)
     t0 = time.perf_counter()

@@ -1,33 +1,133 @@
-"""FSDP for QLoRA: one shard unit per decoder layer, and the one storage rule 4-bit weights must follow.
+"""FSDP for QLoRA: shard units that keep the frozen 4-bit weights apart, and adapter-only checkpoints.
 
-FSDP (Lightning's `FSDPStrategy`, FSDP1 with `use_orig_params=True`, its default) flattens each unit's
-parameters into one buffer of a single dtype and shards it across ranks. The packed NF4 bytes are a
-parameter like any other there, so they must be *stored* in the dtype of the LoRA weights and norms
-(`quant.quant_storage: bfloat16`; the bytes are reinterpreted, never converted), and the layers must
-find their quantization state without the parameter subclass that FSDP replaces by plain views
-(`LoraLinear4bit` keeps it on the module). `configs/fsdp.yaml` sets all of this up.
+FSDP (FSDP1 through Lightning's `FSDPStrategy`, `use_orig_params=True`) flattens each shard unit's
+parameters into one buffer of a single dtype, shards it across ranks, and gives every unit that holds a
+trainable parameter a gradient buffer as large as the unit. So:
+- each frozen base linear (`FrozenLinear`) is its own unit, with no gradient buffer, and each decoder
+  layer a unit around it holding the LoRA factors and norms: gradients cost the adapters' size, not the
+  model's (`decoder_layer_policy`);
+- the packed NF4 bytes are stored in the compute dtype (`quant.quant_storage: bfloat16`): FSDP's mixed
+  precision casts parameters to bf16, which must be a no-op on them (`check_shardable`);
+- checkpoints hold the adapters only: `QLoRAFSDPStrategy` gathers those one unit at a time onto rank 0 and
+  loads them back into the shards, where Lightning's full state dict would gather and expect every weight.
+`configs/fsdp.yaml` sets all of this up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .checkpoint import is_adapter_key
+from .lora import FrozenLinear, unwrapped_name
 from .model import QuantSpec
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    """FSDP auto-wrap policy: each decoder layer of any transformers model becomes its own shard unit.
-
-    Per-layer units are what lets a rank hold only one layer's full weights at a time; transformers marks
-    its decoder layers with `GradientCheckpointingLayer`, so no model class needs naming in the config.
-    """
-    return recurse or isinstance(module, GradientCheckpointingLayer)
+    """FSDP auto-wrap policy: every decoder layer of any transformers model (they are marked by
+    `GradientCheckpointingLayer`) and, inside it, every frozen base linear is a shard unit."""
+    return recurse or isinstance(module, (GradientCheckpointingLayer, FrozenLinear))
 
 
 def check_shardable(quant: QuantSpec) -> None:
-    """Raise unless the packed 4-bit weights are stored in the compute dtype, as FSDP's flat buffers need."""
+    """Raise unless the packed 4-bit weights are stored in the compute dtype, as FSDP's buffers need."""
     if quant.quantize != "none" and quant.quant_storage != quant.compute_dtype:
         raise ValueError(
-            f"FSDP shards each layer's parameters as one buffer of one dtype: set model.quant.quant_storage to "
+            f"FSDP casts shard buffers to the compute dtype: set model.quant.quant_storage to "
             f"{quant.compute_dtype!r} (the compute dtype), not {quant.quant_storage!r} (see configs/fsdp.yaml)")
+
+
+def _units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
+    """(name without FSDP's wrapper levels, unit) of every FSDP unit, in the same order on every rank."""
+    for name, module in model.named_modules():
+        if isinstance(module, FSDP):
+            yield (unwrapped_name(name + ".") if name else ""), module
+
+
+def _owned_adapters(prefix: str, unit: FSDP) -> Iterator[tuple[str, nn.Parameter]]:
+    """(full key, parameter) of the LoRA tensors a unit holds itself (not those of units nested in it)."""
+    stack = [("", unit.module)]
+    while stack:
+        path, module = stack.pop()
+        for name, p in module.named_parameters(recurse=False):
+            key = unwrapped_name(prefix + path + name)
+            if is_adapter_key(key):
+                yield key, p
+        stack += [(f"{path}{n}.", c) for n, c in module.named_children() if not isinstance(c, FSDP)]
+
+
+def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a FSDP model on rank 0 (CPU), gathered one unit at a time; `{}` on other ranks.
+
+    A collective: every rank must call it."""
+    state = {}
+    for prefix, unit in _units(model):
+        if not any(True for _ in _owned_adapters(prefix, unit)):
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
+            if rank == 0:
+                state.update((k, p.detach().to("cpu", copy=True)) for k, p in _owned_adapters(prefix, unit))
+    return state
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy LoRA tensors (full, on every rank) into a FSDP model's shards, one unit at a time.
+
+    Raises `KeyError` naming the tensors the checkpoint lacks or the model lacks. A collective."""
+    found = set()
+    for prefix, unit in _units(model):
+        if not any(True for _ in _owned_adapters(prefix, unit)):
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=True):
+            for key, p in _owned_adapters(prefix, unit):
+                if key not in state:
+                    raise KeyError(f"the checkpoint lacks adapter tensor {key} (different lora config?)")
+                p.copy_(state[key])
+                found.add(key)
+    if unexpected := sorted(set(state) - found):
+        raise KeyError(f"the checkpoint holds adapter tensors the model lacks: {unexpected[:4]}")
+
+
+class QLoRAFSDPStrategy(FSDPStrategy):
+    """Lightning's `FSDPStrategy` with QLoRA's shard units and adapter-only checkpoints.
+
+    Arguments as `FSDPStrategy`; `auto_wrap_policy` defaults to `decoder_layer_policy`. Checkpoints are
+    single files (`state_dict_type="full"`, so `AtomicCheckpointIO` writes them and their PEFT folders)
+    with the adapters gathered on rank 0 and the optimizer state in the same full form, so they resume on
+    any number of devices.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_wrap_policy", decoder_layer_policy)
+        if kwargs.setdefault("state_dict_type", "full") != "full":
+            raise ValueError("QLoRAFSDPStrategy writes adapter-only single-file checkpoints: state_dict_type must be 'full'")
+        super().__init__(*args, **kwargs)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return gather_adapters(self.model, self.global_rank)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
+        load_adapters(self.model, {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)})
+        states = checkpoint.get("optimizer_states")
+        if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            # Saved by rank 0 keyed by parameter order; every rank takes its own shard of it.
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
+                                      FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+                for optimizer, state in zip(self.optimizers, states, strict=True):
+                    if isinstance(next(iter(state["state"]), None), int):
+                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
+        return checkpoint

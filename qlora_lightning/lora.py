@@ -37,6 +37,69 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, drop
     return (x @ lora_A.t()) @ (lora_B.t() * scaling)
 
 
+class FrozenLinear:
+    """The frozen base of a LoRA layer (mixed into a linear class): `forward(x)` is the plain frozen
+    layer; `forward(x, lora=layer)` runs the LoRA layer's fused training path (`lora_autograd`).
+
+    The LoRA layer calls its base as a module rather than reading its weight, because FSDP gathers a
+    shard unit's weights when the unit is called: so each frozen base can be its own unit, and a unit
+    of frozen weights only gets no gradient buffer (`fsdp.decoder_layer_policy`).
+    """
+
+    compute_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor, lora: "_LoraLinear | None" = None) -> torch.Tensor:
+        if lora is None:
+            return self.frozen_forward(x)
+        p = lora.lora_dropout.p if lora.training and isinstance(lora.lora_dropout, nn.Dropout) else 0.0
+        out = lora_linear(x.to(self.compute_dtype), lora.lora_A, lora.lora_B, self.bias, self.dense_weight,
+                          scaling=lora.scaling, dropout_p=p)
+        return out.to(x.dtype)
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone, in `x`'s dtype."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense (out × in) tensor in the compute dtype (dequantized if 4-bit)."""
+        raise NotImplementedError
+
+
+class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
+    """A frozen bitsandbytes 4-bit linear layer (NF4/FP4) that also runs the fused LoRA path."""
+
+    def weight_quant_state(self) -> bnb_F.QuantState:
+        """The weight's quantization state. FSDP replaces the weight by a plain tensor of the packed bytes,
+        which has none: then the copy kept on the module (`quant_state`, as bitsandbytes keeps it) serves."""
+        state = getattr(self.weight, "quant_state", None)
+        return state if state is not None else self.quant_state
+
+    def dense_weight(self) -> torch.Tensor:
+        return bnb_F.dequantize_4bit(self.weight.data, self.weight_quant_state()).to(self.compute_dtype)
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes' kernels (a 4-bit GEMV for single tokens), called directly: `Linear4bit.forward`
+        # would re-wrap a plain (FSDP) weight in a new parameter object behind FSDP's back.
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), bias=bias,
+                              quant_state=self.weight_quant_state())
+        return out.to(x.dtype)
+
+
+class FrozenLinear16bit(FrozenLinear, nn.Linear):
+    """A frozen plain linear layer (the 16-bit LoRA baseline's base) that also runs the fused LoRA path."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
+
+
 class _LoraLinear(nn.Module):
     """Shared LoRA part: holds `base_layer` (frozen) and `lora_A`/`lora_B` (trainable).
 
@@ -78,29 +141,13 @@ class _LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            out = lora_linear(x.to(self.compute_dtype), self.lora_A, self.lora_B, self.bias, self.dense_weight,
-                              scaling=self.scaling, dropout_p=p)
-            return out.to(x.dtype)
-        out = self.base_forward(x)
+            return self.base_layer(x, lora=self)  # the fused training path, run by the base (see `FrozenLinear`)
+        out = self.base_layer(x)
         return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen layer alone, without gradient tracking needs (inference), in `x`'s dtype."""
-        return self.base_layer(x)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the base matmul runs in (bf16 in the paper)."""
-        raise NotImplementedError
-
-    def dense_weight(self) -> torch.Tensor:
-        """The frozen base weight as a dense (out × in) tensor in the compute dtype (dequantized if 4-bit)."""
-        raise NotImplementedError
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a dense bf16 (out × in) tensor, for merging and export."""
-        return self.dense_weight().detach().to(torch.bfloat16)
+        return self.base_layer.dense_weight().detach().to(torch.bfloat16)
 
     def delta_weight(self) -> torch.Tensor:
         """`B @ A * scaling` in fp32: what the adapter adds to the base weight."""
@@ -137,9 +184,9 @@ class LoraLinear4bit(_LoraLinear):
                  quant_storage: torch.dtype = torch.uint8, device: torch.device | str | None = None) -> None:
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-        base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
-                                 compress_statistics=double_quant, quant_type=quant_type,
-                                 quant_storage=quant_storage, device="meta")
+        base = FrozenLinear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                                compress_statistics=double_quant, quant_type=quant_type,
+                                quant_storage=quant_storage, device="meta")
         super().__init__(base, in_features, out_features, r=r, alpha=alpha, dropout=dropout,
                          lora_dtype=lora_dtype, device=device)
         self.quant_type, self.double_quant = quant_type, double_quant
@@ -157,41 +204,20 @@ class LoraLinear4bit(_LoraLinear):
                                            quant_storage=base.weight.quant_storage)
         return layer
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.base_layer.compute_dtype
-
-    def quant_state(self) -> bnb_F.QuantState:
-        """The weight's quantization state. FSDP replaces the weight by a plain tensor of the packed bytes,
-        which has none: then the copy kept on the module serves."""
-        state = getattr(self.base_layer.weight, "quant_state", None)
-        return state if state is not None else self.base_layer.quant_state
-
-    def dense_weight(self) -> torch.Tensor:
-        return bnb_F.dequantize_4bit(self.base_layer.weight.data, self.quant_state()).to(self.compute_dtype)
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # bitsandbytes' kernels (a 4-bit GEMV for single tokens), called directly: `Linear4bit.forward`
-        # would re-wrap a plain (FSDP) weight in a new parameter object behind FSDP's back.
-        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.base_layer.weight.t(), bias=bias,
-                              quant_state=self.quant_state())
-        return out.to(x.dtype)
-
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, device: torch.device | str,
                     quant_type: Literal["nf4", "fp4"] = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16,
-                    quant_storage: torch.dtype = torch.uint8) -> bnb.nn.Linear4bit:
-    """A frozen `bnb.nn.Linear4bit` holding `weight` quantized on `device` (blocksize 64, as the paper).
+                    quant_storage: torch.dtype = torch.uint8) -> "FrozenLinear4bit":
+    """A frozen 4-bit linear layer (`FrozenLinear4bit`) holding `weight` quantized on `device` (blocksize 64, as the paper).
 
     The weight is cast to `compute_dtype` first, as transformers' own 4-bit loading does, so both give
     the same NF4 bytes.
     """
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type=quant_type,
-                              quant_storage=quant_storage, device="meta")
+    layer = FrozenLinear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                             compress_statistics=double_quant, quant_type=quant_type,
+                             quant_storage=quant_storage, device="meta")
     layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype), requires_grad=False,
                                      blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
                                      quant_type=quant_type, quant_storage=quant_storage).to(device)
@@ -210,7 +236,7 @@ class LoraLinear16bit(_LoraLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, r: int = 64, alpha: float = 16,
                  dropout: float = 0.1, compute_dtype: torch.dtype = torch.bfloat16,
                  lora_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
-        base = nn.Linear(in_features, out_features, bias=bias, dtype=compute_dtype, device=device)
+        base = FrozenLinear16bit(in_features, out_features, bias=bias, dtype=compute_dtype, device=device)
         super().__init__(base, in_features, out_features, r=r, alpha=alpha, dropout=dropout,
                          lora_dtype=lora_dtype, device=device)
 
@@ -230,13 +256,6 @@ class LoraLinear16bit(_LoraLinear):
         layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=device))
         layer.reset_lora_parameters()
         return layer
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.base_layer.weight.dtype
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
 
 LoraLinear = _LoraLinear  # public name for isinstance checks over both kinds

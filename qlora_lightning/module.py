@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from .checkpoint import (AtomicCheckpointIO, adapter_state_dict, is_adapter_key, load_adapter_into, peft_adapter_config,
                          save_peft_adapter, to_peft_keys)
-from .fsdp import check_shardable
+from .fsdp import QLoRAFSDPStrategy, check_shardable
 from .model import LoraSpec, QuantSpec, load_model
 from .tokenizer import load_tokenizer
 
@@ -99,6 +99,9 @@ class QLoRAModule(LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            if not isinstance(self.trainer.strategy, QLoRAFSDPStrategy):
+                raise ValueError("use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
+                                 "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones")
             check_shardable(self.quant)
         self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device,
                                 gradient_checkpointing=self.gradient_checkpointing, with_tokenizer=False,

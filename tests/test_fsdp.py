@@ -8,24 +8,83 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_lightning.checkpoint import is_adapter_key
 from qlora_lightning.cli import run_lightning_cli
-from qlora_lightning.fsdp import check_shardable, decoder_layer_policy
-from qlora_lightning.model import QuantSpec
+from qlora_lightning.fsdp import QLoRAFSDPStrategy, check_shardable, decoder_layer_policy, gather_adapters, load_adapters
+from qlora_lightning.model import LoraSpec, QuantSpec, load_model
 from test_cli import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_policy_makes_each_decoder_layer_a_unit():
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                         vocab_size=64)
-    model = LlamaForCausalLM(config)
+def test_policy_wraps_decoder_layers_and_frozen_bases_apart(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir), quant=QuantSpec(compute_dtype="float32"), lora=LoraSpec(r=4),
+                       with_tokenizer=False).model
     wrapped = [n for n, m in model.named_modules() if decoder_layer_policy(m, recurse=False, nonwrapped_numel=0)]
-    assert wrapped == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    layers = [n for n in wrapped if n.count(".") == 2]
+    assert layers == ["model.layers.0", "model.layers.1"]
+    bases = [n for n in wrapped if n not in layers]
+    assert len(bases) == 2 * 7 and all(n.endswith(".base_layer") for n in bases)  # the head stays with the root
     assert decoder_layer_policy(model, recurse=True, nonwrapped_numel=0)  # always look inside
+
+
+def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
+    """One of 2 CPU processes: FSDP (FULL_SHARD, gloo) against the unwrapped model on the same batch."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from qlora_lightning.checkpoint import adapter_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = load_model(folder, quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
+                       lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False).model
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref_loss = model(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    ref = adapter_state_dict(model)
+    model.zero_grad(set_to_none=True)
+
+    wrapped = FSDP(model, auto_wrap_policy=decoder_layer_policy, use_orig_params=True, device_id=torch.device("cpu"))
+    loss = wrapped(input_ids=ids, labels=ids).loss
+    loss.backward()
+    frozen_units_with_grads = [n for n, m in wrapped.named_modules() if isinstance(m, FSDP) and
+                               m._handle is not None and not m._handle.flat_param.requires_grad and
+                               m._handle.flat_param.grad is not None]
+    gathered = gather_adapters(wrapped, rank)
+    fresh = {k: torch.full_like(v, 0.5) for k, v in ref.items()}
+    load_adapters(wrapped, fresh)
+    reloaded = gather_adapters(wrapped, rank)
+    with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
+        grads_close = all(torch.allclose(p.grad, ref_grads[k.replace("_fsdp_wrapped_module.", "")], atol=1e-6)
+                          for k, p in wrapped.named_parameters() if p.requires_grad and p.grad is not None)
+    if rank == 0:
+        results.put({"loss": (loss.item(), ref_loss.item()), "frozen_units_with_grads": frozen_units_with_grads,
+                     "gathered": gathered.keys() == ref.keys() and all(torch.equal(gathered[k], ref[k]) for k in ref),
+                     "reloaded": reloaded.keys() == ref.keys() and all(torch.equal(reloaded[k], fresh[k]) for k in ref),
+                     "grads_close": grads_close, "frozen_units": sum(isinstance(m, FSDP) for m in wrapped.modules())})
+    dist.destroy_process_group()
+
+
+def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_llama_dir):
+    """Sharded (2 gloo ranks): same loss as unwrapped, no gradient buffers for frozen units, and the
+    adapters gathered on rank 0 and loaded back into the shards exactly."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    torch.multiprocessing.start_processes(_fsdp_rank, args=(str(tiny_llama_dir), 29517, results), nprocs=2,
+                                          start_method="spawn")
+    r = results.get(timeout=10)
+    assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-6)
+    assert r["frozen_units"] > 2 * 7 and r["frozen_units_with_grads"] == []
+    assert r["gathered"] and r["reloaded"] and r["grads_close"]
 
 
 def test_packed_weights_must_be_stored_in_the_compute_dtype():
@@ -36,7 +95,6 @@ def test_packed_weights_must_be_stored_in_the_compute_dtype():
 
 
 def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
-    from lightning.pytorch.strategies import FSDPStrategy
     from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
     # Lightning refuses FSDP without a GPU when the trainer is built; this test only checks the parse.
@@ -44,7 +102,7 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     cli = run_lightning_cli(["--config", str(REPO / "configs" / "70b.yaml"), "--config", str(REPO / "configs" / "fsdp.yaml"),
                              "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)], run=False)
     strategy = cli.trainer.strategy
-    assert isinstance(strategy, FSDPStrategy)
+    assert isinstance(strategy, QLoRAFSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"] is decoder_layer_policy and strategy.kwargs["use_orig_params"]
     assert cli.model.quant.quant_storage == cli.model.quant.compute_dtype == "bfloat16"
     assert cli.model.lora.r == 64  # the 70B recipe itself is untouched

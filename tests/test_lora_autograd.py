@@ -65,9 +65,9 @@ def test_dropout_drops_the_lora_input_only():
     x = torch.randn(4, 64)
     with torch.no_grad():
         base = layer.base_layer(x)
-    out = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.dense_weight, scaling=layer.scaling, dropout_p=0.999999)
+    out = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.base_layer.dense_weight, scaling=layer.scaling, dropout_p=0.999999)
     assert torch.allclose(out, base, atol=1e-5)
-    no_drop = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.dense_weight, scaling=layer.scaling, dropout_p=0.0)
+    no_drop = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.base_layer.dense_weight, scaling=layer.scaling, dropout_p=0.0)
     assert not torch.allclose(no_drop, base, atol=1e-3)
 
 
@@ -105,4 +105,4 @@ def test_a_trainable_base_bias_is_refused():
     layer = make_layer("16bit", "cpu", torch.float32, 0.0)
     bias = nn.Parameter(torch.zeros(48))
     with pytest.raises(ValueError, match="bias must be frozen"):
-        lora_linear(torch.randn(2, 64), layer.lora_A, layer.lora_B, bias, layer.dense_weight, scaling=1.0, dropout_p=0.0)
+        lora_linear(torch.randn(2, 64), layer.lora_A, layer.lora_B, bias, layer.base_layer.dense_weight, scaling=1.0, dropout_p=0.0)

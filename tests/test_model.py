@@ -8,12 +8,11 @@ import subprocess
 import sys
 import textwrap
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit
+from qlora_lightning.lora import FrozenLinear4bit, LoraLinear4bit, LoraLinear16bit
 from qlora_lightning.model import LoraSpec, QuantSpec, load_model
 from qlora_testing import make_tiny_llama, requires_cuda
 
@@ -71,7 +70,7 @@ def test_tied_embeddings_and_16bit_mode(tmp_path):
 def test_target_subset_and_errors(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir), lora=LoraSpec(target_modules=("q_proj", "v_proj")), with_tokenizer=False)
     assert len(loaded.lora_modules) == 4
-    assert type(loaded.model.model.layers[0].mlp.up_proj) is bnb.nn.Linear4bit  # 4-bit, without LoRA
+    assert type(loaded.model.model.layers[0].mlp.up_proj) is FrozenLinear4bit  # 4-bit, without LoRA
     with pytest.raises(ValueError, match="matches no linear layer"):
         load_model(str(tiny_llama_dir), lora=LoraSpec(target_modules=("query_key_value",)), with_tokenizer=False)
     (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())

@@ -53,6 +53,13 @@ def _units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
             yield (unwrapped_name(name + ".") if name else ""), module
 
 
+def _init_root(model: FSDP) -> None:
+    """Let FSDP set up the whole tree from its root (first use), which it must before any nested unit is
+    used on its own: summoning the root's own parameters (embeddings, head) does that and nothing else."""
+    with FSDP.summon_full_params(model, recurse=False, writeback=False):
+        pass
+
+
 def _owned_adapters(prefix: str, unit: FSDP) -> Iterator[tuple[str, nn.Parameter]]:
     """(full key, parameter) of the LoRA tensors a unit holds itself (not those of units nested in it)."""
     stack = [("", unit.module)]
@@ -69,6 +76,7 @@ def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a FSDP model on rank 0 (CPU), gathered one unit at a time; `{}` on other ranks.
 
     A collective: every rank must call it."""
+    _init_root(model)
     state = {}
     for prefix, unit in _units(model):
         if not any(True for _ in _owned_adapters(prefix, unit)):
@@ -84,6 +92,7 @@ def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy LoRA tensors (full, on every rank) into a FSDP model's shards, one unit at a time.
 
     Raises `KeyError` naming the tensors the checkpoint lacks or the model lacks. A collective."""
+    _init_root(model)
     found = set()
     for prefix, unit in _units(model):
         if not any(True for _ in _owned_adapters(prefix, unit)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,31 +109,46 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     assert cli.model.lora.r == 64  # the 70B recipe itself is untouched
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
-    gpu = dict(trainer__accelerator="cuda", trainer__precision="bf16-true", model__quant__compute_dtype="bfloat16",
-               config=REPO / "configs" / "fsdp.yaml")
-    two = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=4, every=2, trainer__devices=2, **gpu),
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
+    """FSDP on 2 processes to step 4 (checkpoints every 2), then resume `last` on 1 process at the same global
+    batch (micro-batch 2 × accumulation 2) to step 6; checks the files and the adapters along the way."""
+    fsdp = dict(config=REPO / "configs" / "fsdp.yaml", **device)
+
+    def args(**extra):
+        return [sys.executable, str(script)] + cli_args(base, tmp_path, **extra, **fsdp)[2:]
+
+    two = subprocess.run(args(max_steps=4, every=2, trainer__devices=2), capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"] and all(is_adapter_key(k) for k in state["state_dict"])
+    assert state["optimizer_states"][0]["state"], "no optimizer state saved"
     last_adapter = load_file(tmp_path / "checkpoints" / "last" / "adapter_model.safetensors")
     (final,) = tmp_path.glob("lightning_logs/version_*/adapter/adapter_model.safetensors")
-    final_adapter = load_file(final)  # written at the end of fit from the adapters gathered over both GPUs
+    final_adapter = load_file(final)  # written at the end of fit from the adapters gathered over both ranks
     assert final_adapter.keys() == last_adapter.keys()
     assert all(torch.equal(final_adapter[k], last_adapter[k]) for k in last_adapter)
 
-    # Same global batch on one GPU: micro-batch 2 × accumulation 2 × 1 device = 2 × 1 × 2.
-    one = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=6, every=2, trainer__devices=1,
-                                  trainer__accumulate_grad_batches=2, **gpu) + ["--ckpt_path", "last"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    one = subprocess.run(args(max_steps=6, every=2, trainer__devices=1, trainer__accumulate_grad_batches=2)
+                         + ["--ckpt_path", "last"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "Restored all states" in one.stderr + one.stdout
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
     moved = [k for k in state["state_dict"] if not torch.equal(state["state_dict"][k], resumed["state_dict"][k])]
     assert moved, "the adapters did not train after the resume"
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
+    fsdp_save_on_two_resume_on_one(tiny_chat_llama_dir, tmp_path, REPO / "tests" / "fsdp_cpu_train.py",
+                                   model__quant__quant_storage="float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
+    fsdp_save_on_two_resume_on_one(tiny_chat_llama_dir, tmp_path, REPO / "train.py", trainer__accelerator="cuda",
+                                   trainer__precision="bf16-true", model__quant__compute_dtype="bfloat16")

@@ -59,8 +59,9 @@ class QLoRAModule(LightningModule):
         gradient_checkpointing: recompute activations in backward (non-reentrant); the paper's setting.
         compile_layers: `torch.compile` each decoder layer into one graph: its RMSNorms, rotary embedding,
             SwiGLU, residual adds and the LoRA dropout get fused. Dropout then draws from the compiled
-            RNG (same rate, other masks than eager; recomputation redraws the same ones). Off by default:
-            the first step pays the compilation; BENCHMARKS.md has what it buys on a GPU.
+            RNG (same rate, other masks than eager; recomputation redraws the same ones). Off by default
+            (CPU, tests), on in the GPU configs: the first step pays ~12 s of compilation for 1.27× the
+            tokens/s on 7B (BENCHMARKS.md). Not supported under FSDP yet.
         trust_remote_code: run modelling code shipped with the checkpoint; off unless asked.
         optimizer: builds the optimizer from the LoRA parameters; paged AdamW 32-bit by default.
         scheduler: builds the LR scheduler; None gives a constant rate after `warmup_ratio` warmup.
@@ -97,12 +98,15 @@ class QLoRAModule(LightningModule):
         """Load the 4-bit model with fresh (or `init_adapter`) LoRA on this rank's device; idempotent."""
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device  # cpu unless moved
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             if not isinstance(self.trainer.strategy, QLoRAFSDPStrategy):
                 raise ValueError("use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
                                  "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones")
             check_shardable(self.quant)
+            if self.compile_layers:
+                raise ValueError("model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
+                                 "the compiled layers): set it to false, as configs/fsdp.yaml does")
         self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device,
                                 gradient_checkpointing=self.gradient_checkpointing, with_tokenizer=False,
                                 trust_remote_code=self.trust_remote_code).model

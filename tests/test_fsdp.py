@@ -106,6 +106,8 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     assert isinstance(strategy, QLoRAFSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"] is decoder_layer_policy and strategy.kwargs["use_orig_params"]
     assert cli.model.quant.quant_storage == cli.model.quant.compute_dtype == "bfloat16"
+    assert not cli.model.compile_layers and isinstance(cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]),
+                                                       torch.optim.AdamW)
     assert cli.model.lora.r == 64  # the 70B recipe itself is untouched
 
 

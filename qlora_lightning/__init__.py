@@ -9,9 +9,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .checkpoint import AtomicCheckpointIO, export_adapter, load_adapter_into  # noqa: E402
 from .data import InstructionDataModule  # noqa: E402
+from .fsdp import QLoRAFSDPStrategy  # noqa: E402
 from .lora import LoraLinear4bit, LoraLinear16bit, inject_lora  # noqa: E402
 from .model import LoraSpec, QuantSpec, load_model  # noqa: E402
 from .module import QLoRAModule  # noqa: E402
 
 __all__ = ["QLoRAModule", "InstructionDataModule", "LoraLinear4bit", "LoraLinear16bit", "inject_lora",
-           "load_model", "LoraSpec", "QuantSpec", "AtomicCheckpointIO", "export_adapter", "load_adapter_into"]
+           "load_model", "LoraSpec", "QuantSpec", "AtomicCheckpointIO", "export_adapter", "load_adapter_into",
+           "QLoRAFSDPStrategy"]

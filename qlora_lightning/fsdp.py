@@ -72,15 +72,20 @@ def _owned_adapters(prefix: str, unit: FSDP) -> Iterator[tuple[str, nn.Parameter
         stack += [(f"{path}{n}.", c) for n, c in module.named_children() if not isinstance(c, FSDP)]
 
 
+def _adapter_units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
+    """(key prefix, unit) of the units that hold LoRA tensors themselves, once FSDP has set up the root."""
+    _init_root(model)
+    for prefix, unit in _units(model):
+        if any(True for _ in _owned_adapters(prefix, unit)):
+            yield prefix, unit
+
+
 def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a FSDP model on rank 0 (CPU), gathered one unit at a time; `{}` on other ranks.
 
     A collective: every rank must call it."""
-    _init_root(model)
     state = {}
-    for prefix, unit in _units(model):
-        if not any(True for _ in _owned_adapters(prefix, unit)):
-            continue
+    for prefix, unit in _adapter_units(model):
         with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
             if rank == 0:
                 state.update((k, p.detach().to("cpu", copy=True)) for k, p in _owned_adapters(prefix, unit))
@@ -92,11 +97,8 @@ def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy LoRA tensors (full, on every rank) into a FSDP model's shards, one unit at a time.
 
     Raises `KeyError` naming the tensors the checkpoint lacks or the model lacks. A collective."""
-    _init_root(model)
     found = set()
-    for prefix, unit in _units(model):
-        if not any(True for _ in _owned_adapters(prefix, unit)):
-            continue
+    for prefix, unit in _adapter_units(model):
         with FSDP.summon_full_params(unit, recurse=False, writeback=True):
             for key, p in _owned_adapters(prefix, unit):
                 if key not in state:
@@ -123,9 +125,11 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         super().__init__(*args, **kwargs)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The adapters only, gathered on rank 0 (Lightning's would gather every 4-bit weight too)."""
         return gather_adapters(self.model, self.global_rank)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load an adapter-only checkpoint into the shards, and its optimizer state when fitting."""
         path = Path(self.broadcast(checkpoint_path))
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
         load_adapters(self.model, {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)})

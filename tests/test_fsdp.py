@@ -144,6 +144,17 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
 
 
 @pytest.mark.slow
+def test_bitsandbytes_optimizer_under_fsdp_is_a_clear_error(tiny_chat_llama_dir, tmp_path):
+    args = cli_args(tiny_chat_llama_dir, tmp_path, max_steps=1, every=1, trainer__devices=1,
+                    config=REPO / "configs" / "fsdp.yaml", model__quant__quant_storage="float32",
+                    model__optimizer="bitsandbytes.optim.PagedAdamW32bit")
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "fsdp_cpu_train.py")] + args[2:], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode != 0
+    assert "PagedAdamW32bit: bitsandbytes' optimizers hide their state from FSDP's gather" in done.stderr
+
+
+@pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
     fsdp_save_on_two_resume_on_one(tiny_chat_llama_dir, tmp_path, REPO / "tests" / "fsdp_cpu_train.py",
                                    model__quant__quant_storage="float32")

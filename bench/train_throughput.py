@@ -96,6 +96,8 @@ def run_ours(args, compile_layers: bool = False) -> dict:
 
     class Timer(L.Callback):
         def on_train_start(self, trainer, pl_module):
+            if DEVICE == "cuda":  # loading and the strategy's set-up (FSDP sharding) peak before training
+                profile["setup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             reset_peak()
             if DEVICE == "cuda":  # what the model holds once the strategy has set it up (sharded under FSDP)
                 profile["allocated_at_start_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -134,7 +136,8 @@ def run_ours(args, compile_layers: bool = False) -> dict:
     return {"stack": name, "rank": trainer.global_rank, "step_s": timed, "losses": losses,
             "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
             "peak_gib": peak_gib(), "profile": profile.get("table"),
-            "allocated_at_start_gib": profile.get("allocated_at_start_gib"), "parameter_gib": profile.get("parameter_gib")}
+            "allocated_at_start_gib": profile.get("allocated_at_start_gib"), "parameter_gib": profile.get("parameter_gib"),
+            "setup_peak_gib": profile.get("setup_peak_gib")}
 
 
 def run_peer(args) -> dict:
@@ -258,7 +261,8 @@ def main() -> None:
     for r in rows:
         if r.get("allocated_at_start_gib") is not None:
             print(f"{r['stack']}: per-GPU peaks {['%.1f' % g for g in r['peak_gib_per_rank']]} GiB; rank 0 holds "
-                  f"{r['allocated_at_start_gib']:.1f} GiB at the first step, {r['parameter_gib']:.1f} GiB of it parameters")
+                  f"{r['allocated_at_start_gib']:.1f} GiB at the first step, {r['parameter_gib']:.1f} GiB of it parameters; "
+                  f"loading and set-up peaked at {r['setup_peak_gib']:.1f} GiB")
     if args.record:
         with open(REPO / "BENCHMARKS.md", "a") as f:
             f.write(table)

@@ -129,8 +129,8 @@ class _LinearAssembler:
     a LoRA layer for LoRA targets, a plain frozen 4-bit linear for the other quantized linears."""
 
     def __init__(self, model: nn.Module, lora_targets: set[str], quantized: set[str], quant: QuantSpec,
-                 lora: LoraSpec, device: torch.device):
-        self.model, self.lora_targets, self.device = model, lora_targets, device
+                 lora: LoraSpec, device: torch.device, park_on: torch.device):
+        self.model, self.lora_targets, self.device, self.park_on = model, lora_targets, device, park_on
         self.handled = lora_targets | quantized
         self.layer_cls = lora_layer_class(quant.quantize)
         compute, storage = torch_dtype(quant.compute_dtype), torch_dtype(quant.quant_storage)
@@ -154,6 +154,8 @@ class _LinearAssembler:
                 layer = self.layer_cls.from_weight(weight, bias, device=self.device, **self.kwargs)
             else:
                 layer = quantize_linear(weight, bias, device=self.device, **self.quant_kwargs)
+            if self.park_on != self.device:
+                layer = layer.to(self.park_on)  # quantized where it is fast, kept where there is room
             parent_name, _, child = module_name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, layer)
             del self.pending[module_name]
@@ -197,7 +199,8 @@ def _random_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype, 
 
 
 def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec = LoraSpec(),
-               device: torch.device | str = "cpu", gradient_checkpointing: bool = True, train_mode: bool = True,
+               device: torch.device | str = "cpu", park_on: torch.device | str | None = None,
+               gradient_checkpointing: bool = True, train_mode: bool = True,
                with_tokenizer: bool = True, trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
     """Load a causal LM (hub id or local folder of safetensors) directly into its QLoRA form on `device`.
 
@@ -208,8 +211,11 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         quant: how the frozen base is stored (NF4 + double quant + bf16 compute by default).
         lora: the adapters. Fresh adapters (B = 0) leave the output exactly that of the 4-bit base,
             so the same call also serves to evaluate the base model.
-        device: where the model lives; each rank passes its own (never a device map, which under DDP
-            would put every rank's model on one GPU).
+        device: where the model is quantized and lives; each rank passes its own (never a device map,
+            which under DDP would put every rank's model on one GPU).
+        park_on: where each finished layer is kept instead (default: `device`). Under FSDP the CPU: the
+            4-bit model then never sits whole on a GPU; FSDP moves it there one shard unit at a time,
+            sharding each before the next.
         gradient_checkpointing: recompute activations in backward (non-reentrant), the paper's setting:
             it is what lets 65B fit one 48 GB GPU.
         train_mode: leave the model in train mode (a loaded model starts in eval mode, which would
@@ -244,7 +250,8 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
     head = model.get_output_embeddings()
     quantized = set() if quant.quantize == "none" else {
         n for n in linear_names if model.get_submodule(n) is not head}
-    assembler = _LinearAssembler(model, targets, quantized, quant, lora, device)
+    park_on = torch.device(park_on) if park_on is not None else device
+    assembler = _LinearAssembler(model, targets, quantized, quant, lora, device, park_on)
 
     if checkpoint_dir is None:
         tensors = _random_tensors(model, device, dtype)
@@ -253,7 +260,7 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         tensors = _checkpoint_tensors(checkpoint_dir, expected, type(model).__name__)
     for key, tensor in tensors:
         if not assembler.offer(key, tensor):
-            _set_tensor(model, key, tensor.to(device, dtype, copy=True))  # never alias the file's mmap
+            _set_tensor(model, key, tensor.to(park_on, dtype, copy=True))  # never alias the file's mmap
     if assembler.pending:
         raise KeyError(f"{name_or_path}: incomplete weights for {sorted(assembler.pending)}")
 
@@ -264,7 +271,7 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None:
-                module._buffers[name] = buf.to(device)
+                module._buffers[name] = buf.to(park_on)
     lora_modules = sorted(targets)
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith((".lora_A", ".lora_B")))

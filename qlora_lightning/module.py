@@ -99,7 +99,9 @@ class QLoRAModule(LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device  # cpu unless moved
+        park_on = None
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            park_on = "cpu"  # quantized on this rank's GPU, kept on the host until FSDP shards it unit by unit
             if not isinstance(self.trainer.strategy, QLoRAFSDPStrategy):
                 raise ValueError("use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
                                  "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones")
@@ -107,7 +109,7 @@ class QLoRAModule(LightningModule):
             if self.compile_layers:
                 raise ValueError("model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
                                  "the compiled layers): set it to false, as configs/fsdp.yaml does")
-        self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device,
+        self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device, park_on=park_on,
                                 gradient_checkpointing=self.gradient_checkpointing, with_tokenizer=False,
                                 trust_remote_code=self.trust_remote_code).model
         if self.init_adapter is not None:

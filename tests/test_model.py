@@ -146,3 +146,15 @@ def test_random_shape_builds_directly_in_4bit():
     assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5  # random model: ~uniform
     with pytest.raises(ValueError, match="unknown random shape"):
         load_model("random:8b")
+
+
+@requires_cuda
+def test_parked_on_the_host_quantized_on_the_gpu_then_moved_back_gives_the_same_model(tiny_llama_dir):
+    """What FSDP loading does: quantize on the GPU, keep on the host, move unit by unit to the GPU."""
+    direct = load_model(str(tiny_llama_dir), device="cuda", with_tokenizer=False).model
+    parked = load_model(str(tiny_llama_dir), device="cuda", park_on="cpu", with_tokenizer=False).model
+    assert {p.device.type for p in parked.parameters()} == {"cpu"}
+    parked.to("cuda")
+    ids = torch.randint(0, 256, (2, 8), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(parked(input_ids=ids).logits, direct(input_ids=ids).logits, rtol=0, atol=0)

@@ -137,6 +137,7 @@ class _LoraLinear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The frozen base's bias, as `nn.Linear.bias` (None for LLaMA's linears)."""
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +210,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, d
                     quant_type: Literal["nf4", "fp4"] = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16,
                     quant_storage: torch.dtype = torch.uint8) -> "FrozenLinear4bit":
-    """A frozen 4-bit linear layer (`FrozenLinear4bit`) holding `weight` quantized on `device` (blocksize 64, as the paper).
+    """A frozen 4-bit linear layer (`FrozenLinear4bit`) holding `weight` quantized on `device` (blocksize
+    64, as the paper).
 
     The weight is cast to `compute_dtype` first, as transformers' own 4-bit loading does, so both give
     the same NF4 bytes.

@@ -103,8 +103,9 @@ def test_ddp_two_cpu_processes_train_and_write_checkpoints_once(tiny_chat_llama_
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 4
-    # each rank consumed its own half of the data: the saved sampler position counts one rank's samples
-    assert state["InstructionDataModule"]["num_replicas"] == 2
+    # the saved position counts the samples of both ranks: 4 steps × micro-batch 2 × 2 ranks
+    data_state = state["InstructionDataModule"]
+    assert data_state["num_replicas"] == 2 and data_state["consumed"] == 4 * 2 * 2
 
 
 def test_csv_logs_by_default_and_a_chosen_logger_is_kept(tmp_path):

@@ -85,11 +85,8 @@ def run_ours(args, compile_layers: bool = False) -> dict:
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
     strategy = QLoRAFSDPStrategy(sharding_strategy="FULL_SHARD") if args.strategy == "fsdp" else args.strategy
-    # Under FSDP, torch's AdamW: bitsandbytes' optimizers hide their state from FSDP's checkpoint gather.
-    optimizer = {"optimizer": lambda params: torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)} \
-        if args.strategy == "fsdp" else {}
     module = QLoRAModule(args.model, quant=quant, lora=LoraSpec(r=64, alpha=16, dropout=0.1),
-                         compile_layers=compile_layers, **optimizer)
+                         compile_layers=compile_layers)
     t0 = time.perf_counter()
     times, losses = [], []
     profile = {}

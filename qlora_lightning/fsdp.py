@@ -9,7 +9,9 @@ trainable parameter a gradient buffer as large as the unit. So:
 - the packed NF4 bytes are stored in the compute dtype (`quant.quant_storage: bfloat16`): FSDP's mixed
   precision casts parameters to bf16, which must be a no-op on them (`check_shardable`);
 - checkpoints hold the adapters only: `QLoRAFSDPStrategy` gathers those one unit at a time onto rank 0 and
-  loads them back into the shards, where Lightning's full state dict would gather and expect every weight.
+  loads them back into the shards, where Lightning's full state dict would gather and expect every weight;
+  the optimizer state is gathered whole (bitsandbytes' paged AdamW included), so a run resumes on any
+  number of GPUs.
 `configs/fsdp.yaml` sets all of this up.
 """
 
@@ -25,6 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.optim import Optimizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .checkpoint import is_adapter_key
@@ -109,6 +112,13 @@ def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"the checkpoint holds adapter tensors the model lacks: {unexpected[:4]}")
 
 
+def _full_state_dict_type(model: nn.Module, rank0_only: bool):
+    """FSDP's full (unsharded) state-dict mode, offloaded to the CPU, for the optimizer state."""
+    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only))
+
+
 class QLoRAFSDPStrategy(FSDPStrategy):
     """Lightning's `FSDPStrategy` with QLoRA's shard units and adapter-only checkpoints.
 
@@ -124,6 +134,23 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             raise ValueError("QLoRAFSDPStrategy writes adapter-only single-file checkpoints: state_dict_type must be 'full'")
         super().__init__(*args, **kwargs)
 
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The full optimizer state on rank 0, keyed by parameter order (as Lightning's), bitsandbytes' too.
+
+        bitsandbytes' `state_dict` hides its moments from FSDP in a nested dict, which FSDP then fails to
+        merge across ranks; torch's own `state_dict` of the same optimizer shows them as the per-shard
+        tensors FSDP knows how to gather. 8-bit states (block-wise constants) cannot be gathered: an error.
+        """
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
+            raise ValueError(f"{type(optimizer).__name__}: 8-bit optimizer states cannot be gathered by FSDP; use a "
+                             "32-bit optimizer (the paper's paged AdamW 32-bit) under FSDP")
+        with _full_state_dict_type(self.model, rank0_only=True):
+            state = FSDP.optim_state_dict(self.model, optimizer, optim_state_dict=Optimizer.state_dict(optimizer))
+            if self.global_rank == 0:
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+        return state
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The adapters only, gathered on rank 0 (Lightning's would gather every 4-bit weight too)."""
         return gather_adapters(self.model, self.global_rank)
@@ -136,9 +163,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         states = checkpoint.get("optimizer_states")
         if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             # Saved by rank 0 keyed by parameter order; every rank takes its own shard of it.
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-                                      FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+            with _full_state_dict_type(self.model, rank0_only=False):
                 for optimizer, state in zip(self.optimizers, states, strict=True):
                     if isinstance(next(iter(state["state"]), None), int):
                         state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)

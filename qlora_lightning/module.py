@@ -228,9 +228,6 @@ class QLoRAModule(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        if isinstance(self.trainer.strategy, FSDPStrategy) and isinstance(optimizer, bnb.optim.optimizer.Optimizer8bit):
-            raise ValueError(f"{type(optimizer).__name__}: bitsandbytes' optimizers hide their state from FSDP's gather, "
-                             "so checkpoints could not hold it; under FSDP use torch.optim.AdamW (configs/fsdp.yaml does)")
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:

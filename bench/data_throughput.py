@@ -142,7 +142,7 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} CPUs, {platform.platform()}; python {platform.python_version()}, torch "
           f"{torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, "
           f"tokenizers {md.version('tokenizers')}")
-    print(f"\n| step | num_proc | seconds | examples/s |\n|---|---|---|---|")
+    print("\n| step | num_proc | seconds | examples/s |\n|---|---|---|---|")
     for name, num_proc, dt, rate in rows:
         print(f"| {name} | {num_proc} | {dt:.1f} | {rate:,.0f} |")
 

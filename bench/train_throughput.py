@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def run_ours(args, compile_layers: bool = False) -> dict:
                         max_steps=args.warmup + args.steps, precision="bf16-true",
                         gradient_clip_val=0.3, plugins=[AtomicCheckpointIO()], callbacks=[Timer()], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tempfile.mkdtemp(prefix="train_throughput_"),  # the final adapter goes there
                         limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
     timed = times[args.warmup + (1 if args.profile else 0):]

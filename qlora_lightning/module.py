@@ -220,8 +220,10 @@ class QLoRAModule(LightningModule):
             start = labelled[0].item()
             rows.append((self.tokenizer.decode(ids[:start], skip_special_tokens=True),
                          self.tokenizer.decode(ids[labels != -100], skip_special_tokens=True)))
-        answers = generate(self.model, self.tokenizer, [prompt for prompt, _ in rows], template=None,
-                           max_new_tokens=self.predict_max_new_tokens)
+        # Compiled layers would recompile for every cache length while generating token by token: run eagerly.
+        with torch.compiler.set_stance("force_eager"):
+            answers = generate(self.model, self.tokenizer, [prompt for prompt, _ in rows], template=None,
+                               max_new_tokens=self.predict_max_new_tokens)
         return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers)]
 
     # ------------------------------------------------------------------------------------- optimizer

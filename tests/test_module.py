@@ -109,9 +109,10 @@ def test_checkpoint_of_another_lora_config_is_a_clear_error(tiny_chat_llama_dir,
         other.on_load_checkpoint(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False))
 
 
-def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir, tmp_path):
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir, tmp_path, compile_layers):
     module, data = make(tiny_chat_llama_dir)
-    module.predict_max_new_tokens = 4
+    module.predict_max_new_tokens, module.compile_layers = 4, compile_layers
     t = L.Trainer(default_root_dir=tmp_path, precision="32-true", accelerator="cpu", limit_val_batches=2,
                   limit_test_batches=2, limit_predict_batches=1, enable_progress_bar=False, logger=False)
     (val,) = t.validate(module, data)
@@ -120,6 +121,7 @@ def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir
     (rows,) = t.predict(module, data)
     assert len(rows) == 8 and all(r["prompt"].rstrip().endswith("### Assistant:") for r in rows)
     assert all(isinstance(r["answer"], str) and r["reference"] for r in rows)
+    torch._dynamo.reset()
 
 
 def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir):

@@ -90,23 +90,24 @@ def run_ours(args, compile_layers: bool = False) -> dict:
                          compile_layers=compile_layers)
     t0 = time.perf_counter()
     times, losses = [], []
-    profile = {}
+    extra = {}  # what the model holds at the first step, the CUDA profile table
 
     class Timer(L.Callback):
+        prof = None
+
         def on_train_start(self, trainer, pl_module):
-            if DEVICE == "cuda":  # loading and the strategy's set-up (FSDP sharding) peak before training
-                profile["setup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            reset_peak()
-            if DEVICE == "cuda":  # what the model holds once the strategy has set it up (sharded under FSDP)
-                profile["allocated_at_start_gib"] = torch.cuda.memory_allocated() / 2**30
+            if DEVICE == "cuda":
+                extra["setup_peak_gib"] = peak_gib()  # loading and the strategy's set-up (FSDP sharding)
+                reset_peak()
+                extra["allocated_at_start_gib"] = torch.cuda.memory_allocated() / 2**30
                 storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
                             for p in trainer.model.parameters()}
-                profile["parameter_gib"] = sum(storages.values()) / 2**30
+                extra["parameter_gib"] = sum(storages.values()) / 2**30
 
         def on_train_batch_start(self, trainer, pl_module, batch, i):
-            if args.profile and i == args.warmup:
-                profile["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                profile["prof"].__enter__()
+            if args.profile and i == args.warmup:  # one profiled step, then timing as usual
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
             sync()
             self.t = time.perf_counter()
 
@@ -114,10 +115,9 @@ def run_ours(args, compile_layers: bool = False) -> dict:
             sync()
             times.append(time.perf_counter() - self.t)
             losses.append(outputs["loss"].item())
-            if "prof" in profile and i == args.warmup:  # one profiled step, then timing as usual
-                profile["prof"].__exit__(None, None, None)
-                table = profile.pop("prof").key_averages().table(sort_by="cuda_time_total", row_limit=30)
-                profile["table"] = table
+            if self.prof is not None and i == args.warmup:
+                self.prof.__exit__(None, None, None)
+                extra["profile"] = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
     data = batches(args, args.vocab, "cpu")
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -134,9 +134,7 @@ def run_ours(args, compile_layers: bool = False) -> dict:
         name += f", {args.devices} GPUs {args.strategy}"
     return {"stack": name, "rank": trainer.global_rank, "step_s": timed, "losses": losses,
             "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
-            "peak_gib": peak_gib(), "profile": profile.get("table"),
-            "allocated_at_start_gib": profile.get("allocated_at_start_gib"), "parameter_gib": profile.get("parameter_gib"),
-            "setup_peak_gib": profile.get("setup_peak_gib")}
+            "peak_gib": peak_gib(), **extra}
 
 
 def run_peer(args) -> dict:

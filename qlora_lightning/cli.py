@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .data import InstructionDataModule

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from qlora_lightning.cli import run_lightning_cli
+from qlora_testing import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,21 +54,6 @@ def test_any_key_is_overridable_on_the_command_line(tmp_path):
     assert cli.model.lora.r == 16 and cli.datamodule.hparams.batch_size == 4
     assert cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"] == 1e-4
     assert cli.trainer.checkpoint_callback._every_n_train_steps == 100
-
-
-def cli_args(base, root, max_steps, every, **extra):
-    args = [sys.executable, str(REPO / "train.py"), "fit", "--model.base_model", str(base),
-            "--model.quant.compute_dtype", "float32", "--trainer.precision", "32-true", "--model.lora.r", "8",
-            "--data.dataset", "bundled:orca_sample_train", "--data.val_dataset", "bundled:orca_sample_val",
-            "--data.max_examples", "64", "--data.batch_size", "2", "--data.num_workers", "0",
-            "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps),
-            "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-            "--checkpoint.dirpath", str(Path(root) / "checkpoints"),
-            "--checkpoint.every_n_train_steps", str(every), "--seed_everything", "0"]
-    for key, value in extra.items():
-        args += [f"--{key.replace('__', '.')}", str(value)]
-    return args
 
 
 def test_sigkill_mid_training_then_resume_from_last_finishes(tiny_chat_llama_dir, tmp_path):

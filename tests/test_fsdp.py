@@ -14,7 +14,7 @@ from qlora_lightning.checkpoint import is_adapter_key
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.fsdp import QLoRAFSDPStrategy, check_shardable, decoder_layer_policy, gather_adapters, load_adapters
 from qlora_lightning.model import LoraSpec, QuantSpec, load_model
-from test_cli import cli_args
+from qlora_testing import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 

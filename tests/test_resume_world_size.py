@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from test_cli import cli_args
+from qlora_testing import cli_args
 
 HERE = Path(__file__).resolve().parent
 

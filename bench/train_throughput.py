@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def run_ours(args, compile_layers: bool = False) -> dict:
         def on_train_start(self, trainer, pl_module):
             if DEVICE == "cuda":
                 extra["setup_peak_gib"] = peak_gib()  # loading and the strategy's set-up (FSDP sharding)
+                extra["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 reset_peak()
                 extra["allocated_at_start_gib"] = torch.cuda.memory_allocated() / 2**30
                 storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
@@ -259,7 +261,8 @@ def main() -> None:
         if r.get("allocated_at_start_gib") is not None:
             print(f"{r['stack']}: per-GPU peaks {['%.1f' % g for g in r['peak_gib_per_rank']]} GiB; rank 0 holds "
                   f"{r['allocated_at_start_gib']:.1f} GiB at the first step, {r['parameter_gib']:.1f} GiB of it parameters; "
-                  f"loading and set-up peaked at {r['setup_peak_gib']:.1f} GiB")
+                  f"loading and set-up peaked at {r['setup_peak_gib']:.1f} GiB on the GPU, "
+                  f"{r['host_peak_gib']:.1f} GiB of host memory (rank 0's process)")
     if args.record:
         with open(REPO / "BENCHMARKS.md", "a") as f:
             f.write(table)

@@ -86,7 +86,8 @@ def run_ours(args, compile_layers: bool = False) -> dict:
     from qlora_lightning.model import LoraSpec, QuantSpec
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
-    strategy = QLoRAFSDPStrategy(sharding_strategy="FULL_SHARD") if args.strategy == "fsdp" else args.strategy
+    strategy = QLoRAFSDPStrategy(sharding_strategy="FULL_SHARD", cpu_offload=args.cpu_offload) \
+        if args.strategy == "fsdp" else args.strategy
     module = QLoRAModule(args.model, quant=quant, lora=LoraSpec(r=64, alpha=16, dropout=0.1),
                          compile_layers=compile_layers)
     t0 = time.perf_counter()
@@ -133,7 +134,7 @@ def run_ours(args, compile_layers: bool = False) -> dict:
     timed = times[args.warmup + (1 if args.profile else 0):]
     name = "ours, compiled layers" if compile_layers else "ours"
     if args.devices > 1:
-        name += f", {args.devices} GPUs {args.strategy}"
+        name += f", {args.devices} GPUs {args.strategy}" + (" + CPU offload" if args.cpu_offload else "")
     return {"stack": name, "rank": trainer.global_rank, "step_s": timed, "losses": losses,
             "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
             "peak_gib": peak_gib(), **extra}
@@ -222,6 +223,7 @@ def main() -> None:
                    help="comma list of: ours, ours-compiled (compile_layers), peer (needs a checkpoint on disk)")
     p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer always runs on one)")
     p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto", help="Lightning strategy for ours")
+    p.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp: keep the shards in host memory")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--only", choices=STACKS, help=argparse.SUPPRESS)
@@ -246,7 +248,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", stack, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--target", str(args.target), "--steps", str(args.steps), "--vocab", str(args.vocab),
                "--warmup", str(args.warmup), "--devices", str(args.devices), "--strategy", args.strategy] \
-            + (["--profile"] if args.profile else [])
+            + (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
         results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not results:

@@ -156,11 +156,13 @@ def read_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     return config, from_peft_keys(raw, str(weights_path))
 
 
-def load_adapter_into(model: nn.Module, folder: str | os.PathLike, *, base_model: str | None = None) -> dict[str, Any]:
-    """Copy a PEFT adapter's A/B into `model`'s LoRA layers; every mismatch is a clear error.
+def checked_adapter_state(model: nn.Module, folder: str | os.PathLike, *,
+                          base_model: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, {<module>.lora_A: tensor}) of a PEFT adapter that fits `model`'s LoRA layers (which may
+    still be on the meta device); every mismatch is a clear error.
 
     Checks: the same set of adapted modules, the same r and alpha, each tensor's shape, and (when
-    `base_model` is given) the base the adapter was trained on. Returns the adapter's config.
+    `base_model` is given) the base the adapter was trained on.
     """
     config, state = read_peft_adapter(folder)
     layers = lora_layers(model)
@@ -178,12 +180,23 @@ def load_adapter_into(model: nn.Module, folder: str | os.PathLike, *, base_model
     if missing or unexpected:
         raise KeyError(f"{folder}: adapter and model disagree on the adapted modules; "
                        f"missing in adapter: {missing[:6]}, not in model: {unexpected[:6]}")
+    for key, value in state.items():
+        module, ab = key.rsplit(".", 1)
+        expected = getattr(layers[module], ab).shape
+        if value.shape != expected:
+            raise ValueError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected)}")
+    return config, state
+
+
+def load_adapter_into(model: nn.Module, folder: str | os.PathLike, *, base_model: str | None = None) -> dict[str, Any]:
+    """Copy a PEFT adapter's A/B into `model`'s LoRA layers after `checked_adapter_state`'s checks; returns
+    the adapter's config."""
+    config, state = checked_adapter_state(model, folder, base_model=base_model)
+    layers = lora_layers(model)
     with torch.no_grad():
         for key, value in state.items():
             module, ab = key.rsplit(".", 1)
             target = getattr(layers[module], ab)
-            if target.shape != value.shape:
-                raise ValueError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
             target.copy_(value.to(target.dtype))
     return config
 

@@ -8,6 +8,8 @@ trainable parameter a gradient buffer as large as the unit. So:
   model's (`decoder_layer_policy`);
 - the packed NF4 bytes are stored in the compute dtype (`quant.quant_storage: bfloat16`): FSDP's mixed
   precision casts parameters to bf16, which must be a no-op on them (`check_shardable`);
+- loading never holds the whole model on one rank: `QLoRAModule` leaves it on the meta device and FSDP
+  calls the loader (`model.ModuleMaterializer`) on each unit's modules just before sharding that unit;
 - checkpoints hold the adapters only: `QLoRAFSDPStrategy` gathers those one unit at a time onto rank 0 and
   loads them back into the shards, where Lightning's full state dict would gather and expect every weight;
   the optimizer state is gathered whole (bitsandbytes' paged AdamW included), so a run resumes on any
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.init import _has_meta_device_parameters_or_buffers
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -133,6 +136,14 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         if kwargs.setdefault("state_dict_type", "full") != "full":
             raise ValueError("QLoRAFSDPStrategy writes adapter-only single-file checkpoints: state_dict_type must be 'full'")
         super().__init__(*args, **kwargs)
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        """Wrap as `FSDPStrategy` does; a model still on the meta device is loaded unit by unit, each unit
+        just before it is sharded, by the LightningModule's `materialize_module` (FSDP's `param_init_fn`)."""
+        materialize = getattr(self.lightning_module, "materialize_module", None)
+        if materialize is not None and _has_meta_device_parameters_or_buffers(model):
+            self.kwargs["param_init_fn"] = materialize
+        return super()._setup_model(model)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The full optimizer state on rank 0, keyed by parameter order (as Lightning's), bitsandbytes' too.

@@ -64,6 +64,11 @@ class FrozenLinear:
         """The weight as a dense (out × in) tensor in the compute dtype (dequantized if 4-bit)."""
         raise NotImplementedError
 
+    def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str) -> None:
+        """Take a dense (out × in) weight (and bias) on `device`, quantized if 4-bit; the layer may still
+        be on the meta device (that is how `model.load_model` builds it)."""
+        raise NotImplementedError
+
 
 class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
     """A frozen bitsandbytes 4-bit linear layer (NF4/FP4) that also runs the fused LoRA path."""
@@ -76,6 +81,16 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
 
     def dense_weight(self) -> torch.Tensor:
         return bnb_F.dequantize_4bit(self.weight.data, self.weight_quant_state()).to(self.compute_dtype)
+
+    def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str) -> None:
+        # Cast to the compute dtype first, as transformers' own 4-bit loading does, so both give the same bytes.
+        spec = self.weight
+        self.weight = bnb.nn.Params4bit(weight.detach().to(self.compute_dtype), requires_grad=False,
+                                        blocksize=NF4_BLOCKSIZE, compress_statistics=spec.compress_statistics,
+                                        quant_type=spec.quant_type, quant_storage=spec.quant_storage).to(device)
+        self.quant_state = self.weight.quant_state  # kept on the module too, for when FSDP replaces the parameter
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(device, self.compute_dtype), requires_grad=False)
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         # bitsandbytes' kernels (a 4-bit GEMV for single tokens), called directly: `Linear4bit.forward`
@@ -95,6 +110,12 @@ class FrozenLinear16bit(FrozenLinear, nn.Linear):
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
+
+    def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str) -> None:
+        dtype = self.weight.dtype
+        self.weight = nn.Parameter(weight.detach().to(device, dtype, copy=True), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(device, dtype, copy=True), requires_grad=False)
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
@@ -129,6 +150,18 @@ class _LoraLinear(nn.Module):
         """PEFT's initialisation: A Kaiming-uniform (a=sqrt(5)), B zeros, so a fresh layer adds nothing."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def materialize_lora(self, device: torch.device | str, values: dict[str, torch.Tensor] | None = None) -> None:
+        """Real A/B on `device` for a layer built on the meta device: copies of `values` (`{"lora_A": …,
+        "lora_B": …}`, an adapter's) or, without them, PEFT's fresh initialisation."""
+        self.lora_A = nn.Parameter(torch.empty_like(self.lora_A, device=device))
+        self.lora_B = nn.Parameter(torch.empty_like(self.lora_B, device=device))
+        if values is None:
+            self.reset_lora_parameters()
+        else:
+            self.lora_A.copy_(values["lora_A"])
+            self.lora_B.copy_(values["lora_B"])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, device: torch.device | str | None = None, **kwargs):
@@ -199,10 +232,7 @@ class LoraLinear4bit(_LoraLinear):
         device = torch.device(device) if device is not None else weight.device
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, bias=bias is not None, device=device, **kwargs)
-        base = layer.base_layer
-        layer.base_layer = quantize_linear(weight, bias, device=device, quant_type=layer.quant_type,
-                                           double_quant=layer.double_quant, compute_dtype=base.compute_dtype,
-                                           quant_storage=base.weight.quant_storage)
+        layer.base_layer.load_dense(weight, bias, device)
         return layer
 
 
@@ -211,21 +241,12 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, d
                     compute_dtype: torch.dtype = torch.bfloat16,
                     quant_storage: torch.dtype = torch.uint8) -> "FrozenLinear4bit":
     """A frozen 4-bit linear layer (`FrozenLinear4bit`) holding `weight` quantized on `device` (blocksize
-    64, as the paper).
-
-    The weight is cast to `compute_dtype` first, as transformers' own 4-bit loading does, so both give
-    the same NF4 bytes.
-    """
+    64, as the paper)."""
     out_features, in_features = weight.shape
     layer = FrozenLinear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                              compress_statistics=double_quant, quant_type=quant_type,
                              quant_storage=quant_storage, device="meta")
-    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype), requires_grad=False,
-                                     blocksize=NF4_BLOCKSIZE, compress_statistics=double_quant,
-                                     quant_type=quant_type, quant_storage=quant_storage).to(device)
-    layer.quant_state = layer.weight.quant_state  # kept on the module too, for when FSDP replaces the parameter
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
+    layer.load_dense(weight, bias, device)
     return layer
 
 
@@ -248,15 +269,9 @@ class LoraLinear16bit(_LoraLinear):
         """Build the layer around a copy of a dense (out × in) weight, on `device` (default: the weight's)."""
         device = torch.device(device) if device is not None else weight.device
         out_features, in_features = weight.shape
-        with torch.device("meta"):
-            layer = cls(in_features, out_features, bias=bias is not None, **kwargs)
-        dtype = layer.base_layer.weight.dtype
-        layer.base_layer.weight = nn.Parameter(weight.detach().to(device, dtype), requires_grad=False)
-        if bias is not None:
-            layer.base_layer.bias = nn.Parameter(bias.detach().to(device, dtype), requires_grad=False)
-        layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=device))
-        layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=device))
-        layer.reset_lora_parameters()
+        layer = cls(in_features, out_features, bias=bias is not None, device="meta", **kwargs)
+        layer.base_layer.load_dense(weight, bias, device)
+        layer.materialize_lora(device)
         return layer
 
 

@@ -1,15 +1,18 @@
-"""Loading a Hugging Face causal LM straight into its QLoRA form (4-bit base + LoRA), shard by shard.
+"""Loading a Hugging Face causal LM straight into its QLoRA form (4-bit base + LoRA), module by module.
 
-The skeleton is built on the meta device; the safetensors shards are then read tensor by tensor, each
-target linear is quantized on the training device as it arrives and wrapped in a LoRA layer, and every
-other tensor (embeddings, norms, output head) is placed in bf16. Nothing full-size is ever built: peak
-host memory is about one tensor of the checkpoint, peak device memory the 4-bit model plus one bf16 weight.
+The skeleton is built on the meta device with its LoRA layers and frozen 4-bit linears in place; then
+each module is given its tensors (`ModuleMaterializer`): a frozen linear's weight is read from the
+safetensors shards and quantized on the training device, LoRA factors are initialised, and every other
+tensor (embeddings, norms, output head) is placed in bf16. Nothing full-size is ever built: peak host
+memory is about one tensor of the checkpoint, peak device memory the 4-bit model plus one bf16 weight.
+Under FSDP the same loader runs unit by unit as FSDP shards the model (`fsdp.QLoRAFSDPStrategy`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -21,7 +24,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import builtin
-from .lora import QuantType, lora_layer_class, lora_layer_kwargs, matches_target, quantize_linear
+from .checkpoint import checked_adapter_state
+from .lora import FrozenLinear, FrozenLinear4bit, LoraLinear, QuantType, lora_layer_class, lora_layer_kwargs, matches_target
 from .tokenizer import load_tokenizer
 
 DTypeName = Literal["bfloat16", "float16", "float32"]
@@ -72,11 +76,13 @@ torch.serialization.add_safe_globals([QuantSpec, LoraSpec])
 
 
 class LoadedModel(NamedTuple):
-    """What `load_model` returns: the model with LoRA layers, its tokenizer, and the replaced module names."""
+    """What `load_model` returns: the model with LoRA layers, its tokenizer, the replaced module names, and
+    what gives the modules their tensors (used when loading with `materialize=False`)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     lora_modules: list[str]
+    materialize: "ModuleMaterializer"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -118,50 +124,6 @@ def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = Fals
     return model
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-
-
-class _LinearAssembler:
-    """Collects a linear's weight (and bias) and, once all have arrived, swaps in its replacement:
-    a LoRA layer for LoRA targets, a plain frozen 4-bit linear for the other quantized linears."""
-
-    def __init__(self, model: nn.Module, lora_targets: set[str], quantized: set[str], quant: QuantSpec,
-                 lora: LoraSpec, device: torch.device, park_on: torch.device):
-        self.model, self.lora_targets, self.device, self.park_on = model, lora_targets, device, park_on
-        self.handled = lora_targets | quantized
-        self.layer_cls = lora_layer_class(quant.quantize)
-        compute, storage = torch_dtype(quant.compute_dtype), torch_dtype(quant.quant_storage)
-        self.kwargs = lora_layer_kwargs(quant.quantize, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                        double_quant=quant.double_quant, compute_dtype=compute, quant_storage=storage)
-        self.quant_kwargs = dict(quant_type=quant.quantize, double_quant=quant.double_quant, compute_dtype=compute,
-                                 quant_storage=storage)
-        self.pending: dict[str, dict[str, torch.Tensor]] = {}
-
-    def offer(self, key: str, tensor: torch.Tensor) -> bool:
-        """Take `key` if it belongs to a linear this assembler replaces; build it when complete."""
-        module_name, _, attr = key.rpartition(".")
-        if module_name not in self.handled:
-            return False
-        parts = self.pending.setdefault(module_name, {})
-        parts[attr] = tensor
-        linear = self.model.get_submodule(module_name)
-        if "weight" in parts and ("bias" in parts or linear.bias is None):
-            weight, bias = parts["weight"], parts.get("bias")
-            if module_name in self.lora_targets:
-                layer = self.layer_cls.from_weight(weight, bias, device=self.device, **self.kwargs)
-            else:
-                layer = quantize_linear(weight, bias, device=self.device, **self.quant_kwargs)
-            if self.park_on != self.device:
-                layer = layer.to(self.park_on)  # quantized where it is fast, kept where there is room
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, layer)
-            del self.pending[module_name]
-        return True
-
-
 #: LLaMA-2 shapes for `random:<size>` models: benchmarks build them with random weights directly in
 #: 4-bit on the device, so a 70B shape needs no 140 GB checkpoint on disk. `tiny` is for tests.
 RANDOM_SHAPES: dict[str, dict] = {
@@ -177,29 +139,131 @@ RANDOM_SHAPES: dict[str, dict] = {
 RANDOM_PREFIX = "random:"
 
 
-def _checkpoint_tensors(checkpoint_dir: Path, expected: set[str], model_name: str):
-    """(key, tensor) of every tensor in the folder's safetensors shards, one at a time, on the CPU."""
-    for shard in safetensors_shards(checkpoint_dir):
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key not in expected:
-                    raise KeyError(f"{shard.name}: tensor {key!r} has no place in {model_name} "
-                                   f"(is the folder's config.json the checkpoint's own?)")
-                yield key, f.get_tensor(key)
+class CheckpointTensors:
+    """The tensors of a folder of safetensors shards by key, each read on demand on the CPU.
+
+    Every key is checked against the model up front, so a checkpoint of another architecture fails before
+    anything is loaded. A shard is mapped only while one tensor is read from it, so host memory holds one
+    tensor at a time, in whatever order the modules ask."""
+
+    def __init__(self, checkpoint_dir: Path, expected: set[str], model_name: str):
+        self.shard_of: dict[str, Path] = {}
+        for shard in safetensors_shards(checkpoint_dir):
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key not in expected:
+                        raise KeyError(f"{shard}: tensor {key!r} has no place in {model_name} "
+                                       f"(is the folder's config.json the checkpoint's own?)")
+                    self.shard_of[key] = shard
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shard_of
+
+    def __call__(self, key: str, shape: torch.Size) -> torch.Tensor:
+        with safe_open(str(self.shard_of[key]), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(key)
+        if tensor.shape != shape:
+            raise ValueError(f"{self.shard_of[key]}: {key} has shape {tuple(tensor.shape)}, "
+                             f"the folder's config.json implies {tuple(shape)}")
+        return tensor
 
 
-def _random_tensors(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(key, tensor) for every parameter: N(0, 0.02) weights (LLaMA's init), ones for norms; made on `device`."""
-    g = torch.Generator(device).manual_seed(seed)
-    for key, p in model.named_parameters():
-        if p.dim() == 1:
-            yield key, torch.ones(p.shape, device=device, dtype=dtype)
+class RandomTensors:
+    """Random weights for `random:<shape>` models, made on `device`: N(0, 0.02) matrices (LLaMA's init) and
+    ones for 1-D tensors (norms). Each key has its own seed, so every rank makes the same model."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+
+    def __contains__(self, key: str) -> bool:
+        return True
+
+    def __call__(self, key: str, shape: torch.Size) -> torch.Tensor:
+        if len(shape) == 1:
+            return torch.ones(shape, device=self.device, dtype=self.dtype)
+        g = torch.Generator(self.device).manual_seed(zlib.crc32(key.encode()))
+        return torch.randn(shape, device=self.device, dtype=self.dtype, generator=g).mul_(0.02)
+
+
+TensorSource = CheckpointTensors | RandomTensors
+
+
+class ModuleMaterializer:
+    """Gives the modules of a meta-device QLoRA model their real tensors on `device`, one module at a time:
+    a frozen base linear is quantized from its checkpoint weight, LoRA factors are initialised fresh (or
+    copied from `adapter`), and every other parameter is copied in the compute dtype.
+
+    `load_model` calls it on every module. Under FSDP it is the `param_init_fn` that FSDP calls on the
+    modules of each shard unit just before sharding that unit, so no rank ever holds the whole model,
+    on its GPU or on the host. Modules it does not know (those outside the model) are left alone.
+    """
+
+    def __init__(self, model: nn.Module, tensors: TensorSource, device: torch.device, dtype: torch.dtype,
+                 adapter: dict[str, torch.Tensor] | None = None):
+        self.names = {module: name for name, module in model.named_modules()}
+        self.tensors, self.device, self.dtype, self.adapter = tensors, device, dtype, adapter
+        # Tied parameters (an output head sharing the embedding) are made once, from whichever key the
+        # checkpoint holds, and shared again.
+        self.tied: dict[str, str] = {}
+        groups: dict[int, list[str]] = {}
+        for key, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(key)
+        for keys in (g for g in groups.values() if len(g) > 1):
+            canonical = next((k for k in keys if k in tensors), keys[0])
+            self.tied.update((k, canonical) for k in keys)
+        self.made_tied: dict[str, nn.Parameter] = {}  # canonical key → the one parameter, once made
+
+    @staticmethod
+    def checkpoint_key(module_name: str) -> str:
+        """A module's name in the checkpoint: a LoRA layer's frozen base is the original linear."""
+        return module_name.removesuffix(".base_layer")
+
+    def missing(self, model: nn.Module) -> list[str]:
+        """The checkpoint keys the model needs and the source lacks (one per tied group)."""
+        needed = set()
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLinear):
+                continue  # its factors are not in the checkpoint; its base is a module of its own
+            prefix = f"{self.checkpoint_key(name)}." if name else ""
+            needed.update(self.tied.get(prefix + attr, prefix + attr) for attr, _ in module.named_parameters(recurse=False))
+        return sorted(k for k in needed if k not in self.tensors)
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Module) -> None:
+        name = self.names.get(module)
+        if name is None:
+            return
+        prefix = f"{name}." if name else ""
+        if isinstance(module, FrozenLinear):
+            if module.weight.is_meta:
+                key = self.checkpoint_key(name)
+                weight = self.tensors(f"{key}.weight", torch.Size((module.out_features, module.in_features)))
+                bias = None if module.bias is None else self.tensors(f"{key}.bias", torch.Size((module.out_features,)))
+                module.load_dense(weight, bias, self.device)
+        elif isinstance(module, LoraLinear):
+            if module.lora_A.is_meta:
+                values = None if self.adapter is None else {ab: self.adapter[f"{name}.{ab}"] for ab in ("lora_A", "lora_B")}
+                module.materialize_lora(self.device, values)
         else:
-            yield key, torch.randn(p.shape, device=device, dtype=dtype, generator=g).mul_(0.02)
+            for attr, p in module.named_parameters(recurse=False):
+                if p.is_meta:
+                    module._parameters[attr] = self._parameter(self.tied.get(prefix + attr, prefix + attr), p.shape)
+        for attr, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[attr] = buf.to(self.device)
+
+    def _parameter(self, key: str, shape: torch.Size) -> nn.Parameter:
+        if key in self.made_tied:
+            return self.made_tied[key]
+        # A copy, so that nothing aliases the checkpoint file's memory map.
+        p = nn.Parameter(self.tensors(key, shape).to(self.device, self.dtype, copy=True), requires_grad=False)
+        if key in self.tied:
+            self.made_tied[key] = p
+        return p
 
 
 def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec = LoraSpec(),
-               device: torch.device | str = "cpu", park_on: torch.device | str | None = None,
+               device: torch.device | str = "cpu", adapter: str | os.PathLike | None = None, materialize: bool = True,
                gradient_checkpointing: bool = True, train_mode: bool = True,
                with_tokenizer: bool = True, trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
     """Load a causal LM (hub id or local folder of safetensors) directly into its QLoRA form on `device`.
@@ -213,9 +277,11 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
             so the same call also serves to evaluate the base model.
         device: where the model is quantized and lives; each rank passes its own (never a device map,
             which under DDP would put every rank's model on one GPU).
-        park_on: where each finished layer is kept instead (default: `device`). Under FSDP the CPU: the
-            4-bit model then never sits whole on a GPU; FSDP moves it there one shard unit at a time,
-            sharding each before the next.
+        adapter: a PEFT adapter folder to start the LoRA factors from instead of fresh ones (checked against
+            `lora` and the base; see `checkpoint.checked_adapter_state`).
+        materialize: give every module its tensors now. False leaves all parameters on the meta device and
+            `LoadedModel.materialize` to do it module by module: FSDP's `param_init_fn`, which loads each shard
+            unit just before sharding it.
         gradient_checkpointing: recompute activations in backward (non-reentrant), the paper's setting:
             it is what lets 65B fit one 48 GB GPU.
         train_mode: leave the model in train mode (a loaded model starts in eval mode, which would
@@ -240,47 +306,60 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
             raise ValueError(f"{name_or_path} is already quantized ({config.quantization_config}); "
                              "QLoRA needs a 16/32-bit checkpoint to quantize")
     model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    if checkpoint_dir is None:
+        tensors = RandomTensors(device, dtype)
+    else:
+        expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+        tensors = CheckpointTensors(checkpoint_dir, expected, type(model).__name__)
+    lora_modules = _swap_in_qlora_layers(model, quant, lora, name_or_path)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
+    adapter_state = None
+    if adapter is not None:
+        adapter_state = checked_adapter_state(model, adapter, base_model=name_or_path)[1]
+    materializer = ModuleMaterializer(model, tensors, device, dtype, adapter_state)
+    if missing := materializer.missing(model):
+        raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
 
+    model.config.use_cache = not gradient_checkpointing
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train(train_mode)
+    if materialize:
+        for module in model.modules():
+            materializer(module)
+    tokenizer = load_tokenizer(str(checkpoint_dir), trust_remote_code=trust_remote_code) if with_tokenizer else None
+    return LoadedModel(model, tokenizer, lora_modules, materializer)
+
+
+def _swap_in_qlora_layers(model: nn.Module, quant: QuantSpec, lora: LoraSpec, name_or_path: str) -> list[str]:
+    """Replace the linears of a meta-device model by meta-device LoRA layers (the targets) and frozen 4-bit
+    linears (the rest, like the model card's load: every linear but the output head is 4-bit, LoRA or
+    not). Returns the LoRA targets' names."""
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets = {n for n in linear_names if matches_target(n, lora.target_modules, lora.exclude)}
     if not targets:
         raise ValueError(f"lora.target_modules={lora.target_modules!r} (exclude={lora.exclude!r}) matches no "
                          f"linear layer of {name_or_path}; its linear layers include {sorted(linear_names)[:8]}")
-    # Like the model card's load: every linear but the output head is 4-bit, LoRA or not.
     head = model.get_output_embeddings()
-    quantized = set() if quant.quantize == "none" else {
-        n for n in linear_names if model.get_submodule(n) is not head}
-    park_on = torch.device(park_on) if park_on is not None else device
-    assembler = _LinearAssembler(model, targets, quantized, quant, lora, device, park_on)
-
-    if checkpoint_dir is None:
-        tensors = _random_tensors(model, device, dtype)
-    else:
-        expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
-        tensors = _checkpoint_tensors(checkpoint_dir, expected, type(model).__name__)
-    for key, tensor in tensors:
-        if not assembler.offer(key, tensor):
-            _set_tensor(model, key, tensor.to(park_on, dtype, copy=True))  # never alias the file's mmap
-    if assembler.pending:
-        raise KeyError(f"{name_or_path}: incomplete weights for {sorted(assembler.pending)}")
-
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None:
-                module._buffers[name] = buf.to(park_on)
-    lora_modules = sorted(targets)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
-    model.config.use_cache = not gradient_checkpointing
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train(train_mode)
-    tokenizer = load_tokenizer(str(checkpoint_dir), trust_remote_code=trust_remote_code) if with_tokenizer else None
-    return LoadedModel(model, tokenizer, lora_modules)
+    quantized = set() if quant.quantize == "none" else {n for n in linear_names if model.get_submodule(n) is not head}
+    compute, storage = torch_dtype(quant.compute_dtype), torch_dtype(quant.quant_storage)
+    layer_cls = lora_layer_class(quant.quantize)
+    kwargs = lora_layer_kwargs(quant.quantize, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                               double_quant=quant.double_quant, compute_dtype=compute, quant_storage=storage)
+    for name in sorted(targets | quantized):
+        linear = model.get_submodule(name)
+        bias = linear.bias is not None
+        if name in targets:
+            layer = layer_cls(linear.in_features, linear.out_features, bias=bias, device="meta", **kwargs)
+        else:
+            layer = FrozenLinear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute,
+                                     compress_statistics=quant.double_quant, quant_type=quant.quantize,
+                                     quant_storage=storage, device="meta")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    return sorted(targets)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from .checkpoint import (AtomicCheckpointIO, adapter_state_dict, is_adapter_key, load_adapter_into, peft_adapter_config,
+from .checkpoint import (AtomicCheckpointIO, adapter_state_dict, is_adapter_key, peft_adapter_config,
                          save_peft_adapter, to_peft_keys)
 from .fsdp import QLoRAFSDPStrategy, check_shardable
 from .model import LoraSpec, QuantSpec, load_model
@@ -87,6 +87,7 @@ class QLoRAModule(LightningModule):
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.predict_max_new_tokens = predict_max_new_tokens
         self.model = None
+        self.materialize_module = None  # under FSDP: loads one module of the meta-device model (see configure_model)
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self.val_loss = MeanMetric()
@@ -99,9 +100,8 @@ class QLoRAModule(LightningModule):
         if self.model is not None:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device  # cpu unless moved
-        park_on = None
-        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            park_on = "cpu"  # quantized on this rank's GPU, kept on the host until FSDP shards it unit by unit
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if sharded:
             if not isinstance(self.trainer.strategy, QLoRAFSDPStrategy):
                 raise ValueError("use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
                                  "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones")
@@ -109,11 +109,12 @@ class QLoRAModule(LightningModule):
             if self.compile_layers:
                 raise ValueError("model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
                                  "the compiled layers): set it to false, as configs/fsdp.yaml does")
-        self.model = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device, park_on=park_on,
-                                gradient_checkpointing=self.gradient_checkpointing, with_tokenizer=False,
-                                trust_remote_code=self.trust_remote_code).model
-        if self.init_adapter is not None:
-            load_adapter_into(self.model, self.init_adapter, base_model=self.base_model)
+        # Under FSDP the model stays on the meta device: QLoRAFSDPStrategy loads it one shard unit at a time.
+        loaded = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device, adapter=self.init_adapter,
+                            materialize=not sharded, gradient_checkpointing=self.gradient_checkpointing,
+                            with_tokenizer=False, trust_remote_code=self.trust_remote_code)
+        self.model = loaded.model
+        self.materialize_module = loaded.materialize if sharded else None
         if self.compile_layers:
             for layer in self.model.get_decoder().layers:
                 layer.compile()

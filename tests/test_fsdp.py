@@ -52,9 +52,13 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
     ref_loss.backward()
     ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     ref = adapter_state_dict(model)
-    model.zero_grad(set_to_none=True)
 
-    wrapped = FSDP(model, auto_wrap_policy=decoder_layer_policy, use_orig_params=True, device_id=torch.device("cpu"))
+    # The production path: the model left on the meta device and loaded unit by unit as FSDP shards it.
+    deferred = load_model(folder, quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
+                          lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False, materialize=False)
+    wrapped = FSDP(deferred.model, auto_wrap_policy=decoder_layer_policy, use_orig_params=True,
+                   device_id=torch.device("cpu"), param_init_fn=deferred.materialize)
+    load_adapters(wrapped, ref)
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
     frozen_units_with_grads = [n for n, m in wrapped.named_modules() if isinstance(m, FSDP) and
@@ -76,8 +80,9 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
 
 
 def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_llama_dir):
-    """Sharded (2 gloo ranks): same loss as unwrapped, no gradient buffers for frozen units, and the
-    adapters gathered on rank 0 and loaded back into the shards exactly."""
+    """Sharded (2 gloo ranks), loaded unit by unit from the meta device: same loss and gradients as the
+    model loaded whole and unwrapped, no gradient buffers for frozen units, and the adapters gathered on
+    rank 0 and loaded back into the shards exactly."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     torch.multiprocessing.start_processes(_fsdp_rank, args=(str(tiny_llama_dir), 29517, results), nprocs=2,
@@ -163,6 +168,8 @@ def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(tiny_c
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path, cpu_offload):
     fsdp_save_on_two_resume_on_one(tiny_chat_llama_dir, tmp_path, REPO / "train.py", trainer__accelerator="cuda",
-                                   trainer__precision="bf16-true", model__quant__compute_dtype="bfloat16")
+                                   trainer__precision="bf16-true", model__quant__compute_dtype="bfloat16",
+                                   trainer__strategy__init_args__cpu_offload=cpu_offload)

@@ -137,7 +137,7 @@ def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir
     assert all(p.grad is not None for n_, p in module.model.named_parameters() if p.requires_grad)
 
 
-def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True, device="cpu"):
+def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True, device="cpu", seed=1):
     module, data = make(base, dropout=dropout)
     module.compile_layers, module.gradient_checkpointing = compile_layers, gradient_checkpointing
     if device != "cpu":  # the GPU recipe: bf16 compute
@@ -149,7 +149,7 @@ def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True
             torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
     data.setup("fit")
     batch = {k: v.to(device) for k, v in next(iter(data.val_dataloader())).items()}
-    torch.manual_seed(1)
+    torch.manual_seed(seed)  # the dropout masks' seed
     loss, _ = module.loss_on(batch)
     loss.backward()
     return loss.detach(), [p.grad for p in module.model.parameters() if p.requires_grad]
@@ -177,5 +177,16 @@ def test_compiled_dropout_is_redrawn_identically_when_checkpointing_recomputes(t
     torch._dynamo.reset()
     no_dropout = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.0, device=device)
     torch._dynamo.reset()
-    assert torch.equal(kept[0], recomputed[0]) and all(torch.equal(a, b) for a, b in zip(kept[1], recomputed[1]))
+    other_masks = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3, device=device, seed=2)
+    torch._dynamo.reset()
+
+    def grad_gap(a, b):
+        return max(((y.float() - x.float()).norm() / x.float().norm()).item() for x, y in zip(a[1], b[1]))
+
+    assert grad_gap(kept, other_masks) > 0.1  # what redrawing other masks would do
+    if device == "cpu":
+        assert torch.equal(kept[0], recomputed[0]) and all(torch.equal(a, b) for a, b in zip(kept[1], recomputed[1]))
+    else:  # with and without checkpointing Inductor fuses differently, and bf16 rounds accordingly
+        torch.testing.assert_close(recomputed[0], kept[0], rtol=1e-3, atol=0)
+        assert grad_gap(kept, recomputed) <= 3e-2
     assert not torch.equal(kept[0], no_dropout[0])  # dropout is really on

@@ -143,7 +143,10 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         materialize = getattr(self.lightning_module, "materialize_module", None)
         if materialize is not None and _has_meta_device_parameters_or_buffers(model):
             self.kwargs["param_init_fn"] = materialize
-        return super()._setup_model(model)
+        try:
+            return super()._setup_model(model)
+        finally:
+            self.kwargs.pop("param_init_fn", None)  # used once, while wrapping
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The full optimizer state on rank 0, keyed by parameter order (as Lightning's), bitsandbytes' too.

@@ -203,15 +203,17 @@ class ModuleMaterializer:
         self.names = {module: name for name, module in model.named_modules()}
         self.tensors, self.device, self.dtype, self.adapter = tensors, device, dtype, adapter
         # Tied parameters (an output head sharing the embedding) are made once, from whichever key the
-        # checkpoint holds, and shared again.
-        self.tied: dict[str, str] = {}
+        # checkpoint holds, and handed to each of their modules; kept only until the last one has it.
+        self.tied: dict[str, str] = {}  # key → the tied group's key in the checkpoint
+        self.tied_left: dict[str, int] = {}  # that key → modules still to be given the parameter
         groups: dict[int, list[str]] = {}
         for key, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(key)
         for keys in (g for g in groups.values() if len(g) > 1):
             canonical = next((k for k in keys if k in tensors), keys[0])
             self.tied.update((k, canonical) for k in keys)
-        self.made_tied: dict[str, nn.Parameter] = {}  # canonical key → the one parameter, once made
+            self.tied_left[canonical] = len(keys)
+        self.made_tied: dict[str, nn.Parameter] = {}
 
     @staticmethod
     def checkpoint_key(module_name: str) -> str:
@@ -247,18 +249,20 @@ class ModuleMaterializer:
         else:
             for attr, p in module.named_parameters(recurse=False):
                 if p.is_meta:
-                    module._parameters[attr] = self._parameter(self.tied.get(prefix + attr, prefix + attr), p.shape)
+                    module._parameters[attr] = self._parameter(prefix + attr, p.shape)
         for attr, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[attr] = buf.to(self.device)
 
     def _parameter(self, key: str, shape: torch.Size) -> nn.Parameter:
-        if key in self.made_tied:
-            return self.made_tied[key]
-        # A copy, so that nothing aliases the checkpoint file's memory map.
-        p = nn.Parameter(self.tensors(key, shape).to(self.device, self.dtype, copy=True), requires_grad=False)
-        if key in self.tied:
-            self.made_tied[key] = p
+        key = self.tied.get(key, key)
+        p = self.made_tied.pop(key, None)
+        if p is None:  # a copy, so that nothing aliases the checkpoint file's memory map
+            p = nn.Parameter(self.tensors(key, shape).to(self.device, self.dtype, copy=True), requires_grad=False)
+        if key in self.tied_left:
+            self.tied_left[key] -= 1
+            if self.tied_left[key] > 0:
+                self.made_tied[key] = p
         return p
 
 

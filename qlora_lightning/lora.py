@@ -82,6 +82,15 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
     def dense_weight(self) -> torch.Tensor:
         return bnb_F.dequantize_4bit(self.weight.data, self.weight_quant_state()).to(self.compute_dtype)
 
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, *, bias: bool = False, quant_type: Literal["nf4", "fp4"] = "nf4",
+              double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+              quant_storage: torch.dtype = torch.uint8) -> "FrozenLinear4bit":
+        """The layer on the meta device, to be given its weight by `load_dense` (NF4 with double
+        quantization and bf16 compute by default, as the paper)."""
+        return cls(in_features, out_features, bias=bias, compute_dtype=compute_dtype, compress_statistics=double_quant,
+                   quant_type=quant_type, quant_storage=quant_storage, device="meta")
+
     def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str) -> None:
         # Cast to the compute dtype first, as transformers' own 4-bit loading does, so both give the same bytes.
         spec = self.weight
@@ -218,9 +227,8 @@ class LoraLinear4bit(_LoraLinear):
                  quant_storage: torch.dtype = torch.uint8, device: torch.device | str | None = None) -> None:
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-        base = FrozenLinear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
-                                compress_statistics=double_quant, quant_type=quant_type,
-                                quant_storage=quant_storage, device="meta")
+        base = FrozenLinear4bit.empty(in_features, out_features, bias=bias, quant_type=quant_type,
+                                      double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
         super().__init__(base, in_features, out_features, r=r, alpha=alpha, dropout=dropout,
                          lora_dtype=lora_dtype, device=device)
         self.quant_type, self.double_quant = quant_type, double_quant
@@ -243,9 +251,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, d
     """A frozen 4-bit linear layer (`FrozenLinear4bit`) holding `weight` quantized on `device` (blocksize
     64, as the paper)."""
     out_features, in_features = weight.shape
-    layer = FrozenLinear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                             compress_statistics=double_quant, quant_type=quant_type,
-                             quant_storage=quant_storage, device="meta")
+    layer = FrozenLinear4bit.empty(in_features, out_features, bias=bias is not None, quant_type=quant_type,
+                                   double_quant=double_quant, compute_dtype=compute_dtype, quant_storage=quant_storage)
     layer.load_dense(weight, bias, device)
     return layer
 

@@ -202,18 +202,18 @@ class ModuleMaterializer:
                  adapter: dict[str, torch.Tensor] | None = None):
         self.names = {module: name for name, module in model.named_modules()}
         self.tensors, self.device, self.dtype, self.adapter = tensors, device, dtype, adapter
-        # Tied parameters (an output head sharing the embedding) are made once, from whichever key the
-        # checkpoint holds, and handed to each of their modules; kept only until the last one has it.
+        # Tied parameters (an output head sharing the embedding) are one parameter in several modules: made
+        # once, from whichever key the checkpoint holds, and given to all of them at once.
         self.tied: dict[str, str] = {}  # key → the tied group's key in the checkpoint
-        self.tied_left: dict[str, int] = {}  # that key → modules still to be given the parameter
-        groups: dict[int, list[str]] = {}
-        for key, p in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), []).append(key)
-        for keys in (g for g in groups.values() if len(g) > 1):
-            canonical = next((k for k in keys if k in tensors), keys[0])
-            self.tied.update((k, canonical) for k in keys)
-            self.tied_left[canonical] = len(keys)
-        self.made_tied: dict[str, nn.Parameter] = {}
+        self.tied_places: dict[str, list[tuple[nn.Module, str]]] = {}  # that key → (module, attribute) of each
+        groups: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for name, module in model.named_modules():
+            for attr, p in module.named_parameters(recurse=False):
+                groups.setdefault(id(p), []).append((f"{name}.{attr}" if name else attr, module, attr))
+        for group in (g for g in groups.values() if len(g) > 1):
+            canonical = next((key for key, _, _ in group if key in tensors), group[0][0])
+            self.tied.update((key, canonical) for key, _, _ in group)
+            self.tied_places[canonical] = [(module, attr) for _, module, attr in group]
 
     @staticmethod
     def checkpoint_key(module_name: str) -> str:
@@ -249,21 +249,15 @@ class ModuleMaterializer:
         else:
             for attr, p in module.named_parameters(recurse=False):
                 if p.is_meta:
-                    module._parameters[attr] = self._parameter(prefix + attr, p.shape)
+                    key = self.tied.get(prefix + attr, prefix + attr)
+                    # a copy, so that nothing aliases the checkpoint file's memory map
+                    value = self.tensors(key, p.shape).to(self.device, self.dtype, copy=True)
+                    made = nn.Parameter(value, requires_grad=False)
+                    for owner, owner_attr in self.tied_places.get(key, [(module, attr)]):
+                        owner._parameters[owner_attr] = made
         for attr, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[attr] = buf.to(self.device)
-
-    def _parameter(self, key: str, shape: torch.Size) -> nn.Parameter:
-        key = self.tied.get(key, key)
-        p = self.made_tied.pop(key, None)
-        if p is None:  # a copy, so that nothing aliases the checkpoint file's memory map
-            p = nn.Parameter(self.tensors(key, shape).to(self.device, self.dtype, copy=True), requires_grad=False)
-        if key in self.tied_left:
-            self.tied_left[key] -= 1
-            if self.tied_left[key] > 0:
-                self.made_tied[key] = p
-        return p
 
 
 def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec = LoraSpec(),
@@ -358,9 +352,8 @@ def _swap_in_qlora_layers(model: nn.Module, quant: QuantSpec, lora: LoraSpec, na
         if name in targets:
             layer = layer_cls(linear.in_features, linear.out_features, bias=bias, device="meta", **kwargs)
         else:
-            layer = FrozenLinear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute,
-                                     compress_statistics=quant.double_quant, quant_type=quant.quantize,
-                                     quant_storage=storage, device="meta")
+            layer = FrozenLinear4bit.empty(linear.in_features, linear.out_features, bias=bias, quant_type=quant.quantize,
+                                           double_quant=quant.double_quant, compute_dtype=compute, quant_storage=storage)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
     return sorted(targets)

@@ -25,14 +25,14 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ..tokenizer import load_tokenizer
 from .formats import get_format
 from .sampler import LengthGroupedSampler
-from .sources import BadRecordError, encode_split, load_source, pick_subset
+from .sources import BadRecordError, Truncation, encode_split, load_source, pick_subset
 from .templates import get_template
 from .tokenize import ExampleEncoder, InstructionCollator
 
@@ -41,6 +41,9 @@ __all__ = ["InstructionDataModule"]
 
 class InstructionDataModule(L.LightningDataModule):
     """Instruction-tuning data for QLoRA (the constructor's arguments are the `data:` section of the config).
+
+    Setup logs one line saying how many examples of each split the length limits cut, and by how many tokens;
+    `truncation` then holds those numbers ("train", and "val" when there is validation data).
 
     Args:
         tokenizer: hub id or local folder of the tokenizer (the CLI links it from the model's base model);
@@ -119,6 +122,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.hparams["tokenizer"] = tokenizer if self._tokenizer is None else self._tokenizer.name_or_path
         self.train_data = None
         self.val_data = None
+        self.truncation: dict[str, Truncation] = {}  # "train"/"val" → what the length limits cut (set by setup)
         self._train_sampler: LengthGroupedSampler | None = None
         self._resume_state: dict | None = None
 
@@ -145,7 +149,8 @@ class InstructionDataModule(L.LightningDataModule):
         self._build()
 
     def _build(self) -> None:
-        """Load, subset, check and tokenize both splits once (cached on disk, so every rank can repeat it)."""
+        """Load, subset, check and tokenize both splits once (cached on disk, so every rank can repeat it), and
+        report what the length limits cut."""
         if self.train_data is not None:
             return
         h = self.hparams
@@ -157,11 +162,12 @@ class InstructionDataModule(L.LightningDataModule):
             val_source = load_source(h.val_dataset, h.val_split, h.cache_dir)
             val_pos = np.arange(len(val_source.rows))
         num_proc = h.num_proc or min(8, os.cpu_count() or 1)
-        train, errors = encode_split(source, train_pos, encoder, h.format, h.cache_dir, num_proc)
-        val = None
+        train, errors, train_cut = encode_split(source, train_pos, encoder, h.format, h.cache_dir, num_proc)
+        val, truncation = None, {"train": train_cut}
         if len(val_pos):
-            val, val_errors = encode_split(val_source, val_pos, encoder, h.format, h.cache_dir, num_proc)
+            val, val_errors, val_cut = encode_split(val_source, val_pos, encoder, h.format, h.cache_dir, num_proc)
             errors += val_errors
+            truncation["val"] = val_cut
         if errors and h.on_bad_record == "error":
             more = f" ({len(errors) - 1} more bad records)" if len(errors) > 1 else ""
             raise BadRecordError(f"{errors[0]}{more}; set on_bad_record: skip to drop bad records")
@@ -171,7 +177,10 @@ class InstructionDataModule(L.LightningDataModule):
             raise BadRecordError(f"{h.dataset}: no usable records left for {empty}" + (f": {skipped}" if skipped else ""))
         if skipped:
             rank_zero_warn(skipped)
-        self.train_data, self.val_data = train, val
+        self.train_data, self.val_data, self.truncation = train, val, truncation
+        split_names = {"train": "training", "val": "validation"}
+        cuts = "; ".join(f"{split_names[name]}: {cut.describe()}" for name, cut in truncation.items())
+        rank_zero_info(f"length limits (source_max_len {h.source_max_len}, target_max_len {h.target_max_len}): {cuts}")
 
     def _layout(self) -> tuple[int, int, int]:
         """(world size, global rank, accumulate_grad_batches) from the trainer; (1, 0, 1) outside one."""

@@ -83,7 +83,8 @@ def text_field(record: Mapping, name: str, *, required: bool = True, allow_empty
     """Read string field `name`: missing/None is an error when `required` (else ""), non-strings always are.
 
     Empty or whitespace-only values are errors unless `allow_empty`, because an empty prompt or response
-    gives an example with nothing to learn (and an empty target would be all EOS).
+    gives an example with nothing to learn (and an empty target would be all EOS). Text that cannot be
+    written as UTF-8 (a lone surrogate) is an error too, as the tokenizer would fail on it.
     """
     value = record.get(name)
     if value is None:
@@ -94,6 +95,10 @@ def text_field(record: Mapping, name: str, *, required: bool = True, allow_empty
         raise RecordError(name, f"must be a string, got {type(value).__name__} ({value!r:.40})")
     if not allow_empty and not value.strip():
         raise RecordError(name, "is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as JSON's "\ud800": valid JSON, invalid text
+        raise RecordError(name, f"is not valid text: lone surrogate {value[e.start]!r} at index {e.start}") from None
     return value
 
 

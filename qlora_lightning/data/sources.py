@@ -8,14 +8,23 @@ with the wrong type is reported with its file, line and field instead of failing
 Each record is formatted, templated and tokenized in one `Dataset.map` (batched, `num_proc` workers)
 whose output is cached in a file keyed by the source, the subset, the format, the template, the tokenizer
 and the length limits. Bad records become rows with an `error` message; `on_bad_record` then raises on the
-first one or drops them all and reports how many.
+first one or drops them all and reports how many. The rows also count the tokens the length limits cut, so
+the cache answers `Truncation` too. Parallel workers die with the main process (see `_die_with_parent`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -23,20 +32,26 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
+from datasets.exceptions import DatasetGenerationError
 
 from .formats import RecordError, format_record
 from .sample import BUNDLED
 from .tokenize import ExampleEncoder
 
-__all__ = ["BadRecordError", "RawSource", "load_source", "pick_subset", "encode_split", "resolve_bundled"]
+__all__ = [
+    "BadRecordError", "RawSource", "Cut", "Truncation", "cache_root", "load_source", "pick_subset", "encode_split",
+    "resolve_bundled",
+]
 
 PARALLEL_MIN_RECORDS = 10_000  # below this, starting `num_proc` workers costs more than it saves
-CACHE_VERSION = 1  # bump when the encoding of a record changes, so old cache files are not reused
+CACHE_VERSION = 2  # bump when the encoding of a record changes, so old cache files are not reused
 _FEATURES = Features(
     {
         "input_ids": Sequence(Value("int32")),
         "n_source": Value("int32"),
         "length": Value("int32"),
+        "source_cut": Value("int32"),
+        "target_cut": Value("int32"),
         "error": Value("string"),
     }
 )
@@ -55,12 +70,63 @@ class RawSource:
     label: str  # the file, folder or hub name, for messages
     kind: str  # "jsonl" (a `text` column, one JSON document per line), "json" (one per record) or "table"
     identity: str  # what the cache key uses to recognise this exact data
+    bad_rows: dict[int, str] = field(default_factory=dict)  # dataset row → why it is unusable (non-UTF-8 lines)
 
+
+@dataclass(frozen=True)
+class Cut:
+    """Examples that lost tokens to one length limit: how many, the tokens they lost in all, the most one lost."""
+
+    examples: int
+    tokens: int
+    max_tokens: int
+
+    @property
+    def mean_tokens(self) -> float:
+        """Tokens lost per cut example (0 when none was cut)."""
+        return self.tokens / self.examples if self.examples else 0.0
+
+    def describe(self, part: str, of: int) -> str:
+        """E.g. "source cut in 12/1000 examples (mean 35.2, max 200 tokens)", or "no source cut"."""
+        if not self.examples:
+            return f"no {part} cut"
+        mean = f"{self.mean_tokens:.1f}"
+        return f"{part} cut in {self.examples}/{of} examples (mean {mean}, max {self.max_tokens} tokens)"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What `source_max_len` (`source`) and `target_max_len` (`target`) cut in a split of `examples` examples."""
+
+    examples: int
+    source: Cut
+    target: Cut
+
+    def describe(self) -> str:
+        """One phrase for the log: "source cut in 12/1000 examples (mean 35.2, max 200 tokens), no target cut"."""
+        return f"{self.source.describe('source', self.examples)}, {self.target.describe('target', self.examples)}"
 
 
 def _where(kind: str, row: int) -> str:
     """Name a row the way the user would look for it: JSONL line (from 1), JSON record or table row (from 0)."""
     return {"jsonl": f"line {row + 1}", "json": f"record {row}", "table": f"row {row}"}[kind]
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """The folder that caches loaded and tokenized data (`cache_dir`, else the datasets cache), checked writable.
+
+    A folder that cannot be written would otherwise fail deep inside `datasets` and look like a bad data file.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise PermissionError(
+            f"the cache folder {root} is not writable ({e.strerror or e}): set data.cache_dir (or HF_DATASETS_CACHE, "
+            "used when data.cache_dir is unset) to a folder this process can write"
+        ) from e
+    return root
 
 
 def _file_identity(path: Path) -> str:
@@ -78,24 +144,59 @@ def resolve_bundled(name: str) -> Path:
     return path
 
 
-def _load_json_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str]:
-    """A .json file is either JSON Lines or one JSON array of records; .jsonl is always JSON Lines."""
-    with open(path, encoding="utf-8") as f:
+_ESCAPED_BYTE = re.compile(r"[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
+def _undecodable_lines(path: Path) -> dict[int, str]:
+    """Line (from 0) → what is wrong, for each line of `path` that is not UTF-8; lines split as the `text` builder
+    splits them (universal newlines), so the numbers are its rows."""
+    bad = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for i, line in enumerate(f):
+            if m := _ESCAPED_BYTE.search(line):
+                byte = ord(m.group()) - 0xDC00
+                bad[i] = f"not UTF-8 text: byte {byte:#04x} at column {m.start() + 1}; save the file as UTF-8"
+    return bad
+
+
+def _load_json_array(path: Path) -> Dataset:
+    """A file holding one JSON array of records → a `text` column with one JSON document per record."""
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        line, problem = next(iter(_undecodable_lines(path).items()))
+        raise BadRecordError(f"{path}: line {line + 1}: {problem}") from None
+    except json.JSONDecodeError as e:
+        raise BadRecordError(f"{path}: line {e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise BadRecordError(f"{path}: JSON nested too deeply to parse (arrays/objects inside each other)") from None
+    return Dataset.from_dict({"text": [json.dumps(r) for r in records]})
+
+
+def _load_json_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str, dict[int, str]]:
+    """A .json file is either JSON Lines or one JSON array of records; .jsonl is always JSON Lines.
+
+    Returns (dataset, kind, bad rows). Lines that are not UTF-8 are read with replacement characters and
+    returned as bad rows, so that they are reported with their line number or skipped like other bad records.
+    """
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if path.suffix.lower() == ".json" and head.startswith("["):
-        try:
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise BadRecordError(f"{path}: line {e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        return Dataset.from_dict({"text": [json.dumps(r) for r in records]}), "json"
-    ds = datasets.load_dataset("text", data_files=str(path), split="train", cache_dir=cache_dir)
-    return ds, "jsonl"
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        return _load_json_array(path), "json", {}
+    lines = dict(path="text", data_files=str(path), split="train", cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(**lines), "jsonl", {}
+    except DatasetGenerationError as e:
+        if not isinstance(e.__cause__, UnicodeDecodeError):
+            raise
+    return datasets.load_dataset(**lines, encoding_errors="replace"), "jsonl", _undecodable_lines(path)
 
 
 def load_source(name: str, split: str = "train", cache_dir: str | None = None) -> RawSource:
     """Load `name`: `bundled:<name>`, a local file, a `save_to_disk` folder, else `load_dataset(name, split)`."""
     path = resolve_bundled(name) if name.startswith("bundled:") else Path(name).expanduser()
+    cache_root(cache_dir)
+    bad_rows: dict[int, str] = {}
     if path.is_file():
         if path.stat().st_size == 0:
             raise BadRecordError(f"{path}: the file is empty")
@@ -104,7 +205,7 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
             raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
         try:
             if suffix in (".jsonl", ".json"):
-                ds, kind = _load_json_file(path, cache_dir)
+                ds, kind, bad_rows = _load_json_file(path, cache_dir)
             elif suffix == ".csv":
                 # every cell is text (an answer "42" must not become an int, nor "NA" a null); empty cells are null
                 ds, kind = Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])), "table"
@@ -137,7 +238,7 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
         rows = np.arange(len(ds))
     if len(rows) == 0:
         raise BadRecordError(f"{label}: no records")
-    return RawSource(ds, rows, label, kind, identity)
+    return RawSource(ds, rows, label, kind, identity, bad_rows)
 
 
 def pick_subset(n: int, seed: int, max_examples: int | None, val_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,8 +255,63 @@ def pick_subset(n: int, seed: int, max_examples: int | None, val_size: int) -> t
     return np.sort(perm[val_size:end]), np.sort(perm[:val_size])
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_fork_parent: int | None = None  # set during `encode_split`'s `map`: the process whose forked children die with it
+
+
+def _die_with_parent() -> None:
+    """Run in each child forked while `_fork_parent` is set (Linux): have the kernel SIGKILL it when its parent dies.
+
+    A SIGKILL of the main process during parallel tokenization would otherwise leave the `map` workers (and the
+    queue manager `datasets` starts) running as orphans. A parent that died between the fork and the `prctl` is
+    no longer this process's parent, so the child ends itself at once; children it forks in turn die with it.
+    Processes started by spawn or a forkserver are not forked here and are left alone. (Linux sends the signal
+    when the forking thread ends: here the one running `map`, which outlives its workers.)
+    """
+    global _fork_parent
+    if _fork_parent is None:
+        return
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _fork_parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _fork_parent = os.getpid()
+
+
+if sys.platform.startswith("linux"):
+    os.register_at_fork(after_in_child=_die_with_parent)
+
+
+@contextmanager
+def _children_die_with_this_process() -> Iterator[None]:
+    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux)."""
+    global _fork_parent
+    _fork_parent = os.getpid()
+    try:
+        yield
+    finally:
+        _fork_parent = None
+
+
+def _parse_json(text: str) -> object:
+    """One JSON document; malformed or too deeply nested JSON is a `RecordError`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise RecordError(None, "JSON nested too deeply to parse (arrays/objects inside each other)") from None
+
+
 def _encode_batch(
-    batch: dict, indices: list[int], *, encoder: ExampleEncoder, format: str, label: str, kind: str, rows: np.ndarray
+    batch: dict,
+    indices: list[int],
+    *,
+    encoder: ExampleEncoder,
+    format: str,
+    label: str,
+    kind: str,
+    rows: np.ndarray,
+    bad_rows: dict[int, str],
 ) -> dict:
     """Format, template and tokenize a batch of raw records; bad records give rows carrying `error`."""
     n = len(indices)
@@ -165,33 +321,29 @@ def _encode_batch(
         records = batch["text"]
     examples, owners, errors = [], [], {}
     for j, (i, record) in enumerate(zip(indices, records)):
-        where = f"{label}: {_where(kind, int(rows[i]))}"
+        row = int(rows[i])
+        where = f"{label}: {_where(kind, row)}"
         try:
-            if kind != "table":
-                try:
-                    record = json.loads(record)
-                except json.JSONDecodeError as e:
-                    raise RecordError(None, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            found = format_record(record, format)
+            if row in bad_rows:
+                raise RecordError(None, bad_rows[row])
+            found = format_record(record if kind == "table" else _parse_json(record), format)
         except RecordError as e:
             errors[j] = f"{where}: {e}"
             continue
         examples += found
         owners += [j] * len(found)
-    encoded = encoder.encode(examples) if examples else {"input_ids": [], "n_source": []}
-    out: dict[str, list] = {"input_ids": [], "n_source": [], "length": [], "error": []}
+    encoded = encoder.encode(examples) if examples else {}
+    out: dict[str, list] = {c: [] for c in _FEATURES}
     k = 0
     for j in range(n):
         if j in errors:
-            out["input_ids"].append([])
-            out["n_source"].append(0)
-            out["length"].append(0)
-            out["error"].append(errors[j])
+            empty = {"input_ids": [], "n_source": 0, "source_cut": 0, "target_cut": 0, "length": 0, "error": errors[j]}
+            for c, value in empty.items():
+                out[c].append(value)
         while k < len(owners) and owners[k] == j:
-            ids = encoded["input_ids"][k]
-            out["input_ids"].append(ids)
-            out["n_source"].append(encoded["n_source"][k])
-            out["length"].append(len(ids))
+            for c, values in encoded.items():
+                out[c].append(values[k])
+            out["length"].append(len(encoded["input_ids"][k]))
             out["error"].append("")
             k += 1
     return out
@@ -219,6 +371,12 @@ def cache_key(source: RawSource, positions: np.ndarray, encoder: ExampleEncoder,
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
+def _cut(tokens: np.ndarray) -> Cut:
+    """Sum up the tokens that one length limit cut from each example (0 for the uncut ones)."""
+    cut = tokens[tokens > 0]
+    return Cut(len(cut), int(cut.sum()), int(cut.max(initial=0)))
+
+
 def encode_split(
     source: RawSource,
     positions: np.ndarray,
@@ -226,33 +384,40 @@ def encode_split(
     format: str,
     cache_dir: str | None,
     num_proc: int | None,
-) -> tuple[Dataset, list[str]]:
-    """Encode the records at `positions` (indices into `source.rows`); returns (good rows, error messages).
+) -> tuple[Dataset, list[str], Truncation]:
+    """Encode the records at `positions` (indices into `source.rows`); returns (good rows, error messages, what
+    the length limits cut from the good rows).
 
     The result is cached under `cache_dir` (default: the datasets cache) and reused when the key matches.
     Fewer than `PARALLEL_MIN_RECORDS` records are encoded in-process.
     """
     rows = source.rows[positions]
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
-    cache = root / "qlora_lightning" / f"tokenized-{cache_key(source, positions, encoder, format)}.arrow"
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    folder = cache_root(cache_dir) / "qlora_lightning"
+    folder.mkdir(exist_ok=True)
+    cache = folder / f"tokenized-{cache_key(source, positions, encoder, format)}.arrow"
     procs = num_proc if num_proc and num_proc > 1 and len(rows) >= PARALLEL_MIN_RECORDS else None
     subset = source.dataset.select(rows)
-    encoded = subset.map(
-        _encode_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=subset.column_names,
-        features=_FEATURES,
-        fn_kwargs={"encoder": encoder, "format": format, "label": source.label, "kind": source.kind, "rows": rows},
-        cache_file_name=str(cache),
-        load_from_cache_file=True,
-        new_fingerprint=cache.stem,
-        num_proc=procs,
-        desc=f"Tokenizing {source.label}",
-    )
+    fn_kwargs = dict(encoder=encoder, format=format, label=source.label, kind=source.kind, rows=rows,
+                     bad_rows=source.bad_rows)
+    with _children_die_with_this_process():
+        encoded = subset.map(
+            _encode_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=subset.column_names,
+            features=_FEATURES,
+            fn_kwargs=fn_kwargs,
+            cache_file_name=str(cache),
+            load_from_cache_file=True,
+            new_fingerprint=cache.stem,
+            num_proc=procs,
+            desc=f"Tokenizing {source.label}",
+        )
     error_column = encoded.data.column("error")
     bad = pc.not_equal(error_column, "").to_numpy(zero_copy_only=False)
     errors = error_column.filter(bad).to_pylist()
     good = encoded.select(np.flatnonzero(~bad)) if errors else encoded
-    return good.remove_columns("error"), errors
+    # error rows cut nothing, so the whole columns give the good rows' numbers
+    source_cut, target_cut = (_cut(encoded.data.column(c).to_numpy()) for c in ("source_cut", "target_cut"))
+    truncation = Truncation(len(good), source_cut, target_cut)
+    return good.remove_columns(["error", "source_cut", "target_cut"]), errors, truncation

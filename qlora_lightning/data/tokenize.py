@@ -51,7 +51,8 @@ def _separator(tokenizer: PreTrainedTokenizerBase, template: Template) -> str:
 
 
 class ExampleEncoder:
-    """Turns `Example`s into `input_ids` plus `n_source` (how many leading ids are the source).
+    """Turns `Example`s into `input_ids` plus `n_source` (how many leading ids are the source), and counts
+    the tokens the length limits cut off.
 
     `source_max_len`/`target_max_len` default to the paper's 384/128. `source_truncation="right"` keeps
     the start of a long source, as qlora.py does; "left" keeps its end (the prompt's "### Assistant:"
@@ -91,19 +92,25 @@ class ExampleEncoder:
         return self.prefix + ids
 
     def encode(self, examples: Sequence[Example]) -> dict[str, list]:
-        """Encode a batch: returns {"input_ids": [[...]], "n_source": [...]} (batched for speed)."""
+        """Encode a batch: {"input_ids": [[...]], "n_source": [...], "source_cut": [...], "target_cut": [...]}.
+
+        `source_cut`/`target_cut` count the tokens each example lost to `source_max_len`/`target_max_len`
+        (0 where it fits; the cut target's lost EOS counts). Batched for speed.
+        """
         tok = self.tokenizer
         sources = [self.template.render(ex, tok) for ex in examples]
         targets = [self.separator + ex.response for ex in examples]
         src_ids = tok(sources, add_special_tokens=False)["input_ids"]
         tgt_ids = tok(targets, add_special_tokens=False)["input_ids"]
-        input_ids, n_source = [], []
+        out: dict[str, list] = {"input_ids": [], "n_source": [], "source_cut": [], "target_cut": []}
         for s, t in zip(src_ids, tgt_ids):
+            t = t + [tok.eos_token_id]
+            out["source_cut"].append(max(0, len(self.prefix) + len(s) - self.source_max_len))
+            out["target_cut"].append(max(0, len(t) - self.target_max_len))
             s = self._truncate_source(s)
-            t = (t + [tok.eos_token_id])[: self.target_max_len]
-            input_ids.append(s + t)
-            n_source.append(len(s))
-        return {"input_ids": input_ids, "n_source": n_source}
+            out["input_ids"].append(s + t[: self.target_max_len])
+            out["n_source"].append(len(s))
+        return out
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str = "qlora") -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +17,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qlora_lightning.data import BadRecordError, InstructionDataModule, bundled_paths, pick_subset
-from qlora_lightning.data import sources
+from qlora_lightning.data import datamodule, sources
+from qlora_lightning.data.formats import Example
 from qlora_lightning.data.sample import exact_match, main
+from qlora_lightning.data.sources import Cut, Truncation
+from qlora_lightning.data.templates import render_source
 from qlora_lightning.data.tokenize import ExampleEncoder
 
 
@@ -188,6 +192,9 @@ GOOD = {"system_prompt": "", "question": "What is 1 + 1?", "response": "2"}
         ([GOOD, GOOD, {**GOOD, "response": 2}], "line 3", "field 'response': must be a string, got int"),
         ([GOOD, {**GOOD, "response": ""}, GOOD, GOOD], "line 2", "field 'response': is empty"),
         ([GOOD, "", GOOD, '["a list"]'], "line 4", "expected a JSON object"),  # blank lines keep numbering
+        # valid JSON that json.loads accepts, but a lone surrogate is no text a tokenizer can take
+        ([GOOD, '{"question": "caf\\ud800", "response": "r"}'], "line 2", "field 'question': is not valid text"),
+        ([GOOD, "[" * 100_000 + "]" * 100_000, GOOD], "line 2", "JSON nested too deeply to parse"),
     ],
 )
 def test_bad_jsonl_records_name_file_line_and_field(dm_args, write_jsonl, lines, where, problem):
@@ -213,6 +220,52 @@ def test_bad_table_rows_and_json_arrays(dm_args, tmp_path):
     (tmp_path / "arr.json").write_text(json.dumps([GOOD, {**GOOD, "question": ""}, GOOD]))
     with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'arr.json'}: record 1: field 'question': is empty")):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "arr.json"), "val_size": 0})
+
+
+@pytest.mark.parametrize("lines_before", [0, 200], ids=["in-the-first-4KB", "far-past-them"])
+def test_bytes_that_are_not_utf8_name_the_line(dm_args, tmp_path, lines_before):
+    good = (json.dumps(GOOD) + "\n").encode()
+    latin1 = '{"question": "Caf\xe9?", "response": "Oui."}\n'.encode("latin-1")  # é is byte 0xe9, not UTF-8
+    problem = f"line {lines_before + 1}: not UTF-8 text: byte 0xe9 at column 18"
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good * lines_before + latin1 + good * 5)
+    with pytest.raises(BadRecordError, match=re.escape(f"{path}: {problem}; save the file as UTF-8")):
+        setup_dm(**{**dm_args, "dataset": str(path), "val_size": 0})
+    skipped = f"skipped 1 bad records (on_bad_record: skip); the first: {path}: {problem}"
+    with pytest.warns(UserWarning, match=re.escape(skipped)):
+        dm = setup_dm(**{**dm_args, "dataset": str(path), "val_size": 0, "on_bad_record": "skip"})
+    assert len(dm.train_data) == lines_before + 5
+
+    array = tmp_path / "array.json"  # one JSON array: no record can be skipped, the line is still named
+    records = [good.strip()] * lines_before + [latin1.strip(), good.strip()]
+    array.write_bytes(b"[\n" + b",\n".join(records) + b"\n]\n")
+    with pytest.raises(BadRecordError, match=re.escape(f"{array}: line {lines_before + 2}: not UTF-8 text: byte 0xe9")):
+        setup_dm(**{**dm_args, "dataset": str(array), "val_size": 0, "on_bad_record": "skip"})
+
+
+def test_too_deep_json_arrays_and_skipping_unreadable_lines(dm_args, tmp_path, write_jsonl):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" + json.dumps(GOOD) + ", " + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(BadRecordError, match=re.escape(f"{deep}: JSON nested too deeply to parse")):
+        setup_dm(**{**dm_args, "dataset": str(deep), "val_size": 0})
+    path = write_jsonl([GOOD, "[" * 100_000 + "]" * 100_000, '{"question": "\\udfff", "response": "r"}', GOOD, GOOD])
+    with pytest.warns(UserWarning, match="skipped 2 bad records .*line 2: JSON nested too deeply"):
+        dm = setup_dm(**{**dm_args, "dataset": str(path), "val_size": 0, "on_bad_record": "skip"})
+    assert len(dm.train_data) == 3
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(dm_args, tmp_path, write_jsonl):
+    data = str(write_jsonl([GOOD] * 4))
+    (tmp_path / "a_file").write_text("")
+    unwritable = [tmp_path / "a_file" / "cache"]  # mkdir fails under a file, even for root
+    if os.geteuid() != 0:  # root ignores permissions
+        (tmp_path / "readonly").mkdir(mode=0o500)
+        unwritable.append(tmp_path / "readonly")
+    for folder in unwritable:
+        problem = re.escape(f"the cache folder {folder} is not writable (") + r"[^)]+\): "
+        advice = re.escape("set data.cache_dir (or HF_DATASETS_CACHE, used when data.cache_dir is unset)")
+        with pytest.raises(PermissionError, match=problem + advice):
+            setup_dm(**{**dm_args, "dataset": data, "cache_dir": str(folder)})
 
 
 def test_empty_files_and_bad_settings(dm_args, tmp_path):
@@ -271,6 +324,50 @@ def test_tokenization_is_cached_and_keyed(dm_args, write_jsonl, orca_records, mo
     other = setup_dm(**{**dm_args, "dataset": path, "template": "alpaca", "target_max_len": 2})
     assert other.train_data["input_ids"] != first.train_data["input_ids"]
     assert max(r["length"] - r["n_source"] for r in other.train_data) == 2
+
+
+def _expected_truncation(tok, records, source_max_len, target_max_len) -> Truncation:
+    """What the limits cut from OpenOrca records without a system prompt, counted from their full tokenization."""
+    sources_ = [len(tok(render_source(Example(r["question"], r["response"]), "qlora"))["input_ids"]) for r in records]
+    targets = [len(tok(" " + r["response"])["input_ids"]) + 1 for r in records]  # + EOS
+
+    def cut(lengths, limit):
+        over = [n - limit for n in lengths if n > limit]
+        return Cut(len(over), sum(over), max(over, default=0))
+
+    return Truncation(len(records), cut(sources_, source_max_len), cut(targets, target_max_len))
+
+
+def test_truncation_is_counted_reported_once_and_cached(dm_args, write_jsonl, monkeypatch):
+    train = [
+        {"question": f"What is {i} + 1?" + " Think." * (i % 4 * 12), "response": f"{i + 1}" + " yes" * (i % 3 * 3)}
+        for i in range(12)
+    ]
+    val = [{"question": f"Name {i}.", "response": "Blue" + ", green" * i} for i in range(5)]
+    args = {**dm_args, "dataset": str(write_jsonl(train)), "val_dataset": str(write_jsonl(val, "val.jsonl")),
+            "val_size": 0, "source_max_len": 60, "target_max_len": 6}
+    expected = {"train": _expected_truncation(dm_args["tokenizer"], train, 60, 6),
+                "val": _expected_truncation(dm_args["tokenizer"], val, 60, 6)}
+    assert expected["train"].source.examples and expected["train"].target.examples and expected["val"].target.examples
+    line = (f"length limits (source_max_len 60, target_max_len 6): training: {expected['train'].describe()}; "
+            f"validation: {expected['val'].describe()}")
+
+    def fail(self, examples):
+        raise AssertionError("tokenized again although cached")
+
+    for cached in (False, True):
+        with monkeypatch.context() as m:
+            if cached:  # the numbers come out of the cache, not from tokenizing again
+                m.setattr(ExampleEncoder, "encode", fail)
+            logged = []
+            m.setattr(datamodule, "rank_zero_info", logged.append)
+            dm = InstructionDataModule(**args)
+            dm.prepare_data()
+            dm.setup("fit")
+        assert dm.truncation == expected and logged == [line]
+    assert Cut(2, 7, 5).describe("source", 10) == "source cut in 2/10 examples (mean 3.5, max 5 tokens)"
+    assert Truncation(10, Cut(2, 7, 5), Cut(0, 0, 0)).describe() == (
+        "source cut in 2/10 examples (mean 3.5, max 5 tokens), no target cut")
 
 
 def test_parallel_tokenization_equals_serial(dm_args, write_jsonl, orca_records, monkeypatch):

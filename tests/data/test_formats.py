@@ -59,6 +59,7 @@ def test_oasst1_rejects_malformed_conversations(text, problem):
         ({"question": "q", "response": 4}, "response", "must be a string, got int"),
         ({"question": "q", "response": "  "}, "response", "is empty"),
         ({"question": "q", "response": "r", "system_prompt": ["x"]}, "system_prompt", "must be a string, got list"),
+        ({"question": "caf\ud800?", "response": "r"}, "question", r"is not valid text: lone surrogate '\\ud800'"),
     ],
 )
 def test_bad_fields_name_the_field(record, field, problem):

@@ -47,13 +47,17 @@ def test_limits_384_and_128(smollm2_tokenizer, bos_tokenizer):
     long_q = " ".join(f"word{i}" for i in range(1500))
     long_a = " ".join(f"answer{i}" for i in range(800))
     for tok in (smollm2_tokenizer, bos_tokenizer):
-        (input_ids,), (n_source,) = ExampleEncoder(tok).encode([Example(long_q, long_a)]).values()
+        out = ExampleEncoder(tok).encode([Example(long_q, long_a)])
+        (input_ids,), (n_source,) = out["input_ids"], out["n_source"]
         assert n_source == 384 and len(input_ids) == 384 + 128
         assert tok.eos_token_id not in input_ids  # a cut response keeps no EOS: never learn to stop mid-answer
         full_source = special_prefix(tok) + ids(tok, render_source(Example(long_q, long_a), "qlora"))
         assert input_ids[:384] == full_source[:384]  # "right": the start is kept, as in qlora.py
+        assert out["source_cut"] == [len(full_source) - 384]
+        assert out["target_cut"] == [len(ids(tok, " " + long_a)) + 1 - 128]  # the lost EOS counts too
 
-        (input_ids,), (n_source,) = ExampleEncoder(tok, source_truncation="left").encode([Example(long_q, "4")]).values()
+        out = ExampleEncoder(tok, source_truncation="left").encode([Example(long_q, "4")])
+        (input_ids,), (n_source,) = out["input_ids"], out["n_source"]
         prefix = special_prefix(tok)
         assert n_source == 384 and input_ids[: len(prefix)] == prefix
         assert input_ids[len(prefix) : n_source] == full_source[len(full_source) - 384 + len(prefix) :]
@@ -62,13 +66,15 @@ def test_limits_384_and_128(smollm2_tokenizer, bos_tokenizer):
     out = ExampleEncoder(smollm2_tokenizer, source_max_len=20, target_max_len=5).encode([Example(long_q, long_a), Example("Hi", "Yo")])
     assert [len(x) - s for x, s in zip(out["input_ids"], out["n_source"])] == [5, 3]  # " Yo" + EOS
     assert out["n_source"][0] == 20
+    assert out["target_cut"] == [len(ids(smollm2_tokenizer, " " + long_a)) + 1 - 5, 0]
+    assert out["source_cut"][1] == len(ids(smollm2_tokenizer, render_source(Example("Hi", "Yo"), "qlora"))) - 20
 
 
 def test_bos_is_added_once_as_the_tokenizer_expects(bos_tokenizer):
     tok = bos_tokenizer
     bos = tok.bos_token_id
     assert special_prefix(tok) == [bos]
-    (input_ids,), (n_source,) = ExampleEncoder(tok).encode([Example("What is 2 + 2?", "4")]).values()
+    (input_ids,) = ExampleEncoder(tok).encode([Example("What is 2 + 2?", "4")])["input_ids"]
     assert input_ids[0] == bos and input_ids.count(bos) == 1
     assert input_ids[-1] == tok.eos_token_id
 
@@ -77,7 +83,7 @@ def test_bos_is_added_once_as_the_tokenizer_expects(bos_tokenizer):
         "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
-    (input_ids,), _ = ExampleEncoder(chat, "chat").encode([Example("What is 2 + 2?", "4")]).values()
+    (input_ids,) = ExampleEncoder(chat, "chat").encode([Example("What is 2 + 2?", "4")])["input_ids"]
     assert input_ids[0] == bos and input_ids.count(bos) == 1
     assert encode_prompt(chat, format_prompt("What is 2 + 2?", "chat", tokenizer=chat), "chat") == input_ids[:-2]
 

@@ -115,11 +115,18 @@ def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"the checkpoint holds adapter tensors the model lacks: {unexpected[:4]}")
 
 
-def _full_state_dict_type(model: nn.Module, rank0_only: bool):
-    """FSDP's full (unsharded) state-dict mode, offloaded to the CPU, for the optimizer state."""
+def _full_state_dict_type(model: nn.Module, rank0_only: bool, device: torch.device):
+    """FSDP's full (unsharded) state-dict mode for the optimizer state, offloaded to the CPU from a GPU.
+
+    Not "offloaded" when the ranks compute on the CPU: FSDP gathers every state of a unit (Adam's two moments)
+    into one reused buffer and keeps views of it, which it copies only by that offload, or by a clone when
+    there is none; on the CPU the offload (`.cpu()`) is no copy, so both moments became the second one (seen
+    with torch 2.13 on gloo: state1 == state2 in every checkpoint, NaN after the resumed step).
+    """
+    offload = device.type != "cpu"
     return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only))
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
 
 
 class QLoRAFSDPStrategy(FSDPStrategy):
@@ -149,7 +156,8 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             self.kwargs.pop("param_init_fn", None)  # used once, while wrapping
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The full optimizer state on rank 0, keyed by parameter order (as Lightning's), bitsandbytes' too.
+        """The full optimizer state on rank 0, keyed by the optimizer's parameter order (as a plain optimizer's
+        `state_dict`, so it loads under any strategy and number of ranks), bitsandbytes' too.
 
         bitsandbytes' `state_dict` hides its moments from FSDP in a nested dict, which FSDP then fails to
         merge across ranks; torch's own `state_dict` of the same optimizer shows them as the per-shard
@@ -159,10 +167,10 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
             raise ValueError(f"{type(optimizer).__name__}: 8-bit optimizer states cannot be gathered by FSDP; use a "
                              "32-bit optimizer (the paper's paged AdamW 32-bit) under FSDP")
-        with _full_state_dict_type(self.model, rank0_only=True):
+        with _full_state_dict_type(self.model, rank0_only=True, device=self.root_device):
             state = FSDP.optim_state_dict(self.model, optimizer, optim_state_dict=Optimizer.state_dict(optimizer))
             if self.global_rank == 0:
-                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer)
         return state
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -177,9 +185,9 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         states = checkpoint.get("optimizer_states")
         if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             # Saved by rank 0 keyed by parameter order; every rank takes its own shard of it.
-            with _full_state_dict_type(self.model, rank0_only=False):
+            with _full_state_dict_type(self.model, rank0_only=False, device=self.root_device):
                 for optimizer, state in zip(self.optimizers, states, strict=True):
                     if isinstance(next(iter(state["state"]), None), int):
-                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer)
                     optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
         return checkpoint

@@ -13,7 +13,8 @@ import torch.distributed.fsdp
 from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora_lightning.cli import main  # noqa: E402  (first: the package keeps FSDP's own class)
+from qlora_lightning.cli import main  # noqa: E402  (first: it sets up the process)
+import qlora_lightning.fsdp  # noqa: E402, F401  (before the patch below: it must keep FSDP's own class)
 
 _AcceleratorConnector._check_strategy_and_fallback = lambda self: None
 

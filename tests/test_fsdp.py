@@ -131,8 +131,11 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"] and all(is_adapter_key(k) for k in state["state_dict"])
     # paged AdamW's moments, gathered whole: one per adapter tensor element (bitsandbytes hides them from FSDP)
-    moments = [v["state1"] for v in state["optimizer_states"][0]["state"].values()]
+    optimizer_state = state["optimizer_states"][0]["state"]
+    moments = [v["state1"] for v in optimizer_state.values()]
     assert sum(m.numel() for m in moments) == sum(v.numel() for v in state["state_dict"].values()) > 0
+    assert sorted(optimizer_state) == list(range(len(state["state_dict"])))  # the optimizer's own order, as DDP's
+    assert not any(torch.equal(v["state1"], v["state2"]) for v in optimizer_state.values())  # two moments, not one
     last_adapter = load_file(tmp_path / "checkpoints" / "last" / "adapter_model.safetensors")
     (final,) = tmp_path.glob("lightning_logs/version_*/adapter/adapter_model.safetensors")
     final_adapter = load_file(final)  # written at the end of fit from the adapters gathered over both ranks
@@ -147,6 +150,7 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     assert resumed["global_step"] == 6
     moved = [k for k in state["state_dict"] if not torch.equal(state["state_dict"][k], resumed["state_dict"][k])]
     assert moved, "the adapters did not train after the resume"
+    assert all(torch.isfinite(v).all() for v in resumed["state_dict"].values())
 
 
 @pytest.mark.slow

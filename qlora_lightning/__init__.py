@@ -1,19 +1,42 @@
-"""qlora-lightning: QLoRA instruction tuning (NF4 base + LoRA) as a PyTorch Lightning toolkit."""
+"""qlora-lightning: QLoRA instruction tuning (NF4 base + LoRA) as a PyTorch Lightning toolkit.
 
-import os
+The names below are imported on first use, so that `import qlora_lightning.data` (or any one module) loads
+only what that module needs: the data pipeline, for instance, never imports bitsandbytes. Importing the
+package changes no process-wide setting; the entry points (`qlora_lightning.cli`, `train.py`) do that.
+"""
 
-# bitsandbytes' CPU kernels use the system OpenMP runtime and torch its own; with both spinning after
-# each parallel region, 2 CPU cores spend most of a training step waiting (seen here: 60-80 s vs 13 s a
-# SmolLM2 step). Passive waiting must be chosen before torch loads; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from __future__ import annotations
 
-from .checkpoint import AtomicCheckpointIO, export_adapter, load_adapter_into  # noqa: E402
-from .data import InstructionDataModule  # noqa: E402
-from .fsdp import QLoRAFSDPStrategy  # noqa: E402
-from .lora import LoraLinear4bit, LoraLinear16bit, inject_lora  # noqa: E402
-from .model import LoraSpec, QuantSpec, load_model  # noqa: E402
-from .module import QLoRAModule  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = ["QLoRAModule", "InstructionDataModule", "LoraLinear4bit", "LoraLinear16bit", "inject_lora",
-           "load_model", "LoraSpec", "QuantSpec", "AtomicCheckpointIO", "export_adapter", "load_adapter_into",
-           "QLoRAFSDPStrategy"]
+_EXPORTS = {
+    "QLoRAModule": "module",
+    "InstructionDataModule": "data.datamodule",
+    "LoraLinear4bit": "lora",
+    "LoraLinear16bit": "lora",
+    "inject_lora": "lora",
+    "load_model": "model",
+    "LoraSpec": "model",
+    "QuantSpec": "model",
+    "AtomicCheckpointIO": "checkpoint",
+    "export_adapter": "checkpoint",
+    "load_adapter_into": "checkpoint",
+    "QLoRAFSDPStrategy": "fsdp",
+    "ResumableCheckpoint": "resume",
+    "find_last_checkpoint": "resume",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qlora_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -9,9 +9,9 @@ real-model tests, since this project's machines reach no model hub.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_folder
 
 PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -68,12 +68,7 @@ def smollm2_folder() -> Path:
         del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(source.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2}."))
-    try:
+    with atomic_folder(target, overwrite=True) as tmp:  # a folder without config.json is an interrupted one
         plain.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -7,24 +7,45 @@ their configs (`qlora-lightning generate --help`).
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
-from typing import Callable
 
-from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
-from .data import InstructionDataModule
-from .module import QLoRAModule
+def _process_settings() -> None:
+    """What this entry point sets for the whole process, before torch and bitsandbytes load.
+
+    - `OMP_WAIT_POLICY=PASSIVE` (an explicit setting wins): bitsandbytes' CPU kernels use the system OpenMP
+      runtime and torch its own; with both spinning after each parallel region, 2 CPU cores spend most of a
+      training step waiting (seen here: 60-80 s vs 13 s a SmolLM2 step).
+    - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community … pip install kernels" is
+      dropped (logged at its import on CPUs with AVX512-BF16): the package it recommends fetches code from a
+      hub at run time, and bitsandbytes runs its own kernels without it.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
+_process_settings()
+
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from .resume import CheckpointError, ResumableCheckpoint, find_last_checkpoint, read_checkpoint  # noqa: E402
 
 
 class QLoRACLI(LightningCLI):
-    """LightningCLI with the base model's name linked to the data module's tokenizer and a `checkpoint:`
-    section (Lightning's `ModelCheckpoint`) whose defaults suit long QLoRA runs."""
+    """LightningCLI with the base model's name linked to the data module's tokenizer, a `checkpoint:` section
+    (`ResumableCheckpoint`) whose defaults suit long QLoRA runs, and a `--ckpt_path` that resumes the run the
+    user means and never lets the checkpoint override the command line."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base_model", "data.tokenizer")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.filename": "{step}",  # step=500.ckpt (+ its PEFT folder step=500/)
             "checkpoint.save_last": True,  # last.ckpt: what `--ckpt_path last` resumes
@@ -32,14 +53,44 @@ class QLoRACLI(LightningCLI):
             "checkpoint.every_n_train_steps": 500,  # ~20 saves over the 10000-step 7B run
         })
 
+    def _parse_ckpt_path(self) -> None:
+        """Do nothing: LightningCLI's own version (checked on Lightning 2.4–2.6.6) parses the `hyper_parameters`
+        stored in the `--ckpt_path` file over the command line and config. Then every `--model.*` flag was
+        silently dropped on resume, and an edited checkpoint could switch on `trust_remote_code` or swap the
+        base model. Here the command line decides; `QLoRAModule.on_load_checkpoint` compares the checkpoint
+        with it and names any conflict."""
+
     def before_instantiate_classes(self) -> None:
         """CSV logs by default (Lightning would pick TensorBoard wherever it happens to be installed), in
-        `<default_root_dir>/lightning_logs`; any `trainer.logger` in the config is kept."""
+        `<default_root_dir>/lightning_logs`; any `trainer.logger` in the config is kept. `--ckpt_path last` is
+        resolved to the run's newest `last.ckpt` (see `resume.find_last_checkpoint`) and any checkpoint is
+        checked to be readable before the model is loaded."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
         if trainer.get("logger") in (None, True):
             trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                                           init_args=Namespace(save_dir=trainer.get("default_root_dir") or "."))
+        if config.get("ckpt_path"):
+            config["ckpt_path"] = str(resolve_ckpt_path(config["ckpt_path"], config))
+
+
+def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:
+    """The file `--ckpt_path` names. `last` is the newest `last.ckpt` of the run under the logger's
+    save_dir (the default_root_dir), or in `checkpoint.dirpath` when the config names it; saves then continue
+    in that same folder. Lightning's other keywords (`best`, `hpc`) pass through."""
+    if ckpt_path in ("best", "hpc"):
+        return ckpt_path
+    if ckpt_path == "last":
+        logger = config["trainer"].get("logger")
+        init_args = getattr(logger, "init_args", None) or {}
+        root = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
+        path = find_last_checkpoint(root, config["checkpoint"].get("dirpath"))
+        config["checkpoint"]["dirpath"] = str(path.parent)
+        print(f"resuming from {path}", file=sys.stderr)
+    else:
+        path = Path(ckpt_path)
+    read_checkpoint(path, mmap=True)  # an empty, damaged or foreign file fails here, before the model loads
+    return path
 
 
 def trainer_defaults() -> dict:
@@ -63,6 +114,9 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> QLoRAC
     With `run=False` the arguments carry no subcommand and the CLI only builds the model, data module
     and trainer (for research code and tests).
     """
+    from .data.datamodule import InstructionDataModule
+    from .module import QLoRAModule
+
     return QLoRACLI(QLoRAModule, InstructionDataModule, trainer_defaults=trainer_defaults(),
                     save_config_kwargs={"overwrite": True}, args=args, run=run)
 
@@ -90,4 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             return
     if commands:
         raise SystemExit(f"unknown command {' '.join(argv[:2])!r}; extra commands: {', '.join(commands)}")
-    run_lightning_cli(args)
+    try:
+        run_lightning_cli(args)
+    except CheckpointError as e:  # a wrong --ckpt_path: say what and where, without a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -17,21 +17,22 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Literal, NamedTuple
 
 import torch
 from bitsandbytes import functional as bnb_F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
-from .checkpoint import load_adapter_into, read_peft_adapter
+from . import hub
+from .atomic import atomic_folder
+from .checkpoint import check_adapter_base, load_adapter_into, read_peft_adapter
 from .lora import lora_layers, quantize_linear
-from .model import LoadedModel, LoraSpec, QuantSpec, build_skeleton, load_model, resolve_checkpoint_dir, safetensors_shards
+from .model import (LoadedModel, LoraSpec, QuantSpec, build_skeleton, load_model, open_safetensors, safetensors_shards,
+                    weights_fingerprint)
 
 #: Files of a checkpoint folder that are weights (rewritten, or never copied: pickles are not carried over).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
@@ -88,7 +89,8 @@ def load_with_adapter(base: str, adapter: str | None = None, *, quant: QuantSpec
         lora = lora_spec_from_adapter(config, str(Path(adapter) / "adapter_config.json"))
     loaded = load_model(base, quant=quant, lora=lora, device=device, gradient_checkpointing=train, train_mode=train)
     if adapter is not None:
-        load_adapter_into(loaded.model, adapter, base_model=None if allow_other_base else base)
+        load_adapter_into(loaded.model, adapter, base_model=None if allow_other_base else base,
+                          base_fingerprint=loaded.fingerprint)
     return loaded
 
 
@@ -182,7 +184,7 @@ def save_merged(base: str, factors: dict[str, LoraFactors], output: str | os.Pat
     """
     from transformers.utils.hub import convert_file_size_to_int
 
-    source_dir = resolve_checkpoint_dir(base)
+    source_dir = hub.checkpoint_dir(base)
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True to replace it")
@@ -194,7 +196,7 @@ def save_merged(base: str, factors: dict[str, LoraFactors], output: str | os.Pat
     with contextlib.ExitStack() as stack:
         handles, sizes = {}, []
         for shard in safetensors_shards(source_dir):
-            f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu"))
+            f = stack.enter_context(open_safetensors(shard))
             for key in f.keys():
                 handles[key] = f
                 shape = f.get_slice(key).get_shape()
@@ -205,9 +207,7 @@ def save_merged(base: str, factors: dict[str, LoraFactors], output: str | os.Pat
             raise KeyError(f"{source_dir}: the adapter adapts modules that the base lacks: {absent[:6]} "
                            "(adapter trained on another base?)")
         plan = _plan_shards(sizes, convert_file_size_to_int(max_shard_size))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-        try:
+        with atomic_folder(output, overwrite=overwrite) as tmp:
             weight_map = {}
             for i, keys in enumerate(plan, 1):
                 name = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
@@ -221,12 +221,26 @@ def save_merged(base: str, factors: dict[str, LoraFactors], output: str | os.Pat
                 index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             _copy_side_files(source_dir, tmp)
-            if output.exists():
-                shutil.rmtree(output)
-            os.replace(tmp, output)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def model_side_files(source_dir: Path) -> list[Path]:
+    """The files of a model folder that export may copy: regular files inside it, or links that resolve to
+    one inside it or, for a hub-cache snapshot (`<repo>/snapshots/<revision>/`), into that repository's
+    `blobs/`. A link pointing anywhere else (a README linked to another file) is skipped with a warning."""
+    roots = [source_dir.resolve()]
+    if source_dir.parent.name == "snapshots":
+        roots.append((source_dir.parent.parent / "blobs").resolve())
+    files = []
+    for path in sorted(source_dir.iterdir()):
+        target = path.resolve()
+        if not target.is_file():
+            continue
+        if any(target.is_relative_to(root) for root in roots):
+            files.append(path)
+        else:
+            warnings.warn(f"{path} links to {target}, outside the model folder: not copied", UserWarning, stacklevel=2)
+    return files
 
 
 def _copy_side_files(source_dir: Path, target: Path) -> None:
@@ -237,10 +251,10 @@ def _copy_side_files(source_dir: Path, target: Path) -> None:
     if "torch_dtype" in config:  # the key's name before transformers 4.56
         config["torch_dtype"] = "bfloat16"
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for path in source_dir.iterdir():
-        if path.is_file() and path.name != "config.json" and not path.name.endswith(_WEIGHT_SUFFIXES) \
+    for path in model_side_files(source_dir):
+        if path.name != "config.json" and not path.name.endswith(_WEIGHT_SUFFIXES) \
                 and path.name != "model.safetensors.index.json":
-            shutil.copy2(path, target / path.name)
+            shutil.copyfile(path, target / path.name)
 
 
 def export_merged(*, base: str, adapter: str, output: str, from_quantized: bool = False,
@@ -265,10 +279,8 @@ def export_merged(*, base: str, adapter: str, output: str, from_quantized: bool 
         overwrite: replace `output` if it exists.
     """
     factors, config = factors_from_adapter(adapter)
-    trained_on = config.get("base_model_name_or_path")
-    if not allow_other_base and trained_on and Path(str(trained_on)).name != Path(str(base)).name:
-        raise ValueError(f"{adapter}: adapter was trained on {trained_on!r}, not on {base!r} "
-                         "(pass allow_other_base=True if these are the same weights)")
+    if not allow_other_base:
+        check_adapter_base(adapter, config, base_model=base, base_fingerprint=weights_fingerprint(hub.checkpoint_dir(base)))
     folder = save_merged(base, factors, output, from_quantized=from_quantized, quant_type=quant_type,
                          double_quant=double_quant, device=resolve_device(device), max_shard_size=max_shard_size,
                          overwrite=overwrite)

@@ -10,7 +10,10 @@ Under FSDP the same loader runs unit by unit as FSDP shards the model (`fsdp.QLo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import builtin
+from . import hub
 from .checkpoint import checked_adapter_state
 from .lora import FrozenLinear, FrozenLinear4bit, LoraLinear, QuantType, lora_layer_class, lora_layer_kwargs, matches_target
 from .tokenizer import load_tokenizer
@@ -50,6 +53,13 @@ class QuantSpec:
     compute_dtype: DTypeName = "bfloat16"
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
+    def __post_init__(self) -> None:
+        choices = {"quantize": ("nf4", "fp4", "none"), "compute_dtype": ("bfloat16", "float16", "float32"),
+                   "quant_storage": ("uint8", "bfloat16", "float16", "float32")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"quant.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -69,6 +79,18 @@ class LoraSpec:
     target_modules: str | tuple[str, ...] = "all-linear"
     exclude: tuple[str, ...] = ("lm_head",)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}: the update is scaled by "
+                             "alpha / r, so 0 trains nothing (every lora_B gradient is zero) and a negative value "
+                             "flips it")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules is empty; use 'all-linear' (the paper) or module-name suffixes")
+
 
 # Checkpoints record these specs among the module's hyperparameters; they are plain data, so resuming
 # may read them with `torch.load(weights_only=True)`, which refuses any other object.
@@ -76,13 +98,15 @@ torch.serialization.add_safe_globals([QuantSpec, LoraSpec])
 
 
 class LoadedModel(NamedTuple):
-    """What `load_model` returns: the model with LoRA layers, its tokenizer, the replaced module names, and
-    what gives the modules their tensors (used when loading with `materialize=False`)."""
+    """What `load_model` returns: the model with LoRA layers, its tokenizer, the replaced module names, what
+    gives the modules their tensors (used when loading with `materialize=False`), and the base weights'
+    `weights_fingerprint` (`random:<shape>` for random ones)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     lora_modules: list[str]
     materialize: "ModuleMaterializer"
+    fingerprint: str
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -91,17 +115,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}; expected e.g. 'bfloat16', 'float16', 'float32'")
     return dtype
-
-
-def resolve_checkpoint_dir(name_or_path: str, *, revision: str | None = None) -> Path:
-    """A local folder as is, a `builtin:` model's cached folder, or the hub repo's config and safetensors."""
-    name_or_path = builtin.resolve(name_or_path)
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
 def safetensors_shards(checkpoint_dir: Path) -> list[Path]:
@@ -115,6 +128,40 @@ def safetensors_shards(checkpoint_dir: Path) -> list[Path]:
         return [single]
     raise FileNotFoundError(f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json; "
                             "only safetensors checkpoints are loaded (pickled .bin files are never unpickled)")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """`safe_open` on the CPU, with an error that names the file when it is not valid safetensors."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors' errors name no file
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it is damaged or incomplete: download "
+                         "or save it again") from e
+    with handle as f:
+        yield f
+
+
+def weights_fingerprint(checkpoint_dir: Path) -> str:
+    """A short hash that tells one base model's weights from another's without reading them all.
+
+    It covers each safetensors shard's header (tensor names, dtypes, shapes) and 16 KiB sampled at 16 evenly
+    spaced places of its data: two checkpoints of the same architecture (LLaMA-2-7B and its chat model, a
+    re-download of another revision) differ there, while the same weights under another path or name (a
+    `builtin:` model and its folder) agree. Resume and adapter loading compare it to the base the adapters
+    were trained on.
+    """
+    digest = hashlib.sha256()
+    for shard in safetensors_shards(checkpoint_dir):
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, size)))
+            data_start, data_len = 8 + header_len, max(size - 8 - header_len, 0)
+            for k in range(16):
+                f.seek(data_start + data_len * k // 16)
+                digest.update(f.read(1024))
+    return digest.hexdigest()[:16]
 
 
 def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -149,7 +196,7 @@ class CheckpointTensors:
     def __init__(self, checkpoint_dir: Path, expected: set[str], model_name: str):
         self.shard_of: dict[str, Path] = {}
         for shard in safetensors_shards(checkpoint_dir):
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
+            with open_safetensors(shard) as f:
                 for key in f.keys():
                     if key not in expected:
                         raise KeyError(f"{shard}: tensor {key!r} has no place in {model_name} "
@@ -160,8 +207,13 @@ class CheckpointTensors:
         return key in self.shard_of
 
     def __call__(self, key: str, shape: torch.Size) -> torch.Tensor:
-        with safe_open(str(self.shard_of[key]), framework="pt", device="cpu") as f:
-            tensor = f.get_tensor(key)
+        shard = self.shard_of[key]
+        with open_safetensors(shard) as f:
+            try:
+                tensor = f.get_tensor(key)
+            except Exception as e:  # a truncated file: its header promises bytes that are not there
+                raise ValueError(f"{shard}: cannot read tensor {key} ({e}); the file is damaged or incomplete: "
+                                 "download or save it again") from e
         if tensor.shape != shape:
             raise ValueError(f"{self.shard_of[key]}: {key} has shape {tuple(tensor.shape)}, "
                              f"the folder's config.json implies {tuple(shape)}")
@@ -296,9 +348,10 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         if shape not in RANDOM_SHAPES:
             raise ValueError(f"unknown random shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
         config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
-        checkpoint_dir, with_tokenizer = None, False
+        checkpoint_dir, with_tokenizer, fingerprint = None, False, name_or_path
     else:
-        checkpoint_dir = resolve_checkpoint_dir(name_or_path, revision=revision)
+        checkpoint_dir = hub.checkpoint_dir(name_or_path, revision=revision)
+        fingerprint = weights_fingerprint(checkpoint_dir)
         config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None) is not None:
             raise ValueError(f"{name_or_path} is already quantized ({config.quantization_config}); "
@@ -315,7 +368,7 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
     adapter_state = None
     if adapter is not None:
-        adapter_state = checked_adapter_state(model, adapter, base_model=name_or_path)[1]
+        adapter_state = checked_adapter_state(model, adapter, base_model=name_or_path, base_fingerprint=fingerprint)[1]
     materializer = ModuleMaterializer(model, tensors, device, dtype, adapter_state)
     if missing := materializer.missing(model):
         raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
@@ -328,7 +381,7 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         for module in model.modules():
             materializer(module)
     tokenizer = load_tokenizer(str(checkpoint_dir), trust_remote_code=trust_remote_code) if with_tokenizer else None
-    return LoadedModel(model, tokenizer, lora_modules, materializer)
+    return LoadedModel(model, tokenizer, lora_modules, materializer, fingerprint)
 
 
 def _swap_in_qlora_layers(model: nn.Module, quant: QuantSpec, lora: LoraSpec, name_or_path: str) -> list[str]:

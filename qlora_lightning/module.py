@@ -28,6 +28,7 @@ from .checkpoint import (AtomicCheckpointIO, adapter_state_dict, is_adapter_key,
                          save_peft_adapter, to_peft_keys)
 from .fsdp import QLoRAFSDPStrategy, check_shardable
 from .model import LoraSpec, QuantSpec, load_model
+from .resume import CheckpointError, check_run_matches, run_record
 from .tokenizer import load_tokenizer
 
 def paged_adamw(params) -> torch.optim.Optimizer:
@@ -62,7 +63,9 @@ class QLoRAModule(LightningModule):
             RNG (same rate, other masks than eager; recomputation redraws the same ones). Off by default
             (CPU, tests), on in the GPU configs: the first step pays ~12 s of compilation for 1.27× the
             tokens/s on 7B (BENCHMARKS.md). Not supported under FSDP yet.
-        trust_remote_code: run modelling code shipped with the checkpoint; off unless asked.
+        trust_remote_code: run modelling code shipped with the base model's folder; off unless asked. Taken from
+            the command line or config only: it is not saved in checkpoints, and nothing read from a checkpoint
+            can switch it on.
         optimizer: builds the optimizer from the LoRA parameters; paged AdamW 32-bit by default.
         scheduler: builds the LR scheduler; None gives a constant rate after `warmup_ratio` warmup.
         warmup_ratio: fraction of the run spent warming up linearly. The paper's script passes 0.03 with
@@ -79,7 +82,11 @@ class QLoRAModule(LightningModule):
                  warmup_ratio: float = 0.0, init_adapter: str | None = None,
                  predict_max_new_tokens: int = 128) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+        if predict_max_new_tokens < 1:
+            raise ValueError(f"model.predict_max_new_tokens must be at least 1, got {predict_max_new_tokens!r}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "trust_remote_code"])
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
         self.compile_layers = compile_layers
@@ -87,12 +94,15 @@ class QLoRAModule(LightningModule):
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.predict_max_new_tokens = predict_max_new_tokens
         self.model = None
+        self.base_fingerprint: str | None = None  # of the loaded base's weights (`model.weights_fingerprint`)
         self.materialize_module = None  # under FSDP: loads one module of the meta-device model (see configure_model)
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self.val_loss = MeanMetric()
         self._train_rng: dict[str, Any] | None = None
         self._step_start: float | None = None
+        self._loss_finite: torch.Tensor | None = None  # every micro-batch's loss finite since the last step
+        self._last_loss: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -114,6 +124,7 @@ class QLoRAModule(LightningModule):
                             materialize=not sharded, gradient_checkpointing=self.gradient_checkpointing,
                             with_tokenizer=False, trust_remote_code=self.trust_remote_code)
         self.model = loaded.model
+        self.base_fingerprint = loaded.fingerprint
         self.materialize_module = loaded.materialize if sharded else None
         if self.compile_layers:
             for layer in self.model.get_decoder().layers:
@@ -170,10 +181,30 @@ class QLoRAModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss_on(batch)
         self._train_rng = self._rng_state()  # backward and the optimizer draw no random numbers
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = loss.detach()
         # Averaged over ranks, as DDP averages their gradients: the loss of the whole global batch.
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0],
                  sync_dist=self.trainer.world_size > 1)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop with a clear error when a loss or gradient is NaN or inf, before the optimizer makes every adapter
+        NaN. All ranks take the same decision (one all-reduce of a flag), so none is left waiting."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
+        self._loss_finite = None
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
+        if bool(bad):
+            loss = float(self._last_loss) if self._last_loss is not None else float("nan")
+            raise FloatingPointError(
+                f"training stopped at step {self.trainer.global_step + 1}: the loss ({loss:.4g} on this rank) or the "
+                f"gradient norm ({float(norm):.4g}) is not finite. Nothing of this step was applied or saved; the "
+                "last checkpoint is intact. Usual causes: a learning rate too high for this model, float16 "
+                "overflow (use bf16), or NaN in the data or a starting adapter")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start
@@ -262,28 +293,36 @@ class QLoRAModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_key(k)}
         checkpoint["peft_adapter_config"] = self.adapter_config()
         checkpoint["peft_key_prefix"] = "model."
+        checkpoint["qlora_run"] = run_record(self.base_model, self.base_fingerprint, self.lora, self.quant)
         checkpoint["rng_state"] = self._train_rng if self._train_rng is not None else self._rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint holds exactly this model's adapters; the RNG stream resumes at the next batch.
+        """Check that the checkpoint's adapters belong to this run; the RNG stream resumes at the next batch.
 
-        Under FSDP, Lightning has loaded (and removed) the tensors before this hook: the adapter config
-        saved beside them (rank, scale, target layers) is checked instead.
+        This run's settings (command line and config) decide: a checkpoint of another base's weights, rank,
+        scale, targets or 4-bit type is a `CheckpointError` naming each difference; a changed dropout or
+        compute dtype is used and reported. Under FSDP, Lightning has loaded (and removed) the tensors
+        before this hook, so only the saved settings are compared there.
         """
         self.configure_model()
-        saved = checkpoint.get("peft_adapter_config", {})
-        ours_config = self.adapter_config()
-        changed = [f"{k}: {saved[k]!r} -> {ours_config[k]!r}" for k in ("r", "lora_alpha", "target_modules")
-                   if k in saved and saved[k] != ours_config[k]]
-        if changed:
-            raise KeyError(f"checkpoint adapters do not match the model: {'; '.join(changed)}")
+        saved = checkpoint.get("qlora_run")
+        if saved is not None:
+            current = run_record(self.base_model, self.base_fingerprint, self.lora, self.quant)
+            for note in check_run_matches(saved, current):
+                warnings.warn(f"resuming with a changed setting: {note}", UserWarning, stacklevel=1)
+        else:  # written before checkpoints recorded their run: compare the adapter config
+            saved, ours = checkpoint.get("peft_adapter_config", {}), self.adapter_config()
+            changed = [f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in ("r", "lora_alpha", "target_modules")
+                       if k in saved and saved[k] != ours[k]]
+            if changed:
+                raise CheckpointError(f"the checkpoint's adapters do not match this model: {'; '.join(changed)}")
         if "state_dict" in checkpoint:
             ours = set(adapter_state_dict(self.model, prefix="model."))
             theirs = set(checkpoint["state_dict"])
             if ours != theirs:
                 missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-                raise KeyError(f"checkpoint adapters do not match the model (different lora/quant config?): "
-                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+                raise CheckpointError(f"the checkpoint's adapters do not match this model (different lora/quant "
+                                      f"config?): missing {missing[:4]}, unexpected {unexpected[:4]}")
         self._train_rng = checkpoint.get("rng_state")
 
     def on_fit_start(self) -> None:
@@ -298,5 +337,6 @@ class QLoRAModule(LightningModule):
         # The strategy's state dict: under FSDP the sharded adapters are gathered on rank 0 (a collective).
         state = self.trainer.strategy.lightning_module_state_dict()
         if self.trainer.is_global_zero:
-            save_peft_adapter(folder, to_peft_keys(state, prefix="model."), self.adapter_config())
+            save_peft_adapter(folder, to_peft_keys(state, prefix="model."), self.adapter_config(),
+                              step=self.trainer.global_step, base_fingerprint=self.base_fingerprint)
             print(f"final adapter written to {folder}")

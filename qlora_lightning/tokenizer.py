@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from . import builtin
+from . import hub
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwargs) -> PreTrainedTokenizerBase:
@@ -20,7 +20,12 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, **kwar
     No token is added, so the embedding matrix keeps its size and the adapters stay PEFT-compatible.
     `trust_remote_code` stays off unless the user asks for it.
     """
-    tok = AutoTokenizer.from_pretrained(builtin.resolve(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    source = hub.resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:  # transformers' message names neither our key nor what to check
+        kind = OSError if isinstance(e, OSError) else ValueError
+        raise kind(f"cannot load the tokenizer of {name_or_path!r}: {e}") from e
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token

@@ -6,8 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+
+from qlora_lightning import AtomicCheckpointIO, InstructionDataModule, QLoRAModule
+from qlora_lightning.model import LoraSpec, QuantSpec
+from qlora_lightning.resume import ResumableCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,9 +47,10 @@ def smollm2_gguf():
     return str(path.parent), path.name
 
 
-def cli_args(base, root, max_steps, every, **extra):
+def cli_args(base, root, max_steps, every, *, checkpoint_dir=True, **extra):
     """`python train.py fit` on the bundled sample with a tiny model, fp32 on the CPU, checkpoints every
-    `every` steps in `<root>/checkpoints`; `extra` adds `--a.b value` for each `a__b=value`."""
+    `every` steps in `<root>/checkpoints` (in Lightning's default `<root>/lightning_logs/version_<N>/checkpoints`
+    without `checkpoint_dir`); `extra` adds `--a.b value` for each `a__b=value`. `[2:]` of it is `cli.main`'s."""
     args = [sys.executable, str(REPO / "train.py"), "fit", "--model.base_model", str(base),
             "--model.quant.compute_dtype", "float32", "--trainer.precision", "32-true", "--model.lora.r", "8",
             "--data.dataset", "bundled:orca_sample_train", "--data.val_dataset", "bundled:orca_sample_val",
@@ -52,8 +58,65 @@ def cli_args(base, root, max_steps, every, **extra):
             "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps),
             "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-            "--checkpoint.dirpath", str(Path(root) / "checkpoints"),
             "--checkpoint.every_n_train_steps", str(every), "--seed_everything", "0"]
+    if checkpoint_dir:
+        args += ["--checkpoint.dirpath", str(Path(root) / "checkpoints")]
     for key, value in extra.items():
         args += [f"--{key.replace('__', '.')}", str(value)]
     return args
+
+
+def transformers_4bit(path, device="cpu", compute_dtype=torch.bfloat16):
+    """The model card's load of `path` (transformers + bitsandbytes: NF4, double quantization) in eval mode:
+    the reference our 4-bit model must match.
+
+    bitsandbytes >= 0.49 on CPUs with AVX512-BF16 repacks a `Linear4bit` at its first eval-mode forward
+    without gradients and from then on computes it in bf16 (input, NF4 code, absmax and output rounded:
+    ~3e-3 relative a layer) whatever `compute_dtype` says. That path is switched off here so that the
+    reference is the exact dequantize-and-matmul that ours is (tests/test_model.py checks both agree).
+    """
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=compute_dtype,
+                                                 device_map=device).eval()
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+    return model
+
+
+def assert_bnb_cpu_repacking_off(model):
+    """Fail loudly if bitsandbytes renamed the switch `transformers_4bit` turns off and repacked anyway."""
+    import bitsandbytes as bnb
+
+    repacked = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+                and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not repacked, f"bitsandbytes repacked {repacked[:3]} for its bf16 CPU kernel"
+
+
+# float32 compute: this CPU has no native bf16 matmul (4-90× slower by shape); the recipe is otherwise the paper's.
+FP32 = QuantSpec(compute_dtype="float32")
+
+
+def tiny_module_and_data(base, *, r=8, dropout=0.1, batch_size=4, max_examples=48):
+    """A `QLoRAModule` (fp32 compute, r 8) and an `InstructionDataModule` on the bundled sample (48 training
+    records), for short CPU runs."""
+    module = QLoRAModule(str(base), quant=FP32, lora=LoraSpec(r=r, alpha=16, dropout=dropout))
+    data = InstructionDataModule(str(base), dataset="bundled:orca_sample_train", val_dataset="bundled:orca_sample_val",
+                                 max_examples=max_examples, batch_size=batch_size, eval_batch_size=8, num_workers=0,
+                                 pad_to_multiple_of=None)
+    return module, data
+
+
+def cpu_trainer(root, max_steps, every=2, **kwargs):
+    """A CPU `Trainer` as research code would build it: fp32, `AtomicCheckpointIO`, a `ResumableCheckpoint`
+    every `every` steps in `<root>/checkpoints`, one validation batch at the end."""
+    ckpt = ResumableCheckpoint(dirpath=Path(root) / "checkpoints", filename="{step}", every_n_train_steps=every,
+                               save_last=True, save_top_k=-1)
+    kwargs.setdefault("val_check_interval", max_steps)
+    return L.Trainer(default_root_dir=root, max_steps=max_steps, precision="32-true", accelerator="cpu",
+                     plugins=[AtomicCheckpointIO()], callbacks=[ckpt], enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=1, log_every_n_steps=1, **kwargs)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from qlora_lightning.checkpoint import (AtomicCheckpointIO, adapter_state_dict, export_adapter, load_adapter_into,
+from qlora_lightning.checkpoint import (FINGERPRINT_KEY, PEFT_DEFAULT_ALPHA, STEP_KEY, AtomicCheckpointIO,
+                                        adapter_metadata, adapter_state_dict, export_adapter, load_adapter_into,
                                         read_peft_adapter)
-from qlora_lightning.model import LoraSpec, load_model
-from test_model import transformers_4bit
+from qlora_lightning.lora import lora_layers
+from qlora_lightning.model import LoraSpec, load_model, weights_fingerprint
+from qlora_testing import make_tiny_llama, transformers_4bit
 
 
 def trained_like(path, seed=1, **lora):
@@ -121,3 +124,99 @@ def test_checkpoint_io_writes_and_removes_the_peft_folder(tmp_path):
         "base_model.model.x.lora_A.weight", "base_model.model.x.lora_B.weight"}
     io.remove_checkpoint(tmp_path / "step=5.ckpt")
     assert not os.listdir(tmp_path)
+
+
+def test_each_adapter_folder_says_its_step_and_base(tmp_path):
+    """The `.ckpt` is written first; a kill before its PEFT folder follows leaves a folder one step older, so
+    each file says which step it holds."""
+    io = AtomicCheckpointIO()
+    ckpt = {"global_step": 7, "state_dict": {"model.x.lora_A": torch.ones(2, 3)}, "qlora_run": {"base_fingerprint": "f00"},
+            "peft_adapter_config": {"peft_type": "LORA", "r": 2}, "peft_key_prefix": "model."}
+    io.save_checkpoint(ckpt, tmp_path / "last.ckpt")
+    metadata = adapter_metadata(tmp_path / "last")
+    assert metadata[STEP_KEY] == "7" and metadata[FINGERPRINT_KEY] == "f00"
+    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 7
+
+
+def test_a_non_finite_adapter_is_never_written(tmp_path):
+    io = AtomicCheckpointIO()
+    ckpt = {"global_step": 3, "state_dict": {"model.x.lora_A": torch.tensor([[1.0, float("nan")]])},
+            "peft_adapter_config": {"peft_type": "LORA", "r": 1}, "peft_key_prefix": "model."}
+    with pytest.raises(FloatingPointError, match="x.lora_A.weight holds NaN or inf"):
+        io.save_checkpoint(ckpt, tmp_path / "last.ckpt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_adapters_that_would_train_or_predict_garbage_are_refused(tiny_llama_dir, tmp_path):
+    folder = export_adapter(trained_like(tiny_llama_dir), tmp_path / "a", base_model=str(tiny_llama_dir), r=8,
+                            alpha=16, dropout=0.1)
+    state = load_file(folder / "adapter_model.safetensors")
+    key = next(iter(state))
+    save_file({**state, key: torch.full_like(state[key], float("nan"))}, folder / "adapter_model.safetensors")
+    with pytest.raises(FloatingPointError, match=f"adapter_model.safetensors: .*{key.split('.', 2)[2][:20]}.*NaN"):
+        read_peft_adapter(folder)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        load_model(str(tiny_llama_dir), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for alpha in (0, -16):
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+        with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+            read_peft_adapter(folder)
+
+
+def test_an_adapter_without_lora_alpha_gets_peft_s_default(tiny_llama_dir, tmp_path):
+    """PEFT reads a config without `lora_alpha` as 8; taking ours (16) would double every update."""
+    from peft import PeftModel
+
+    from qlora_lightning.export import lora_spec_from_adapter
+
+    folder = export_adapter(trained_like(tiny_llama_dir, seed=3), tmp_path / "a", base_model=str(tiny_llama_dir),
+                            r=8, alpha=16, dropout=0.0)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert read_peft_adapter(folder)[0]["lora_alpha"] == PEFT_DEFAULT_ALPHA == 8
+    spec = lora_spec_from_adapter(read_peft_adapter(folder)[0])  # what generate / eval / export build
+    assert spec.alpha == 8
+    with pytest.raises(ValueError, match="lora_alpha=8"):
+        load_model(str(tiny_llama_dir), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
+    ours = load_model(str(tiny_llama_dir), lora=spec, adapter=folder, with_tokenizer=False).model.eval()
+    assert all(layer.alpha == 8 for layer in lora_layers(ours).values())
+    peft_model = PeftModel.from_pretrained(transformers_4bit(tiny_llama_dir, "cpu"), folder).eval()
+    x = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        ref, got = peft_model(x).logits.float(), ours(x).logits.float()
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_damaged_adapter_files_are_named(tiny_llama_dir, tmp_path):
+    folder = export_adapter(trained_like(tiny_llama_dir), tmp_path / "a", base_model=str(tiny_llama_dir), r=8,
+                            alpha=16, dropout=0.1)
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=f"{folder / 'adapter_model.safetensors'}: not a readable safetensors"):
+        read_peft_adapter(folder)
+    text = (folder / "adapter_config.json").read_text()
+    (folder / "adapter_config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=f"{folder / 'adapter_config.json'}: not valid JSON"):
+        read_peft_adapter(folder)
+
+
+def test_the_base_is_recognised_by_its_weights_not_its_name(tiny_llama_dir, tmp_path):
+    folder = export_adapter(trained_like(tiny_llama_dir), tmp_path / "a", base_model=str(tiny_llama_dir), r=8,
+                            alpha=16, dropout=0.1, base_fingerprint=weights_fingerprint(tiny_llama_dir))
+    renamed = shutil.copytree(tiny_llama_dir, tmp_path / "same-weights-other-name")
+    load_model(str(renamed), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
+    other = make_tiny_llama(tmp_path / "other" / tiny_llama_dir.name, seed=1)  # the same name, other weights
+    with pytest.raises(ValueError, match="trained on other base weights.*allow_other_base"):
+        load_model(str(other), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
+    # an adapter written by PEFT carries no fingerprint: its recorded name decides, and the error says what to do
+    (folder / "adapter_model.safetensors").write_bytes(_without_metadata(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=f"not on '{renamed}'.*set base_model_name_or_path in {folder}"):
+        load_model(str(renamed), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
+
+
+def _without_metadata(path) -> bytes:
+    tmp = path.with_suffix(".plain")
+    save_file(load_file(path), tmp)
+    return tmp.read_bytes()

@@ -9,14 +9,12 @@ import pytest
 
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.demo import DemoReport
-from test_module import make, trainer
-
-REPO = Path(__file__).resolve().parents[1]
+from qlora_testing import REPO, cpu_trainer, tiny_module_and_data
 
 
 def test_report_measures_before_and_after(tiny_chat_llama_dir, tmp_path, capsys):
-    module, data = make(tiny_chat_llama_dir)
-    t = trainer(tmp_path, max_steps=2)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    t = cpu_trainer(tmp_path, max_steps=2)
     t.callbacks.append(DemoReport(examples=4, max_new_tokens=3))
     t.fit(module, data)
     report = json.loads((Path(t.log_dir) / "demo_report.json").read_text())

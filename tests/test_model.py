@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from qlora_lightning.checkpoint import export_adapter
 from qlora_lightning.lora import FrozenLinear4bit, LoraLinear4bit, LoraLinear16bit
-from qlora_lightning.model import LoraSpec, QuantSpec, load_model
-from qlora_testing import make_tiny_llama, requires_cuda
+from qlora_lightning.model import LoraSpec, QuantSpec, load_model, weights_fingerprint
+from qlora_testing import assert_bnb_cpu_repacking_off, make_tiny_llama, requires_cuda, transformers_4bit
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
-
-
-def transformers_4bit(path, device):
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config, dtype=torch.bfloat16,
-                                                device_map=device).eval()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -37,7 +31,9 @@ def test_logits_match_transformers_4bit_load_of_a_sharded_checkpoint(tiny_llama_
     assert sorted(per_block) == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
     x = torch.randint(0, 256, (2, 12), device=device)
-    a, b = ours(x).logits.float(), ref(x).logits.float()
+    with torch.no_grad():  # inference, where bitsandbytes would take its bf16 CPU kernel (see transformers_4bit)
+        a, b = ours(x).logits.float(), ref(x).logits.float()
+    assert_bnb_cpu_repacking_off(ref)
     # Same NF4 bytes, same kernels: identical on CPU; allow bf16 rounding differences elsewhere.
     assert (a - b).abs().max() <= 1e-2 * b.abs().max()
     if device == "cpu":
@@ -175,3 +171,22 @@ def test_deferred_loading_module_by_module_in_any_order_gives_the_same_model(tmp
     with torch.no_grad():
         torch.testing.assert_close(deferred.model.eval()(input_ids=ids).logits, direct(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def test_a_missing_or_damaged_base_is_named(tiny_llama_dir, tmp_path):
+    for missing in (str(tmp_path / "no-such-model"), "./no-such-model", "~/no/such/model"):
+        with pytest.raises(FileNotFoundError, match=f"model folder '{missing}' does not exist"):
+            load_model(missing, with_tokenizer=False)
+    with pytest.raises(FileNotFoundError, match="'no-such-org/no-such-model' is not a local folder, and fetching it"):
+        load_model("no-such-org/no-such-model", with_tokenizer=False)  # the hub is off in the tests
+    damaged = shutil.copytree(tiny_llama_dir, tmp_path / "damaged")
+    shard = sorted(damaged.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])  # a download cut short: the header promises more bytes
+    with pytest.raises(ValueError, match=f"{shard}: .*damaged or incomplete"):
+        load_model(str(damaged), with_tokenizer=False)
+
+
+def test_fingerprint_tells_weights_apart_not_names(tiny_llama_dir, tmp_path):
+    same = shutil.copytree(tiny_llama_dir, tmp_path / "copy")
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    assert weights_fingerprint(same) == weights_fingerprint(tiny_llama_dir) != weights_fingerprint(other)

@@ -8,40 +8,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from qlora_lightning import AtomicCheckpointIO, InstructionDataModule, QLoRAModule
+from qlora_lightning import QLoRAModule
 from qlora_lightning.checkpoint import adapter_state_dict, is_adapter_key
 from qlora_lightning.model import LoraSpec, QuantSpec
-from qlora_testing import requires_cuda
-
-REPO = Path(__file__).resolve().parents[1]
-# float32 compute: this CPU has no native bf16 matmul (4-90× slower by shape); the recipe is otherwise the paper's.
-FP32 = QuantSpec(compute_dtype="float32")
-
-
-def make(base, *, r=8, dropout=0.1, batch_size=4):
-    module = QLoRAModule(str(base), quant=FP32, lora=LoraSpec(r=r, alpha=16, dropout=dropout))
-    data = InstructionDataModule(str(base), dataset="bundled:orca_sample_train", val_dataset="bundled:orca_sample_val",
-                                 max_examples=48, batch_size=batch_size, eval_batch_size=8, num_workers=0,
-                                 pad_to_multiple_of=None)
-    return module, data
-
-
-def trainer(root, max_steps, every=2, **kwargs):
-    ckpt = ModelCheckpoint(dirpath=Path(root) / "checkpoints", filename="{step}", every_n_train_steps=every,
-                           save_last=True, save_top_k=-1)
-    return L.Trainer(default_root_dir=root, max_steps=max_steps, precision="32-true", accelerator="cpu",
-                     plugins=[AtomicCheckpointIO()], callbacks=[ckpt], enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=1, val_check_interval=max_steps,
-                     log_every_n_steps=1, **kwargs)
-
+from qlora_lightning.resume import CheckpointError, read_checkpoint
+from qlora_testing import (FP32, assert_bnb_cpu_repacking_off, cpu_trainer, requires_cuda, tiny_module_and_data,
+                          transformers_4bit)
 
 def test_fit_writes_adapter_only_checkpoints_with_peft_folders(tiny_chat_llama_dir, tmp_path):
-    module, data = make(tiny_chat_llama_dir)
-    t = trainer(tmp_path, max_steps=4)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    t = cpu_trainer(tmp_path, max_steps=4)
     t.fit(module, data)
     ckpt_dir = tmp_path / "checkpoints"
     assert {p.name for p in ckpt_dir.iterdir()} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt", "step=2", "step=4",
@@ -68,33 +46,33 @@ def test_fit_writes_adapter_only_checkpoints_with_peft_folders(tiny_chat_llama_d
 def test_trained_adapter_in_peft_gives_our_logits(tiny_chat_llama_dir, tmp_path):
     from peft import PeftModel
 
-    module, data = make(tiny_chat_llama_dir, dropout=0.0)
-    t = trainer(tmp_path, max_steps=3, every=3)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
+    t = cpu_trainer(tmp_path, max_steps=3, every=3)
     t.fit(module, data)
     assert any(torch.count_nonzero(layer.lora_B) for layer in module.model.modules() if hasattr(layer, "lora_B"))
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, quantization_config=config, dtype=torch.float32)
+    base = transformers_4bit(tiny_chat_llama_dir, compute_dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, Path(t.log_dir) / "adapter").eval()
     x = torch.randint(0, 1000, (2, 16))
     ours = module.model.eval()(x).logits
-    torch.testing.assert_close(peft_model(x).logits, ours, rtol=1e-4, atol=1e-4)
+    theirs = peft_model(x).logits
+    assert_bnb_cpu_repacking_off(base)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tiny_chat_llama_dir, tmp_path, accumulate):
     """N steps + resume to 2N gives exactly the adapters of 2N straight (dropout on, same data order)."""
     L.seed_everything(0)
-    module, data = make(tiny_chat_llama_dir)
-    trainer(tmp_path / "straight", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(module, data)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    cpu_trainer(tmp_path / "straight", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(module, data)
     straight = adapter_state_dict(module.model)
 
     L.seed_everything(0)
-    module, data = make(tiny_chat_llama_dir)
-    trainer(tmp_path / "cut", max_steps=3, every=3, accumulate_grad_batches=accumulate).fit(module, data)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    cpu_trainer(tmp_path / "cut", max_steps=3, every=3, accumulate_grad_batches=accumulate).fit(module, data)
     L.seed_everything(123)  # a resumed process starts from another RNG state: the checkpoint must restore it
-    module, data = make(tiny_chat_llama_dir)
-    trainer(tmp_path / "cut", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    cpu_trainer(tmp_path / "cut", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(
         module, data, ckpt_path=tmp_path / "cut" / "checkpoints" / "step=3.ckpt")
     resumed = adapter_state_dict(module.model)
     assert straight.keys() == resumed.keys()
@@ -102,16 +80,16 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tiny_chat_llama_d
 
 
 def test_checkpoint_of_another_lora_config_is_a_clear_error(tiny_chat_llama_dir, tmp_path):
-    module, data = make(tiny_chat_llama_dir)
-    trainer(tmp_path, max_steps=2).fit(module, data)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    cpu_trainer(tmp_path, max_steps=2).fit(module, data)
     other = QLoRAModule(str(tiny_chat_llama_dir), quant=FP32, lora=LoraSpec(r=8, target_modules=("q_proj",)))
-    with pytest.raises(KeyError, match="do not match the model"):
-        other.on_load_checkpoint(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False))
+    with pytest.raises(CheckpointError, match="model.lora.target_modules: checkpoint 'all-linear', this run"):
+        other.on_load_checkpoint(read_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))
 
 
 @pytest.mark.parametrize("compile_layers", [False, True])
 def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir, tmp_path, compile_layers):
-    module, data = make(tiny_chat_llama_dir)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
     module.predict_max_new_tokens, module.compile_layers = 4, compile_layers
     t = L.Trainer(default_root_dir=tmp_path, precision="32-true", accelerator="cpu", limit_val_batches=2,
                   limit_test_batches=2, limit_predict_batches=1, enable_progress_bar=False, logger=False)
@@ -125,7 +103,7 @@ def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir
 
 
 def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir):
-    module, data = make(tiny_chat_llama_dir, dropout=0.0)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
     module.configure_model()
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
@@ -138,7 +116,7 @@ def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir
 
 
 def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True, device="cpu", seed=1):
-    module, data = make(base, dropout=dropout)
+    module, data = tiny_module_and_data(base, dropout=dropout)
     module.compile_layers, module.gradient_checkpointing = compile_layers, gradient_checkpointing
     if device != "cpu":  # the GPU recipe: bf16 compute
         module.quant = QuantSpec(compute_dtype="bfloat16")
@@ -190,3 +168,49 @@ def test_compiled_dropout_is_redrawn_identically_when_checkpointing_recomputes(t
         torch.testing.assert_close(recomputed[0], kept[0], rtol=1e-3, atol=0)
         assert grad_gap(kept, recomputed) <= 3e-2
     assert not torch.equal(kept[0], no_dropout[0])  # dropout is really on
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_chat_llama_dir, tmp_path):
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    loss_on = module.loss_on
+
+    def diverging(batch):
+        loss, n = loss_on(batch)
+        return (loss * float("inf") if module.trainer.global_step == 2 else loss), n
+
+    module.loss_on = diverging
+    t = cpu_trainer(tmp_path, max_steps=6, every=1)
+    with pytest.raises(FloatingPointError, match="training stopped at step 3: the loss \\(inf on this rank\\)"):
+        t.fit(module, data)
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)  # no step applied
+    assert not (Path(t.log_dir) / "adapter").exists()  # no final adapter from a diverged run
+
+
+def test_results_are_readable_by_the_group_as_the_umask_says(tiny_chat_llama_dir, tmp_path):
+    """Temporary files are created 0600 and renamed into place; colleagues on a shared cluster must be able to
+    read checkpoints and adapters when the umask allows it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        module, data = tiny_module_and_data(tiny_chat_llama_dir)
+        t = cpu_trainer(tmp_path, max_steps=2)
+        t.fit(module, data)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "checkpoints", *(tmp_path / "checkpoints").rglob("*"), *(Path(t.log_dir) / "adapter").rglob("*")]
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written
+             if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)}
+    assert len(written) > 8 and not wrong
+
+
+def test_settings_that_would_train_nothing_are_refused():
+    with pytest.raises(ValueError, match="lora.alpha must be a positive number"):
+        LoraSpec(alpha=0)
+    with pytest.raises(ValueError, match="lora.alpha must be a positive number"):
+        LoraSpec(alpha=-16)
+    with pytest.raises(ValueError, match="warmup_ratio must be in \\[0, 1\\)"):
+        QLoRAModule("unused", warmup_ratio=-0.1)

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoint import atomic_write_bytes
+from ..atomic import write_text
 from ..data.tokenize import special_prefix
 from ..export import load_with_adapter, resolve_device
 from ..generate import inference_mode, left_pad
@@ -180,9 +180,7 @@ def report(data: MMLUData, metric: MMLUAccuracy, *, shots: int, max_length: int,
 
 def write_report(results: dict, path: str | Path) -> Path:
     """Write `results` as indented JSON, atomically."""
-    path = Path(path)
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
-    return path
+    return write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def evaluate_mmlu(*, base: str, adapter: str | None = None, data: str = "cais/mmlu", split: str = "test",

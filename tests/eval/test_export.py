@@ -158,3 +158,26 @@ def test_export_through_the_cli(tiny_chat_llama_dir, chat_adapter, tmp_path, mer
     single = load_file(tmp_path / "m" / "model.safetensors")
     sharded = AutoModelForCausalLM.from_pretrained(merged_dir).state_dict()
     assert all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_export_copies_the_model_s_own_files_and_follows_no_link_out_of_it(tiny_chat_llama_dir, chat_adapter,
+                                                                           tmp_path):
+    """A README linked to a file elsewhere must not pull that file's contents into the export; a hub-cache
+    snapshot, whose files are all links into the repository's `blobs/`, is copied as usual."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in tiny_chat_llama_dir.iterdir():  # the hub cache's layout: snapshots/<rev>/<file> -> ../../blobs/<hash>
+        shutil.copyfile(path, blobs / path.name)
+        (snapshot / path.name).symlink_to(f"../../blobs/{path.name}")
+    (snapshot / "README.md").symlink_to(secret)
+    (snapshot / "LICENSE").write_text("Apache-2.0")
+    with pytest.warns(UserWarning, match="README.md links to .*secret.txt, outside the model folder: not copied"):
+        export_merged(base=str(snapshot), adapter=str(chat_adapter), output=str(tmp_path / "out"), device="cpu",
+                      allow_other_base=True)
+    copied = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "README.md" not in copied and {"LICENSE", "tokenizer.json", "tokenizer_config.json"} <= copied
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())

@@ -1,0 +1,156 @@
+"""Resuming a run: what `--ckpt_path last` means, checkpoints that resume exactly, and reading them safely.
+
+- `find_last_checkpoint`: the newest `last.ckpt` of the run under a root folder. Lightning looks for `last`
+  only in the new run's own version folder (`lightning_logs/version_<N+1>/checkpoints`), finds nothing and
+  silently trains from step 0; the CLI resolves `last` here instead and fails loudly when there is none.
+- `ResumableCheckpoint`: Lightning's `ModelCheckpoint` that also saves the run's final optimizer step the way
+  it saves a periodic one. Lightning's own end-of-training save (`on_train_end`) records the loops as if the
+  epoch had ended, so a run extended from it (same `last.ckpt`, larger `max_steps`) starts a new epoch and
+  trains on other examples than the run that went straight through.
+- `read_checkpoint`: loads a `.ckpt` with `weights_only=True` (no code in the file can run) and turns
+  a damaged or foreign file into an error naming it and saying what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["CheckpointError", "find_last_checkpoint", "read_checkpoint", "ResumableCheckpoint"]
+
+LAST = "last.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used to resume: missing, damaged, foreign, or made for another model."""
+
+
+def last_checkpoint_candidates(root: str | os.PathLike) -> list[Path]:
+    """Every `last.ckpt` a run under `root` can have written: `<root>/checkpoints/` (no logger) and
+    `<root>/<logger name>/version_<N>/checkpoints/` (Lightning's default layout, one version per run)."""
+    root = Path(root)
+    return sorted([*root.glob(f"checkpoints/{LAST}"), *root.glob(f"*/version_*/checkpoints/{LAST}")])
+
+
+def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | None = None) -> Path:
+    """The checkpoint `--ckpt_path last` resumes: `<dirpath>/last.ckpt` when the run names its checkpoint
+    folder, else the most recently written `last.ckpt` of any run under `root` (the run's default_root_dir).
+
+    Raises `CheckpointError` naming where it looked when there is none: asked to resume, training from
+    scratch instead would silently throw the earlier run away.
+    """
+    if dirpath is not None:
+        candidates = [Path(dirpath) / LAST]
+        where = str(candidates[0])
+    else:
+        candidates = last_checkpoint_candidates(root)
+        where = f"{Path(root) / 'checkpoints' / LAST} or {Path(root) / '*' / 'version_*' / 'checkpoints' / LAST}"
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise CheckpointError(f"--ckpt_path last: no {LAST} found (looked for {where}). To start a new run, leave "
+                              "out --ckpt_path; to resume another run, pass its --trainer.default_root_dir or the path "
+                              "of its .ckpt file")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's contents, read with `weights_only=True`: tensors and plain data only, so nothing in the
+    file can run code. An empty, truncated or foreign file raises `CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (a save interrupted before this toolkit's atomic writes?); "
+                              "resume from another checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a checkpoint this toolkit can read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            "It is damaged, or was not written by qlora-lightning; checkpoints are read with weights_only=True so "
+            "that no code in them can run: do not load a file you did not create with weights_only=False") from e
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint and "loops" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict or loop state in it)")
+    return checkpoint
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose every save resumes exactly, the run's last one included.
+
+    Arguments as `ModelCheckpoint`. When training stops at `max_steps` (or a callback stops it), the final
+    optimizer step is saved from `on_train_batch_end`, exactly as a periodic save (`step=<N>.ckpt` and
+    `last.ckpt`), and Lightning's later `on_train_end` save is skipped: that one records the epoch as
+    finished, so extending the run from it would replay other data.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.every_n_steps = kwargs.get("every_n_train_steps") or 0
+        self._final_step_saved: int | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        final = (0 < trainer.max_steps <= step) or trainer.should_stop
+        if not final or self._final_step_saved == step or trainer.sanity_checking:
+            return
+        self._final_step_saved = step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return  # the periodic save above has just written this step
+        metrics = {"step": torch.tensor(step), "epoch": torch.tensor(trainer.current_epoch)}
+        trainer.save_checkpoint(self.format_checkpoint_name(metrics))
+        if self.save_last:
+            trainer.save_checkpoint(self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._final_step_saved != trainer.global_step:
+            super().on_train_end(trainer, pl_module)
+
+
+# --------------------------------------------------------------------------------- the run's identity
+# What a checkpoint records of its run (`QLoRAModule.on_save_checkpoint`) and a resume compares with the
+# command line, which always decides: a checkpoint's own hyperparameters are never applied to a run.
+_MUST_MATCH = {"lora": ("r", "alpha", "target_modules", "exclude"), "quant": ("quantize", "double_quant")}
+_MAY_CHANGE = {"lora": ("dropout",), "quant": ("compute_dtype", "quant_storage")}
+
+
+def run_record(base_model: str, base_fingerprint: str, lora: Any, quant: Any) -> dict[str, Any]:
+    """The identity of a run's adapters: the base (name and `model.weights_fingerprint`) and the LoRA and
+    quantization specs, as plain data (`dataclasses.asdict`)."""
+    from dataclasses import asdict
+
+    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "lora": asdict(lora), "quant": asdict(quant)}
+
+
+def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Compare a checkpoint's `run_record` with this run's: raise `CheckpointError` listing every setting the
+    adapters cannot be resumed across (another base's weights, rank, scale, targets, 4-bit type); return a
+    note for each setting the command line changes harmlessly (dropout, compute dtype), to be shown."""
+    conflicts, notes = [], []
+    if saved["base_fingerprint"] != current["base_fingerprint"]:
+        conflicts.append(f"model.base_model: the checkpoint trained on {saved['base_model']!r} (weights "
+                         f"{saved['base_fingerprint']}), this run loads {current['base_model']!r} (weights "
+                         f"{current['base_fingerprint']})")
+    for changes, out in ((_MUST_MATCH, conflicts), (_MAY_CHANGE, notes)):
+        for group, keys in changes.items():
+            for key in keys:
+                before, now = saved[group].get(key), current[group].get(key)
+                if _plain(before) != _plain(now):
+                    out.append(f"model.{group}.{key}: checkpoint {before!r}, this run {now!r}")
+    if conflicts:
+        raise CheckpointError("the checkpoint does not match this run: " + "; ".join(conflicts) + ". A resumed run "
+                              "takes its settings from the command line and config, never from the checkpoint: set "
+                              "these to the checkpoint's values, or start a new run without --ckpt_path")
+    return notes
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples compare equal (a config gives lists where the dataclass default is a tuple)."""
+    return tuple(value) if isinstance(value, list) else value

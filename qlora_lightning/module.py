@@ -20,7 +20,7 @@ import bitsandbytes as bnb
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
@@ -39,6 +39,23 @@ def paged_adamw(params) -> torch.optim.Optimizer:
     `optimizer: {class_path: bitsandbytes.optim.PagedAdamW32bit, init_args: {lr: …}}`.
     """
     return bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> None:
+    """`torch.compile` each decoder layer of `model` into one graph (the module's `compile_layers`).
+
+    Under DDP this switches off dynamo's DDPOptimizer, process-wide, as torch documents for activation
+    checkpointing (`torch._dynamo.config.optimize_ddp`, pytorch#104674; checked on torch 2.11-2.13). It splits a
+    graph compiled inside DDP's forward at gradient-bucket boundaries, the first after 1 MB of parameters, so a
+    7B layer's graph is split in its forward but not when checkpointing recomputes it in backward, outside
+    DDP's forward: the recomputation saves other tensors than the forward did and torch.utils.checkpoint stops
+    ("Recomputed values ... have different metadata": the README's DDP line with configs/7b.yaml on 2 H200s).
+    The split only helps whole-model graphs overlap communication; per-layer graphs get that from DDP's hooks.
+    """
+    if data_parallel:
+        torch._dynamo.config.optimize_ddp = False
+    for layer in model.get_decoder().layers:
+        layer.compile()
 
 
 class ConstantWithWarmup(LambdaLR):
@@ -127,8 +144,8 @@ class QLoRAModule(LightningModule):
         self.base_fingerprint = loaded.fingerprint
         self.materialize_module = loaded.materialize if sharded else None
         if self.compile_layers:
-            for layer in self.model.get_decoder().layers:
-                layer.compile()
+            data_parallel = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
+            compile_decoder_layers(self.model, data_parallel=data_parallel)
         config = self.model.config
         self._head_on_labelled_only = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
 

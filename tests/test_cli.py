@@ -5,17 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
-from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
 from qlora_lightning.cli import run_lightning_cli
-from qlora_testing import cli_args
-
-REPO = Path(__file__).resolve().parents[1]
+from qlora_testing import REPO, cli_args, make_tiny_llama
 
 PAPER = {  # size: (base model, lr, dropout, steps, micro-batch × accumulation)
     "7b": ("meta-llama/Llama-2-7b-hf", 2e-4, 0.1, 10000, 16),
@@ -79,10 +77,15 @@ def test_sigkill_mid_training_then_resume_from_last_finishes(tiny_chat_llama_dir
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_train_and_write_checkpoints_once(tiny_chat_llama_dir, tmp_path):
+def test_ddp_two_cpu_processes_with_compiled_checkpointed_layers_train_and_write_checkpoints_once(
+        tiny_chat_llama_dir, tmp_path):
+    """The README's DDP line with the GPU configs' compiled and checkpointed layers, on CPU processes. Rank 256
+    makes each layer's adapters larger than the 1 MB first gradient bucket, after which dynamo's DDPOptimizer
+    would split a layer's graph (`module.compile_decoder_layers`; the GPU twin is below)."""
     done = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=4, every=2, trainer__devices=2,
-                                   trainer__strategy="ddp"), capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600)
+                                   trainer__strategy="ddp", model__compile_layers="true",
+                                   model__gradient_checkpointing="true", model__lora__r=256),
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
@@ -91,6 +94,28 @@ def test_ddp_two_cpu_processes_train_and_write_checkpoints_once(tiny_chat_llama_
     # the saved position counts the samples of both ranks: 4 steps × micro-batch 2 × 2 ranks
     data_state = state["InstructionDataModule"]
     assert data_state["num_replicas"] == 2 and data_state["consumed"] == 4 * 2 * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_the_readme_ddp_line_with_the_7b_config_on_two_gpus(smollm2_tokenizer, tmp_path):
+    """`train.py fit --config configs/7b.yaml --trainer.devices 2 --trainer.strategy ddp --data.batch_size 4` as
+    the README writes it (compiled and checkpointed layers, bf16, paged AdamW), on a model whose layers hold
+    more than the 1 MB first gradient bucket of adapters (hidden 1024, r 64), so that dynamo's DDPOptimizer
+    would split them: that crashed the first backward (recomputed-metadata error) before the fix."""
+    base = make_tiny_llama(tmp_path / "base", hidden=1024, intermediate=2816, tokenizer=smollm2_tokenizer,
+                           shard="50MB")
+    args = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "7b.yaml"),
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.batch_size", "4",
+            "--model.base_model", str(base), "--data.dataset", "bundled:orca_sample_train",
+            "--data.val_dataset", "bundled:orca_sample_val", "--data.max_examples", "null", "--trainer.max_steps", "3",
+            "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "2", "--checkpoint.every_n_train_steps", "2",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (last,) = (tmp_path / "run").glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 3 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
 def test_csv_logs_by_default_and_a_chosen_logger_is_kept(tmp_path):
@@ -102,3 +127,22 @@ def test_csv_logs_by_default_and_a_chosen_logger_is_kept(tmp_path):
     cli = run_lightning_cli(["--config", str(REPO / "configs" / "7b.yaml"), "--trainer.logger", "false",
                              "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert cli.trainer.logger is None
+
+
+def test_no_advice_to_install_a_package_that_fetches_code_from_a_hub(tmp_path):
+    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community … pip install kernels" at
+    import on CPUs with AVX512-BF16; the `kernels` package fetches code at run time, so our commands drop it."""
+    plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, timeout=300)
+    if "kernels-community" not in plain.stderr:
+        pytest.skip("bitsandbytes gives that advice only on CPUs with AVX512-BF16")
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--print_config"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernels" not in done.stderr + done.stdout
+
+
+def test_a_setting_that_trains_nothing_is_refused_on_the_command_line(tiny_chat_llama_dir, tmp_path):
+    done = subprocess.run(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=1, every=1, model__lora__alpha=0),
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode != 0 and "lora.alpha must be a positive number" in done.stderr
+    assert not list(tmp_path.glob("**/*.ckpt"))

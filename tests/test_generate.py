@@ -1,0 +1,97 @@
+"""Generation: template, greedy determinism, sampling seeds, EOS stop, batching, streaming, train-mode restore, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_lightning.generate import encode, generate, left_pad, stop_ids, stream
+from qlora_lightning.specs import QuantSpec
+from qlora_testing import load_for_inference
+
+PROMPTS = ["Hi", "Introduce yourself in a few words", "What is the capital of France? Answer briefly, please."]
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_chat_llama_dir, chat_adapter):
+    """The tiny chat Llama (NF4 + random adapter). fp32 compute: batched and single runs then agree to ~1e-6,
+    so greedy choices cannot flip on bf16 rounding between the two (bf16 does flip them on near-ties)."""
+    return load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32"))
+
+
+def test_prompt_is_written_with_the_model_card_template(chat):
+    text = chat.tokenizer.decode(encode(chat.tokenizer, "Introduce yourself", "qlora"))
+    assert text == ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                    "helpful, detailed, and polite answers to the user's questions.\n### Human: Introduce yourself "
+                    "### Assistant:")
+    assert chat.tokenizer.decode(encode(chat.tokenizer, "Hi", "chat")).startswith("<|im_start|>")
+
+
+def test_greedy_is_deterministic_and_sampling_follows_the_seed(chat):
+    greedy = [generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12) for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0][0]
+    sampled = {seed: generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12, sample=True, seed=seed)[0]
+               for seed in (0, 0, 1)}
+    again = generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12, sample=True, seed=0)[0]
+    assert again == sampled[0] and sampled[0] != sampled[1] and sampled[0] != greedy[0][0]
+
+
+def test_generation_stops_at_eos(chat):
+    model, tok = chat.model, chat.tokenizer
+    assert tok.eos_token_id in stop_ids(model, tok)
+    ids, mask = left_pad([encode(tok, PROMPTS[0], "qlora")], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=[], pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert len(free) == 8
+    eos = free[3]  # declare the 4th greedy token the end of sequence
+    assert eos not in free[:3]
+    answer = generate(model, tok, PROMPTS[0], max_new_tokens=8, eos_token_id=eos)[0]
+    assert answer == tok.decode(free[:3], skip_special_tokens=True) != tok.decode(free, skip_special_tokens=True)
+
+
+def test_a_batch_equals_one_prompt_at_a_time(chat):
+    # Raw prompts (no template): a 2-layer random model continues the shared "### Assistant:" ending alike.
+    one_by_one = [generate(chat.model, chat.tokenizer, p, template=None, max_new_tokens=10)[0] for p in PROMPTS]
+    assert generate(chat.model, chat.tokenizer, PROMPTS, template=None, max_new_tokens=10, batch_size=3) == one_by_one
+    assert len(set(one_by_one)) == 3  # rows of different lengths, different answers: nothing mixed up
+
+
+def test_streaming_yields_the_same_text(chat):
+    pieces = list(stream(chat.model, chat.tokenizer, PROMPTS[2], max_new_tokens=15))
+    assert len(pieces) > 1 and "".join(pieces) == generate(chat.model, chat.tokenizer, PROMPTS[2], max_new_tokens=15)[0]
+
+
+def test_a_training_model_is_switched_to_cached_eval_and_back(tiny_chat_llama_dir, chat_adapter):
+    loaded = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), train=True)
+    model = loaded.model
+    assert model.training and not model.config.use_cache
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((module.training, kwargs["input_ids"].shape[1]))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    generate(model, loaded.tokenizer, "Hi", max_new_tokens=3)
+    hook.remove()
+    prompt_length = len(encode(loaded.tokenizer, "Hi", "qlora"))
+    assert calls == [(False, prompt_length), (False, 1), (False, 1)]  # eval mode; the KV cache feeds 1 token a step
+    assert model.training and not model.config.use_cache
+
+
+def test_generate_through_the_cli_streams_to_stdout(tiny_chat_llama_dir, chat_adapter, capsys, chat):
+    from qlora_lightning.cli import main
+
+    main(["generate", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--prompt", PROMPTS[2],
+          "--max_new_tokens", "6", "--quant.compute_dtype", "float32"])
+    expected = generate(chat.model, chat.tokenizer, PROMPTS[2], max_new_tokens=6)[0]
+    assert capsys.readouterr().out == f"### {PROMPTS[2]}\n{expected}\n"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_with_its_chat_template_and_stops(smollm2_dir):
+    # The unquantized base (bf16 weights, fp32 compute for CPU speed); its NF4 form rambles on past "Paris".
+    loaded = load_for_inference(smollm2_dir, quant=QuantSpec(quantize="none", compute_dtype="float32"))
+    answer = generate(loaded.model, loaded.tokenizer, "What is the capital of France?", template="chat",
+                      max_new_tokens=48)[0]
+    assert answer == "The capital of France is Paris."  # 7 tokens, then <|im_end|>: stopped long before 48

@@ -1,0 +1,184 @@
+"""Merging (original and NF4 bases) against the adapter model; PEFT adapters in, round trip, mismatches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qlora_lightning.adapters import adapter_state_dict, read_adapter
+from qlora_lightning.lora import lora_layers
+from qlora_lightning.merge import export_merged
+from qlora_lightning.specs import QuantSpec
+from qlora_testing import make_tiny_llama, load_for_inference
+
+#: Merged weights vs the adapter computed beside the base, both run in fp32: the export rounds W + BA to
+#: bf16 once (relative 2^-9 per weight) and the adapter model computes its LoRA term in bf16 (the LoRA
+#: dtype). Measured on the tiny model: max |Δlogit| / max |logit| = 0.34 % (original base) and 0.38 %
+#: (NF4 base); a wrong scale, transpose or missing module gives 15-90 %.
+REL_TOL = 1e-2
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_chat_llama_dir, chat_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "model"
+    export_merged(base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(out), max_shard_size="1MB",
+                  device="cpu")
+    return out
+
+
+def test_merged_folder_loads_with_plain_transformers_and_matches_the_adapter_on_the_original_base(
+        merged_dir, tiny_chat_llama_dir, chat_adapter, ids):
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not list(merged_dir.glob("*.bin")) and not list(merged_dir.glob("adapter*"))
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # no extra code, no PEFT
+    assert merged.dtype == torch.bfloat16 and AutoTokenizer.from_pretrained(merged_dir).eos_token == "<|im_end|>"
+    merged = merged.float()  # compare in fp32 so that the weights' differences show, not bf16 compute noise
+    adapter = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter),
+                                quant=QuantSpec(quantize="none", compute_dtype="float32")).model
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    err = rel_err(logits(merged, ids), logits(adapter, ids))
+    assert err <= REL_TOL, err
+    assert rel_err(logits(base, ids), logits(adapter, ids)) > 20 * REL_TOL  # the adapter matters: a real check
+
+
+def test_merging_into_nf4_warns_and_matches_the_qlora_model(tiny_chat_llama_dir, chat_adapter, merged_dir, tmp_path, ids):
+    out = tmp_path / "from_nf4"
+    with pytest.warns(UserWarning, match="changes the model"):
+        export_merged(base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(out), from_quantized=True,
+                      device="cpu")
+    assert (out / "model.safetensors").is_file()  # small enough for one shard at the default 5GB
+    from_nf4 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    # NF4 base + adapter, as trained (fp32 compute: the dequantized weights are the same either way).
+    qlora = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32")).model
+    err = rel_err(logits(from_nf4, ids), logits(qlora, ids))
+    assert err <= REL_TOL, err
+    original = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert rel_err(logits(original, ids), logits(qlora, ids)) > 2 * REL_TOL  # the quantization error is visible
+    embed = "model.embed_tokens.weight"  # not quantized: identical in both exports
+    assert torch.equal(from_nf4.state_dict()[embed], original.state_dict()[embed])
+
+
+def test_existing_output_is_not_overwritten_unless_asked(tiny_chat_llama_dir, chat_adapter, merged_dir):
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_merged(base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(merged_dir))
+
+
+def test_round_trip_ours_to_peft_to_ours_is_exact(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir)
+    PeftModel.from_pretrained(base, chat_adapter).save_pretrained(tmp_path / "peft")  # PEFT writes it itself
+    ours = load_for_inference(str(tiny_chat_llama_dir), str(tmp_path / "peft")).model
+    original = read_adapter(chat_adapter).state
+    again = adapter_state_dict(ours)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_peft_adapter_on_some_modules_loads_for_continued_training(tiny_chat_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path / "qv")
+    loaded = load_for_inference(str(tiny_chat_llama_dir), str(tmp_path / "qv"), train=True)
+    model = loaded.model
+    assert model.training and sorted({n.rsplit(".", 1)[-1] for n in lora_layers(loaded.model)}) == ["q_proj", "v_proj"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 2 and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    layer = model.model.layers[1].self_attn.v_proj
+    assert layer.r == 4 and layer.scaling == 2.0
+    expected = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    peft_b = expected["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]  # PEFT's fp32
+    assert torch.equal(layer.lora_B, peft_b.to(torch.bfloat16))  # held in bf16, as the paper's adapters
+    model(input_ids=torch.randint(0, 1000, (1, 8)), labels=torch.randint(0, 1000, (1, 8))).loss.backward()
+    assert layer.lora_A.grad is not None
+
+
+def _edited_adapter(src, dst, **config_changes):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config.update(config_changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_mismatched_adapters_are_clear_errors(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    other_base = _edited_adapter(chat_adapter, tmp_path / "other_base", base_model_name_or_path="org/llama-7b")
+    with pytest.raises(ValueError, match="trained on 'org/llama-7b'"):
+        load_for_inference(str(tiny_chat_llama_dir), str(other_base))
+    with pytest.raises(ValueError, match="trained on 'org/llama-7b'"):
+        export_merged(base=str(tiny_chat_llama_dir), adapter=str(other_base), output=str(tmp_path / "x"))
+    load_for_inference(str(tiny_chat_llama_dir), str(other_base), allow_other_base=True)  # same weights, other name
+
+    other_r = _edited_adapter(chat_adapter, tmp_path / "other_r", r=16)
+    with pytest.raises(ValueError, match=r"lora_[AB] has shape .*8.*, the model expects .*16"):
+        load_for_inference(str(tiny_chat_llama_dir), str(other_r))
+
+    fewer = _edited_adapter(chat_adapter, tmp_path / "fewer", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    with pytest.raises(KeyError, match="not in model: .*down_proj"):
+        load_for_inference(str(tiny_chat_llama_dir), str(fewer))
+
+    narrow = make_tiny_llama(tmp_path / "narrow", hidden=32, intermediate=64)  # same module names, other shapes
+    with pytest.raises(ValueError, match=r"down_proj.weight has shape \(32, 64\) but the adapter's B @ A .* \(64, 128\)"):
+        export_merged(base=str(narrow), adapter=str(chat_adapter), output=str(tmp_path / "y"), allow_other_base=True)
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.*"))  # nothing half-written
+
+
+def test_export_through_the_cli(tiny_chat_llama_dir, chat_adapter, tmp_path, merged_dir):
+    from safetensors.torch import load_file
+
+    from qlora_lightning.cli import main
+
+    main(["export", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--output",
+          str(tmp_path / "m"), "--device", "cpu"])
+    single = load_file(tmp_path / "m" / "model.safetensors")
+    sharded = AutoModelForCausalLM.from_pretrained(merged_dir).state_dict()
+    assert all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_export_copies_the_model_s_own_files_and_follows_no_link_out_of_it(tiny_chat_llama_dir, chat_adapter,
+                                                                           tmp_path):
+    """A README linked to a file elsewhere must not pull that file's contents into the export; a hub-cache
+    snapshot, whose files are all links into the repository's `blobs/`, is copied as usual."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in tiny_chat_llama_dir.iterdir():  # the hub cache's layout: snapshots/<rev>/<file> -> ../../blobs/<hash>
+        shutil.copyfile(path, blobs / path.name)
+        (snapshot / path.name).symlink_to(f"../../blobs/{path.name}")
+    (snapshot / "README.md").symlink_to(secret)
+    (snapshot / "LICENSE").write_text("Apache-2.0")
+    with pytest.warns(UserWarning, match="README.md links to .*secret.txt, outside the model folder: not copied"):
+        export_merged(base=str(snapshot), adapter=str(chat_adapter), output=str(tmp_path / "out"), device="cpu",
+                      allow_other_base=True)
+    copied = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "README.md" not in copied and {"LICENSE", "tokenizer.json", "tokenizer_config.json"} <= copied
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())

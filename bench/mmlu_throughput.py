@@ -28,8 +28,8 @@ import torch
 
 from qlora_lightning.eval.mmlu import MMLUAccuracy, encode_questions, score
 from qlora_lightning.eval.mmlu_data import load_mmlu
-from qlora_lightning.export import load_with_adapter, resolve_device
-from qlora_lightning.model import RANDOM_PREFIX, LoraSpec, QuantSpec, load_model
+from qlora_lightning.model import RANDOM_PREFIX, load_model, resolve_device
+from qlora_lightning.specs import LoraSpec, QuantSpec
 from qlora_lightning.tokenizer import load_tokenizer
 
 
@@ -43,7 +43,8 @@ def load(args):
     quant = QuantSpec(quantize=args.quantize, compute_dtype=args.compute_dtype)
     device = resolve_device(args.device)
     if args.shape is None:
-        loaded = load_with_adapter(args.base, args.adapter, quant=quant, device=device)
+        loaded = load_model(args.base, quant=quant, lora=None, adapter=args.adapter, device=device,
+                            gradient_checkpointing=False, train_mode=False)
         return loaded.model, loaded.tokenizer
     model = load_model(f"{RANDOM_PREFIX}{args.shape}", quant=quant, lora=LoraSpec(r=64, dropout=0.0), device=device,
                        gradient_checkpointing=False, train_mode=False, with_tokenizer=False).model

@@ -83,7 +83,7 @@ def run_ours(args, compile_layers: bool = False) -> dict:
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
     from qlora_lightning.fsdp import QLoRAFSDPStrategy
-    from qlora_lightning.model import LoraSpec, QuantSpec
+    from qlora_lightning.specs import LoraSpec, QuantSpec
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
     strategy = QLoRAFSDPStrategy(sharding_strategy="FULL_SHARD", cpu_offload=args.cpu_offload) \

@@ -123,7 +123,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> QLoRAC
 
 def _extra_commands() -> dict[str, Callable]:
     from .eval.mmlu import evaluate_mmlu
-    from .export import export_merged
+    from .merge import export_merged
     from .generate import generate_cli
     from .plot import plot_loss
 

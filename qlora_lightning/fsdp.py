@@ -19,12 +19,10 @@ trainable parameter a gradient buffer as large as the unit. So:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.init import _has_meta_device_parameters_or_buffers
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -33,9 +31,10 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.optim import Optimizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .checkpoint import is_adapter_key
-from .lora import FrozenLinear, unwrapped_name
-from .model import QuantSpec
+from .adapters import is_adapter_key, validate
+from .lora import FrozenLinear, lora_layers, unwrapped_name
+from .resume import read_checkpoint
+from .specs import QuantSpec
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -100,19 +99,12 @@ def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy LoRA tensors (full, on every rank) into a FSDP model's shards, one unit at a time.
-
-    Raises `KeyError` naming the tensors the checkpoint lacks or the model lacks. A collective."""
-    found = set()
+    """Copy LoRA tensors (full, on every rank, checked by `adapters.validate`) into a FSDP model's shards, one
+    unit at a time. A collective."""
     for prefix, unit in _adapter_units(model):
         with FSDP.summon_full_params(unit, recurse=False, writeback=True):
             for key, p in _owned_adapters(prefix, unit):
-                if key not in state:
-                    raise KeyError(f"the checkpoint lacks adapter tensor {key} (different lora config?)")
                 p.copy_(state[key])
-                found.add(key)
-    if unexpected := sorted(set(state) - found):
-        raise KeyError(f"the checkpoint holds adapter tensors the model lacks: {unexpected[:4]}")
 
 
 def _full_state_dict_type(model: nn.Module, rank0_only: bool, device: torch.device):
@@ -144,16 +136,11 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             raise ValueError("QLoRAFSDPStrategy writes adapter-only single-file checkpoints: state_dict_type must be 'full'")
         super().__init__(*args, **kwargs)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        """Wrap as `FSDPStrategy` does; a model still on the meta device is loaded unit by unit, each unit
-        just before it is sharded, by the LightningModule's `materialize_module` (FSDP's `param_init_fn`)."""
-        materialize = getattr(self.lightning_module, "materialize_module", None)
-        if materialize is not None and _has_meta_device_parameters_or_buffers(model):
-            self.kwargs["param_init_fn"] = materialize
-        try:
-            return super()._setup_model(model)
-        finally:
-            self.kwargs.pop("param_init_fn", None)  # used once, while wrapping
+    def load_units_with(self, materialize: Callable[[nn.Module], None]) -> None:
+        """Have FSDP give each shard unit's modules their tensors with `materialize` just before sharding that
+        unit (FSDP's `param_init_fn`), for a model left on the meta device: `QLoRAModule.configure_model` passes
+        its loader (`model.ModuleMaterializer`), so no rank ever holds the whole model."""
+        self.kwargs["param_init_fn"] = materialize
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The full optimizer state on rank 0, keyed by the optimizer's parameter order (as a plain optimizer's
@@ -163,7 +150,6 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         merge across ranks; torch's own `state_dict` of the same optimizer shows them as the per-shard
         tensors FSDP knows how to gather. 8-bit states (block-wise constants) cannot be gathered: an error.
         """
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
         if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
             raise ValueError(f"{type(optimizer).__name__}: 8-bit optimizer states cannot be gathered by FSDP; use a "
                              "32-bit optimizer (the paper's paged AdamW 32-bit) under FSDP")
@@ -179,9 +165,11 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load an adapter-only checkpoint into the shards, and its optimizer state when fitting."""
-        path = Path(self.broadcast(checkpoint_path))
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
-        load_adapters(self.model, {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)})
+        path = self.broadcast(checkpoint_path)
+        checkpoint = read_checkpoint(path, mmap=True)
+        state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
+        validate(lora_layers(self.model), state, source=str(path))
+        load_adapters(self.model, state)
         states = checkpoint.get("optimizer_states")
         if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
             # Saved by rank 0 keyed by parameter order; every rank takes its own shard of it.

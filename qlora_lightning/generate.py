@@ -19,9 +19,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .data.templates import format_prompt
 from .data.tokenize import encode_prompt
-from .export import load_with_adapter, resolve_device
-from .lora import QuantType
-from .model import DTypeName, QuantSpec
+from .model import load_model, resolve_device
+from .specs import QuantSpec
 
 
 @contextlib.contextmanager
@@ -86,6 +85,18 @@ def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """Draw sampled tokens from `seed` (reproducible answers) without touching the caller's random streams: the
+    global CPU and `device` generators are forked for the block and restored after it. None: draw as they are."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
              template: str | None = "qlora", max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7,
              top_p: float = 0.9, batch_size: int = 8, seed: int | None = None,
@@ -100,7 +111,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         max_new_tokens: most tokens generated per prompt.
         sample: nucleus sampling instead of greedy decoding (greedy is deterministic: the default).
         temperature / top_p: sampling settings; 0.7 and 0.9 are the paper's for Guanaco's generations.
-        seed: seeds torch's RNG before each batch, making sampling reproducible.
+        seed: the random seed of each batch's sampling, for reproducible answers (`seeded`: the caller's random
+            streams are left as they were).
         eos_token_id: ids that end a generation; None: the tokenizer's EOS and the model's (`stop_ids`).
         streamer: a transformers streamer (e.g. `TextStreamer`) fed as tokens come; batch size 1 only.
     """
@@ -119,10 +131,9 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         for start in range(0, len(encoded), batch_size):
             rows = encoded[start:start + batch_size]
             input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 streamer=streamer)
+            with seeded(seed, device):
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                     streamer=streamer)
             for row in out[:, input_ids.shape[1]:].tolist():
                 answers.append(tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True))
     return answers
@@ -150,9 +161,8 @@ def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: s
 
 def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = None, template: str | None = "qlora",
                  max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-                 seed: int = 0, batch_size: int = 8, stream_output: bool = True, quantize: QuantType = "nf4",
-                 compute_dtype: DTypeName = "bfloat16", device: str = "auto",
-                 allow_other_base: bool = False) -> list[str]:
+                 seed: int = 0, batch_size: int = 8, stream_output: bool = True, quant: QuantSpec = QuantSpec(),
+                 device: str = "auto", allow_other_base: bool = False) -> list[str]:
     """Answer prompts with a base model and (optionally) a PEFT LoRA adapter; print the answers.
 
     Args:
@@ -169,15 +179,14 @@ def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = No
         batch_size: prompts per left-padded batch when not streaming.
         stream_output: print tokens as they come, one prompt after another; off: batch all prompts and
             print each answer when done.
-        quantize: "nf4" (the base as the adapter was trained on), "fp4", or "none" (bf16 base).
-        compute_dtype: dtype of the matmuls: "bfloat16" (the paper's); "float32" is faster on CPUs
-            without bf16 instructions.
+        quant: how the base is stored, as in training (`--quant.quantize nf4|fp4|none`, `--quant.compute_dtype`:
+            "float32" is faster on CPUs without bf16 instructions).
         device: "auto" (CUDA if present, else CPU), "cpu", "cuda:0", ...
-        allow_other_base: skip the check that the adapter names `base` as its base model.
+        allow_other_base: skip the check that the adapter was trained on `base`.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    loaded = load_with_adapter(base, adapter, quant=QuantSpec(quantize=quantize, compute_dtype=compute_dtype), device=resolve_device(device),
-                               allow_other_base=allow_other_base)
+    loaded = load_model(base, quant=quant, lora=None, adapter=adapter, allow_other_base=allow_other_base,
+                        device=resolve_device(device), gradient_checkpointing=False, train_mode=False)
     kwargs = dict(template=template, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                   top_p=top_p, seed=seed)
     answers = []

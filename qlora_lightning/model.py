@@ -1,11 +1,13 @@
-"""Loading a Hugging Face causal LM straight into its QLoRA form (4-bit base + LoRA), module by module.
+"""Loading a Hugging Face causal LM straight into its QLoRA form (4-bit base + LoRA), module by module: the
+one loader, for training, evaluation, generation and FSDP.
 
-The skeleton is built on the meta device with its LoRA layers and frozen 4-bit linears in place; then
-each module is given its tensors (`ModuleMaterializer`): a frozen linear's weight is read from the
-safetensors shards and quantized on the training device, LoRA factors are initialised, and every other
-tensor (embeddings, norms, output head) is placed in bf16. Nothing full-size is ever built: peak host
-memory is about one tensor of the checkpoint, peak device memory the 4-bit model plus one bf16 weight.
-Under FSDP the same loader runs unit by unit as FSDP shards the model (`fsdp.QLoRAFSDPStrategy`).
+The skeleton is built on the meta device with its LoRA layers and frozen 4-bit linears in place
+(`inject.inject_lora`); then each module is given its tensors (`ModuleMaterializer`): a frozen linear's weight
+is read from the safetensors shards and quantized on the training device, LoRA factors are initialised or taken
+from an adapter, and every other tensor (embeddings, norms, output head) is placed in the compute dtype.
+Nothing full-size is ever built: peak host memory is about one tensor of the checkpoint, peak device memory the
+4-bit model plus one bf16 weight. Under FSDP the same loader runs unit by unit as FSDP shards the model
+(`fsdp.QLoRAFSDPStrategy`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from accelerate import init_empty_weights
@@ -26,95 +26,22 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import hub
-from .checkpoint import checked_adapter_state
-from .lora import FrozenLinear, FrozenLinear4bit, LoraLinear, QuantType, lora_layer_class, lora_layer_kwargs, matches_target
+from . import adapters, hub
+from .inject import inject_lora
+from .lora import FrozenLinear, LoraLinear, lora_layers
+from .specs import LoraSpec, QuantSpec, torch_dtype
 from .tokenizer import load_tokenizer
-
-DTypeName = Literal["bfloat16", "float16", "float32"]
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How the frozen base is stored.
-
-    quantize: "nf4" (the paper's 4-bit NormalFloat, information-theoretically optimal for normally
-        distributed weights), "fp4", or "none" (bf16 base: the paper's 16-bit LoRA comparison).
-    double_quant: also quantize the quantization constants (paper: saves ~0.37 bit/parameter, 3 GB at 65B).
-    compute_dtype: dtype of the matmuls, of the LoRA weights and of the unquantized parameters; bf16 as in
-        the paper. CPUs without native bf16 matmul (AVX2 only) run bf16 matmuls 4-90x slower than float32: use
-        float32 there (the CPU demo does).
-    quant_storage: dtype the packed 4-bit bytes are stored in; set it to the other parameters' dtype
-        (bfloat16) to let FSDP shard the 4-bit weights with the rest.
-    """
-
-    quantize: QuantType = "nf4"
-    double_quant: bool = True
-    compute_dtype: DTypeName = "bfloat16"
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-
-    def __post_init__(self) -> None:
-        choices = {"quantize": ("nf4", "fp4", "none"), "compute_dtype": ("bfloat16", "float16", "float32"),
-                   "quant_storage": ("uint8", "bfloat16", "float16", "float32")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"quant.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """Which layers get adapters and how large they are.
-
-    r: rank of A/B; the paper uses 64 at every size (and finds rank matters little when all layers get LoRA).
-    alpha: the update is scaled by alpha / r; 16 as in the paper and the OpenOrca adapters.
-    dropout: dropout on the LoRA input; paper: 0.1 for 7B/13B, 0.05 for 33B/65B.
-    target_modules: "all-linear" (the paper: LoRA on every linear layer is needed to match 16-bit
-        fine-tuning) or module-name suffixes such as ["q_proj", "v_proj"], or "re:<regex>".
-    exclude: suffixes never adapted; the output head stays full precision as in QLoRA.
-    """
-
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: str | tuple[str, ...] = "all-linear"
-    exclude: tuple[str, ...] = ("lm_head",)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}: the update is scaled by "
-                             "alpha / r, so 0 trains nothing (every lora_B gradient is zero) and a negative value "
-                             "flips it")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules is empty; use 'all-linear' (the paper) or module-name suffixes")
-
-
-# Checkpoints record these specs among the module's hyperparameters; they are plain data, so resuming
-# may read them with `torch.load(weights_only=True)`, which refuses any other object.
-torch.serialization.add_safe_globals([QuantSpec, LoraSpec])
 
 
 class LoadedModel(NamedTuple):
-    """What `load_model` returns: the model with LoRA layers, its tokenizer, the replaced module names, what
-    gives the modules their tensors (used when loading with `materialize=False`), and the base weights'
+    """What `load_model` returns: the model with LoRA layers (`lora.lora_layers` lists them), its tokenizer,
+    what gives the modules their tensors (used when loading with `materialize=False`), and the base weights'
     `weights_fingerprint` (`random:<shape>` for random ones)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
-    lora_modules: list[str]
     materialize: "ModuleMaterializer"
     fingerprint: str
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """`"bfloat16"` → `torch.bfloat16`, with a clear error for anything else."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; expected e.g. 'bfloat16', 'float16', 'float32'")
-    return dtype
 
 
 def safetensors_shards(checkpoint_dir: Path) -> list[Path]:
@@ -306,38 +233,52 @@ class ModuleMaterializer:
                     value = self.tensors(key, p.shape).to(self.device, self.dtype, copy=True)
                     made = nn.Parameter(value, requires_grad=False)
                     for owner, owner_attr in self.tied_places.get(key, [(module, attr)]):
-                        owner._parameters[owner_attr] = made
-        for attr, buf in module._buffers.items():
-            if buf is not None:
-                module._buffers[attr] = buf.to(self.device)
+                        setattr(owner, owner_attr, made)
+        for attr, buf in module.named_buffers(recurse=False):
+            setattr(module, attr, buf.to(self.device))
 
 
-def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec = LoraSpec(),
-               device: torch.device | str = "cpu", adapter: str | os.PathLike | None = None, materialize: bool = True,
-               gradient_checkpointing: bool = True, train_mode: bool = True,
-               with_tokenizer: bool = True, trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`"auto"` → the first CUDA device when there is one, else the CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec | None = LoraSpec(),
+               adapter: str | os.PathLike | None = None, allow_other_base: bool = False,
+               device: torch.device | str = "cpu", materialize: bool = True, gradient_checkpointing: bool = True,
+               train_mode: bool = True, with_tokenizer: bool = True, trust_remote_code: bool = False,
+               revision: str | None = None) -> LoadedModel:
     """Load a causal LM (hub id or local folder of safetensors) directly into its QLoRA form on `device`.
+
+    Training uses the defaults (fresh adapters of `lora`, train mode, gradient checkpointing); evaluation and
+    generation pass `adapter` with `lora=None` (the adapter's own rank, scale and targets, read from its
+    adapter_config.json), `train_mode=False` and `gradient_checkpointing=False`.
 
     Args:
         name_or_path: hub id (e.g. "meta-llama/Llama-2-7b-hf"), a local folder as `save_pretrained`
             writes, `builtin:smollm2-135m-instruct`, or `random:7b|13b|70b|tiny` (random LLaMA-2-shaped
             weights made on the device, for benchmarks; no tokenizer).
         quant: how the frozen base is stored (NF4 + double quant + bf16 compute by default).
-        lora: the adapters. Fresh adapters (B = 0) leave the output exactly that of the 4-bit base,
-            so the same call also serves to evaluate the base model.
+        lora: the adapters' layout. Fresh adapters (B = 0) leave the output exactly that of the 4-bit base.
+            None: the layout of `adapter`, or no adapters at all without one (the quantized base alone).
+        adapter: a PEFT adapter folder to start the LoRA factors from instead of fresh ones, checked against the
+            layout and the base (`adapters.validate`, `adapters.check_adapter_base`).
+        allow_other_base: skip the check that the adapter was trained on this base (the same weights under a
+            name the check cannot recognise).
         device: where the model is quantized and lives; each rank passes its own (never a device map,
             which under DDP would put every rank's model on one GPU).
-        adapter: a PEFT adapter folder to start the LoRA factors from instead of fresh ones (checked against
-            `lora` and the base; see `checkpoint.checked_adapter_state`).
         materialize: give every module its tensors now. False leaves all parameters on the meta device and
             `LoadedModel.materialize` to do it module by module: FSDP's `param_init_fn`, which loads each shard
             unit just before sharding it.
         gradient_checkpointing: recompute activations in backward (non-reentrant), the paper's setting:
-            it is what lets 65B fit one 48 GB GPU.
+            it is what lets 65B fit one 48 GB GPU. Off: the KV cache is on, for generation.
         train_mode: leave the model in train mode (a loaded model starts in eval mode, which would
             silently disable gradient checkpointing and dropout under Lightning).
         with_tokenizer: also load the tokenizer (see `load_tokenizer`).
         trust_remote_code: run modelling code shipped with the checkpoint; off unless the user asks.
+        revision: the hub revision (branch, tag or commit) to fetch.
     """
     device = torch.device(device)
     dtype = torch_dtype(quant.compute_dtype)
@@ -356,6 +297,9 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         if getattr(config, "quantization_config", None) is not None:
             raise ValueError(f"{name_or_path} is already quantized ({config.quantization_config}); "
                              "QLoRA needs a 16/32-bit checkpoint to quantize")
+    found = adapters.read_adapter(adapter) if adapter is not None else None
+    if found is not None and lora is None:
+        lora = adapters.lora_spec(found.config, str(found.folder / adapters.ADAPTER_CONFIG))
     model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
     if checkpoint_dir is None:
@@ -363,13 +307,14 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
     else:
         expected = {k for k, _ in model.named_parameters(remove_duplicate=False)}
         tensors = CheckpointTensors(checkpoint_dir, expected, type(model).__name__)
-    lora_modules = _swap_in_qlora_layers(model, quant, lora, name_or_path)
+    inject_lora(model, lora, quant)
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith((".lora_A", ".lora_B")))
-    adapter_state = None
-    if adapter is not None:
-        adapter_state = checked_adapter_state(model, adapter, base_model=name_or_path, base_fingerprint=fingerprint)[1]
-    materializer = ModuleMaterializer(model, tensors, device, dtype, adapter_state)
+    if found is not None:
+        if not allow_other_base:
+            adapters.check_adapter_base(found, base_model=name_or_path, base_fingerprint=fingerprint)
+        adapters.validate(lora_layers(model), found.state, source=str(found.folder), config=found.config)
+    materializer = ModuleMaterializer(model, tensors, device, dtype, found.state if found is not None else None)
     if missing := materializer.missing(model):
         raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
 
@@ -381,35 +326,7 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         for module in model.modules():
             materializer(module)
     tokenizer = load_tokenizer(str(checkpoint_dir), trust_remote_code=trust_remote_code) if with_tokenizer else None
-    return LoadedModel(model, tokenizer, lora_modules, materializer, fingerprint)
-
-
-def _swap_in_qlora_layers(model: nn.Module, quant: QuantSpec, lora: LoraSpec, name_or_path: str) -> list[str]:
-    """Replace the linears of a meta-device model by meta-device LoRA layers (the targets) and frozen 4-bit
-    linears (the rest, like the model card's load: every linear but the output head is 4-bit, LoRA or
-    not). Returns the LoRA targets' names."""
-    linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = {n for n in linear_names if matches_target(n, lora.target_modules, lora.exclude)}
-    if not targets:
-        raise ValueError(f"lora.target_modules={lora.target_modules!r} (exclude={lora.exclude!r}) matches no "
-                         f"linear layer of {name_or_path}; its linear layers include {sorted(linear_names)[:8]}")
-    head = model.get_output_embeddings()
-    quantized = set() if quant.quantize == "none" else {n for n in linear_names if model.get_submodule(n) is not head}
-    compute, storage = torch_dtype(quant.compute_dtype), torch_dtype(quant.quant_storage)
-    layer_cls = lora_layer_class(quant.quantize)
-    kwargs = lora_layer_kwargs(quant.quantize, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                               double_quant=quant.double_quant, compute_dtype=compute, quant_storage=storage)
-    for name in sorted(targets | quantized):
-        linear = model.get_submodule(name)
-        bias = linear.bias is not None
-        if name in targets:
-            layer = layer_cls(linear.in_features, linear.out_features, bias=bias, device="meta", **kwargs)
-        else:
-            layer = FrozenLinear4bit.empty(linear.in_features, linear.out_features, bias=bias, quant_type=quant.quantize,
-                                           double_quant=quant.double_quant, compute_dtype=compute, quant_storage=storage)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-    return sorted(targets)
+    return LoadedModel(model, tokenizer, materializer, fingerprint)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -24,11 +24,13 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from .checkpoint import (AtomicCheckpointIO, adapter_state_dict, is_adapter_key, peft_adapter_config,
-                         save_peft_adapter, to_peft_keys)
+from .adapters import adapter_config, is_adapter_key, save_adapter, to_peft_keys, validate
+from .checkpoint import AtomicCheckpointIO
 from .fsdp import QLoRAFSDPStrategy, check_shardable
-from .model import LoraSpec, QuantSpec, load_model
-from .resume import CheckpointError, check_run_matches, run_record
+from .lora import lora_layers
+from .model import load_model
+from .resume import CheckpointError, check_run_matches, plain_hyperparameters, run_record
+from .specs import LoraSpec, QuantSpec
 from .tokenizer import load_tokenizer
 
 def paged_adamw(params) -> torch.optim.Optimizer:
@@ -39,6 +41,18 @@ def paged_adamw(params) -> torch.optim.Optimizer:
     `optimizer: {class_path: bitsandbytes.optim.PagedAdamW32bit, init_args: {lr: …}}`.
     """
     return bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def attached_trainer(module: LightningModule):
+    """The trainer `module` is attached to, or None: Lightning's `trainer` property raises when there is none."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+def _tuple(value: str | list | tuple) -> str | tuple:
+    return value if isinstance(value, str) else tuple(value)
 
 
 def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> None:
@@ -62,7 +76,6 @@ class ConstantWithWarmup(LambdaLR):
     """Linear warmup over `warmup_steps` optimizer steps, then the constant base learning rate."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0) -> None:
-        self.warmup_steps = warmup_steps
         super().__init__(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
 
 
@@ -103,6 +116,10 @@ class QLoRAModule(LightningModule):
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
         if predict_max_new_tokens < 1:
             raise ValueError(f"model.predict_max_new_tokens must be at least 1, got {predict_max_new_tokens!r}")
+        # `load_from_checkpoint` passes the specs back as the plain dicts that checkpoints store
+        quant = QuantSpec(**quant) if isinstance(quant, dict) else quant
+        lora = LoraSpec(**{**lora, "target_modules": _tuple(lora["target_modules"]), "exclude": tuple(lora["exclude"])}
+                        ) if isinstance(lora, dict) else lora
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "trust_remote_code"])
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
@@ -112,7 +129,6 @@ class QLoRAModule(LightningModule):
         self.predict_max_new_tokens = predict_max_new_tokens
         self.model = None
         self.base_fingerprint: str | None = None  # of the loaded base's weights (`model.weights_fingerprint`)
-        self.materialize_module = None  # under FSDP: loads one module of the meta-device model (see configure_model)
         self._tokenizer = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self.val_loss = MeanMetric()
@@ -126,26 +142,28 @@ class QLoRAModule(LightningModule):
         """Load the 4-bit model with fresh (or `init_adapter`) LoRA on this rank's device; idempotent."""
         if self.model is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device  # cpu unless moved
-        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
+        device = strategy.root_device if strategy is not None else self.device  # cpu unless moved
+        sharded = isinstance(strategy, FSDPStrategy)
         if sharded:
-            if not isinstance(self.trainer.strategy, QLoRAFSDPStrategy):
+            if not isinstance(strategy, QLoRAFSDPStrategy):
                 raise ValueError("use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
                                  "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones")
             check_shardable(self.quant)
             if self.compile_layers:
                 raise ValueError("model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
                                  "the compiled layers): set it to false, as configs/fsdp.yaml does")
-        # Under FSDP the model stays on the meta device: QLoRAFSDPStrategy loads it one shard unit at a time.
+        # Under FSDP the model stays on the meta device: the strategy loads it one shard unit at a time.
         loaded = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device, adapter=self.init_adapter,
                             materialize=not sharded, gradient_checkpointing=self.gradient_checkpointing,
                             with_tokenizer=False, trust_remote_code=self.trust_remote_code)
         self.model = loaded.model
         self.base_fingerprint = loaded.fingerprint
-        self.materialize_module = loaded.materialize if sharded else None
+        if sharded:
+            strategy.load_units_with(loaded.materialize)
         if self.compile_layers:
-            data_parallel = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
-            compile_decoder_layers(self.model, data_parallel=data_parallel)
+            compile_decoder_layers(self.model, data_parallel=isinstance(strategy, DDPStrategy))
         config = self.model.config
         self._head_on_labelled_only = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
 
@@ -302,12 +320,13 @@ class QLoRAModule(LightningModule):
     # ----------------------------------------------------------------------------------- checkpoints
     def adapter_config(self) -> dict[str, Any]:
         """The PEFT adapter_config.json of this module's adapters."""
-        return peft_adapter_config(self.model, base_model=self.base_model, r=self.lora.r, alpha=self.lora.alpha,
-                                   dropout=self.lora.dropout)
+        return adapter_config(self.model, base_model=self.base_model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only LoRA tensors in the state dict; add what PEFT export and exact resume need."""
+        """Keep only LoRA tensors in the state dict; add what PEFT export and exact resume need. Every value is
+        plain data, so that checkpoints load with `weights_only=True` and nothing else registered."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_key(k)}
+        checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
         checkpoint["peft_adapter_config"] = self.adapter_config()
         checkpoint["peft_key_prefix"] = "model."
         checkpoint["qlora_run"] = run_record(self.base_model, self.base_fingerprint, self.lora, self.quant)
@@ -327,19 +346,13 @@ class QLoRAModule(LightningModule):
             current = run_record(self.base_model, self.base_fingerprint, self.lora, self.quant)
             for note in check_run_matches(saved, current):
                 warnings.warn(f"resuming with a changed setting: {note}", UserWarning, stacklevel=1)
-        else:  # written before checkpoints recorded their run: compare the adapter config
-            saved, ours = checkpoint.get("peft_adapter_config", {}), self.adapter_config()
-            changed = [f"{k}: {saved[k]!r} -> {ours[k]!r}" for k in ("r", "lora_alpha", "target_modules")
-                       if k in saved and saved[k] != ours[k]]
-            if changed:
-                raise CheckpointError(f"the checkpoint's adapters do not match this model: {'; '.join(changed)}")
         if "state_dict" in checkpoint:
-            ours = set(adapter_state_dict(self.model, prefix="model."))
-            theirs = set(checkpoint["state_dict"])
-            if ours != theirs:
-                missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-                raise CheckpointError(f"the checkpoint's adapters do not match this model (different lora/quant "
-                                      f"config?): missing {missing[:4]}, unexpected {unexpected[:4]}")
+            state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+            old_config = checkpoint.get("peft_adapter_config") if saved is None else None  # written before qlora_run
+            try:
+                validate(lora_layers(self.model), state, source="the checkpoint", config=old_config)
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{e.args[0]} (a checkpoint of another lora/quant config?)") from e
         self._train_rng = checkpoint.get("rng_state")
 
     def on_fit_start(self) -> None:
@@ -354,6 +367,6 @@ class QLoRAModule(LightningModule):
         # The strategy's state dict: under FSDP the sharded adapters are gathered on rank 0 (a collective).
         state = self.trainer.strategy.lightning_module_state_dict()
         if self.trainer.is_global_zero:
-            save_peft_adapter(folder, to_peft_keys(state, prefix="model."), self.adapter_config(),
-                              step=self.trainer.global_step, base_fingerprint=self.base_fingerprint)
+            save_adapter(folder, to_peft_keys(state, prefix="model."), self.adapter_config(),
+                         step=self.trainer.global_step, base_fingerprint=self.base_fingerprint)
             print(f"final adapter written to {folder}")

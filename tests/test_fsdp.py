@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_lightning.checkpoint import is_adapter_key
+from qlora_lightning.adapters import is_adapter_key
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.fsdp import QLoRAFSDPStrategy, check_shardable, decoder_layer_policy, gather_adapters, load_adapters
-from qlora_lightning.model import LoraSpec, QuantSpec, load_model
+from qlora_lightning.model import load_model
+from qlora_lightning.specs import LoraSpec, QuantSpec
 from qlora_testing import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from qlora_lightning.checkpoint import adapter_state_dict
+    from qlora_lightning.adapters import adapter_state_dict
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

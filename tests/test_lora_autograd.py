@@ -8,18 +8,19 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit, lora_delta
 from qlora_lightning.lora_autograd import lora_linear
+from qlora_lightning.specs import LoraSpec, QuantSpec
 from qlora_testing import requires_cuda
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
-def make_layer(kind: str, device: str, dtype: torch.dtype, dropout: float, quant_storage=torch.uint8):
+def make_layer(kind: str, device: str, dtype: torch.dtype, dropout: float, quant_storage="uint8"):
     torch.manual_seed(0)
     weight = torch.randn(48, 64) / 8
     cls = LoraLinear4bit if kind == "nf4" else LoraLinear16bit
-    extra = {"quant_storage": quant_storage} if kind == "nf4" else {}
-    layer = cls.from_weight(weight, device=device, r=8, alpha=16, dropout=dropout, compute_dtype=dtype,
-                            lora_dtype=dtype, **extra)
+    compute = str(dtype).removeprefix("torch.")
+    quant = QuantSpec(quantize="nf4" if kind == "nf4" else "none", compute_dtype=compute, quant_storage=quant_storage)
+    layer = cls.from_weight(weight, device=device, lora=LoraSpec(r=8, alpha=16, dropout=dropout), quant=quant)
     nn.init.normal_(layer.lora_B, std=0.1)  # a fresh B is zero, which would hide errors in grad A and grad x
     return layer.train()
 
@@ -91,7 +92,7 @@ def test_under_checkpointing_the_recomputed_dropout_mask_is_the_same():
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_plain_packed_tensor_with_the_quant_state_on_the_module_works(device):
     """What FSDP does: the packed bytes (bf16 storage, as FSDP needs) become a plain parameter."""
-    layer = make_layer("nf4", device, torch.bfloat16, 0.0, quant_storage=torch.bfloat16)
+    layer = make_layer("nf4", device, torch.bfloat16, 0.0, quant_storage="bfloat16")
     x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
     before = grads(layer, layer, x)
     layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.data.clone(), requires_grad=False)

@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_lightning.checkpoint import export_adapter
-from qlora_lightning.lora import FrozenLinear4bit, LoraLinear4bit, LoraLinear16bit
-from qlora_lightning.model import LoraSpec, QuantSpec, load_model, weights_fingerprint
+from qlora_lightning.adapters import export_adapter
+from qlora_lightning.lora import lora_layers, FrozenLinear4bit, LoraLinear4bit, LoraLinear16bit
+from qlora_lightning.model import load_model, weights_fingerprint
+from qlora_lightning.specs import LoraSpec, QuantSpec
 from qlora_testing import assert_bnb_cpu_repacking_off, make_tiny_llama, requires_cuda, transformers_4bit
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
@@ -44,13 +45,13 @@ def test_loaded_model_is_ready_to_train(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir), lora=LoraSpec(r=4), with_tokenizer=False)
     model = loaded.model
     assert model.training and model.is_gradient_checkpointing and not model.config.use_cache
-    assert len(loaded.lora_modules) == 2 * 7
+    assert len(lora_layers(loaded.model)) == 2 * 7
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.lora_{ab}" for m in loaded.lora_modules for ab in "AB"}
+    assert trainable == {f"{m}.lora_{ab}" for m in lora_layers(loaded.model) for ab in "AB"}
     assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.model.norm.weight.dtype == torch.bfloat16
     model(torch.randint(0, 256, (1, 8)), labels=torch.randint(0, 256, (1, 8))).loss.backward()
-    assert all(model.get_submodule(m).lora_A.grad is not None for m in loaded.lora_modules)
+    assert all(model.get_submodule(m).lora_A.grad is not None for m in lora_layers(loaded.model))
 
 
 def test_tied_embeddings_and_16bit_mode(tmp_path):
@@ -66,7 +67,7 @@ def test_tied_embeddings_and_16bit_mode(tmp_path):
 
 def test_target_subset_and_errors(tiny_llama_dir, tmp_path):
     loaded = load_model(str(tiny_llama_dir), lora=LoraSpec(target_modules=("q_proj", "v_proj")), with_tokenizer=False)
-    assert len(loaded.lora_modules) == 4
+    assert len(lora_layers(loaded.model)) == 4
     assert type(loaded.model.model.layers[0].mlp.up_proj) is FrozenLinear4bit  # 4-bit, without LoRA
     with pytest.raises(ValueError, match="matches no linear layer"):
         load_model(str(tiny_llama_dir), lora=LoraSpec(target_modules=("query_key_value",)), with_tokenizer=False)
@@ -86,7 +87,8 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
 
 MEMORY_PROBE = textwrap.dedent("""
     import os, sys, threading, time
-    from qlora_lightning.model import LoraSpec, load_model
+    from qlora_lightning.model import load_model
+    from qlora_lightning.specs import LoraSpec
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -134,10 +136,10 @@ def test_peak_host_memory_is_bounded_by_the_4bit_model_plus_a_shard(tmp_path):
 
 def test_random_shape_builds_directly_in_4bit():
     loaded = load_model("random:tiny", lora=LoraSpec(r=4))
-    assert loaded.tokenizer is None and len(loaded.lora_modules) == 14
+    assert loaded.tokenizer is None and len(lora_layers(loaded.model)) == 14
     layer = loaded.model.model.layers[1].mlp.down_proj
     assert isinstance(layer, LoraLinear4bit) and layer.base_layer.weight.dtype == torch.uint8
-    w = layer.base_weight().float()
+    w = layer.base_layer.dense_weight().float()
     assert 0.015 < w.std() < 0.025  # N(0, 0.02) through NF4
     loss = loaded.model(torch.randint(0, 256, (2, 8)), labels=torch.randint(0, 256, (2, 8))).loss
     assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5  # random model: ~uniform
@@ -156,7 +158,7 @@ def test_deferred_loading_module_by_module_in_any_order_gives_the_same_model(tmp
     for p in direct.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide the adapters
-    adapter = export_adapter(direct, tmp_path / "adapter", base_model=folder, r=64, alpha=16, dropout=0.1)
+    adapter = export_adapter(direct, tmp_path / "adapter", base_model=folder)
     deferred = load_model(folder, device=device, adapter=adapter, materialize=False, with_tokenizer=False)
     assert all(p.is_meta for p in deferred.model.parameters())
     for module in reversed(list(deferred.model.modules())):

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qlora_lightning import QLoRAModule
-from qlora_lightning.checkpoint import adapter_state_dict
+from qlora_lightning.adapters import adapter_state_dict
 from qlora_lightning.cli import main
-from qlora_lightning.model import LoraSpec
 from qlora_lightning.resume import CheckpointError, find_last_checkpoint, read_checkpoint
+from qlora_lightning.specs import LoraSpec
 from qlora_testing import FP32, cli_args, cpu_trainer, make_tiny_llama, tiny_module_and_data
 
 

@@ -1,36 +1,50 @@
-"""The data pipeline: formats, prompt templates, tokenization, the resumable sampler and the DataModule."""
+"""The data pipeline: formats, prompt templates, tokenization, the resumable sampler and the DataModule.
 
-from .datamodule import InstructionDataModule
-from .formats import FORMATS, Example, RecordError, format_record, get_format, register_format
-from .sample import bundled_paths, exact_match, normalize_answer
-from .sampler import LengthGroupedSampler
-from .sources import BadRecordError, load_source, pick_subset
-from .templates import QLORA_SYSTEM, TEMPLATES, format_prompt, get_template, render_source
-from .tokenize import IGNORE_INDEX, ExampleEncoder, InstructionCollator, encode_prompt, special_prefix
+Names are imported on first use: the formats, templates and tokenization need neither Lightning nor
+bitsandbytes, so `import qlora_lightning.data` loads neither (only `InstructionDataModule` brings Lightning).
+"""
 
-__all__ = [
-    "InstructionDataModule",
-    "Example",
-    "RecordError",
-    "BadRecordError",
-    "FORMATS",
-    "register_format",
-    "get_format",
-    "format_record",
-    "TEMPLATES",
-    "QLORA_SYSTEM",
-    "get_template",
-    "render_source",
-    "format_prompt",
-    "IGNORE_INDEX",
-    "ExampleEncoder",
-    "InstructionCollator",
-    "encode_prompt",
-    "special_prefix",
-    "LengthGroupedSampler",
-    "load_source",
-    "pick_subset",
-    "bundled_paths",
-    "exact_match",
-    "normalize_answer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "InstructionDataModule": "datamodule",
+    "FORMATS": "formats",
+    "Example": "formats",
+    "RecordError": "formats",
+    "format_record": "formats",
+    "get_format": "formats",
+    "register_format": "formats",
+    "exact_match": "sample",
+    "normalize_answer": "sample",
+    "LengthGroupedSampler": "sampler",
+    "BadRecordError": "sources",
+    "load_source": "sources",
+    "pick_subset": "sources",
+    "QLORA_SYSTEM": "templates",
+    "TEMPLATES": "templates",
+    "format_prompt": "templates",
+    "get_template": "templates",
+    "render_source": "templates",
+    "IGNORE_INDEX": "tokenize",
+    "ExampleEncoder": "tokenize",
+    "InstructionCollator": "tokenize",
+    "encode_prompt": "tokenize",
+    "special_prefix": "tokenize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qlora_lightning.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

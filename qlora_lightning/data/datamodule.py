@@ -13,13 +13,12 @@ count would be wrong because Lightning and DataLoader workers fetch batches ahea
 those examples once, so the resumed run neither repeats nor skips any. As the sampler's order depends only on
 the global batch (micro-batch × accumulate_grad_batches × devices), a checkpoint saved on 2 devices resumes
 exactly on 1 with twice the accumulation; `train_dataloader` then also converts Lightning's own per-rank
-batch counters to the new micro-batches (see `_rescale_batch_progress`).
+batch counters to the new micro-batches (`resume.convert_batch_progress`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Literal
 
 import lightning as L
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from ..resume import convert_batch_progress, data_position
 from ..tokenizer import load_tokenizer
 from .formats import get_format
 from .sampler import LengthGroupedSampler
@@ -37,6 +37,18 @@ from .templates import get_template
 from .tokenize import ExampleEncoder, InstructionCollator
 
 __all__ = ["InstructionDataModule"]
+
+
+class PositionedLoader(DataLoader):
+    """The training DataLoader. Its position is restored by the data module (through the sampler), so it tells
+    Lightning it is resumable, as Lightning's state protocol asks (`state_dict` / `load_state_dict`), instead of
+    letting it warn that a mid-epoch resume is unreliable; the state itself is the data module's."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -207,39 +219,12 @@ class InstructionDataModule(L.LightningDataModule):
         if self._resume_state is not None:
             state, self._resume_state = self._resume_state, None
             sampler.load_state_dict(state)
-            if self.trainer is not None:
-                self._rescale_batch_progress(state, sampler)
+            if self.trainer is not None:  # the position is the same; Lightning's counters count other micro-batches
+                convert_batch_progress(self.trainer, state["batch_size"] * state["num_replicas"],
+                                       sampler.batch_size * sampler.num_replicas, sampler.total_size,
+                                       int(state["consumed"]))
         self._train_sampler = sampler
-        return self._loader(self.train_data, h.batch_size, sampler)
-
-    def _rescale_batch_progress(self, state: dict, sampler: LengthGroupedSampler) -> None:
-        """Convert Lightning's restored per-rank batch counters to this run's micro-batches of the same position.
-
-        Lightning restores its loops (`restore_training_state` in `Trainer._run`) after this datamodule's
-        `load_state_dict` and before `FitLoop.run` → `setup_data` calls `train_dataloader`, so the counters
-        are here and still count the checkpoint's micro-batches per rank. Resumed on another split (say micro 8
-        on 2 ranks → micro 8 × 2 accumulation on 1), those counts no longer match the data: `current.ready`
-        decides the accumulation boundary (`current.ready % accumulate_grad_batches`, `_accumulated_batches_reached`
-        in 2.6.6) and the epoch end (`current.ready == num_training_batches`), and `data_fetcher.fetched` starts
-        from it. One micro-batch on every rank consumed `batch_size × world_size` examples before and after, so
-        `current` (this epoch) is set to the restored position in new micro-batches, and the earlier epochs in
-        `total` are converted alike (whole epochs of full optimizer steps: exact). Each counter keeps its offset
-        from `processed` (e.g. `completed = processed - 1` for a save at `on_train_batch_end`), as Lightning's
-        restart logic reads those offsets. `global_step` and the optimizer/scheduler progress count optimizer
-        steps, which the split does not change, and stay.
-        """
-        old = state["batch_size"] * state["num_replicas"]
-        new = sampler.batch_size * sampler.num_replicas
-        if old == new:
-            return
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress
-        current, total = progress.current, progress.total
-        processed = min(int(state["consumed"]), sampler.total_size) // new  # this epoch's position, new micro-batches
-        earlier = (total.processed - current.processed) * old // new
-        shifts = ((current, processed - current.processed), (total, earlier + processed - total.processed))
-        for tracker, shift in shifts:
-            for field in ("ready", "started", "processed", "completed"):
-                setattr(tracker, field, getattr(tracker, field) + shift)
+        return self._loader(self.train_data, h.batch_size, sampler, loader_class=PositionedLoader)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order ([] when there is no validation data)."""
@@ -256,9 +241,10 @@ class InstructionDataModule(L.LightningDataModule):
         """`predict` answers the held-out prompts (the module generates from each row's unlabelled prefix)."""
         return self.val_dataloader()
 
-    def _loader(self, data, batch_size: int, sampler: LengthGroupedSampler | None) -> DataLoader:
+    def _loader(self, data, batch_size: int, sampler: LengthGroupedSampler | None,
+                loader_class: type[DataLoader] = DataLoader) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        return loader_class(
             data,
             batch_size=batch_size,
             sampler=sampler,
@@ -277,9 +263,7 @@ class InstructionDataModule(L.LightningDataModule):
         """
         if self._train_sampler is None or self.trainer is None:
             return {}  # not training: there is no position to keep
-        loop = self.trainer.fit_loop
-        epoch = max(loop.epoch_progress.current.started - 1, 0)
-        processed = loop.epoch_loop.batch_progress.current.processed
+        epoch, processed = data_position(self.trainer)
         consumed = processed * self.hparams.batch_size * self.trainer.world_size
         return self._train_sampler.state_dict(epoch=epoch, consumed=consumed)
 
@@ -287,10 +271,8 @@ class InstructionDataModule(L.LightningDataModule):
         """Keep the data position to restore; the next training dataloader starts right after it.
 
         It is applied there, not here, because Lightning restores its loop counters after this call and
-        `train_dataloader` may have to convert them (see `_rescale_batch_progress`).
+        `train_dataloader` may have to convert them (`resume.convert_batch_progress`).
         """
         if not state:
             return
         self._resume_state = dict(state)
-        # Lightning checks only the DataLoader for resumability and would warn that this resume is unreliable.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["bundled_paths", "generate", "exact_match", "normalize_answer"]
+__all__ = ["generate", "exact_match", "normalize_answer"]
 
 BUNDLED = Path(__file__).parent / "bundled"
 SYSTEM_PROMPTS = [  # OpenOrca mixes records with and without a system prompt
@@ -127,11 +127,6 @@ def generate(n_train: int = 400, n_val: int = 100, seed: int = 0) -> tuple[list[
             for i, (task, question, answer) in enumerate(part)
         ]
     return out["train"], out["val"]
-
-
-def bundled_paths() -> dict[str, Path]:
-    """Paths of the shipped sample: {"train": …/orca_sample_train.jsonl, "val": …/orca_sample_val.jsonl}."""
-    return {"train": BUNDLED / "orca_sample_train.jsonl", "val": BUNDLED / "orca_sample_val.jsonl"}
 
 
 def normalize_answer(text: str) -> str:

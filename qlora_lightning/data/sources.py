@@ -129,6 +129,14 @@ def cache_root(cache_dir: str | None) -> Path:
     return root
 
 
+def _dataset_identity(ds: Dataset) -> str:
+    """What recognises a loaded dataset's exact data: its arrow files (path, size, modification time)."""
+    files = [Path(f["filename"]) for f in ds.cache_files]
+    if not files:
+        raise ValueError(f"dataset {ds.info.dataset_name or ds!r} has no files to recognise it by")
+    return json.dumps([_file_identity(f) for f in files])
+
+
 def _file_identity(path: Path) -> str:
     stat = path.stat()
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -222,7 +230,7 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
             if split not in loaded:
                 raise ValueError(f"{path}: no split {split!r}; splits: {', '.join(loaded)}")
             loaded = loaded[split]
-        ds, kind, label, identity = loaded, "table", str(path), loaded._fingerprint
+        ds, kind, label, identity = loaded, "table", str(path), _dataset_identity(loaded)
     elif path.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
         raise FileNotFoundError(f"dataset file {name!r} does not exist")
     else:  # a dataset repository: a hub id, or a local folder laid out like one (data files named by split)
@@ -230,7 +238,7 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
             ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
         except Exception as e:
             raise ValueError(f"cannot load dataset {name!r} (split {split!r}) with datasets.load_dataset: {e}") from e
-        kind, label, identity = "table", f"{name} (split {split})", ds._fingerprint
+        kind, label, identity = "table", f"{name} (split {split})", _dataset_identity(ds)
     if kind == "jsonl":
         text = ds.data.column("text")
         rows = np.flatnonzero(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False))
@@ -277,14 +285,17 @@ def _die_with_parent() -> None:
     _fork_parent = os.getpid()
 
 
-if sys.platform.startswith("linux"):
-    os.register_at_fork(after_in_child=_die_with_parent)
+_fork_hook_registered = False
 
 
 @contextmanager
 def _children_die_with_this_process() -> Iterator[None]:
-    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux)."""
-    global _fork_parent
+    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux). The
+    fork hook is registered on first use (it cannot be removed, and does nothing outside such a block)."""
+    global _fork_parent, _fork_hook_registered
+    if sys.platform.startswith("linux") and not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_die_with_parent)
+        _fork_hook_registered = True
     _fork_parent = os.getpid()
     try:
         yield

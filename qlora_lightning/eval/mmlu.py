@@ -23,10 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..atomic import write_text
 from ..data.tokenize import special_prefix
-from ..export import load_with_adapter, resolve_device
 from ..generate import inference_mode, left_pad
-from ..lora import QuantType
-from ..model import DTypeName, QuantSpec
+from ..model import load_model, resolve_device
+from ..specs import QuantSpec
 from .mmlu_data import LETTERS, MMLUData, build_prompt, load_mmlu
 
 
@@ -185,8 +184,8 @@ def write_report(results: dict, path: str | Path) -> Path:
 
 def evaluate_mmlu(*, base: str, adapter: str | None = None, data: str = "cais/mmlu", split: str = "test",
                   shots: int = 5, subjects: str | list[str] | None = None, max_questions_per_subject: int | None = None,
-                  batch_size: int = 8, max_length: int = 2048, quantize: QuantType = "nf4",
-                  compute_dtype: DTypeName = "bfloat16", device: str = "auto", output: str | None = None,
+                  batch_size: int = 8, max_length: int = 2048, quant: QuantSpec = QuantSpec(),
+                  device: str = "auto", output: str | None = None,
                   progress: bool = True, allow_other_base: bool = False) -> dict:
     """Evaluate a base model with an optional PEFT LoRA adapter on MMLU; print and save the results.
 
@@ -202,9 +201,9 @@ def evaluate_mmlu(*, base: str, adapter: str | None = None, data: str = "cais/mm
         batch_size: prompts per forward (sorted by length, so padding stays small).
         max_length: longest prompt in tokens; longer ones drop shots first. 2048, as the paper's
             qlora.py (`mmlu_source_max_len`); capped at the model's context length.
-        quantize: "nf4" (the base as QLoRA adapters were trained on, as the paper evaluates), or "none".
-        compute_dtype: dtype of the matmuls: "bfloat16" (the paper's); "float32" is faster on CPUs
-            without bf16 instructions.
+        quant: how the base is stored: NF4 as QLoRA adapters were trained on and the paper evaluates
+            (`--quant.quantize none` for a bf16 base; `--quant.compute_dtype float32` is faster on CPUs without
+            bf16 instructions).
         device: "auto" (CUDA if present, else CPU), "cpu", "cuda:0", ...
         output: JSON results file; None: `<adapter>.mmlu_<split>_<shots>shot.json` beside the adapter
             folder, or nothing written without an adapter.
@@ -215,15 +214,15 @@ def evaluate_mmlu(*, base: str, adapter: str | None = None, data: str = "cais/mm
         raise ValueError(f"shots must be >= 0, got {shots}")
     subjects = [subjects] if isinstance(subjects, str) else subjects
     mmlu = load_mmlu(data, split, subjects, max_questions_per_subject)
-    loaded = load_with_adapter(base, adapter, quant=QuantSpec(quantize=quantize, compute_dtype=compute_dtype),
-                               device=resolve_device(device), allow_other_base=allow_other_base)
+    loaded = load_model(base, quant=quant, lora=None, adapter=adapter, allow_other_base=allow_other_base,
+                        device=resolve_device(device), gradient_checkpointing=False, train_mode=False)
     metric = MMLUAccuracy(mmlu.subjects)
     start = time.perf_counter()
     score(loaded.model, loaded.tokenizer, mmlu, metric, shots=shots, batch_size=batch_size, max_length=max_length,
           progress=progress)
     seconds = time.perf_counter() - start
     results = report(mmlu, metric, shots=shots, max_length=max_length, base=base, adapter=adapter,
-                     quantize=quantize, compute_dtype=compute_dtype, seconds=round(seconds, 2),
+                     quantize=quant.quantize, compute_dtype=quant.compute_dtype, seconds=round(seconds, 2),
                      questions_per_second=round(len(mmlu.questions) / seconds, 4))
     for name, r in results["subjects"].items():
         print(f"{name:45s} {r['accuracy']:.4f} ({r['correct']}/{r['total']})")

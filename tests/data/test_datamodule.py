@@ -16,7 +16,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from qlora_lightning.data import BadRecordError, InstructionDataModule, bundled_paths, pick_subset
+from qlora_lightning.data import BadRecordError, InstructionDataModule, pick_subset
+from qlora_lightning.data.sources import resolve_bundled
 from qlora_lightning.data import datamodule, sources
 from qlora_lightning.data.formats import Example
 from qlora_lightning.data.sample import exact_match, main
@@ -109,7 +110,7 @@ def test_every_kind_of_source(dm_args, tmp_path, write_jsonl):
 
 
 def test_bundled_sample_is_what_the_script_generates(tmp_path):
-    paths = bundled_paths()
+    paths = {split: resolve_bundled(f"bundled:orca_sample_{split}") for split in ("train", "val")}
     main(["--out", str(tmp_path)])
     for split in ("train", "val"):
         assert (tmp_path / f"orca_sample_{split}.jsonl").read_bytes() == paths[split].read_bytes()

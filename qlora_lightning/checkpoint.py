@@ -43,8 +43,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_file(path, lambda tmp: torch.save(checkpoint, tmp))
         if state is not None:
             run = checkpoint.get("qlora_run") or {}
-            save_adapter(adapter_dir_for(path), state, adapter_config, step=checkpoint.get("global_step"),
-                         base_fingerprint=run.get("base_fingerprint"))
+            save_adapter(
+                adapter_dir_for(path),
+                state,
+                adapter_config,
+                step=checkpoint.get("global_step"),
+                base_fingerprint=run.get("base_fingerprint"),
+            )
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, map_location="cpu" if map_location is None else map_location)

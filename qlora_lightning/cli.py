@@ -24,7 +24,8 @@ def _process_settings() -> None:
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage())
+        lambda record: "kernels-community" not in record.getMessage()
+    )
 
 
 _process_settings()
@@ -46,12 +47,14 @@ class QLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base_model", "data.tokenizer")
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.filename": "{step}",  # step=500.ckpt (+ its PEFT folder step=500/)
-            "checkpoint.save_last": True,  # last.ckpt: what `--ckpt_path last` resumes
-            "checkpoint.save_top_k": -1,  # keep every periodic save (adapters are small)
-            "checkpoint.every_n_train_steps": 500,  # ~20 saves over the 10000-step 7B run
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "{step}",  # step=500.ckpt (+ its PEFT folder step=500/)
+                "checkpoint.save_last": True,  # last.ckpt: what `--ckpt_path last` resumes
+                "checkpoint.save_top_k": -1,  # keep every periodic save (adapters are small)
+                "checkpoint.every_n_train_steps": 500,  # ~20 saves over the 10000-step 7B run
+            }
+        )
 
     def _parse_ckpt_path(self) -> None:
         """Do nothing: LightningCLI's own version (checked on Lightning 2.4–2.6.6) parses the `hyper_parameters`
@@ -68,8 +71,10 @@ class QLoRACLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
         if trainer.get("logger") in (None, True):
-            trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
-                                          init_args=Namespace(save_dir=trainer.get("default_root_dir") or "."))
+            trainer["logger"] = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=trainer.get("default_root_dir") or "."),
+            )
         if config.get("ckpt_path"):
             config["ckpt_path"] = str(resolve_ckpt_path(config["ckpt_path"], config))
 
@@ -117,14 +122,20 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> QLoRAC
     from .data.datamodule import InstructionDataModule
     from .module import QLoRAModule
 
-    return QLoRACLI(QLoRAModule, InstructionDataModule, trainer_defaults=trainer_defaults(),
-                    save_config_kwargs={"overwrite": True}, args=args, run=run)
+    return QLoRACLI(
+        QLoRAModule,
+        InstructionDataModule,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
 
 
 def _extra_commands() -> dict[str, Callable]:
     from .eval.mmlu import evaluate_mmlu
-    from .merge import export_merged
     from .generate import generate_cli
+    from .merge import export_merged
     from .plot import plot_loss
 
     return {"eval mmlu": evaluate_mmlu, "generate": generate_cli, "export": export_merged, "plot-loss": plot_loss}
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv[: len(words)] == words:
             from jsonargparse import CLI
 
-            CLI(fn, args=argv[len(words):], as_positional=False)
+            CLI(fn, args=argv[len(words) :], as_positional=False)
             return
     if commands:
         raise SystemExit(f"unknown command {' '.join(argv[:2])!r}; extra commands: {', '.join(commands)}")

@@ -55,13 +55,21 @@ class DemoReport(Callback):
             loss, n = module.loss_on(batch)
             total, count = total + loss.item() * n.item(), count + n.item()
         examples = self._held_out(trainer)
-        prompts = [format_prompt(e.prompt, self.template, system=e.system, context=e.context, tokenizer=tokenizer)
-                   for e in examples]
+        prompts = [
+            format_prompt(e.prompt, self.template, system=e.system, context=e.context, tokenizer=tokenizer)
+            for e in examples
+        ]
         answers = generate(model, tokenizer, prompts, template=None, max_new_tokens=self.max_new_tokens)
         model.train(was_training)
         hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
-        return {"loss": total / max(count, 1), "exact_match": sum(hits) / len(hits), "n": len(hits),
-                "question": examples[0].prompt, "reference": examples[0].response, "answer": answers[0]}
+        return {
+            "loss": total / max(count, 1),
+            "exact_match": sum(hits) / len(hits),
+            "n": len(hits),
+            "question": examples[0].prompt,
+            "reference": examples[0].response,
+            "answer": answers[0],
+        }
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and self.before is None:
@@ -75,9 +83,13 @@ class DemoReport(Callback):
         b = self.before
         print(f"\n{'held-out (bundled sample)':<30}{'before':>10}{'after':>10}")
         print(f"{'loss on answers':<30}{b['loss']:>10.3f}{after['loss']:>10.3f}")
-        print(f"{'exact match (' + str(b['n']) + ' questions)':<30}{b['exact_match']:>10.1%}{after['exact_match']:>10.1%}")
-        print(f"\nQ: {after['question']}\nreference: {after['reference']}\n"
-              f"before:    {b['answer']!r}\nafter:     {after['answer']!r}\n")
+        print(
+            f"{'exact match (' + str(b['n']) + ' questions)':<30}{b['exact_match']:>10.1%}{after['exact_match']:>10.1%}"
+        )
+        print(
+            f"\nQ: {after['question']}\nreference: {after['reference']}\n"
+            f"before:    {b['answer']!r}\nafter:     {after['answer']!r}\n"
+        )
         path = Path(log_dir) / "demo_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"before": b, "after": after}, indent=2) + "\n")

@@ -48,7 +48,8 @@ def check_shardable(quant: QuantSpec) -> None:
     if quant.quantize != "none" and quant.quant_storage != quant.compute_dtype:
         raise ValueError(
             f"FSDP casts shard buffers to the compute dtype: set model.quant.quant_storage to "
-            f"{quant.compute_dtype!r} (the compute dtype), not {quant.quant_storage!r} (see configs/fsdp.yaml)")
+            f"{quant.compute_dtype!r} (the compute dtype), not {quant.quant_storage!r} (see configs/fsdp.yaml)"
+        )
 
 
 def _units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
@@ -116,9 +117,12 @@ def _full_state_dict_type(model: nn.Module, rank0_only: bool, device: torch.devi
     with torch 2.13 on gloo: state1 == state2 in every checkpoint, NaN after the resumed step).
     """
     offload = device.type != "cpu"
-    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
+    return FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+    )
 
 
 class QLoRAFSDPStrategy(FSDPStrategy):
@@ -133,7 +137,9 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("auto_wrap_policy", decoder_layer_policy)
         if kwargs.setdefault("state_dict_type", "full") != "full":
-            raise ValueError("QLoRAFSDPStrategy writes adapter-only single-file checkpoints: state_dict_type must be 'full'")
+            raise ValueError(
+                "QLoRAFSDPStrategy writes adapter-only single-file checkpoints: state_dict_type must be 'full'"
+            )
         super().__init__(*args, **kwargs)
 
     def load_units_with(self, materialize: Callable[[nn.Module], None]) -> None:
@@ -151,8 +157,10 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         tensors FSDP knows how to gather. 8-bit states (block-wise constants) cannot be gathered: an error.
         """
         if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
-            raise ValueError(f"{type(optimizer).__name__}: 8-bit optimizer states cannot be gathered by FSDP; use a "
-                             "32-bit optimizer (the paper's paged AdamW 32-bit) under FSDP")
+            raise ValueError(
+                f"{type(optimizer).__name__}: 8-bit optimizer states cannot be gathered by FSDP; use a "
+                "32-bit optimizer (the paper's paged AdamW 32-bit) under FSDP"
+            )
         with _full_state_dict_type(self.model, rank0_only=True, device=self.root_device):
             state = FSDP.optim_state_dict(self.model, optimizer, optim_state_dict=Optimizer.state_dict(optimizer))
             if self.global_rank == 0:
@@ -176,6 +184,8 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             with _full_state_dict_type(self.model, rank0_only=False, device=self.root_device):
                 for optimizer, state in zip(self.optimizers, states, strict=True):
                     if isinstance(next(iter(state["state"]), None), int):
-                        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer)
+                        state = FSDP.rekey_optim_state_dict(
+                            state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer
+                        )
                     optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
         return checkpoint

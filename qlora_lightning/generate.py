@@ -19,7 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .data.templates import format_prompt
 from .data.tokenize import encode_prompt
-from .model import load_model, resolve_device
+from .model import load_for_inference
 from .specs import QuantSpec
 
 
@@ -48,14 +48,16 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str | None
     return encode_prompt(tokenizer, format_prompt(prompt, template, tokenizer=tokenizer), template)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with rows right-aligned, so every row's next token comes at the same step."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -69,13 +71,22 @@ def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     return sorted(set(ids))
 
 
-def generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
-                      sample: bool, temperature: float, top_p: float, eos_token_id: int | list[int] | None) -> GenerationConfig:
+def generation_config(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int | list[int] | None,
+) -> GenerationConfig:
     """A fresh `GenerationConfig` (the checkpoint's own sampling defaults are not inherited)."""
     eos = stop_ids(model, tokenizer) if eos_token_id is None else eos_token_id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                            use_cache=True, **sampling)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling
+    )
 
 
 def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
@@ -97,10 +108,21 @@ def seeded(seed: int | None, device: torch.device):
         yield
 
 
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str], *,
-             template: str | None = "qlora", max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7,
-             top_p: float = 0.9, batch_size: int = 8, seed: int | None = None,
-             eos_token_id: int | list[int] | None = None, streamer=None) -> list[str]:
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: str | Sequence[str],
+    *,
+    template: str | None = "qlora",
+    max_new_tokens: int = 256,
+    sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    batch_size: int = 8,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    streamer=None,
+) -> list[str]:
     """The model's answers to `prompts` (prompt text excluded, special tokens removed).
 
     Args:
@@ -121,20 +143,28 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         raise ValueError("a streamer follows one sequence; pass one prompt (or use `stream`)")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with qlora_lightning.tokenizer.load_tokenizer")
-    config = generation_config(model, tokenizer, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                               top_p=top_p, eos_token_id=eos_token_id)
+    config = generation_config(
+        model,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+    )
     stops = set(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, p, template) for p in prompts]
     answers = []
     with inference_mode(model):
         for start in range(0, len(encoded), batch_size):
-            rows = encoded[start:start + batch_size]
+            rows = encoded[start : start + batch_size]
             input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
             with seeded(seed, device):
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                     streamer=streamer)
-            for row in out[:, input_ids.shape[1]:].tolist():
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer
+                )
+            for row in out[:, input_ids.shape[1] :].tolist():
                 answers.append(tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True))
     return answers
 
@@ -159,10 +189,23 @@ def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: s
         raise errors[0]
 
 
-def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = None, template: str | None = "qlora",
-                 max_new_tokens: int = 256, sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-                 seed: int = 0, batch_size: int = 8, stream_output: bool = True, quant: QuantSpec = QuantSpec(),
-                 device: str = "auto", allow_other_base: bool = False) -> list[str]:
+def generate_cli(
+    *,
+    base: str,
+    prompt: str | list[str],
+    adapter: str | None = None,
+    template: str | None = "qlora",
+    max_new_tokens: int = 256,
+    sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 8,
+    stream_output: bool = True,
+    quant: QuantSpec = QuantSpec(),
+    device: str = "auto",
+    allow_other_base: bool = False,
+) -> list[str]:
     """Answer prompts with a base model and (optionally) a PEFT LoRA adapter; print the answers.
 
     Args:
@@ -185,10 +228,10 @@ def generate_cli(*, base: str, prompt: str | list[str], adapter: str | None = No
         allow_other_base: skip the check that the adapter was trained on `base`.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    loaded = load_model(base, quant=quant, lora=None, adapter=adapter, allow_other_base=allow_other_base,
-                        device=resolve_device(device), gradient_checkpointing=False, train_mode=False)
-    kwargs = dict(template=template, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                  top_p=top_p, seed=seed)
+    loaded = load_for_inference(base, adapter, quant=quant, device=device, allow_other_base=allow_other_base)
+    kwargs = dict(
+        template=template, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed
+    )
     answers = []
     if stream_output:
         for p in prompts:

@@ -32,8 +32,10 @@ def resolve(name_or_path: str) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise NotADirectoryError(f"model {name_or_path!r} is a file; expected a model folder (config.json and "
-                                 "safetensors weights, as save_pretrained writes) or a hub id")
+        raise NotADirectoryError(
+            f"model {name_or_path!r} is a file; expected a model folder (config.json and "
+            "safetensors weights, as save_pretrained writes) or a hub id"
+        )
     if _looks_like_path(name_or_path):
         raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
     return name_or_path
@@ -53,4 +55,5 @@ def checkpoint_dir(name_or_path: str, *, revision: str | None = None) -> Path:
         raise FileNotFoundError(
             f"model {name_or_path!r} is not a local folder, and fetching it from the Hugging Face hub failed: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (check the name, the network, "
-            "HF_HUB_OFFLINE, and for gated models `huggingface-cli login`)") from e
+            "HF_HUB_OFFLINE, and for gated models `huggingface-cli login`)"
+        ) from e

@@ -28,6 +28,7 @@ def matches_target(name: str, lora: LoraSpec) -> bool:
     ("q_proj", "v_proj") (a suffix matches a whole dotted component) or regexes ("re:..."); `lora.exclude`
     names suffixes never adapted (the output head, as QLoRA).
     """
+
     def hit(pattern: str) -> bool:
         if pattern.startswith("re:"):
             return re.fullmatch(pattern[3:], name) is not None
@@ -41,8 +42,13 @@ def matches_target(name: str, lora: LoraSpec) -> bool:
     return any(hit(p) for p in targets)
 
 
-def inject_lora(model: nn.Module, lora: LoraSpec | None = LoraSpec(), quant: QuantSpec = QuantSpec(), *,
-                device: torch.device | str | None = None) -> list[str]:
+def inject_lora(
+    model: nn.Module,
+    lora: LoraSpec | None = LoraSpec(),
+    quant: QuantSpec = QuantSpec(),
+    *,
+    device: torch.device | str | None = None,
+) -> list[str]:
     """Replace the linears of `model` by QLoRA layers (see the module docstring) and freeze all the rest.
 
     `lora` None puts in no adapters (the quantized base alone, for evaluating it). `device` is where layers
@@ -53,8 +59,10 @@ def inject_lora(model: nn.Module, lora: LoraSpec | None = LoraSpec(), quant: Qua
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FrozenLinear)}
     targets = sorted(n for n in linears if lora is not None and matches_target(n, lora))
     if lora is not None and not targets:
-        raise ValueError(f"lora.target_modules={lora.target_modules!r} (exclude={lora.exclude!r}) matches no linear "
-                         f"layer of {type(model).__name__}; its linear layers include {sorted(linears)[:8]}")
+        raise ValueError(
+            f"lora.target_modules={lora.target_modules!r} (exclude={lora.exclude!r}) matches no linear "
+            f"layer of {type(model).__name__}; its linear layers include {sorted(linears)[:8]}"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     layer_cls = LoraLinear16bit if quant.quantize == "none" else LoraLinear4bit

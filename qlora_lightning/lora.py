@@ -25,7 +25,9 @@ from .specs import LoraSpec, QuantSpec, torch_dtype
 NF4_BLOCKSIZE = 64
 
 
-def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, dropout: nn.Module, scaling: float) -> torch.Tensor:
+def lora_delta(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, dropout: nn.Module, scaling: float
+) -> torch.Tensor:
     """`dropout(x) @ A^T @ B^T * scaling`, computed in the LoRA weights' dtype (bf16 by default).
 
     The scale is folded into the small (r × out) factor rather than applied to the activation-sized
@@ -50,8 +52,15 @@ class FrozenLinear:
         if lora is None:
             return self.frozen_forward(x)
         p = lora.lora_dropout.p if lora.training and isinstance(lora.lora_dropout, nn.Dropout) else 0.0
-        out = lora_linear(x.to(self.compute_dtype), lora.lora_A, lora.lora_B, self.bias, self.dense_weight,
-                          scaling=lora.scaling, dropout_p=p)
+        out = lora_linear(
+            x.to(self.compute_dtype),
+            lora.lora_A,
+            lora.lora_B,
+            self.bias,
+            self.dense_weight,
+            scaling=lora.scaling,
+            dropout_p=p,
+        )
         return out.to(x.dtype)
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,16 +95,28 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
         `QuantSpec` becomes bitsandbytes' settings (quant_type, compress_statistics, quant_storage)."""
         if quant.quantize == "none":
             raise ValueError("FrozenLinear4bit needs quant.quantize 'nf4' or 'fp4'; 'none' keeps a FrozenLinear16bit")
-        return cls(in_features, out_features, bias=bias, compute_dtype=torch_dtype(quant.compute_dtype),
-                   compress_statistics=quant.double_quant, quant_type=quant.quantize,
-                   quant_storage=torch_dtype(quant.quant_storage), device="meta")
+        return cls(
+            in_features,
+            out_features,
+            bias=bias,
+            compute_dtype=torch_dtype(quant.compute_dtype),
+            compress_statistics=quant.double_quant,
+            quant_type=quant.quantize,
+            quant_storage=torch_dtype(quant.quant_storage),
+            device="meta",
+        )
 
     def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str) -> None:
         # Cast to the compute dtype first, as transformers' own 4-bit loading does, so both give the same bytes.
         spec = self.weight
-        self.weight = bnb.nn.Params4bit(weight.detach().to(self.compute_dtype), requires_grad=False,
-                                        blocksize=NF4_BLOCKSIZE, compress_statistics=spec.compress_statistics,
-                                        quant_type=spec.quant_type, quant_storage=spec.quant_storage).to(device)
+        self.weight = bnb.nn.Params4bit(
+            weight.detach().to(self.compute_dtype),
+            requires_grad=False,
+            blocksize=NF4_BLOCKSIZE,
+            compress_statistics=spec.compress_statistics,
+            quant_type=spec.quant_type,
+            quant_storage=spec.quant_storage,
+        ).to(device)
         self.quant_state = self.weight.quant_state  # kept on the module too, for when FSDP replaces the parameter
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().to(device, self.compute_dtype), requires_grad=False)
@@ -104,8 +125,9 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
         # bitsandbytes' kernels (a 4-bit GEMV for single tokens), called directly: `Linear4bit.forward`
         # would re-wrap a plain (FSDP) weight in a new parameter object behind FSDP's back.
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), bias=bias,
-                              quant_state=self.weight_quant_state())
+        out = bnb.matmul_4bit(
+            x.to(self.compute_dtype), self.weight.t(), bias=bias, quant_state=self.weight_quant_state()
+        )
         return out.to(x.dtype)
 
 
@@ -132,13 +154,15 @@ class FrozenLinear16bit(FrozenLinear, nn.Linear):
 def frozen_linear(in_features: int, out_features: int, *, bias: bool, quant: QuantSpec) -> FrozenLinear:
     """The frozen base a `quant` setting asks for, on the meta device: 4-bit, or 16-bit with quantize 'none'."""
     if quant.quantize == "none":
-        return FrozenLinear16bit(in_features, out_features, bias=bias, dtype=torch_dtype(quant.compute_dtype),
-                                 device="meta")
+        return FrozenLinear16bit(
+            in_features, out_features, bias=bias, dtype=torch_dtype(quant.compute_dtype), device="meta"
+        )
     return FrozenLinear4bit.empty(in_features, out_features, bias=bias, quant=quant)
 
 
-def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, device: torch.device | str,
-                    quant: QuantSpec) -> FrozenLinear4bit:
+def quantize_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, *, device: torch.device | str, quant: QuantSpec
+) -> FrozenLinear4bit:
     """A frozen 4-bit linear layer holding `weight` quantized on `device` as `quant` says (blocksize 64)."""
     out_features, in_features = weight.shape
     layer = FrozenLinear4bit.empty(in_features, out_features, bias=bias is not None, quant=quant)
@@ -155,8 +179,16 @@ class LoraLinear(nn.Module):
     `model.ModuleMaterializer`); `from_weight` builds one around a real weight.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, lora: LoraSpec = LoraSpec(),
-                 quant: QuantSpec = QuantSpec(), device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        lora: LoraSpec = LoraSpec(),
+        quant: QuantSpec = QuantSpec(),
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha = lora.r, lora.alpha
@@ -171,8 +203,15 @@ class LoraLinear(nn.Module):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, lora: LoraSpec = LoraSpec(),
-                    quant: QuantSpec = QuantSpec(), device: torch.device | str | None = None) -> "LoraLinear":
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        lora: LoraSpec = LoraSpec(),
+        quant: QuantSpec = QuantSpec(),
+        device: torch.device | str | None = None,
+    ) -> "LoraLinear":
         """The layer around a dense (out × in) weight, quantized (or copied) on `device` (default: the weight's),
         with fresh adapters."""
         device = torch.device(device) if device is not None else weight.device
@@ -215,23 +254,21 @@ class LoraLinear(nn.Module):
 
 
 class LoraLinear4bit(LoraLinear):
-    """The QLoRA layer: a frozen 4-bit base (NF4 with double quantization and bf16 compute by default) + LoRA."""
+    """The QLoRA layer: a frozen 4-bit base (NF4 with double quantization and bf16 compute by default) + LoRA.
+    Arguments as `LoraLinear`; `quant.quantize` must be "nf4" or "fp4"."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, lora: LoraSpec = LoraSpec(),
-                 quant: QuantSpec = QuantSpec(), device: torch.device | str | None = None) -> None:
+    def __init__(self, *args, quant: QuantSpec = QuantSpec(), **kwargs) -> None:
         if quant.quantize == "none":
             raise ValueError("LoraLinear4bit needs quant.quantize 'nf4' or 'fp4'; use LoraLinear16bit for 'none'")
-        super().__init__(in_features, out_features, bias, lora=lora, quant=quant, device=device)
+        super().__init__(*args, quant=quant, **kwargs)
 
 
 class LoraLinear16bit(LoraLinear):
     """The 16-bit twin of `LoraLinear4bit` (the paper's 16-bit LoRA baseline): the base stays a frozen linear in
-    the compute dtype; `quant` only gives that dtype."""
+    the compute dtype. Arguments as `LoraLinear`; `quant` only gives that dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, lora: LoraSpec = LoraSpec(),
-                 quant: QuantSpec = QuantSpec(quantize="none"), device: torch.device | str | None = None) -> None:
-        super().__init__(in_features, out_features, bias, lora=lora, quant=QuantSpec(
-            quantize="none", compute_dtype=quant.compute_dtype), device=device)
+    def __init__(self, *args, quant: QuantSpec = QuantSpec(quantize="none"), **kwargs) -> None:
+        super().__init__(*args, quant=QuantSpec(quantize="none", compute_dtype=quant.compute_dtype), **kwargs)
 
 
 def unwrapped_name(name: str) -> str:

@@ -31,8 +31,16 @@ from torch.nn import functional as F
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
-                dense_weight: Callable[[], torch.Tensor], scaling: float, dropout_p: float) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        bias: torch.Tensor | None,
+        dense_weight: Callable[[], torch.Tensor],
+        scaling: float,
+        dropout_p: float,
+    ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, dense_weight(), bias)
         if dropout_p > 0:
@@ -68,8 +76,16 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
-def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None,
-                dense_weight: Callable[[], torch.Tensor], *, scaling: float, dropout_p: float) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    dense_weight: Callable[[], torch.Tensor],
+    *,
+    scaling: float,
+    dropout_p: float,
+) -> torch.Tensor:
     """`x Wᵀ + b + (drop(x) Aᵀ)(s B)ᵀ` with a hand-written backward (see the module docstring).
 
     `dense_weight()` returns the frozen (out × in) weight in `x`'s dtype; it is called once in forward

@@ -53,9 +53,16 @@ def _quantized_linears(source_dir: Path, quant: QuantSpec) -> set[str]:
     return {n for n, m in skeleton.named_modules() if isinstance(m, FrozenLinear4bit)}
 
 
-def merged_tensors(source_dir: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], keys: list[str],
-                   handles: dict[str, object], *, quantized: set[str] | None, quant: QuantSpec,
-                   device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(
+    source_dir: Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    keys: list[str],
+    handles: dict[str, object],
+    *,
+    quantized: set[str] | None,
+    quant: QuantSpec,
+    device: torch.device,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, bf16 tensor) for `keys` of the base: adapted weights merged, the rest cast to bf16.
 
     `quantized` is None to merge into the original weights; otherwise the names of the linears whose
@@ -70,8 +77,10 @@ def merged_tensors(source_dir: Path, factors: dict[str, tuple[torch.Tensor, torc
         if attr == "weight" and module in factors:
             delta = delta_weight(*factors[module])
             if delta.shape != weight.shape:
-                raise ValueError(f"{source_dir}: {key} has shape {tuple(weight.shape)} but the adapter's B @ A for "
-                                 f"{module} has shape {tuple(delta.shape)} (adapter trained on another base?)")
+                raise ValueError(
+                    f"{source_dir}: {key} has shape {tuple(weight.shape)} but the adapter's B @ A for "
+                    f"{module} has shape {tuple(delta.shape)} (adapter trained on another base?)"
+                )
             weight = weight.float() + delta
         yield key, weight.to(torch.bfloat16).contiguous()
 
@@ -89,9 +98,17 @@ def _plan_shards(keys_and_sizes: list[tuple[str, int]], max_shard_bytes: int) ->
     return shards
 
 
-def save_merged(base: str, adapter: Adapter, output: str | os.PathLike, *, from_quantized: bool = False,
-                quant: QuantSpec = QuantSpec(), device: torch.device | str = "cpu", max_shard_size: str | int = "5GB",
-                overwrite: bool = False) -> Path:
+def save_merged(
+    base: str,
+    adapter: Adapter,
+    output: str | os.PathLike,
+    *,
+    from_quantized: bool = False,
+    quant: QuantSpec = QuantSpec(),
+    device: torch.device | str = "cpu",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
     """Write `base` with `adapter` merged in as a bf16 Hugging Face model folder (sharded safetensors).
 
     Args:
@@ -111,9 +128,13 @@ def save_merged(base: str, adapter: Adapter, output: str | os.PathLike, *, from_
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True to replace it")
     if from_quantized:
-        warnings.warn("merging into the dequantized NF4 weights changes the model: every quantized weight of the "
-                      "export becomes dequantize(NF4(W)) instead of the original W (about 9% relative error per "
-                      "weight). The default merges into the original base weights.", UserWarning, stacklevel=2)
+        warnings.warn(
+            "merging into the dequantized NF4 weights changes the model: every quantized weight of the "
+            "export becomes dequantize(NF4(W)) instead of the original W (about 9% relative error per "
+            "weight). The default merges into the original base weights.",
+            UserWarning,
+            stacklevel=2,
+        )
     quantized = _quantized_linears(source_dir, quant) if from_quantized else None
     factors = _factors(adapter)
     with contextlib.ExitStack() as stack:
@@ -127,15 +148,26 @@ def save_merged(base: str, adapter: Adapter, output: str | os.PathLike, *, from_
         targets = {f"{m}.weight" for m in factors}
         absent = sorted(targets - set(handles))
         if absent:
-            raise KeyError(f"{source_dir}: the adapter adapts modules that the base lacks: {absent[:6]} "
-                           "(adapter trained on another base?)")
+            raise KeyError(
+                f"{source_dir}: the adapter adapts modules that the base lacks: {absent[:6]} "
+                "(adapter trained on another base?)"
+            )
         plan = _plan_shards(sizes, convert_file_size_to_int(max_shard_size))
         with atomic_folder(output, overwrite=overwrite) as tmp:
             weight_map = {}
             for i, keys in enumerate(plan, 1):
                 name = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-                tensors = dict(merged_tensors(source_dir, factors, keys, handles, quantized=quantized, quant=quant,
-                                              device=torch.device(device)))
+                tensors = dict(
+                    merged_tensors(
+                        source_dir,
+                        factors,
+                        keys,
+                        handles,
+                        quantized=quantized,
+                        quant=quant,
+                        device=torch.device(device),
+                    )
+                )
                 save_file(tensors, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(keys, name))
                 del tensors
@@ -174,14 +206,26 @@ def _copy_side_files(source_dir: Path, target: Path) -> None:
         config["torch_dtype"] = "bfloat16"
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in model_side_files(source_dir):
-        if path.name != "config.json" and not path.name.endswith(_WEIGHT_SUFFIXES) \
-                and path.name != "model.safetensors.index.json":
+        if (
+            path.name != "config.json"
+            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and path.name != "model.safetensors.index.json"
+        ):
             shutil.copyfile(path, target / path.name)
 
 
-def export_merged(*, base: str, adapter: str, output: str, from_quantized: bool = False,
-                  quant: QuantSpec = QuantSpec(), device: str = "auto", max_shard_size: str = "5GB",
-                  allow_other_base: bool = False, overwrite: bool = False) -> str:
+def export_merged(
+    *,
+    base: str,
+    adapter: str,
+    output: str,
+    from_quantized: bool = False,
+    quant: QuantSpec = QuantSpec(),
+    device: str = "auto",
+    max_shard_size: str = "5GB",
+    allow_other_base: bool = False,
+    overwrite: bool = False,
+) -> str:
     """Merge a PEFT LoRA adapter into its base and save a bf16 Hugging Face model folder (`qlora-lightning export`).
 
     The folder loads with `AutoModelForCausalLM.from_pretrained(output)` and no extra code.
@@ -203,7 +247,15 @@ def export_merged(*, base: str, adapter: str, output: str, from_quantized: bool 
     found = read_adapter(adapter)
     if not allow_other_base:
         check_adapter_base(found, base_model=base, base_fingerprint=weights_fingerprint(hub.checkpoint_dir(base)))
-    folder = save_merged(base, found, output, from_quantized=from_quantized, quant=quant, device=resolve_device(device),
-                         max_shard_size=max_shard_size, overwrite=overwrite)
+    folder = save_merged(
+        base,
+        found,
+        output,
+        from_quantized=from_quantized,
+        quant=quant,
+        device=resolve_device(device),
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+    )
     print(f"merged model written to {folder}")
     return str(folder)

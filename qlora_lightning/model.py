@@ -53,8 +53,10 @@ def safetensors_shards(checkpoint_dir: Path) -> list[Path]:
     single = checkpoint_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json; "
-                            "only safetensors checkpoints are loaded (pickled .bin files are never unpickled)")
+    raise FileNotFoundError(
+        f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json; "
+        "only safetensors checkpoints are loaded (pickled .bin files are never unpickled)"
+    )
 
 
 @contextlib.contextmanager
@@ -63,8 +65,9 @@ def open_safetensors(path: Path):
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors' errors name no file
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); it is damaged or incomplete: download "
-                         "or save it again") from e
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({e}); it is damaged or incomplete: download or save it again"
+        ) from e
     with handle as f:
         yield f
 
@@ -101,14 +104,38 @@ def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = Fals
 #: LLaMA-2 shapes for `random:<size>` models: benchmarks build them with random weights directly in
 #: 4-bit on the device, so a 70B shape needs no 140 GB checkpoint on disk. `tiny` is for tests.
 RANDOM_SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=40, vocab_size=32000),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
 }
 RANDOM_PREFIX = "random:"
 
@@ -126,8 +153,10 @@ class CheckpointTensors:
             with open_safetensors(shard) as f:
                 for key in f.keys():
                     if key not in expected:
-                        raise KeyError(f"{shard}: tensor {key!r} has no place in {model_name} "
-                                       f"(is the folder's config.json the checkpoint's own?)")
+                        raise KeyError(
+                            f"{shard}: tensor {key!r} has no place in {model_name} "
+                            f"(is the folder's config.json the checkpoint's own?)"
+                        )
                     self.shard_of[key] = shard
 
     def __contains__(self, key: str) -> bool:
@@ -139,11 +168,15 @@ class CheckpointTensors:
             try:
                 tensor = f.get_tensor(key)
             except Exception as e:  # a truncated file: its header promises bytes that are not there
-                raise ValueError(f"{shard}: cannot read tensor {key} ({e}); the file is damaged or incomplete: "
-                                 "download or save it again") from e
+                raise ValueError(
+                    f"{shard}: cannot read tensor {key} ({e}); the file is damaged or incomplete: "
+                    "download or save it again"
+                ) from e
         if tensor.shape != shape:
-            raise ValueError(f"{self.shard_of[key]}: {key} has shape {tuple(tensor.shape)}, "
-                             f"the folder's config.json implies {tuple(shape)}")
+            raise ValueError(
+                f"{self.shard_of[key]}: {key} has shape {tuple(tensor.shape)}, "
+                f"the folder's config.json implies {tuple(shape)}"
+            )
         return tensor
 
 
@@ -177,8 +210,14 @@ class ModuleMaterializer:
     on its GPU or on the host. Modules it does not know (those outside the model) are left alone.
     """
 
-    def __init__(self, model: nn.Module, tensors: TensorSource, device: torch.device, dtype: torch.dtype,
-                 adapter: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tensors: TensorSource,
+        device: torch.device,
+        dtype: torch.dtype,
+        adapter: dict[str, torch.Tensor] | None = None,
+    ):
         self.names = {module: name for name, module in model.named_modules()}
         self.tensors, self.device, self.dtype, self.adapter = tensors, device, dtype, adapter
         # Tied parameters (an output head sharing the embedding) are one parameter in several modules: made
@@ -206,7 +245,9 @@ class ModuleMaterializer:
             if isinstance(module, LoraLinear):
                 continue  # its factors are not in the checkpoint; its base is a module of its own
             prefix = f"{self.checkpoint_key(name)}." if name else ""
-            needed.update(self.tied.get(prefix + attr, prefix + attr) for attr, _ in module.named_parameters(recurse=False))
+            needed.update(
+                self.tied.get(prefix + attr, prefix + attr) for attr, _ in module.named_parameters(recurse=False)
+            )
         return sorted(k for k in needed if k not in self.tensors)
 
     @torch.no_grad()
@@ -223,7 +264,9 @@ class ModuleMaterializer:
                 module.load_dense(weight, bias, self.device)
         elif isinstance(module, LoraLinear):
             if module.lora_A.is_meta:
-                values = None if self.adapter is None else {ab: self.adapter[f"{name}.{ab}"] for ab in ("lora_A", "lora_B")}
+                values = (
+                    None if self.adapter is None else {ab: self.adapter[f"{name}.{ab}"] for ab in ("lora_A", "lora_B")}
+                )
                 module.materialize_lora(self.device, values)
         else:
             for attr, p in module.named_parameters(recurse=False):
@@ -245,11 +288,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraSpec | None = LoraSpec(),
-               adapter: str | os.PathLike | None = None, allow_other_base: bool = False,
-               device: torch.device | str = "cpu", materialize: bool = True, gradient_checkpointing: bool = True,
-               train_mode: bool = True, with_tokenizer: bool = True, trust_remote_code: bool = False,
-               revision: str | None = None) -> LoadedModel:
+def load_model(
+    name_or_path: str,
+    *,
+    quant: QuantSpec = QuantSpec(),
+    lora: LoraSpec | None = LoraSpec(),
+    adapter: str | os.PathLike | None = None,
+    allow_other_base: bool = False,
+    device: torch.device | str = "cpu",
+    materialize: bool = True,
+    gradient_checkpointing: bool = True,
+    train_mode: bool = True,
+    with_tokenizer: bool = True,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
     """Load a causal LM (hub id or local folder of safetensors) directly into its QLoRA form on `device`.
 
     Training uses the defaults (fresh adapters of `lora`, train mode, gradient checkpointing); evaluation and
@@ -285,7 +338,7 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
     if name_or_path.startswith(RANDOM_PREFIX):
         from transformers import LlamaConfig
 
-        shape = name_or_path[len(RANDOM_PREFIX):]
+        shape = name_or_path[len(RANDOM_PREFIX) :]
         if shape not in RANDOM_SHAPES:
             raise ValueError(f"unknown random shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
         config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -295,8 +348,10 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
         fingerprint = weights_fingerprint(checkpoint_dir)
         config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
         if getattr(config, "quantization_config", None) is not None:
-            raise ValueError(f"{name_or_path} is already quantized ({config.quantization_config}); "
-                             "QLoRA needs a 16/32-bit checkpoint to quantize")
+            raise ValueError(
+                f"{name_or_path} is already quantized ({config.quantization_config}); "
+                "QLoRA needs a 16/32-bit checkpoint to quantize"
+            )
     found = adapters.read_adapter(adapter) if adapter is not None else None
     if found is not None and lora is None:
         lora = adapters.lora_spec(found.config, str(found.folder / adapters.ADAPTER_CONFIG))
@@ -327,6 +382,28 @@ def load_model(name_or_path: str, *, quant: QuantSpec = QuantSpec(), lora: LoraS
             materializer(module)
     tokenizer = load_tokenizer(str(checkpoint_dir), trust_remote_code=trust_remote_code) if with_tokenizer else None
     return LoadedModel(model, tokenizer, materializer, fingerprint)
+
+
+def load_for_inference(
+    base: str,
+    adapter: str | os.PathLike | None = None,
+    *,
+    quant: QuantSpec = QuantSpec(),
+    device: str | torch.device = "auto",
+    allow_other_base: bool = False,
+) -> LoadedModel:
+    """`load_model` as evaluation and generation want it: the adapter's own layout (or the quantized base alone
+    without one), eval mode, the KV cache on, no checkpointing, on `device` ("auto": CUDA if present)."""
+    return load_model(
+        base,
+        quant=quant,
+        lora=None,
+        adapter=adapter,
+        allow_other_base=allow_other_base,
+        device=resolve_device(device),
+        gradient_checkpointing=False,
+        train_mode=False,
+    )
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

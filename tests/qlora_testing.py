@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from qlora_lightning import AtomicCheckpointIO, InstructionDataModule, QLoRAModule
-from qlora_lightning.specs import LoraSpec, QuantSpec
-from qlora_lightning.model import load_model
 from qlora_lightning.resume import ResumableCheckpoint
+from qlora_lightning.specs import LoraSpec, QuantSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def make_tiny_llama(path, *, hidden=64, layers=2, intermediate=128, vocab=256, shard="40KB", tie=False, seed=0,
-                    tokenizer=None):
+def make_tiny_llama(
+    path, *, hidden=64, layers=2, intermediate=128, vocab=256, shard="40KB", tie=False, seed=0, tokenizer=None
+):
     """Save a random Llama (bf16, several safetensors shards) to `path`; with `tokenizer`, save it beside
     and size the vocabulary to it."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,9 +30,18 @@ def make_tiny_llama(path, *, hidden=64, layers=2, intermediate=128, vocab=256, s
     if tokenizer is not None:
         vocab = len(tokenizer)
         tokenizer.save_pretrained(path)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                         max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if tokenizer is not None:
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -52,14 +61,43 @@ def cli_args(base, root, max_steps, every, *, checkpoint_dir=True, **extra):
     """`python train.py fit` on the bundled sample with a tiny model, fp32 on the CPU, checkpoints every
     `every` steps in `<root>/checkpoints` (in Lightning's default `<root>/lightning_logs/version_<N>/checkpoints`
     without `checkpoint_dir`); `extra` adds `--a.b value` for each `a__b=value`. `[2:]` of it is `cli.main`'s."""
-    args = [sys.executable, str(REPO / "train.py"), "fit", "--model.base_model", str(base),
-            "--model.quant.compute_dtype", "float32", "--trainer.precision", "32-true", "--model.lora.r", "8",
-            "--data.dataset", "bundled:orca_sample_train", "--data.val_dataset", "bundled:orca_sample_val",
-            "--data.max_examples", "64", "--data.batch_size", "2", "--data.num_workers", "0",
-            "--trainer.accelerator", "cpu", "--trainer.max_steps", str(max_steps),
-            "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-            "--checkpoint.every_n_train_steps", str(every), "--seed_everything", "0"]
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "fit",
+        "--model.base_model",
+        str(base),
+        "--model.quant.compute_dtype",
+        "float32",
+        "--trainer.precision",
+        "32-true",
+        "--model.lora.r",
+        "8",
+        "--data.dataset",
+        "bundled:orca_sample_train",
+        "--data.val_dataset",
+        "bundled:orca_sample_val",
+        "--data.max_examples",
+        "64",
+        "--data.batch_size",
+        "2",
+        "--data.num_workers",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        str(max_steps),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--checkpoint.every_n_train_steps",
+        str(every),
+        "--seed_everything",
+        "0",
+    ]
     if checkpoint_dir:
         args += ["--checkpoint.dirpath", str(Path(root) / "checkpoints")]
     for key, value in extra.items():
@@ -79,10 +117,15 @@ def transformers_4bit(path, device="cpu", compute_dtype=torch.bfloat16):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=compute_dtype,
-                                                 device_map=device).eval()
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, dtype=compute_dtype, device_map=device
+    ).eval()
     for layer in model.modules():
         if isinstance(layer, bnb.nn.Linear4bit):
             layer.support_avx512bf16_for_cpu = False
@@ -93,8 +136,11 @@ def assert_bnb_cpu_repacking_off(model):
     """Fail loudly if bitsandbytes renamed the switch `transformers_4bit` turns off and repacked anyway."""
     import bitsandbytes as bnb
 
-    repacked = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
-                and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    repacked = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
     assert not repacked, f"bitsandbytes repacked {repacked[:3]} for its bf16 CPU kernel"
 
 
@@ -106,21 +152,39 @@ def tiny_module_and_data(base, *, r=8, dropout=0.1, batch_size=4, max_examples=4
     """A `QLoRAModule` (fp32 compute, r 8) and an `InstructionDataModule` on the bundled sample (48 training
     records), for short CPU runs."""
     module = QLoRAModule(str(base), quant=FP32, lora=LoraSpec(r=r, alpha=16, dropout=dropout))
-    data = InstructionDataModule(str(base), dataset="bundled:orca_sample_train", val_dataset="bundled:orca_sample_val",
-                                 max_examples=max_examples, batch_size=batch_size, eval_batch_size=8, num_workers=0,
-                                 pad_to_multiple_of=None)
+    data = InstructionDataModule(
+        str(base),
+        dataset="bundled:orca_sample_train",
+        val_dataset="bundled:orca_sample_val",
+        max_examples=max_examples,
+        batch_size=batch_size,
+        eval_batch_size=8,
+        num_workers=0,
+        pad_to_multiple_of=None,
+    )
     return module, data
 
 
 def cpu_trainer(root, max_steps, every=2, **kwargs):
     """A CPU `Trainer` as research code would build it: fp32, `AtomicCheckpointIO`, a `ResumableCheckpoint`
     every `every` steps in `<root>/checkpoints`, one validation batch at the end."""
-    ckpt = ResumableCheckpoint(dirpath=Path(root) / "checkpoints", filename="{step}", every_n_train_steps=every,
-                               save_last=True, save_top_k=-1)
+    ckpt = ResumableCheckpoint(
+        dirpath=Path(root) / "checkpoints", filename="{step}", every_n_train_steps=every, save_last=True, save_top_k=-1
+    )
     kwargs.setdefault("val_check_interval", max_steps)
-    return L.Trainer(default_root_dir=root, max_steps=max_steps, precision="32-true", accelerator="cpu",
-                     plugins=[AtomicCheckpointIO()], callbacks=[ckpt], enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=1, log_every_n_steps=1, **kwargs)
+    return L.Trainer(
+        default_root_dir=root,
+        max_steps=max_steps,
+        precision="32-true",
+        accelerator="cpu",
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        **kwargs,
+    )
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -131,10 +195,3 @@ def randomize_adapters(model: torch.nn.Module, seed: int, scale: float = 0.05) -
             if name.endswith((".lora_A", ".lora_B")):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
-
-
-def load_for_inference(base, adapter=None, *, quant=QuantSpec(), train=False, allow_other_base=False):
-    """`load_model` as `generate` and `eval mmlu` call it: the adapter's own layout (or none), eval mode and the KV
-    cache unless `train` (continued training: train mode, gradient checkpointing)."""
-    return load_model(str(base), quant=quant, lora=None, adapter=adapter, allow_other_base=allow_other_base,
-                      gradient_checkpointing=train, train_mode=train)

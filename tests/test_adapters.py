@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from qlora_testing import make_tiny_llama, transformers_4bit
 from safetensors.torch import load_file, save_file
 
 from qlora_lightning.adapters import PEFT_DEFAULT_ALPHA, adapter_state_dict, export_adapter, lora_spec, read_adapter
 from qlora_lightning.lora import lora_layers
 from qlora_lightning.model import load_model, weights_fingerprint
 from qlora_lightning.specs import LoraSpec
-from qlora_testing import make_tiny_llama, transformers_4bit
 
 
 def trained_like(path, seed=1, **lora):
@@ -34,8 +34,9 @@ def test_peft_loads_our_adapter_exactly_as_the_model_card_does(tiny_llama_dir, t
     folder = export_adapter(ours, tmp_path / "adapter", base_model=str(tiny_llama_dir))
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 8
-    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj",
-                                                       "gate_proj", "up_proj", "down_proj"])
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     keys = load_file(folder / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 2 * 2 * 7
 
@@ -55,8 +56,9 @@ def test_round_trip_through_peft_is_exact(tiny_llama_dir, tmp_path):
     folder = export_adapter(ours, tmp_path / "a", base_model=str(tiny_llama_dir))
     peft_model = PeftModel.from_pretrained(transformers_4bit(tiny_llama_dir, "cpu"), folder)
     peft_model.save_pretrained(tmp_path / "b")  # PEFT writes it back out itself
-    fresh = load_model(str(tiny_llama_dir), lora=LoraSpec(r=8, alpha=16), adapter=tmp_path / "b",
-                       with_tokenizer=False).model
+    fresh = load_model(
+        str(tiny_llama_dir), lora=LoraSpec(r=8, alpha=16), adapter=tmp_path / "b", with_tokenizer=False
+    ).model
     a, b = adapter_state_dict(ours), adapter_state_dict(fresh)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(get_peft_model_state_dict(peft_model)) == len(a)
@@ -68,8 +70,9 @@ def test_import_mismatches_are_clear_errors(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="r=8.*r=4"):
         load_model(str(tiny_llama_dir), lora=LoraSpec(r=4), adapter=folder, with_tokenizer=False)
     with pytest.raises(KeyError, match="disagree on the adapted modules"):
-        load_model(str(tiny_llama_dir), lora=LoraSpec(r=8, target_modules=("q_proj",)), adapter=folder,
-                   with_tokenizer=False)
+        load_model(
+            str(tiny_llama_dir), lora=LoraSpec(r=8, target_modules=("q_proj",)), adapter=folder, with_tokenizer=False
+        )
     other_name = shutil.copytree(tiny_llama_dir, tmp_path / "Llama-2-7b-hf")
     with pytest.raises(ValueError, match="trained on"):
         load_model(str(other_name), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
@@ -144,8 +147,12 @@ def test_damaged_adapter_files_are_named(tiny_llama_dir, tmp_path):
 
 
 def test_the_base_is_recognised_by_its_weights_not_its_name(tiny_llama_dir, tmp_path):
-    folder = export_adapter(trained_like(tiny_llama_dir), tmp_path / "a", base_model=str(tiny_llama_dir),
-                            base_fingerprint=weights_fingerprint(tiny_llama_dir))
+    folder = export_adapter(
+        trained_like(tiny_llama_dir),
+        tmp_path / "a",
+        base_model=str(tiny_llama_dir),
+        base_fingerprint=weights_fingerprint(tiny_llama_dir),
+    )
     renamed = shutil.copytree(tiny_llama_dir, tmp_path / "same-weights-other-name")
     load_model(str(renamed), lora=LoraSpec(r=8, alpha=16), adapter=folder, with_tokenizer=False)
     other = make_tiny_llama(tmp_path / "other" / tiny_llama_dir.name, seed=1)  # the same name, other weights

@@ -34,11 +34,16 @@ def test_atomic_checkpoint_io_survives_a_failed_write(tmp_path, monkeypatch):
 
 def test_checkpoint_io_writes_and_removes_the_peft_folder(tmp_path):
     io = AtomicCheckpointIO()
-    ckpt = {"state_dict": {"model.x.lora_A": torch.ones(2, 3), "model.x.lora_B": torch.zeros(4, 2)},
-            "peft_adapter_config": {"peft_type": "LORA", "r": 2}, "peft_key_prefix": "model."}
+    ckpt = {
+        "state_dict": {"model.x.lora_A": torch.ones(2, 3), "model.x.lora_B": torch.zeros(4, 2)},
+        "peft_adapter_config": {"peft_type": "LORA", "r": 2},
+        "peft_key_prefix": "model.",
+    }
     io.save_checkpoint(ckpt, tmp_path / "step=5.ckpt")
     assert set(load_file(tmp_path / "step=5" / "adapter_model.safetensors")) == {
-        "base_model.model.x.lora_A.weight", "base_model.model.x.lora_B.weight"}
+        "base_model.model.x.lora_A.weight",
+        "base_model.model.x.lora_B.weight",
+    }
     io.remove_checkpoint(tmp_path / "step=5.ckpt")
     assert not os.listdir(tmp_path)
 
@@ -47,8 +52,13 @@ def test_each_adapter_folder_says_its_step_and_base(tmp_path):
     """The `.ckpt` is written first; a kill before its PEFT folder follows leaves a folder one step older, so
     each file says which step it holds."""
     io = AtomicCheckpointIO()
-    ckpt = {"global_step": 7, "state_dict": {"model.x.lora_A": torch.ones(2, 3)}, "qlora_run": {"base_fingerprint": "f00"},
-            "peft_adapter_config": {"peft_type": "LORA", "r": 2}, "peft_key_prefix": "model."}
+    ckpt = {
+        "global_step": 7,
+        "state_dict": {"model.x.lora_A": torch.ones(2, 3)},
+        "qlora_run": {"base_fingerprint": "f00"},
+        "peft_adapter_config": {"peft_type": "LORA", "r": 2},
+        "peft_key_prefix": "model.",
+    }
     io.save_checkpoint(ckpt, tmp_path / "last.ckpt")
     metadata = read_adapter(tmp_path / "last").metadata
     assert metadata[STEP_KEY] == "7" and metadata[FINGERPRINT_KEY] == "f00"
@@ -57,8 +67,12 @@ def test_each_adapter_folder_says_its_step_and_base(tmp_path):
 
 def test_a_non_finite_adapter_is_never_written(tmp_path):
     io = AtomicCheckpointIO()
-    ckpt = {"global_step": 3, "state_dict": {"model.x.lora_A": torch.tensor([[1.0, float("nan")]])},
-            "peft_adapter_config": {"peft_type": "LORA", "r": 1}, "peft_key_prefix": "model."}
+    ckpt = {
+        "global_step": 3,
+        "state_dict": {"model.x.lora_A": torch.tensor([[1.0, float("nan")]])},
+        "peft_adapter_config": {"peft_type": "LORA", "r": 1},
+        "peft_key_prefix": "model.",
+    }
     with pytest.raises(FloatingPointError, match="x.lora_A.weight holds NaN or inf"):
         io.save_checkpoint(ckpt, tmp_path / "last.ckpt")
     assert os.listdir(tmp_path) == []

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from qlora_testing import REPO, cpu_trainer, tiny_module_and_data
 
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.demo import DemoReport
-from qlora_testing import REPO, cpu_trainer, tiny_module_and_data
 
 
 def test_report_measures_before_and_after(tiny_chat_llama_dir, tmp_path, capsys):
@@ -27,9 +27,23 @@ def test_report_measures_before_and_after(tiny_chat_llama_dir, tmp_path, capsys)
 @pytest.mark.slow
 def test_demo_config_trains_the_real_smollm2(tmp_path):
     """The README's main job, shortened: the held-out loss on answers must fall."""
-    run_lightning_cli(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.max_steps", "8",
-                       "--trainer.val_check_interval", "8", "--checkpoint.every_n_train_steps", "8",
-                       "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--trainer.max_steps",
+            "8",
+            "--trainer.val_check_interval",
+            "8",
+            "--checkpoint.every_n_train_steps",
+            "8",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     (report_path,) = tmp_path.glob("lightning_logs/version_*/demo_report.json")
     report = json.loads(report_path.read_text())
     assert report["after"]["loss"] < report["before"]["loss"] - 0.5

@@ -8,21 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from qlora_testing import cli_args
 from safetensors.torch import load_file
 
 from qlora_lightning.adapters import is_adapter_key
 from qlora_lightning.cli import run_lightning_cli
-from qlora_lightning.fsdp import QLoRAFSDPStrategy, check_shardable, decoder_layer_policy, gather_adapters, load_adapters
+from qlora_lightning.fsdp import (
+    QLoRAFSDPStrategy,
+    check_shardable,
+    decoder_layer_policy,
+    gather_adapters,
+    load_adapters,
+)
 from qlora_lightning.model import load_model
 from qlora_lightning.specs import LoraSpec, QuantSpec
-from qlora_testing import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_policy_wraps_decoder_layers_and_frozen_bases_apart(tiny_llama_dir):
-    model = load_model(str(tiny_llama_dir), quant=QuantSpec(compute_dtype="float32"), lora=LoraSpec(r=4),
-                       with_tokenizer=False).model
+    model = load_model(
+        str(tiny_llama_dir), quant=QuantSpec(compute_dtype="float32"), lora=LoraSpec(r=4), with_tokenizer=False
+    ).model
     wrapped = [n for n, m in model.named_modules() if decoder_layer_policy(m, recurse=False, nonwrapped_numel=0)]
     layers = [n for n in wrapped if n.count(".") == 2]
     assert layers == ["model.layers.0", "model.layers.1"]
@@ -43,8 +50,12 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = load_model(folder, quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
-                       lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False).model
+    model = load_model(
+        folder,
+        quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
+        lora=LoraSpec(r=4, dropout=0.0),
+        with_tokenizer=False,
+    ).model
     for name, p in model.named_parameters():
         if name.endswith("lora_B"):
             torch.nn.init.normal_(p, std=0.1)
@@ -55,28 +66,52 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
     ref = adapter_state_dict(model)
 
     # The production path: the model left on the meta device and loaded unit by unit as FSDP shards it.
-    deferred = load_model(folder, quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
-                          lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False, materialize=False)
-    wrapped = FSDP(deferred.model, auto_wrap_policy=decoder_layer_policy, use_orig_params=True,
-                   device_id=torch.device("cpu"), param_init_fn=deferred.materialize)
+    deferred = load_model(
+        folder,
+        quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
+        lora=LoraSpec(r=4, dropout=0.0),
+        with_tokenizer=False,
+        materialize=False,
+    )
+    wrapped = FSDP(
+        deferred.model,
+        auto_wrap_policy=decoder_layer_policy,
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        param_init_fn=deferred.materialize,
+    )
     load_adapters(wrapped, ref)
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
-    frozen_units_with_grads = [n for n, m in wrapped.named_modules() if isinstance(m, FSDP) and
-                               m._handle is not None and not m._handle.flat_param.requires_grad and
-                               m._handle.flat_param.grad is not None]
+    frozen_units_with_grads = [
+        n
+        for n, m in wrapped.named_modules()
+        if isinstance(m, FSDP)
+        and m._handle is not None
+        and not m._handle.flat_param.requires_grad
+        and m._handle.flat_param.grad is not None
+    ]
     gathered = gather_adapters(wrapped, rank)
     fresh = {k: torch.full_like(v, 0.5) for k, v in ref.items()}
     load_adapters(wrapped, fresh)
     reloaded = gather_adapters(wrapped, rank)
     with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
-        grads_close = all(torch.allclose(p.grad, ref_grads[k.replace("_fsdp_wrapped_module.", "")], atol=1e-6)
-                          for k, p in wrapped.named_parameters() if p.requires_grad and p.grad is not None)
+        grads_close = all(
+            torch.allclose(p.grad, ref_grads[k.replace("_fsdp_wrapped_module.", "")], atol=1e-6)
+            for k, p in wrapped.named_parameters()
+            if p.requires_grad and p.grad is not None
+        )
     if rank == 0:
-        results.put({"loss": (loss.item(), ref_loss.item()), "frozen_units_with_grads": frozen_units_with_grads,
-                     "gathered": gathered.keys() == ref.keys() and all(torch.equal(gathered[k], ref[k]) for k in ref),
-                     "reloaded": reloaded.keys() == ref.keys() and all(torch.equal(reloaded[k], fresh[k]) for k in ref),
-                     "grads_close": grads_close, "frozen_units": sum(isinstance(m, FSDP) for m in wrapped.modules())})
+        results.put(
+            {
+                "loss": (loss.item(), ref_loss.item()),
+                "frozen_units_with_grads": frozen_units_with_grads,
+                "gathered": gathered.keys() == ref.keys() and all(torch.equal(gathered[k], ref[k]) for k in ref),
+                "reloaded": reloaded.keys() == ref.keys() and all(torch.equal(reloaded[k], fresh[k]) for k in ref),
+                "grads_close": grads_close,
+                "frozen_units": sum(isinstance(m, FSDP) for m in wrapped.modules()),
+            }
+        )
     dist.destroy_process_group()
 
 
@@ -86,8 +121,9 @@ def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_lla
     rank 0 and loaded back into the shards exactly."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    torch.multiprocessing.start_processes(_fsdp_rank, args=(str(tiny_llama_dir), 29517, results), nprocs=2,
-                                          start_method="spawn")
+    torch.multiprocessing.start_processes(
+        _fsdp_rank, args=(str(tiny_llama_dir), 29517, results), nprocs=2, start_method="spawn"
+    )
     r = results.get(timeout=10)
     assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-6)
     assert r["frozen_units"] > 2 * 7 and r["frozen_units_with_grads"] == []
@@ -106,8 +142,19 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
 
     # Lightning refuses FSDP without a GPU when the trainer is built; this test only checks the parse.
     monkeypatch.setattr(_AcceleratorConnector, "_check_strategy_and_fallback", lambda self: None)
-    cli = run_lightning_cli(["--config", str(REPO / "configs" / "70b.yaml"), "--config", str(REPO / "configs" / "fsdp.yaml"),
-                             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    cli = run_lightning_cli(
+        [
+            "--config",
+            str(REPO / "configs" / "70b.yaml"),
+            "--config",
+            str(REPO / "configs" / "fsdp.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     strategy = cli.trainer.strategy
     assert isinstance(strategy, QLoRAFSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"] is decoder_layer_policy and strategy.kwargs["use_orig_params"]
@@ -124,8 +171,9 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     def args(**extra):
         return [sys.executable, str(script)] + cli_args(base, tmp_path, **extra, **fsdp)[2:]
 
-    two = subprocess.run(args(max_steps=4, every=2, trainer__devices=2), capture_output=True, text=True, cwd=tmp_path,
-                         timeout=600)
+    two = subprocess.run(
+        args(max_steps=4, every=2, trainer__devices=2), capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
@@ -143,8 +191,13 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     assert final_adapter.keys() == last_adapter.keys()
     assert all(torch.equal(final_adapter[k], last_adapter[k]) for k in last_adapter)
 
-    one = subprocess.run(args(max_steps=6, every=2, trainer__devices=1, trainer__accumulate_grad_batches=2)
-                         + ["--ckpt_path", "last"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    one = subprocess.run(
+        args(max_steps=6, every=2, trainer__devices=1, trainer__accumulate_grad_batches=2) + ["--ckpt_path", "last"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert "Restored all states" in one.stderr + one.stdout
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -156,25 +209,44 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
 
 @pytest.mark.slow
 def test_8bit_optimizer_state_under_fsdp_is_a_clear_error(tiny_chat_llama_dir, tmp_path):
-    args = cli_args(tiny_chat_llama_dir, tmp_path, max_steps=1, every=1, trainer__devices=1,
-                    config=REPO / "configs" / "fsdp.yaml", model__quant__quant_storage="float32",
-                    model__optimizer="bitsandbytes.optim.PagedAdamW8bit")
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "fsdp_cpu_train.py")] + args[2:], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=300)
+    args = cli_args(
+        tiny_chat_llama_dir,
+        tmp_path,
+        max_steps=1,
+        every=1,
+        trainer__devices=1,
+        config=REPO / "configs" / "fsdp.yaml",
+        model__quant__quant_storage="float32",
+        model__optimizer="bitsandbytes.optim.PagedAdamW8bit",
+    )
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fsdp_cpu_train.py")] + args[2:],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert "PagedAdamW8bit: 8-bit optimizer states cannot be gathered by FSDP" in done.stderr
 
 
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
-    fsdp_save_on_two_resume_on_one(tiny_chat_llama_dir, tmp_path, REPO / "tests" / "fsdp_cpu_train.py",
-                                   model__quant__quant_storage="float32")
+    fsdp_save_on_two_resume_on_one(
+        tiny_chat_llama_dir, tmp_path, REPO / "tests" / "fsdp_cpu_train.py", model__quant__quant_storage="float32"
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("cpu_offload", [False, True])
 def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path, cpu_offload):
-    fsdp_save_on_two_resume_on_one(tiny_chat_llama_dir, tmp_path, REPO / "train.py", trainer__accelerator="cuda",
-                                   trainer__precision="bf16-true", model__quant__compute_dtype="bfloat16",
-                                   trainer__strategy__init_args__cpu_offload=cpu_offload)
+    fsdp_save_on_two_resume_on_one(
+        tiny_chat_llama_dir,
+        tmp_path,
+        REPO / "train.py",
+        trainer__accelerator="cuda",
+        trainer__precision="bf16-true",
+        model__quant__compute_dtype="bfloat16",
+        trainer__strategy__init_args__cpu_offload=cpu_offload,
+    )

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qlora_lightning.generate import encode, generate, left_pad, stop_ids, stream
+from qlora_lightning.model import load_for_inference, load_model
 from qlora_lightning.specs import QuantSpec
-from qlora_testing import load_for_inference
 
 PROMPTS = ["Hi", "Introduce yourself in a few words", "What is the capital of France? Answer briefly, please."]
 
@@ -21,17 +21,21 @@ def chat(tiny_chat_llama_dir, chat_adapter):
 
 def test_prompt_is_written_with_the_model_card_template(chat):
     text = chat.tokenizer.decode(encode(chat.tokenizer, "Introduce yourself", "qlora"))
-    assert text == ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                    "helpful, detailed, and polite answers to the user's questions.\n### Human: Introduce yourself "
-                    "### Assistant:")
+    assert text == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions.\n### Human: Introduce yourself "
+        "### Assistant:"
+    )
     assert chat.tokenizer.decode(encode(chat.tokenizer, "Hi", "chat")).startswith("<|im_start|>")
 
 
 def test_greedy_is_deterministic_and_sampling_follows_the_seed(chat):
     greedy = [generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12) for _ in range(2)]
     assert greedy[0] == greedy[1] and greedy[0][0]
-    sampled = {seed: generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12, sample=True, seed=seed)[0]
-               for seed in (0, 0, 1)}
+    sampled = {
+        seed: generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12, sample=True, seed=seed)[0]
+        for seed in (0, 0, 1)
+    }
     again = generate(chat.model, chat.tokenizer, PROMPTS[1], max_new_tokens=12, sample=True, seed=0)[0]
     assert again == sampled[0] and sampled[0] != sampled[1] and sampled[0] != greedy[0][0]
 
@@ -41,8 +45,14 @@ def test_generation_stops_at_eos(chat):
     assert tok.eos_token_id in stop_ids(model, tok)
     ids, mask = left_pad([encode(tok, PROMPTS[0], "qlora")], tok.pad_token_id, "cpu")
     with torch.no_grad():
-        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                              eos_token_id=[], pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        free = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=[],
+            pad_token_id=tok.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
     assert len(free) == 8
     eos = free[3]  # declare the 4th greedy token the end of sequence
     assert eos not in free[:3]
@@ -63,7 +73,7 @@ def test_streaming_yields_the_same_text(chat):
 
 
 def test_a_training_model_is_switched_to_cached_eval_and_back(tiny_chat_llama_dir, chat_adapter):
-    loaded = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), train=True)
+    loaded = load_model(str(tiny_chat_llama_dir), lora=None, adapter=str(chat_adapter))
     model = loaded.model
     assert model.training and not model.config.use_cache
     calls = []
@@ -82,8 +92,21 @@ def test_a_training_model_is_switched_to_cached_eval_and_back(tiny_chat_llama_di
 def test_generate_through_the_cli_streams_to_stdout(tiny_chat_llama_dir, chat_adapter, capsys, chat):
     from qlora_lightning.cli import main
 
-    main(["generate", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--prompt", PROMPTS[2],
-          "--max_new_tokens", "6", "--quant.compute_dtype", "float32"])
+    main(
+        [
+            "generate",
+            "--base",
+            str(tiny_chat_llama_dir),
+            "--adapter",
+            str(chat_adapter),
+            "--prompt",
+            PROMPTS[2],
+            "--max_new_tokens",
+            "6",
+            "--quant.compute_dtype",
+            "float32",
+        ]
+    )
     expected = generate(chat.model, chat.tokenizer, PROMPTS[2], max_new_tokens=6)[0]
     assert capsys.readouterr().out == f"### {PROMPTS[2]}\n{expected}\n"
 
@@ -92,6 +115,7 @@ def test_generate_through_the_cli_streams_to_stdout(tiny_chat_llama_dir, chat_ad
 def test_smollm2_answers_with_its_chat_template_and_stops(smollm2_dir):
     # The unquantized base (bf16 weights, fp32 compute for CPU speed); its NF4 form rambles on past "Paris".
     loaded = load_for_inference(smollm2_dir, quant=QuantSpec(quantize="none", compute_dtype="float32"))
-    answer = generate(loaded.model, loaded.tokenizer, "What is the capital of France?", template="chat",
-                      max_new_tokens=48)[0]
+    answer = generate(
+        loaded.model, loaded.tokenizer, "What is the capital of France?", template="chat", max_new_tokens=48
+    )[0]
     assert answer == "The capital of France is Paris."  # 7 tokens, then <|im_end|>: stopped long before 48

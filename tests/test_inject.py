@@ -38,8 +38,6 @@ def test_target_matching_by_suffix_and_regex():
     assert not matches_target("lm_head", LoraSpec(target_modules="all-linear", exclude=("lm_head",)))
 
 
-
-
 def test_the_same_injector_builds_a_meta_skeleton_and_quantizes_the_non_targets():
     """On the meta device nothing is quantized yet (the loader gives the tensors later); every linear that is
     not a target becomes 4-bit, as the model card's load does."""

@@ -6,21 +6,28 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes import functional as bnb_F
+from qlora_testing import requires_cuda
 from torch import nn
 
 from qlora_lightning.adapters import delta_weight
 from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit
 from qlora_lightning.specs import LoraSpec, QuantSpec
-from qlora_testing import requires_cuda
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 def reference_linear4bit(weight: torch.Tensor, device: str, quant_type="nf4") -> bnb.nn.Linear4bit:
-    ref = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, compute_dtype=torch.bfloat16,
-                            compress_statistics=True, quant_type=quant_type)
-    ref.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, compress_statistics=True,
-                                   quant_type=quant_type, blocksize=64).to(device)
+    ref = bnb.nn.Linear4bit(
+        weight.shape[1],
+        weight.shape[0],
+        bias=False,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=True,
+        quant_type=quant_type,
+    )
+    ref.weight = bnb.nn.Params4bit(
+        weight.to(torch.bfloat16), requires_grad=False, compress_statistics=True, quant_type=quant_type, blocksize=64
+    ).to(device)
     return ref
 
 
@@ -29,8 +36,9 @@ def reference_linear4bit(weight: torch.Tensor, device: str, quant_type="nf4") ->
 def test_fresh_layer_equals_bnb_linear4bit_bit_for_bit(device, quant_type):
     torch.manual_seed(0)
     weight = torch.randn(96, 128) * 0.02
-    layer = LoraLinear4bit.from_weight(weight, device=device, lora=LoraSpec(r=8, alpha=16, dropout=0.1),
-                                       quant=QuantSpec(quantize=quant_type)).eval()
+    layer = LoraLinear4bit.from_weight(
+        weight, device=device, lora=LoraSpec(r=8, alpha=16, dropout=0.1), quant=QuantSpec(quantize=quant_type)
+    ).eval()
     ref = reference_linear4bit(weight, device, quant_type)
     x = torch.randn(3, 5, 128, device=device, dtype=torch.bfloat16)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
@@ -80,8 +88,9 @@ def test_lora_init_is_peft_kaiming_uniform():
 @pytest.mark.parametrize("device", DEVICES)
 def test_only_lora_gets_gradients_and_4bit_weight_never_changes(device):
     torch.manual_seed(0)
-    layer = LoraLinear4bit.from_weight(torch.randn(64, 64) * 0.05, torch.randn(64) * 0.1, device=device,
-                                       lora=LoraSpec(r=8))
+    layer = LoraLinear4bit.from_weight(
+        torch.randn(64, 64) * 0.05, torch.randn(64) * 0.1, device=device, lora=LoraSpec(r=8)
+    )
     packed = layer.base_layer.weight.data.clone()
     absmax = layer.base_layer.weight.quant_state.absmax.clone()
     bias = layer.base_layer.bias.detach().clone()
@@ -138,8 +147,12 @@ def test_forward_and_gradients_match_the_unfused_reference(device, dtype):
     """The layer's forward (in-place add, scale folded into B) against the textbook formula."""
     torch.manual_seed(0)
     compute = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    layer = LoraLinear4bit.from_weight(torch.randn(64, 96) * 0.05, device=device, lora=LoraSpec(r=8, alpha=16, dropout=0.0),
-                                       quant=QuantSpec(compute_dtype=compute))
+    layer = LoraLinear4bit.from_weight(
+        torch.randn(64, 96) * 0.05,
+        device=device,
+        lora=LoraSpec(r=8, alpha=16, dropout=0.0),
+        quant=QuantSpec(compute_dtype=compute),
+    )
     nn.init.normal_(layer.lora_B, std=0.05)
     x = torch.randn(3, 7, 96, device=device, dtype=dtype, requires_grad=True)
     out = layer(x)

@@ -3,13 +3,13 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from qlora_testing import requires_cuda
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit, lora_delta
 from qlora_lightning.lora_autograd import lora_linear
 from qlora_lightning.specs import LoraSpec, QuantSpec
-from qlora_testing import requires_cuda
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
@@ -66,9 +66,13 @@ def test_dropout_drops_the_lora_input_only():
     x = torch.randn(4, 64)
     with torch.no_grad():
         base = layer.base_layer(x)
-    out = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.base_layer.dense_weight, scaling=layer.scaling, dropout_p=0.999999)
+    out = lora_linear(
+        x, layer.lora_A, layer.lora_B, None, layer.base_layer.dense_weight, scaling=layer.scaling, dropout_p=0.999999
+    )
     assert torch.allclose(out, base, atol=1e-5)
-    no_drop = lora_linear(x, layer.lora_A, layer.lora_B, None, layer.base_layer.dense_weight, scaling=layer.scaling, dropout_p=0.0)
+    no_drop = lora_linear(
+        x, layer.lora_A, layer.lora_B, None, layer.base_layer.dense_weight, scaling=layer.scaling, dropout_p=0.0
+    )
     assert not torch.allclose(no_drop, base, atol=1e-3)
 
 
@@ -106,4 +110,12 @@ def test_a_trainable_base_bias_is_refused():
     layer = make_layer("16bit", "cpu", torch.float32, 0.0)
     bias = nn.Parameter(torch.zeros(48))
     with pytest.raises(ValueError, match="bias must be frozen"):
-        lora_linear(torch.randn(2, 64), layer.lora_A, layer.lora_B, bias, layer.base_layer.dense_weight, scaling=1.0, dropout_p=0.0)
+        lora_linear(
+            torch.randn(2, 64),
+            layer.lora_A,
+            layer.lora_B,
+            bias,
+            layer.base_layer.dense_weight,
+            scaling=1.0,
+            dropout_p=0.0,
+        )

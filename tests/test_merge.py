@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 import torch
+from qlora_testing import make_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_lightning.adapters import adapter_state_dict, read_adapter
 from qlora_lightning.lora import lora_layers
 from qlora_lightning.merge import export_merged
+from qlora_lightning.model import load_for_inference, load_model
 from qlora_lightning.specs import QuantSpec
-from qlora_testing import make_tiny_llama, load_for_inference
 
 #: Merged weights vs the adapter computed beside the base, both run in fp32: the export rounds W + BA to
 #: bf16 once (relative 2^-9 per weight) and the adapter model computes its LoRA term in bf16 (the LoRA
@@ -39,13 +40,15 @@ def ids():
 @pytest.fixture(scope="module")
 def merged_dir(tiny_chat_llama_dir, chat_adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged") / "model"
-    export_merged(base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(out), max_shard_size="1MB",
-                  device="cpu")
+    export_merged(
+        base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(out), max_shard_size="1MB", device="cpu"
+    )
     return out
 
 
 def test_merged_folder_loads_with_plain_transformers_and_matches_the_adapter_on_the_original_base(
-        merged_dir, tiny_chat_llama_dir, chat_adapter, ids):
+    merged_dir, tiny_chat_llama_dir, chat_adapter, ids
+):
     index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -54,23 +57,29 @@ def test_merged_folder_loads_with_plain_transformers_and_matches_the_adapter_on_
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # no extra code, no PEFT
     assert merged.dtype == torch.bfloat16 and AutoTokenizer.from_pretrained(merged_dir).eos_token == "<|im_end|>"
     merged = merged.float()  # compare in fp32 so that the weights' differences show, not bf16 compute noise
-    adapter = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter),
-                                quant=QuantSpec(quantize="none", compute_dtype="float32")).model
+    adapter = load_for_inference(
+        str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(quantize="none", compute_dtype="float32")
+    ).model
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
     err = rel_err(logits(merged, ids), logits(adapter, ids))
     assert err <= REL_TOL, err
     assert rel_err(logits(base, ids), logits(adapter, ids)) > 20 * REL_TOL  # the adapter matters: a real check
 
 
-def test_merging_into_nf4_warns_and_matches_the_qlora_model(tiny_chat_llama_dir, chat_adapter, merged_dir, tmp_path, ids):
+def test_merging_into_nf4_warns_and_matches_the_qlora_model(
+    tiny_chat_llama_dir, chat_adapter, merged_dir, tmp_path, ids
+):
     out = tmp_path / "from_nf4"
     with pytest.warns(UserWarning, match="changes the model"):
-        export_merged(base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(out), from_quantized=True,
-                      device="cpu")
+        export_merged(
+            base=str(tiny_chat_llama_dir), adapter=str(chat_adapter), output=str(out), from_quantized=True, device="cpu"
+        )
     assert (out / "model.safetensors").is_file()  # small enough for one shard at the default 5GB
     from_nf4 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     # NF4 base + adapter, as trained (fp32 compute: the dequantized weights are the same either way).
-    qlora = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32")).model
+    qlora = load_for_inference(
+        str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32")
+    ).model
     err = rel_err(logits(from_nf4, ids), logits(qlora, ids))
     assert err <= REL_TOL, err
     original = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -105,7 +114,7 @@ def test_peft_adapter_on_some_modules_loads_for_continued_training(tiny_chat_lla
             if "lora_B" in name:
                 p.normal_()
     peft_model.save_pretrained(tmp_path / "qv")
-    loaded = load_for_inference(str(tiny_chat_llama_dir), str(tmp_path / "qv"), train=True)
+    loaded = load_model(str(tiny_chat_llama_dir), lora=None, adapter=str(tmp_path / "qv"))
     model = loaded.model
     assert model.training and sorted({n.rsplit(".", 1)[-1] for n in lora_layers(loaded.model)}) == ["q_proj", "v_proj"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -144,7 +153,9 @@ def test_mismatched_adapters_are_clear_errors(tiny_chat_llama_dir, chat_adapter,
         load_for_inference(str(tiny_chat_llama_dir), str(fewer))
 
     narrow = make_tiny_llama(tmp_path / "narrow", hidden=32, intermediate=64)  # same module names, other shapes
-    with pytest.raises(ValueError, match=r"down_proj.weight has shape \(32, 64\) but the adapter's B @ A .* \(64, 128\)"):
+    with pytest.raises(
+        ValueError, match=r"down_proj.weight has shape \(32, 64\) but the adapter's B @ A .* \(64, 128\)"
+    ):
         export_merged(base=str(narrow), adapter=str(chat_adapter), output=str(tmp_path / "y"), allow_other_base=True)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.*"))  # nothing half-written
 
@@ -154,15 +165,25 @@ def test_export_through_the_cli(tiny_chat_llama_dir, chat_adapter, tmp_path, mer
 
     from qlora_lightning.cli import main
 
-    main(["export", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--output",
-          str(tmp_path / "m"), "--device", "cpu"])
+    main(
+        [
+            "export",
+            "--base",
+            str(tiny_chat_llama_dir),
+            "--adapter",
+            str(chat_adapter),
+            "--output",
+            str(tmp_path / "m"),
+            "--device",
+            "cpu",
+        ]
+    )
     single = load_file(tmp_path / "m" / "model.safetensors")
     sharded = AutoModelForCausalLM.from_pretrained(merged_dir).state_dict()
     assert all(torch.equal(single[k], sharded[k]) for k in single)
 
 
-def test_export_copies_the_model_s_own_files_and_follows_no_link_out_of_it(tiny_chat_llama_dir, chat_adapter,
-                                                                           tmp_path):
+def test_export_copies_the_model_s_own_files_and_follows_no_link_out_of_it(tiny_chat_llama_dir, chat_adapter, tmp_path):
     """A README linked to a file elsewhere must not pull that file's contents into the export; a hub-cache
     snapshot, whose files are all links into the repository's `blobs/`, is copied as usual."""
     secret = tmp_path / "secret.txt"
@@ -177,8 +198,13 @@ def test_export_copies_the_model_s_own_files_and_follows_no_link_out_of_it(tiny_
     (snapshot / "README.md").symlink_to(secret)
     (snapshot / "LICENSE").write_text("Apache-2.0")
     with pytest.warns(UserWarning, match="README.md links to .*secret.txt, outside the model folder: not copied"):
-        export_merged(base=str(snapshot), adapter=str(chat_adapter), output=str(tmp_path / "out"), device="cpu",
-                      allow_other_base=True)
+        export_merged(
+            base=str(snapshot),
+            adapter=str(chat_adapter),
+            output=str(tmp_path / "out"),
+            device="cpu",
+            allow_other_base=True,
+        )
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert "README.md" not in copied and {"LICENSE", "tokenizer.json", "tokenizer_config.json"} <= copied
     assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())

@@ -11,13 +11,13 @@ import textwrap
 
 import pytest
 import torch
+from qlora_testing import assert_bnb_cpu_repacking_off, make_tiny_llama, requires_cuda, transformers_4bit
 from transformers import AutoModelForCausalLM
 
 from qlora_lightning.adapters import export_adapter
-from qlora_lightning.lora import lora_layers, FrozenLinear4bit, LoraLinear4bit, LoraLinear16bit
+from qlora_lightning.lora import FrozenLinear4bit, LoraLinear4bit, LoraLinear16bit, lora_layers
 from qlora_lightning.model import load_model, weights_fingerprint
 from qlora_lightning.specs import LoraSpec, QuantSpec
-from qlora_testing import assert_bnb_cpu_repacking_off, make_tiny_llama, requires_cuda, transformers_4bit
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
@@ -29,8 +29,17 @@ def test_logits_match_transformers_4bit_load_of_a_sharded_checkpoint(tiny_llama_
     ours = load_model(str(tiny_llama_dir), device=device, with_tokenizer=False).model.eval()
     ref = transformers_4bit(tiny_llama_dir, device)
     per_block = [n for n, m in ours.model.layers[0].named_modules() if isinstance(m, LoraLinear4bit)]
-    assert sorted(per_block) == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    assert sorted(per_block) == sorted(
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    )
     x = torch.randint(0, 256, (2, 12), device=device)
     with torch.no_grad():  # inference, where bitsandbytes would take its bf16 CPU kernel (see transformers_4bit)
         a, b = ours(x).logits.float(), ref(x).logits.float()
@@ -56,8 +65,9 @@ def test_loaded_model_is_ready_to_train(tiny_llama_dir):
 
 def test_tied_embeddings_and_16bit_mode(tmp_path):
     path = make_tiny_llama(tmp_path / "tied", tie=True)
-    model = load_model(str(path), quant=QuantSpec(quantize="none"), with_tokenizer=False,
-                       gradient_checkpointing=False).model
+    model = load_model(
+        str(path), quant=QuantSpec(quantize="none"), with_tokenizer=False, gradient_checkpointing=False
+    ).model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].mlp.up_proj, LoraLinear16bit)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
@@ -123,8 +133,9 @@ def test_peak_host_memory_is_bounded_by_the_4bit_model_plus_a_shard(tmp_path):
     # glibc's dynamic mmap threshold would keep freed weight-sized blocks in the heap and count them in
     # RSS; a fixed threshold returns them, so RSS measures what loading really holds.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(big), str(small)], capture_output=True,
-                         text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(big), str(small)], capture_output=True, text=True, check=True, env=env
+    )
     grown, held = map(int, out.stdout.strip().splitlines()[-1].split())
     largest_shard = max(p.stat().st_size for p in big.glob("*.safetensors"))
     # What stays is the 4-bit model (~0.3 of the bf16 size with its bf16 embeddings); loading adds about
@@ -167,12 +178,14 @@ def test_deferred_loading_module_by_module_in_any_order_gives_the_same_model(tmp
     head, embeddings = deferred.model.get_output_embeddings().weight, deferred.model.get_input_embeddings().weight
     assert (head is embeddings) == tie
     assert {p.device.type for p in deferred.model.parameters()} == {device}
-    assert [n for n, p in deferred.model.named_parameters() if p.requires_grad] == \
-        [n for n, p in direct.named_parameters() if p.requires_grad]
+    assert [n for n, p in deferred.model.named_parameters() if p.requires_grad] == [
+        n for n, p in direct.named_parameters() if p.requires_grad
+    ]
     ids = torch.randint(0, 256, (2, 8), device=device)
     with torch.no_grad():
-        torch.testing.assert_close(deferred.model.eval()(input_ids=ids).logits, direct(input_ids=ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            deferred.model.eval()(input_ids=ids).logits, direct(input_ids=ids).logits, rtol=0, atol=0
+        )
 
 
 def test_a_missing_or_damaged_base_is_named(tiny_llama_dir, tmp_path):

@@ -8,22 +8,35 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from qlora_testing import (
+    FP32,
+    assert_bnb_cpu_repacking_off,
+    cpu_trainer,
+    requires_cuda,
+    tiny_module_and_data,
+    transformers_4bit,
+)
 from safetensors.torch import load_file
 
 from qlora_lightning import QLoRAModule
 from qlora_lightning.adapters import adapter_state_dict, is_adapter_key
-from qlora_lightning.specs import LoraSpec, QuantSpec
 from qlora_lightning.resume import CheckpointError, read_checkpoint
-from qlora_testing import (FP32, assert_bnb_cpu_repacking_off, cpu_trainer, requires_cuda, tiny_module_and_data,
-                          transformers_4bit)
+from qlora_lightning.specs import LoraSpec, QuantSpec
+
 
 def test_fit_writes_adapter_only_checkpoints_with_peft_folders(tiny_chat_llama_dir, tmp_path):
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
     t = cpu_trainer(tmp_path, max_steps=4)
     t.fit(module, data)
     ckpt_dir = tmp_path / "checkpoints"
-    assert {p.name for p in ckpt_dir.iterdir()} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt", "step=2", "step=4",
-                                                    "last"}
+    assert {p.name for p in ckpt_dir.iterdir()} == {
+        "step=2.ckpt",
+        "step=4.ckpt",
+        "last.ckpt",
+        "step=2",
+        "step=4",
+        "last",
+    }
     ckpt = torch.load(ckpt_dir / "step=4.ckpt", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert keys and all(is_adapter_key(k) for k in keys)
@@ -37,7 +50,9 @@ def test_fit_writes_adapter_only_checkpoints_with_peft_folders(tiny_chat_llama_d
     ours = adapter_state_dict(module.model)
     assert all(torch.equal(peft[f"base_model.model.{k}.weight"], v) for k, v in ours.items())
     final = Path(t.log_dir) / "adapter"
-    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_chat_llama_dir)
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_chat_llama_dir
+    )
     metrics = (Path(t.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     for column in ("train/loss", "train/tokens_per_s", "train/lr", "val/loss", "val/perplexity"):
         assert column in metrics
@@ -73,7 +88,8 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tiny_chat_llama_d
     L.seed_everything(123)  # a resumed process starts from another RNG state: the checkpoint must restore it
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
     cpu_trainer(tmp_path / "cut", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(
-        module, data, ckpt_path=tmp_path / "cut" / "checkpoints" / "step=3.ckpt")
+        module, data, ckpt_path=tmp_path / "cut" / "checkpoints" / "step=3.ckpt"
+    )
     resumed = adapter_state_dict(module.model)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -91,8 +107,16 @@ def test_checkpoint_of_another_lora_config_is_a_clear_error(tiny_chat_llama_dir,
 def test_validate_test_and_predict_run_on_the_held_out_split(tiny_chat_llama_dir, tmp_path, compile_layers):
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
     module.predict_max_new_tokens, module.compile_layers = 4, compile_layers
-    t = L.Trainer(default_root_dir=tmp_path, precision="32-true", accelerator="cpu", limit_val_batches=2,
-                  limit_test_batches=2, limit_predict_batches=1, enable_progress_bar=False, logger=False)
+    t = L.Trainer(
+        default_root_dir=tmp_path,
+        precision="32-true",
+        accelerator="cpu",
+        limit_val_batches=2,
+        limit_test_batches=2,
+        limit_predict_batches=1,
+        enable_progress_bar=False,
+        logger=False,
+    )
     (val,) = t.validate(module, data)
     (test,) = t.test(module, data)
     assert val["val/loss"] == pytest.approx(test["test/loss"]) and val["val/perplexity"] > 1
@@ -148,8 +172,9 @@ def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_compiled_dropout_is_redrawn_identically_when_checkpointing_recomputes(tiny_chat_llama_dir, device):
     """Compiled layers draw their own dropout masks; recomputation in backward must draw the same ones."""
-    kept = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3, gradient_checkpointing=False,
-                          device=device)
+    kept = loss_and_grads(
+        tiny_chat_llama_dir, compile_layers=True, dropout=0.3, gradient_checkpointing=False, device=device
+    )
     torch._dynamo.reset()
     recomputed = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3, device=device)
     torch._dynamo.reset()
@@ -201,9 +226,16 @@ def test_results_are_readable_by_the_group_as_the_umask_says(tiny_chat_llama_dir
         t.fit(module, data)
     finally:
         os.umask(old)
-    written = [tmp_path / "checkpoints", *(tmp_path / "checkpoints").rglob("*"), *(Path(t.log_dir) / "adapter").rglob("*")]
-    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written
-             if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)}
+    written = [
+        tmp_path / "checkpoints",
+        *(tmp_path / "checkpoints").rglob("*"),
+        *(Path(t.log_dir) / "adapter").rglob("*"),
+    ]
+    wrong = {
+        str(p): oct(stat.S_IMODE(p.stat().st_mode))
+        for p in written
+        if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)
+    }
     assert len(written) > 8 and not wrong
 
 

@@ -8,8 +8,7 @@ from qlora_lightning.plot import plot_loss, read_loss_curves
 
 
 def test_plot_loss_writes_a_png_with_both_curves(tmp_path):
-    (tmp_path / "metrics.csv").write_text(
-        "epoch,step,train/loss,val/loss\n0,0,2.5,\n0,1,2.0,\n0,1,,2.2\n0,2,1.5,\n")
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,0,2.5,\n0,1,2.0,\n0,1,,2.2\n0,2,1.5,\n")
     curves = read_loss_curves(tmp_path / "metrics.csv")
     assert curves == {"train/loss": [(0, 2.5), (1, 2.0), (2, 1.5)], "val/loss": [(1, 2.2)]}
     out = plot_loss(str(tmp_path))

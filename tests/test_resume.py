@@ -11,13 +11,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from qlora_testing import FP32, cli_args, cpu_trainer, make_tiny_llama, tiny_module_and_data
 
 from qlora_lightning import QLoRAModule
 from qlora_lightning.adapters import adapter_state_dict
 from qlora_lightning.cli import main
 from qlora_lightning.resume import CheckpointError, find_last_checkpoint, read_checkpoint
 from qlora_lightning.specs import LoraSpec
-from qlora_testing import FP32, cli_args, cpu_trainer, make_tiny_llama, tiny_module_and_data
 
 
 def fit(base, root, max_steps, every=2, *extra, **options):
@@ -70,11 +70,20 @@ def test_a_finished_run_extended_equals_the_straight_run_bitwise(tiny_chat_llama
 
 def test_lightnings_own_end_of_training_save_would_not_extend_exactly(tiny_chat_llama_dir, tmp_path):
     """Why `ResumableCheckpoint` exists: with Lightning's `ModelCheckpoint` the same extension differs."""
+
     def trainer(root, max_steps):
         ckpt = ModelCheckpoint(dirpath=root / "checkpoints", filename="{step}", every_n_train_steps=500, save_last=True)
-        return L.Trainer(default_root_dir=root, max_steps=max_steps, precision="32-true", accelerator="cpu",
-                         callbacks=[ckpt], enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         logger=False)
+        return L.Trainer(
+            default_root_dir=root,
+            max_steps=max_steps,
+            precision="32-true",
+            accelerator="cpu",
+            callbacks=[ckpt],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            logger=False,
+        )
 
     L.seed_everything(0)
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
@@ -93,8 +102,14 @@ def test_the_final_step_is_saved_like_a_periodic_one(tiny_chat_llama_dir, tmp_pa
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
     cpu_trainer(tmp_path, max_steps=4, every=3).fit(module, data)
     ckpt_dir = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last", "last.ckpt", "step=3", "step=3.ckpt", "step=4",
-                                                          "step=4.ckpt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "last",
+        "last.ckpt",
+        "step=3",
+        "step=3.ckpt",
+        "step=4",
+        "step=4.ckpt",
+    ]
     last = read_checkpoint(ckpt_dir / "last.ckpt")
     assert last["global_step"] == 4 and last["InstructionDataModule"]["consumed"] == 4 * 4
     progress = last["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
@@ -108,13 +123,15 @@ def test_an_edited_checkpoint_cannot_switch_on_remote_code(tiny_chat_llama_dir, 
     evil = tmp_path / "evil_base"
     shutil.copytree(tiny_chat_llama_dir, evil)
     marker = tmp_path / "code_ran"
-    (evil / "evil.py").write_text(textwrap.dedent(f"""
+    (evil / "evil.py").write_text(
+        textwrap.dedent(f"""
         import pathlib
         pathlib.Path({str(marker)!r}).write_text("ran")
         from transformers import LlamaConfig
         class EvilConfig(LlamaConfig):
             pass
-    """))
+    """)
+    )
     config = json.loads((evil / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
     (evil / "config.json").write_text(json.dumps(config))
@@ -122,8 +139,16 @@ def test_an_edited_checkpoint_cannot_switch_on_remote_code(tiny_chat_llama_dir, 
     checkpoint["hyper_parameters"].update(trust_remote_code=True, base_model=str(evil))
     torch.save(checkpoint, tmp_path / "edited.ckpt")
 
-    fit(tiny_chat_llama_dir, tmp_path / "run", 3, 2, "--ckpt_path", str(tmp_path / "edited.ckpt"),
-        "--model.trust_remote_code", "false")
+    fit(
+        tiny_chat_llama_dir,
+        tmp_path / "run",
+        3,
+        2,
+        "--ckpt_path",
+        str(tmp_path / "edited.ckpt"),
+        "--model.trust_remote_code",
+        "false",
+    )
     assert not marker.exists()
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3  # resumed our base
 
@@ -149,7 +174,9 @@ def test_resume_checks_the_base_weights_not_their_name(tiny_chat_llama_dir, tmp_
         QLoRAModule(str(other), quant=FP32, lora=LoraSpec(r=8)).on_load_checkpoint(checkpoint)
 
     with pytest.warns(UserWarning, match="model.lora.dropout: checkpoint 0.1, this run 0.05"):
-        QLoRAModule(str(tiny_chat_llama_dir), quant=FP32, lora=LoraSpec(r=8, dropout=0.05)).on_load_checkpoint(checkpoint)
+        QLoRAModule(str(tiny_chat_llama_dir), quant=FP32, lora=LoraSpec(r=8, dropout=0.05)).on_load_checkpoint(
+            checkpoint
+        )
 
 
 @pytest.mark.parametrize("content", [b"", b"\x93NUMPY not a checkpoint at all" * 10], ids=["empty", "random-bytes"])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 from qlora_testing import cli_args
 
 HERE = Path(__file__).resolve().parent
@@ -68,8 +67,14 @@ def test_save_on_two_ddp_processes_resume_on_one_with_accumulation(tiny_chat_lla
     data = saved["InstructionDataModule"]
     assert (data["consumed"], data["global_batch"], data["num_replicas"], data["accumulate"]) == (12, 4, 2, 1)
 
-    resumed, micro_batches = train(tiny_chat_llama_dir, tmp_path / "resumed", 6, "--ckpt_path",
-                                   str(tmp_path / "ddp" / "checkpoints" / "step=3.ckpt"), **one)
+    resumed, micro_batches = train(
+        tiny_chat_llama_dir,
+        tmp_path / "resumed",
+        6,
+        "--ckpt_path",
+        str(tmp_path / "ddp" / "checkpoints" / "step=3.ckpt"),
+        **one,
+    )
     assert resumed == straight[3:] and micro_batches == [2]  # crosses into epoch 1 at step 4
     last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     reference = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)

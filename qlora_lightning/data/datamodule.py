@@ -143,14 +143,18 @@ class InstructionDataModule(L.LightningDataModule):
         """The tokenizer, loaded on first use with `load_tokenizer` (which gives it a pad token)."""
         if self._tokenizer is None:
             if not self.hparams.tokenizer:
-                raise ValueError("InstructionDataModule needs `tokenizer` (a hub id or folder; the CLI links it from the model)")
+                raise ValueError(
+                    "InstructionDataModule needs `tokenizer` (a hub id or folder; the CLI links it from the model)"
+                )
             self._tokenizer = load_tokenizer(self.hparams.tokenizer)
         return self._tokenizer
 
     @property
     def collator(self) -> InstructionCollator:
         """The batch collator (right padding, labels masked on source and padding)."""
-        return InstructionCollator(self.tokenizer.pad_token_id, self.hparams.train_on_source, self.hparams.pad_to_multiple_of)
+        return InstructionCollator(
+            self.tokenizer.pad_token_id, self.hparams.train_on_source, self.hparams.pad_to_multiple_of
+        )
 
     def prepare_data(self) -> None:
         """Download and tokenize once per node (Lightning runs this on local rank 0 before `setup`)."""
@@ -186,7 +190,9 @@ class InstructionDataModule(L.LightningDataModule):
         skipped = f"skipped {len(errors)} bad records (on_bad_record: skip); the first: {errors[0]}" if errors else ""
         if len(train) == 0 or (val is not None and len(val) == 0):
             empty = "training" if len(train) == 0 else "validation"
-            raise BadRecordError(f"{h.dataset}: no usable records left for {empty}" + (f": {skipped}" if skipped else ""))
+            raise BadRecordError(
+                f"{h.dataset}: no usable records left for {empty}" + (f": {skipped}" if skipped else "")
+            )
         if skipped:
             rank_zero_warn(skipped)
         self.train_data, self.val_data, self.truncation = train, val, truncation
@@ -220,9 +226,13 @@ class InstructionDataModule(L.LightningDataModule):
             state, self._resume_state = self._resume_state, None
             sampler.load_state_dict(state)
             if self.trainer is not None:  # the position is the same; Lightning's counters count other micro-batches
-                convert_batch_progress(self.trainer, state["batch_size"] * state["num_replicas"],
-                                       sampler.batch_size * sampler.num_replicas, sampler.total_size,
-                                       int(state["consumed"]))
+                convert_batch_progress(
+                    self.trainer,
+                    state["batch_size"] * state["num_replicas"],
+                    sampler.batch_size * sampler.num_replicas,
+                    sampler.total_size,
+                    int(state["consumed"]),
+                )
         self._train_sampler = sampler
         return self._loader(self.train_data, h.batch_size, sampler, loader_class=PositionedLoader)
 
@@ -241,8 +251,9 @@ class InstructionDataModule(L.LightningDataModule):
         """`predict` answers the held-out prompts (the module generates from each row's unlabelled prefix)."""
         return self.val_dataloader()
 
-    def _loader(self, data, batch_size: int, sampler: LengthGroupedSampler | None,
-                loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+    def _loader(
+        self, data, batch_size: int, sampler: LengthGroupedSampler | None, loader_class: type[DataLoader] = DataLoader
+    ) -> DataLoader:
         workers = self.hparams.num_workers
         return loader_class(
             data,

@@ -32,26 +32,82 @@ WORDS = (
     "tomato violin walnut zebra anchor bridge cactus donkey engine falcon glacier harbor igloo jacket"
 ).split()
 CAPITALS = {
-    "Brazil": "Brasilia", "Russia": "Moscow", "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City",
-    "Argentina": "Buenos Aires", "Turkey": "Ankara", "Denmark": "Copenhagen", "Hungary": "Budapest",
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
-    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
-    "Greece": "Athens", "Portugal": "Lisbon", "Austria": "Vienna", "Ireland": "Dublin", "Poland": "Warsaw",
-    "Sweden": "Stockholm", "Finland": "Helsinki", "Cuba": "Havana", "Chile": "Santiago", "Thailand": "Bangkok",
+    "Brazil": "Brasilia",
+    "Russia": "Moscow",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Mexico": "Mexico City",
+    "Argentina": "Buenos Aires",
+    "Turkey": "Ankara",
+    "Denmark": "Copenhagen",
+    "Hungary": "Budapest",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Canada": "Ottawa",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Poland": "Warsaw",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Cuba": "Havana",
+    "Chile": "Santiago",
+    "Thailand": "Bangkok",
 }
 SYMBOLS = {
-    "oxygen": "O", "hydrogen": "H", "carbon": "C", "nitrogen": "N", "gold": "Au", "silver": "Ag",
-    "iron": "Fe", "sodium": "Na", "helium": "He", "copper": "Cu", "calcium": "Ca", "neon": "Ne",
-    "potassium": "K", "lead": "Pb", "zinc": "Zn", "sulfur": "S",
+    "oxygen": "O",
+    "hydrogen": "H",
+    "carbon": "C",
+    "nitrogen": "N",
+    "gold": "Au",
+    "silver": "Ag",
+    "iron": "Fe",
+    "sodium": "Na",
+    "helium": "He",
+    "copper": "Cu",
+    "calcium": "Ca",
+    "neon": "Ne",
+    "potassium": "K",
+    "lead": "Pb",
+    "zinc": "Zn",
+    "sulfur": "S",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "happy": "sad",
-    "open": "closed", "early": "late", "full": "empty", "strong": "weak", "old": "new", "high": "low",
-    "wet": "dry", "hard": "soft", "loud": "quiet", "rich": "poor", "thick": "thin", "near": "far",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "light": "dark",
+    "happy": "sad",
+    "open": "closed",
+    "early": "late",
+    "full": "empty",
+    "strong": "weak",
+    "old": "new",
+    "high": "low",
+    "wet": "dry",
+    "hard": "soft",
+    "loud": "quiet",
+    "rich": "poor",
+    "thick": "thin",
+    "near": "far",
 }
 UNITS = [  # (from, to, factor)
-    ("kilometers", "meters", 1000), ("kilograms", "grams", 1000), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("days", "hours", 24), ("feet", "inches", 12), ("liters", "milliliters", 1000),
+    ("kilometers", "meters", 1000),
+    ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("days", "hours", 24),
+    ("feet", "inches", 12),
+    ("liters", "milliliters", 1000),
     ("weeks", "days", 7),
 ]
 
@@ -122,8 +178,13 @@ def generate(n_train: int = 400, n_val: int = 100, seed: int = 0) -> tuple[list[
     out = {}
     for name, part in splits.items():
         out[name] = [
-            {"id": f"orca_sample.{name}.{i:04d}", "task": task, "system_prompt": rng.choice(SYSTEM_PROMPTS),
-             "question": question, "response": answer}
+            {
+                "id": f"orca_sample.{name}.{i:04d}",
+                "task": task,
+                "system_prompt": rng.choice(SYSTEM_PROMPTS),
+                "question": question,
+                "response": answer,
+            }
             for i, (task, question, answer) in enumerate(part)
         ]
     return out["train"], out["val"]

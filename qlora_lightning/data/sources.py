@@ -39,7 +39,14 @@ from .sample import BUNDLED
 from .tokenize import ExampleEncoder
 
 __all__ = [
-    "BadRecordError", "RawSource", "Cut", "Truncation", "cache_root", "load_source", "pick_subset", "encode_split",
+    "BadRecordError",
+    "RawSource",
+    "Cut",
+    "Truncation",
+    "cache_root",
+    "load_source",
+    "pick_subset",
+    "encode_split",
     "resolve_bundled",
 ]
 
@@ -216,9 +223,15 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
                 ds, kind, bad_rows = _load_json_file(path, cache_dir)
             elif suffix == ".csv":
                 # every cell is text (an answer "42" must not become an int, nor "NA" a null); empty cells are null
-                ds, kind = Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])), "table"
+                ds, kind = (
+                    Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])),
+                    "table",
+                )
             else:
-                ds, kind = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir), "table"
+                ds, kind = (
+                    datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir),
+                    "table",
+                )
         except BadRecordError:
             raise
         except Exception as e:  # pyarrow/pandas errors do not name the file
@@ -241,7 +254,9 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
         kind, label, identity = "table", f"{name} (split {split})", _dataset_identity(ds)
     if kind == "jsonl":
         text = ds.data.column("text")
-        rows = np.flatnonzero(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False))
+        rows = np.flatnonzero(
+            pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
+        )
     else:
         rows = np.arange(len(ds))
     if len(rows) == 0:
@@ -363,7 +378,9 @@ def _encode_batch(
 def _tokenizer_identity(encoder: ExampleEncoder) -> str:
     tok = encoder.tokenizer
     vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
-    return json.dumps([type(tok).__name__, tok.name_or_path, vocab, tok.all_special_tokens, getattr(tok, "chat_template", None)])
+    return json.dumps(
+        [type(tok).__name__, tok.name_or_path, vocab, tok.all_special_tokens, getattr(tok, "chat_template", None)]
+    )
 
 
 def cache_key(source: RawSource, positions: np.ndarray, encoder: ExampleEncoder, format: str) -> str:
@@ -408,8 +425,9 @@ def encode_split(
     cache = folder / f"tokenized-{cache_key(source, positions, encoder, format)}.arrow"
     procs = num_proc if num_proc and num_proc > 1 and len(rows) >= PARALLEL_MIN_RECORDS else None
     subset = source.dataset.select(rows)
-    fn_kwargs = dict(encoder=encoder, format=format, label=source.label, kind=source.kind, rows=rows,
-                     bad_rows=source.bad_rows)
+    fn_kwargs = dict(
+        encoder=encoder, format=format, label=source.label, kind=source.kind, rows=rows, bad_rows=source.bad_rows
+    )
     with _children_die_with_this_process():
         encoded = subset.map(
             _encode_batch,

@@ -34,9 +34,19 @@ class MMLUCallback(Callback):
         output_dir: where the JSON files go; None: the checkpoint folder, else the trainer's log dir.
     """
 
-    def __init__(self, data: str = "cais/mmlu", split: str = "validation", every_n_steps: int = 187, shots: int = 5,
-                 subjects: list[str] | None = None, max_questions_per_subject: int | None = None, batch_size: int = 8,
-                 max_length: int = 2048, at_start: bool = False, output_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        data: str = "cais/mmlu",
+        split: str = "validation",
+        every_n_steps: int = 187,
+        shots: int = 5,
+        subjects: list[str] | None = None,
+        max_questions_per_subject: int | None = None,
+        batch_size: int = 8,
+        max_length: int = 2048,
+        at_start: bool = False,
+        output_dir: str | None = None,
+    ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.data, self.split, self.every_n_steps, self.shots = data, split, every_n_steps, shots
@@ -67,14 +77,29 @@ class MMLUCallback(Callback):
             raise AttributeError(f"MMLUCallback needs {type(pl_module).__name__}.model (a causal LM) and .tokenizer")
         mmlu = self._questions()
         metric = MMLUAccuracy(mmlu.subjects).to(pl_module.device)
-        score(model, tokenizer, mmlu, metric, shots=self.shots, batch_size=self.batch_size, max_length=self.max_length,
-              rank=trainer.global_rank, world_size=trainer.world_size, progress=trainer.is_global_zero)
+        score(
+            model,
+            tokenizer,
+            mmlu,
+            metric,
+            shots=self.shots,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            progress=trainer.is_global_zero,
+        )
         step = trainer.global_step
         results = report(mmlu, metric, shots=self.shots, max_length=self.max_length, step=step)
         if trainer.is_global_zero:  # straight to the loggers: `self.log` is not allowed in on_train_start
             for logger in trainer.loggers:
-                logger.log_metrics({"mmlu/accuracy": results["accuracy_mean_over_subjects"],
-                                    "mmlu/accuracy_over_questions": results["accuracy_over_questions"]}, step=step)
+                logger.log_metrics(
+                    {
+                        "mmlu/accuracy": results["accuracy_mean_over_subjects"],
+                        "mmlu/accuracy_over_questions": results["accuracy_over_questions"],
+                    },
+                    step=step,
+                )
             write_report(results, self.results_dir(trainer) / f"mmlu_step={step}.json")
         self.last_results = results
         return results

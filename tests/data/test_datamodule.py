@@ -16,12 +16,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from qlora_lightning.data import BadRecordError, InstructionDataModule, pick_subset
-from qlora_lightning.data.sources import resolve_bundled
-from qlora_lightning.data import datamodule, sources
+from qlora_lightning.data import BadRecordError, InstructionDataModule, datamodule, pick_subset, sources
 from qlora_lightning.data.formats import Example
 from qlora_lightning.data.sample import exact_match, main
-from qlora_lightning.data.sources import Cut, Truncation
+from qlora_lightning.data.sources import Cut, Truncation, resolve_bundled
 from qlora_lightning.data.templates import render_source
 from qlora_lightning.data.tokenize import ExampleEncoder
 
@@ -29,8 +27,14 @@ from qlora_lightning.data.tokenize import ExampleEncoder
 @pytest.fixture
 def dm_args(tmp_path, smollm2_tokenizer):
     """Small-run defaults: the real SmolLM2 tokenizer, a private cache, no workers."""
-    return dict(tokenizer=smollm2_tokenizer, max_examples=None, val_size=2, batch_size=4, num_workers=0,
-                cache_dir=str(tmp_path / "cache"))
+    return dict(
+        tokenizer=smollm2_tokenizer,
+        max_examples=None,
+        val_size=2,
+        batch_size=4,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
 
 
 def setup_dm(**kw) -> InstructionDataModule:
@@ -66,7 +70,9 @@ def test_subset_is_fixed_by_seed_and_val_never_moves():
 def test_datamodule_subset_is_deterministic(dm_args, write_jsonl, orca_records):
     path = str(write_jsonl(orca_records(40)))
     a = setup_dm(**{**dm_args, "dataset": path, "max_examples": 20, "val_size": 5})
-    b = setup_dm(**{**dm_args, "dataset": path, "max_examples": 20, "val_size": 5, "cache_dir": dm_args["cache_dir"] + "2"})
+    b = setup_dm(
+        **{**dm_args, "dataset": path, "max_examples": 20, "val_size": 5, "cache_dir": dm_args["cache_dir"] + "2"}
+    )
     assert len(a.train_data) == 20 and len(a.val_data) == 5
     assert decoded(a) == decoded(b) and decoded(a, "val") == decoded(b, "val")
     assert not set(decoded(a)) & set(decoded(a, "val"))
@@ -78,8 +84,13 @@ def test_datamodule_subset_is_deterministic(dm_args, write_jsonl, orca_records):
 
 
 def _orca_frame(n=6):
-    return pd.DataFrame({"system_prompt": [""] * n, "question": [f"What is {i} + 1?" for i in range(n)],
-                         "response": [str(i + 1) for i in range(n)]})
+    return pd.DataFrame(
+        {
+            "system_prompt": [""] * n,
+            "question": [f"What is {i} + 1?" for i in range(n)],
+            "response": [str(i + 1) for i in range(n)],
+        }
+    )
 
 
 def test_every_kind_of_source(dm_args, tmp_path, write_jsonl):
@@ -95,8 +106,15 @@ def test_every_kind_of_source(dm_args, tmp_path, write_jsonl):
     repo.mkdir()
     frame.to_json(repo / "train.jsonl", orient="records", lines=True)
     frame.head(2).to_json(repo / "validation.jsonl", orient="records", lines=True)
-    sources_ = [write_jsonl(records), tmp_path / "array.json", tmp_path / "data.parquet", tmp_path / "data.csv",
-                tmp_path / "saved", tmp_path / "saved_dict", repo]
+    sources_ = [
+        write_jsonl(records),
+        tmp_path / "array.json",
+        tmp_path / "data.parquet",
+        tmp_path / "data.csv",
+        tmp_path / "saved",
+        tmp_path / "saved_dict",
+        repo,
+    ]
     for source in sources_:
         dm = setup_dm(**{**dm_args, "dataset": str(source)})
         assert sorted(decoded(dm) + decoded(dm, "val")) == expected, source
@@ -114,9 +132,7 @@ def test_bundled_sample_is_what_the_script_generates(tmp_path):
     main(["--out", str(tmp_path)])
     for split in ("train", "val"):
         assert (tmp_path / f"orca_sample_{split}.jsonl").read_bytes() == paths[split].read_bytes()
-    train, val = (
-        [json.loads(line) for line in paths[split].read_text().splitlines()] for split in ("train", "val")
-    )
+    train, val = ([json.loads(line) for line in paths[split].read_text().splitlines()] for split in ("train", "val"))
     assert len(train) == 400 and len(val) == 100
     assert not {r["question"] for r in train} & {r["question"] for r in val}
     assert {r["task"] for r in val} >= {"addition", "units", "reverse", "uppercase"}
@@ -141,7 +157,9 @@ def test_bundled_sample(dm_args):
 
 
 def test_formats_through_the_datamodule(dm_args, write_jsonl):
-    alpaca = write_jsonl([{"instruction": f"Count to {i}.", "input": "", "output": "1 2"} for i in range(5)], "alpaca.jsonl")
+    alpaca = write_jsonl(
+        [{"instruction": f"Count to {i}.", "input": "", "output": "1 2"} for i in range(5)], "alpaca.jsonl"
+    )
     dm = setup_dm(**{**dm_args, "dataset": str(alpaca), "format": "alpaca", "template": "alpaca"})
     assert "### Instruction:\nCount to" in dm.tokenizer.decode(dm.train_data[0]["input_ids"])
     text = "### Human: Hi {i} ### Assistant: Hello ### Human: Bye ### Assistant: Ciao"
@@ -155,7 +173,9 @@ def test_formats_through_the_datamodule(dm_args, write_jsonl):
 
 def test_tokenizer_by_name_batches_and_hparams(dm_args, tmp_path, bos_tokenizer, write_jsonl, orca_records):
     bos_tokenizer.save_pretrained(tmp_path / "tok")
-    dm = setup_dm(**{**dm_args, "tokenizer": str(tmp_path / "tok"), "dataset": str(write_jsonl(orca_records(9))), "val_size": 0})
+    dm = setup_dm(
+        **{**dm_args, "tokenizer": str(tmp_path / "tok"), "dataset": str(write_jsonl(orca_records(9))), "val_size": 0}
+    )
     assert dm.tokenizer.pad_token_id is not None  # given by load_tokenizer
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 4
@@ -208,7 +228,10 @@ def test_bad_table_rows_and_json_arrays(dm_args, tmp_path):
     frame = _orca_frame()
     frame["response"] = list(range(6))  # ints: a non-string field in every row
     frame.to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'bad.parquet'}: row ") + r"\d: field 'response': must be a string, got int"):
+    with pytest.raises(
+        BadRecordError,
+        match=re.escape(f"{tmp_path / 'bad.parquet'}: row ") + r"\d: field 'response': must be a string, got int",
+    ):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "bad.parquet")})
     frame = _orca_frame()
     frame.loc[3, "response"] = None
@@ -219,7 +242,9 @@ def test_bad_table_rows_and_json_arrays(dm_args, tmp_path):
     with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'bad.json'}: line 3: malformed JSON")):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "bad.json")})
     (tmp_path / "arr.json").write_text(json.dumps([GOOD, {**GOOD, "question": ""}, GOOD]))
-    with pytest.raises(BadRecordError, match=re.escape(f"{tmp_path / 'arr.json'}: record 1: field 'question': is empty")):
+    with pytest.raises(
+        BadRecordError, match=re.escape(f"{tmp_path / 'arr.json'}: record 1: field 'question': is empty")
+    ):
         setup_dm(**{**dm_args, "dataset": str(tmp_path / "arr.json"), "val_size": 0})
 
 
@@ -291,7 +316,9 @@ def test_empty_files_and_bad_settings(dm_args, tmp_path):
 
 
 def test_skip_drops_bad_records_and_warns_once(dm_args, write_jsonl):
-    lines = [GOOD, "{oops", {**GOOD, "response": None}, {**GOOD, "question": "What is 2 + 2?"}, {"question": 3}] + [GOOD] * 5
+    lines = [GOOD, "{oops", {**GOOD, "response": None}, {**GOOD, "question": "What is 2 + 2?"}, {"question": 3}] + [
+        GOOD
+    ] * 5
     path = write_jsonl(lines)
     with pytest.warns(UserWarning) as caught:
         dm = setup_dm(**{**dm_args, "dataset": str(path), "on_bad_record": "skip", "val_size": 1})
@@ -345,13 +372,23 @@ def test_truncation_is_counted_reported_once_and_cached(dm_args, write_jsonl, mo
         for i in range(12)
     ]
     val = [{"question": f"Name {i}.", "response": "Blue" + ", green" * i} for i in range(5)]
-    args = {**dm_args, "dataset": str(write_jsonl(train)), "val_dataset": str(write_jsonl(val, "val.jsonl")),
-            "val_size": 0, "source_max_len": 60, "target_max_len": 6}
-    expected = {"train": _expected_truncation(dm_args["tokenizer"], train, 60, 6),
-                "val": _expected_truncation(dm_args["tokenizer"], val, 60, 6)}
+    args = {
+        **dm_args,
+        "dataset": str(write_jsonl(train)),
+        "val_dataset": str(write_jsonl(val, "val.jsonl")),
+        "val_size": 0,
+        "source_max_len": 60,
+        "target_max_len": 6,
+    }
+    expected = {
+        "train": _expected_truncation(dm_args["tokenizer"], train, 60, 6),
+        "val": _expected_truncation(dm_args["tokenizer"], val, 60, 6),
+    }
     assert expected["train"].source.examples and expected["train"].target.examples and expected["val"].target.examples
-    line = (f"length limits (source_max_len 60, target_max_len 6): training: {expected['train'].describe()}; "
-            f"validation: {expected['val'].describe()}")
+    line = (
+        f"length limits (source_max_len 60, target_max_len 6): training: {expected['train'].describe()}; "
+        f"validation: {expected['val'].describe()}"
+    )
 
     def fail(self, examples):
         raise AssertionError("tokenized again although cached")
@@ -368,7 +405,8 @@ def test_truncation_is_counted_reported_once_and_cached(dm_args, write_jsonl, mo
         assert dm.truncation == expected and logged == [line]
     assert Cut(2, 7, 5).describe("source", 10) == "source cut in 2/10 examples (mean 3.5, max 5 tokens)"
     assert Truncation(10, Cut(2, 7, 5), Cut(0, 0, 0)).describe() == (
-        "source cut in 2/10 examples (mean 3.5, max 5 tokens), no target cut")
+        "source cut in 2/10 examples (mean 3.5, max 5 tokens), no target cut"
+    )
 
 
 def test_parallel_tokenization_equals_serial(dm_args, write_jsonl, orca_records, monkeypatch):
@@ -411,8 +449,16 @@ def make_dm(tmp_path, write_jsonl, orca_records, smollm2_tokenizer):
     data = write_jsonl(orca_records(70))
 
     def make(**kw):
-        args = dict(tokenizer=smollm2_tokenizer, dataset=str(data), max_examples=None, val_size=6, batch_size=4,
-                    eval_batch_size=8, num_workers=0, cache_dir=str(tmp_path / "cache"))
+        args = dict(
+            tokenizer=smollm2_tokenizer,
+            dataset=str(data),
+            max_examples=None,
+            val_size=6,
+            batch_size=4,
+            eval_batch_size=8,
+            num_workers=0,
+            cache_dir=str(tmp_path / "cache"),
+        )
         return InstructionDataModule(**{**args, **kw})
 
     return make
@@ -421,9 +467,15 @@ def make_dm(tmp_path, write_jsonl, orca_records, smollm2_tokenizer):
 def _train(dm, tmp_path, name, max_steps, accumulate=1, ckpt_path=None, callbacks=(), **trainer_kw):
     model = Recorder()
     trainer = L.Trainer(
-        default_root_dir=tmp_path / name, max_steps=max_steps, accumulate_grad_batches=accumulate,
-        callbacks=list(callbacks), logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, **{"enable_checkpointing": bool(callbacks), **trainer_kw},
+        default_root_dir=tmp_path / name,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **{"enable_checkpointing": bool(callbacks), **trainer_kw},
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model, trainer
@@ -456,8 +508,14 @@ def test_resume_sees_exactly_the_remaining_batches(make_dm, tmp_path, accumulate
     first = _fit(make_dm(num_workers=num_workers), tmp_path, "first", resume_step + 2, accumulate, callbacks=[ckpt])
     consumed = resume_step * accumulate * 4
     assert first == full[: len(first)]
-    second = _fit(make_dm(num_workers=num_workers), tmp_path, "second", total_steps, accumulate,
-                  ckpt_path=tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    second = _fit(
+        make_dm(num_workers=num_workers),
+        tmp_path,
+        "second",
+        total_steps,
+        accumulate,
+        ckpt_path=tmp_path / "ckpt" / f"step={resume_step}.ckpt",
+    )
     assert first[:consumed] + second == full
 
 
@@ -470,7 +528,9 @@ def test_resume_from_validation_and_epoch_end_checkpoints(make_dm, tmp_path, num
     kw = dict(val_check_interval=6, limit_val_batches=1)
     full = _fit(make(), tmp_path, "full", 40, **kw)
     on_val = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="val-{step}", save_top_k=-1, monitor="val_loss")
-    on_epoch_end = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="end-{step}", save_top_k=-1, save_on_train_epoch_end=True)
+    on_epoch_end = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="end-{step}", save_top_k=-1, save_on_train_epoch_end=True
+    )
     first = _fit(make(), tmp_path, "first", 30, callbacks=[on_val, on_epoch_end], **kw)
     assert first == full[: len(first)]
     for name, step in (("end-step=16.ckpt", 16), ("val-step=12.ckpt", 12), ("val-step=28.ckpt", 28)):
@@ -478,7 +538,9 @@ def test_resume_from_validation_and_epoch_end_checkpoints(make_dm, tmp_path, num
         assert first[: step * 4] + second == full, name
 
     again = ModelCheckpoint(dirpath=tmp_path / "again", filename="{step}", every_n_train_steps=5, save_top_k=-1)
-    second = _fit(make(), tmp_path, "second", 22, ckpt_path=tmp_path / "ckpt" / "end-step=16.ckpt", callbacks=[again], **kw)
+    second = _fit(
+        make(), tmp_path, "second", 22, ckpt_path=tmp_path / "ckpt" / "end-step=16.ckpt", callbacks=[again], **kw
+    )
     third = _fit(make(), tmp_path, "third", 40, ckpt_path=tmp_path / "again" / "step=20.ckpt", **kw)
     assert first[:64] + second[:16] + third == full
 
@@ -497,8 +559,14 @@ def test_resume_on_another_micro_batch_split_sees_the_same_steps(make_dm, tmp_pa
     full, full_trainer = _train(make_dm(batch_size=new_micro), tmp_path, "full", 20, new_accumulate)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=resume_step)
     first, _ = _train(make_dm(batch_size=micro), tmp_path, "first", resume_step, accumulate, callbacks=[ckpt])
-    second, trainer = _train(make_dm(batch_size=new_micro), tmp_path, "second", 20, new_accumulate,
-                             ckpt_path=tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    second, trainer = _train(
+        make_dm(batch_size=new_micro),
+        tmp_path,
+        "second",
+        20,
+        new_accumulate,
+        ckpt_path=tmp_path / "ckpt" / f"step={resume_step}.ckpt",
+    )
     assert len(_steps(full)) == 20 and all(len(step) == 8 for step in _steps(full))
     assert _steps(first) == _steps(full)[:resume_step]
     assert _steps(second) == _steps(full)[resume_step:]
@@ -514,7 +582,16 @@ def test_resume_rejects_changed_settings(make_dm, tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
     _fit(make_dm(), tmp_path, "first", 3, callbacks=[ckpt])
     state = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=False)["InstructionDataModule"]
-    assert state == {"epoch": 0, "consumed": 12, "global_batch": 4, "seed": 42, "num_examples": 64,
-                     "group_by_length": True, "num_replicas": 1, "batch_size": 4, "accumulate": 1}
+    assert state == {
+        "epoch": 0,
+        "consumed": 12,
+        "global_batch": 4,
+        "seed": 42,
+        "num_examples": 64,
+        "group_by_length": True,
+        "num_replicas": 1,
+        "batch_size": 4,
+        "accumulate": 1,
+    }
     with pytest.raises(ValueError, match=r"global_batch: 4 -> 8\).*same data, seed and global batch"):
         _fit(make_dm(batch_size=8), tmp_path, "second", 6, ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")

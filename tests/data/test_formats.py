@@ -25,7 +25,9 @@ def test_alpaca_with_and_without_input():
 
 
 def test_input_output():
-    assert format_record({"input": "ping", "output": "pong"}, "input_output") == [Example(prompt="ping", response="pong")]
+    assert format_record({"input": "ping", "output": "pong"}, "input_output") == [
+        Example(prompt="ping", response="pong")
+    ]
 
 
 def test_oasst1_gives_one_example_per_assistant_turn_with_the_conversation_before_it():
@@ -74,7 +76,9 @@ def test_a_record_must_be_an_object():
 
 
 def test_unknown_format_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown format 'orca'; known formats: alpaca, input_output, oasst1, openorca"):
+    with pytest.raises(
+        ValueError, match="unknown format 'orca'; known formats: alpaca, input_output, oasst1, openorca"
+    ):
         format_record({}, "orca")
 
 

@@ -79,6 +79,7 @@ def test_tokenizing_processes_die_when_the_main_process_is_killed(tmp_path, bos_
     main = subprocess.Popen([sys.executable, "-c", SETUP_SLOWLY, *args])
     children: list[int] = []
     try:
+
         def tokenizing():
             assert main.poll() is None, "the data module's setup ended before its workers tokenized"
             found = [int(p.name) for p in marks.iterdir()]

@@ -26,8 +26,11 @@ def test_each_epoch_is_a_permutation_of_full_steps_fixed_by_seed_and_epoch():
     assert len(epoch1) == 1000 and epoch1 != epoch0 and set(epoch1) != set(epoch0)  # other examples left out
     accumulating = LengthGroupedSampler(LENGTHS, 8, accumulate=3, seed=1)  # global batch 24: 41 steps, 19 left out
     assert len(list(accumulating)) == len(accumulating) == 984
-    with pytest.raises(ValueError, match=r"1003 training examples are fewer than .* global batch of 1024 "
-                                         r"\(batch_size 64 × accumulate 4 × 4 ranks\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1003 training examples are fewer than .* global batch of 1024 "
+        r"\(batch_size 64 × accumulate 4 × 4 ranks\)",
+    ):
         LengthGroupedSampler(LENGTHS, 64, accumulate=4, num_replicas=4)
 
 
@@ -44,8 +47,10 @@ def test_group_by_length_makes_batches_of_similar_length_longest_first():
         chunk = [LENGTHS[i] for i in grouped[start : start + mega]]
         assert chunk == sorted(chunk, reverse=True)
     # mega-batches count global batches (micro-batch × accumulation × ranks), not micro-batches
-    assert (LengthGroupedSampler(LENGTHS, 2, accumulate=2, num_replicas=2).global_order(0) ==
-            LengthGroupedSampler(LENGTHS, 8).global_order(0)).all()
+    assert (
+        LengthGroupedSampler(LENGTHS, 2, accumulate=2, num_replicas=2).global_order(0)
+        == LengthGroupedSampler(LENGTHS, 8).global_order(0)
+    ).all()
 
 
 def test_ranks_share_each_epoch_equally_and_disjointly():
@@ -62,8 +67,10 @@ def test_ranks_share_each_epoch_equally_and_disjointly():
 
 def samplers(world, micro, accum, epoch=0, **kw):
     """One sampler per rank of a (world size, micro-batch, accumulation) split, at `epoch`."""
-    ranks = [LengthGroupedSampler(LENGTHS, micro, accumulate=accum, num_replicas=world, rank=r, seed=7, **kw)
-             for r in range(world)]
+    ranks = [
+        LengthGroupedSampler(LENGTHS, micro, accumulate=accum, num_replicas=world, rank=r, seed=7, **kw)
+        for r in range(world)
+    ]
     for s in ranks:
         s.set_epoch(epoch)
     return ranks
@@ -72,8 +79,10 @@ def samplers(world, micro, accum, epoch=0, **kw):
 def steps(rank_orders, micro, accum):
     """The examples of each optimizer step: `accum` consecutive micro-batches of `micro` on every rank."""
     per_rank = micro * accum
-    return [sorted(i for order in rank_orders for i in order[k : k + per_rank])
-            for k in range(0, len(rank_orders[0]), per_rank)]
+    return [
+        sorted(i for order in rank_orders for i in order[k : k + per_rank])
+        for k in range(0, len(rank_orders[0]), per_rank)
+    ]
 
 
 SPLITS = [(1, 16, 1), (1, 8, 2), (2, 8, 1), (2, 4, 2), (4, 2, 2), (1, 2, 8), (8, 1, 2)]  # world × micro × accum = 16
@@ -94,8 +103,9 @@ def test_every_optimizer_step_sees_the_same_examples_whatever_the_split(group_by
             assert got == reference, (world, micro, accum)
 
 
-@pytest.mark.parametrize("saved, resumed", [((2, 4, 1), (1, 4, 2)), ((1, 4, 2), (2, 4, 1)), ((2, 4, 1), (4, 1, 2)),
-                                            ((1, 8, 1), (2, 2, 2))])
+@pytest.mark.parametrize(
+    "saved, resumed", [((2, 4, 1), (1, 4, 2)), ((1, 4, 2), (2, 4, 1)), ((2, 4, 1), (4, 1, 2)), ((1, 8, 1), (2, 2, 2))]
+)
 def test_resume_on_another_split_continues_the_same_steps(saved, resumed):
     """Save after 7 optimizer steps of epoch 2 on one split, resume on another: the remaining steps are the
     uninterrupted run's, and the next epoch is untouched."""
@@ -116,15 +126,18 @@ def test_resume_on_another_split_continues_the_same_steps(saved, resumed):
     assert rest == uninterrupted[7:] and len(rest) == len(LENGTHS) // 8 - 7
     for s in ranks:
         s.set_epoch(3)
-    assert steps([list(s) for s in ranks], micro, accum) == steps([list(s) for s in samplers(world, micro, accum, 3)],
-                                                                   micro, accum)
+    assert steps([list(s) for s in ranks], micro, accum) == steps(
+        [list(s) for s in samplers(world, micro, accum, 3)], micro, accum
+    )
 
 
 @pytest.mark.parametrize("num_replicas", [1, 2])
 @pytest.mark.parametrize("group_by_length", [True, False])
 def test_resume_mid_epoch_gives_the_same_remaining_order(num_replicas, group_by_length):
     def make(rank, epoch=2):
-        s = LengthGroupedSampler(LENGTHS, 4, num_replicas=num_replicas, rank=rank, seed=7, group_by_length=group_by_length)
+        s = LengthGroupedSampler(
+            LENGTHS, 4, num_replicas=num_replicas, rank=rank, seed=7, group_by_length=group_by_length
+        )
         s.set_epoch(epoch)
         return s
 

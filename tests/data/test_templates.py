@@ -19,13 +19,18 @@ def test_qlora_template_is_the_model_cards_prompt():
 
 
 def test_system_prompt_replaces_the_default_sentence():
-    assert render_source(Example("Hi", "x", system="You are terse."), "qlora") == "You are terse.\n### Human: Hi ### Assistant:"
+    assert (
+        render_source(Example("Hi", "x", system="You are terse."), "qlora")
+        == "You are terse.\n### Human: Hi ### Assistant:"
+    )
 
 
 def test_qlora_history_and_context():
     ex = Example("And 3+3?", "6", history=(("2+2?", "4"),))
     assert render_source(ex, "qlora").endswith("\n### Human: 2+2? ### Assistant: 4 ### Human: And 3+3? ### Assistant:")
-    assert render_source(Example("Translate.", "x", context="Hallo"), "qlora").endswith("### Human: Translate.\n\nHallo ### Assistant:")
+    assert render_source(Example("Translate.", "x", context="Hallo"), "qlora").endswith(
+        "### Human: Translate.\n\nHallo ### Assistant:"
+    )
 
 
 def test_alpaca_template_with_and_without_input():
@@ -43,9 +48,14 @@ def test_alpaca_template_with_and_without_input():
 def test_chat_template_is_the_tokenizers_own(smollm2_tokenizer):
     ex = Example("What is 2 + 2?", "4", system="Be brief.", history=(("Hi", "Hello"),))
     expected = smollm2_tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2?"}],
-        tokenize=False, add_generation_prompt=True,
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "What is 2 + 2?"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert render_source(ex, "chat", smollm2_tokenizer) == expected
     assert expected.endswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")

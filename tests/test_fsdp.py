@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from qlora_testing import cli_args
+from qlora_testing import REPO, cli_args
 from safetensors.torch import load_file
 
 from qlora_lightning.adapters import is_adapter_key
@@ -22,8 +21,6 @@ from qlora_lightning.fsdp import (
 )
 from qlora_lightning.model import load_model
 from qlora_lightning.specs import LoraSpec, QuantSpec
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_policy_wraps_decoder_layers_and_frozen_bases_apart(tiny_llama_dir):

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from . import adapters, hub
 from .inject import inject_lora
 from .lora import FrozenLinear, LoraLinear, lora_layers
+from .offload import offloaded_checkpoint
 from .specs import LoraSpec, QuantSpec, torch_dtype
 from .tokenizer import load_tokenizer
 
@@ -298,6 +299,7 @@ def load_model(
     device: torch.device | str = "cpu",
     materialize: bool = True,
     gradient_checkpointing: bool = True,
+    offload_activations: bool = False,
     train_mode: bool = True,
     with_tokenizer: bool = True,
     trust_remote_code: bool = False,
@@ -327,6 +329,8 @@ def load_model(
             unit just before sharding it.
         gradient_checkpointing: recompute activations in backward (non-reentrant), the paper's setting:
             it is what lets 65B fit one 48 GB GPU. Off: the KV cache is on, for generation.
+        offload_activations: with `gradient_checkpointing`, keep each layer's input in pinned host memory
+            until backward instead of on the device (`offload.offloaded_checkpoint`).
         train_mode: leave the model in train mode (a loaded model starts in eval mode, which would
             silently disable gradient checkpointing and dropout under Lightning).
         with_tokenizer: also load the tokenizer (see `load_tokenizer`).
@@ -374,8 +378,10 @@ def load_model(
         raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
 
     model.config.use_cache = not gradient_checkpointing
+    if offload_activations and not gradient_checkpointing:
+        raise ValueError("offload_activations offloads the inputs that gradient checkpointing keeps: turn on both")
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=offload_activations)
     model.train(train_mode)
     if materialize:
         for module in model.modules():
@@ -406,10 +412,21 @@ def load_for_inference(
     )
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing per decoder layer, under either transformers API name."""
+def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = False) -> None:
+    """Activation checkpointing per decoder layer (non-reentrant), under either transformers API name; with
+    `offload`, each layer's input waits in pinned host memory until backward (`offload.offloaded_checkpoint`).
+
+    transformers gives no public way to choose the checkpointing function: it calls the
+    `_gradient_checkpointing_func` it sets on each module with a `gradient_checkpointing` flag, as
+    `layer._gradient_checkpointing_func(forward, *args)` (checked on transformers 5.17-5.24); that attribute is
+    replaced here and nowhere else.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # the GPU image's transformers 5.17 and 4.x
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module._gradient_checkpointing_func = offloaded_checkpoint

@@ -44,6 +44,11 @@ def paged_adamw(params) -> torch.optim.Optimizer:
     return bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
 
+def examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """How many examples a batch holds: its rows, or `num_examples` for a packed (padding-free) row."""
+    return int(batch["num_examples"]) if "num_examples" in batch else batch["input_ids"].shape[0]
+
+
 def attached_trainer(module: LightningModule):
     """The trainer `module` is attached to, or None: Lightning's `trainer` property raises when there is none."""
     try:
@@ -94,6 +99,11 @@ class QLoRAModule(LightningModule):
             RNG (same rate, other masks than eager; recomputation redraws the same ones). Off by default
             (CPU, tests), on in the GPU configs: the first step pays ~12 s of compilation for 1.27× the
             tokens/s on 7B (BENCHMARKS.md). Not supported under FSDP yet.
+        offload_activations: keep each checkpointed layer's input in pinned host memory until backward,
+            copied out and back on a side stream overlapped with compute (`offload.offloaded_checkpoint`, as
+            Unsloth's offloaded checkpointing): one (tokens × hidden) tensor per layer leaves the GPU, 2 GiB at
+            7B for 16 × 512 tokens. Needs gradient_checkpointing; not under FSDP. Off by default: the GPU
+            configs turn it on where it was measured to cost no speed (BENCHMARKS.md).
         trust_remote_code: run modelling code shipped with the base model's folder; off unless asked. Taken from
             the command line or config only: it is not saved in checkpoints, and nothing read from a checkpoint
             can switch it on.
@@ -113,6 +123,7 @@ class QLoRAModule(LightningModule):
         lora: LoraSpec = LoraSpec(),
         gradient_checkpointing: bool = True,
         compile_layers: bool = False,
+        offload_activations: bool = False,
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = paged_adamw,
         scheduler: LRSchedulerCallable | None = None,
@@ -135,7 +146,7 @@ class QLoRAModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "trust_remote_code"])
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
-        self.compile_layers = compile_layers
+        self.compile_layers, self.offload_activations = compile_layers, offload_activations
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.predict_max_new_tokens = predict_max_new_tokens
@@ -165,10 +176,10 @@ class QLoRAModule(LightningModule):
                     "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones"
                 )
             check_shardable(self.quant)
-            if self.compile_layers:
+            if self.compile_layers or self.offload_activations:
                 raise ValueError(
-                    "model.compile_layers is not supported under FSDP yet (FSDP's shard units run inside "
-                    "the compiled layers): set it to false, as configs/fsdp.yaml does"
+                    "model.compile_layers and model.offload_activations are not supported under FSDP yet (FSDP's "
+                    "shard units run inside the layers): set both to false, as configs/fsdp.yaml does"
                 )
         # Under FSDP the model stays on the meta device: the strategy loads it one shard unit at a time.
         loaded = load_model(
@@ -179,6 +190,7 @@ class QLoRAModule(LightningModule):
             adapter=self.init_adapter,
             materialize=not sharded,
             gradient_checkpointing=self.gradient_checkpointing,
+            offload_activations=self.offload_activations,
             with_tokenizer=False,
             trust_remote_code=self.trust_remote_code,
         )
@@ -207,23 +219,21 @@ class QLoRAModule(LightningModule):
     def loss_on(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean causal-LM loss over the labelled (target) tokens, and their count.
 
+        A batch is padded (`input_ids`, `attention_mask`, `labels`: one row per example) or packed (the data
+        module's `padding_free`: one row of concatenated examples with `position_ids` restarting at 0 for each
+        and no `attention_mask`, from which transformers builds a block-diagonal causal mask, so no example
+        attends to another). Both give the same loss: a mean over the same labelled tokens.
+
         The output head runs on the labelled positions only: with source 384 / target 128 that skips three
         quarters of the head's matmuls and of the fp32 logits that HF's loss would hold for every token.
         Models that transform their logits (soft-capping, logit scale) take transformers' own loss.
         """
         labels = batch["labels"][:, 1:]
         labelled = labels != -100
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
         if not self._head_on_labelled_only:
-            out = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-                use_cache=False,
-            )
-            return out.loss, labelled.sum()
-        hidden = self.model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state
+            return self.model(**inputs, labels=batch["labels"], use_cache=False).loss, labelled.sum()
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[:, :-1][labelled])
         return torch.nn.functional.cross_entropy(logits.float(), labels[labelled]), labelled.sum()
 
@@ -256,7 +266,7 @@ class QLoRAModule(LightningModule):
             loss,
             prog_bar=True,
             on_step=True,
-            batch_size=batch["input_ids"].shape[0],
+            batch_size=examples_in(batch),
             sync_dist=self.trainer.world_size > 1,
         )
         return loss
@@ -281,7 +291,8 @@ class QLoRAModule(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start
-        tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
+        mask = batch.get("attention_mask")
+        tokens = (mask.sum().item() if mask is not None else batch["input_ids"].numel()) * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, batch_size=1)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
         if self.device.type == "cuda":

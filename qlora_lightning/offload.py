@@ -1,0 +1,151 @@
+"""Offloaded activation checkpointing: each checkpointed layer's input waits in pinned host memory, not on the GPU.
+
+With per-layer activation checkpointing (the paper's setting) what stays on the GPU between a layer's forward
+and its backward is that layer's input: one (tokens × hidden) tensor per decoder layer, 2 GiB at 7B for 16 × 512
+tokens. `offloaded_checkpoint` keeps it in pinned host memory instead:
+- forward runs the layer without saving anything for backward, and copies its input to the host on a side
+  stream, overlapped with the following layers' compute;
+- backward copies the input back, recomputes the layer with gradients and back-propagates through it; while a
+  layer is back-propagated, the input of the layer before it is already on its way back (prefetched on the side
+  stream), so the copies hide behind compute;
+- the random state (LoRA dropout) of the forward is restored for the recomputation, so it draws the same masks.
+On the CPU there is nothing to offload and the input simply stays where it is (the same arithmetic, which is what
+the tests compare with plain checkpointing).
+
+`model.enable_gradient_checkpointing(model, offload=True)` installs it; the LightningModule's
+`offload_activations` option turns it on.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["offloaded_checkpoint"]
+
+
+class _HostCopies:
+    """The offloaded inputs of one forward pass, in layer order, each with its copy-back prefetched ahead of need."""
+
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+        # forward order; backward takes them from the end. Weak: a forward whose graph is dropped without a
+        # backward (evaluation with gradients on) leaves nothing behind.
+        self.pending: list[weakref.ref[_Offloaded]] = []
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def push(self, saved: "_Offloaded") -> None:
+        self.pending = [ref for ref in self.pending if ref() is not None]
+        self.pending.append(weakref.ref(saved))
+
+    def pop_and_prefetch_previous(self, saved: "_Offloaded") -> None:
+        """Forget `saved` and start bringing back the input saved just before it (the next backward's)."""
+        live = [ref() for ref in self.pending]
+        if saved in live:
+            index = live.index(saved)
+            earlier = [s for s in live[:index] if s is not None]
+            if earlier:
+                earlier[-1].prefetch()
+            del self.pending[index]
+
+
+_copies = _HostCopies()
+
+
+class _Offloaded:
+    """One layer input: on the host (pinned) between forward and backward; back on its device when needed."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.device, self.requires_grad = tensor.device, tensor.requires_grad
+        self.on_device: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        if tensor.device.type != "cuda":
+            self.host = tensor.detach()  # nothing to offload to
+            return
+        stream = _copies.side_stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the input is written before it is copied
+        with torch.cuda.stream(stream):
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            self.host.copy_(tensor.detach(), non_blocking=True)
+        tensor.record_stream(stream)  # its memory is not reused before the copy is done
+
+    def prefetch(self) -> None:
+        """Start copying the input back to its device on the side stream (no-op if started, or off the GPU)."""
+        if self.on_device is not None or self.device.type != "cuda":
+            return
+        stream = _copies.side_stream(self.device)
+        with torch.cuda.stream(stream):
+            self.on_device = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def fetch(self) -> torch.Tensor:
+        """The input back on its device, ready for the compute stream."""
+        if self.device.type != "cuda":
+            return self.host
+        self.prefetch()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.ready)
+        self.on_device.record_stream(current)
+        tensor, self.on_device, self.host = self.on_device, None, None
+        return tensor
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, function: Callable, rng: dict[str, Any], hidden_states: torch.Tensor, *args: Any) -> Any:
+        ctx.function, ctx.rng, ctx.args = function, rng, args
+        ctx.saved = _Offloaded(hidden_states)
+        _copies.push(ctx.saved)
+        with torch.no_grad():
+            return function(hidden_states, *args)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        saved = ctx.saved
+        _copies.pop_and_prefetch_previous(saved)  # the previous layer's input comes back while this one computes
+        hidden_states = saved.fetch().detach().requires_grad_(saved.requires_grad)
+        with torch.random.fork_rng(devices=ctx.rng["devices"], device_type=ctx.rng["device_type"]):
+            _set_rng(ctx.rng)
+            with torch.enable_grad():
+                outputs = ctx.function(hidden_states, *ctx.args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [
+            (o, g) for o, g in zip(outputs, grad_outputs) if torch.is_tensor(o) and o.requires_grad and g is not None
+        ]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, hidden_states.grad, *([None] * len(ctx.args)))
+
+
+def _get_rng(device: torch.device) -> dict[str, Any]:
+    on_cuda = device.type == "cuda"
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if on_cuda else None,
+        "devices": [device] if on_cuda else [],
+        "device_type": device.type,
+        "device": device,
+    }
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], state["device"])
+
+
+def offloaded_checkpoint(function: Callable, hidden_states: torch.Tensor, *args: Any) -> Any:
+    """Run `function(hidden_states, *args)` (a decoder layer) as activation checkpointing does, keeping its input
+    in pinned host memory until backward (see the module docstring). Only `hidden_states` receives a gradient;
+    `args` are the layer's other positional inputs (none for transformers' decoder layers, which get the rest
+    bound into `function`). Called as transformers calls a checkpointing function."""
+    if not torch.is_grad_enabled():
+        return function(hidden_states, *args)
+    return _OffloadedLayer.apply(function, _get_rng(hidden_states.device), hidden_states, *args)

@@ -2,7 +2,9 @@
 
 Pipeline: load the source (`sources.py`) → pick the subset with a fixed seed (validation first, then up to
 `max_examples` training records; the same on every run and rank) → format, template and tokenize each
-record once, cached → length-grouped distributed sampler (`sampler.py`) → padding collator (`tokenize.py`).
+record once, cached → length-grouped distributed sampler (`sampler.py`) → collator (`tokenize.py`): padded rows,
+or with `padding_free` one packed row per micro-batch (still `batch_size` examples, so sampling and resume are the
+same).
 
 Resume: Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` on restore. The
 state is the training sampler's epoch and how many examples of it all ranks together consumed, counted from
@@ -87,7 +89,12 @@ class InstructionDataModule(L.LightningDataModule):
         eval_batch_size: validation micro-batch per device; no gradients, so it can match or exceed training's.
         group_by_length: batch examples of similar length (less padding, the paper's setting).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores); None
-            pads to the longest sequence only.
+            pads to the longest sequence only. With `padding_free` it rounds up the packed row's total length.
+        padding_free: put each micro-batch's examples end to end in one row, with `position_ids` restarting at 0
+            for each and no `attention_mask` (see `InstructionCollator`), so no compute goes to padding. False by
+            default: the padded batch is what every other tool produces and what PEFT/transformers' loss expects;
+            padding-free needs a model that reads `position_ids` (`QLoRAModule` does). Training, validation and
+            test batches take this layout; predict stays padded (it generates from one prompt per row).
         num_workers: DataLoader worker processes; 2 keeps collation off the training loop, which needs little.
         num_proc: processes that tokenize (only for 10k+ records); None uses one per CPU core, at most 8.
             The tokenizer itself runs on one core here (see BENCHMARKS.md), so processes are the parallelism.
@@ -117,6 +124,7 @@ class InstructionDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         group_by_length: bool = True,
         pad_to_multiple_of: int | None = 8,
+        padding_free: bool = False,
         num_workers: int = 2,
         num_proc: int | None = None,
         on_bad_record: Literal["error", "skip"] = "error",
@@ -151,10 +159,13 @@ class InstructionDataModule(L.LightningDataModule):
 
     @property
     def collator(self) -> InstructionCollator:
-        """The batch collator (right padding, labels masked on source and padding)."""
-        return InstructionCollator(
-            self.tokenizer.pad_token_id, self.hparams.train_on_source, self.hparams.pad_to_multiple_of
-        )
+        """The training, validation and test collator: right padding or, with `padding_free`, packed rows."""
+        return self._collator(self.hparams.padding_free)
+
+    def _collator(self, padding_free: bool) -> InstructionCollator:
+        """The collator of this data module's settings, in the given layout."""
+        h = self.hparams
+        return InstructionCollator(self.tokenizer.pad_token_id, h.train_on_source, h.pad_to_multiple_of, padding_free)
 
     def prepare_data(self) -> None:
         """Download and tokenize once per node (Lightning runs this on local rank 0 before `setup`)."""
@@ -234,25 +245,35 @@ class InstructionDataModule(L.LightningDataModule):
                     int(state["consumed"]),
                 )
         self._train_sampler = sampler
-        return self._loader(self.train_data, h.batch_size, sampler, loader_class=PositionedLoader)
+        return self._loader(self.train_data, h.batch_size, sampler, self.collator, loader_class=PositionedLoader)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order ([] when there is no validation data)."""
-        self._build()
-        if self.val_data is None:
-            return []
-        return self._loader(self.val_data, self.hparams.eval_batch_size, None)
+        return self._held_out(self.hparams.padding_free)
 
     def test_dataloader(self) -> DataLoader | list:
         """`test` scores the held-out split (loss, perplexity): instruction data has no separate test split."""
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader | list:
-        """`predict` answers the held-out prompts (the module generates from each row's unlabelled prefix)."""
-        return self.val_dataloader()
+        """`predict` answers the held-out prompts (the module generates from each row's unlabelled prefix), so its
+        batches are padded, one example per row, also with `padding_free`."""
+        return self._held_out(padding_free=False)
+
+    def _held_out(self, padding_free: bool) -> DataLoader | list:
+        """The validation data in a fixed order, padded or packed ([] when there is none)."""
+        self._build()
+        if self.val_data is None:
+            return []
+        return self._loader(self.val_data, self.hparams.eval_batch_size, None, self._collator(padding_free))
 
     def _loader(
-        self, data, batch_size: int, sampler: LengthGroupedSampler | None, loader_class: type[DataLoader] = DataLoader
+        self,
+        data,
+        batch_size: int,
+        sampler: LengthGroupedSampler | None,
+        collator: InstructionCollator,
+        loader_class: type[DataLoader] = DataLoader,
     ) -> DataLoader:
         workers = self.hparams.num_workers
         return loader_class(
@@ -260,7 +281,7 @@ class InstructionDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
-            collate_fn=self.collator,
+            collate_fn=collator,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -1,11 +1,12 @@
-"""Tokens and batches: source/target encoding with the QLoRA limits, and the padding collator.
+"""Tokens and batches: source/target encoding with the QLoRA limits, and the collator (padded or packed rows).
 
 Layout of one example (as in qlora.py): `[BOS?] source[:384] | target[:128]` where the target is the
 response followed by EOS. The source gets the special prefix the tokenizer itself adds to text (BOS for
 LLaMA, nothing for SmolLM2), never twice; chat templates write their own. EOS is part of the target's
 128 tokens: a response cut by the limit loses its EOS, so the model is never taught to stop mid-answer.
 Labels are -100 on the source (unless `train_on_source`) and on padding; padding is masked by position,
-never by token id, because pad may equal EOS and EOS must stay labelled.
+never by token id, because pad may equal EOS and EOS must stay labelled. A packed (padding-free) batch
+puts a micro-batch's examples end to end in one row instead (see `InstructionCollator`).
 """
 
 from __future__ import annotations
@@ -120,14 +121,34 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str
 
 
 class InstructionCollator:
-    """Pads rows of `input_ids`/`n_source` to the longest in the batch (optionally to a multiple of 8).
+    """Collates rows of `input_ids`/`n_source` into a batch: padded (one row per example) or packed.
 
-    Returns `input_ids`, `attention_mask` and `labels` (long tensors, right padding). `pad_to_multiple_of`
-    8 keeps shapes friendly to tensor cores; `train_on_source` false (the paper's default) masks the
-    source in the labels so that only the response (and its EOS) is learned.
+    Labels are the ids of the response (and its EOS), or of every token with `train_on_source` (false, the
+    paper's default, learns the response only), and `IGNORE_INDEX` elsewhere. All tensors are int64.
+
+    Padded (default): `input_ids`, `attention_mask` and `labels` of shape (examples, width), right padded to
+    the longest row, rounded up to a multiple of `pad_to_multiple_of` (8 keeps shapes friendly to tensor cores;
+    None pads to the longest row only).
+
+    Packed (`padding_free`): ONE row holding the examples end to end: `input_ids`, `position_ids` and `labels` of
+    shape (1, total), plus `num_examples` (shape (), how many examples the row holds, for examples/s). Positions
+    restart at 0 with every example and there is no `attention_mask`: from such position ids transformers builds a
+    block-diagonal causal mask, so no example attends to another (a mask of ones would defeat that, and so does a
+    KV cache, which transformers makes unless the model runs with `use_cache=False`). The loss predicts
+    `labels[t + 1]` from position t, so each example's first token is labelled `IGNORE_INDEX`, also with
+    `train_on_source`: no token is predicted from the end of the previous example. (The padded layout never uses a
+    row's first label either, so both layouts predict the same tokens from the same contexts.) `pad_to_multiple_of`
+    rounds up the total length: the end is filled with pad ids forming one more sequence (positions from 0, labels
+    ignored), so the shape stays tensor-core friendly and no example attends to the padding.
     """
 
-    def __init__(self, pad_token_id: int, train_on_source: bool = False, pad_to_multiple_of: int | None = 8):
+    def __init__(
+        self,
+        pad_token_id: int,
+        train_on_source: bool = False,
+        pad_to_multiple_of: int | None = 8,
+        padding_free: bool = False,
+    ):
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; load it with qlora_lightning.tokenizer.load_tokenizer")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -135,11 +156,22 @@ class InstructionCollator:
         self.pad_token_id = pad_token_id
         self.train_on_source = train_on_source
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
+
+    def _rounded(self, length: int) -> int:
+        """`length` rounded up to a multiple of `pad_to_multiple_of` (unchanged when None)."""
+        if self.pad_to_multiple_of:
+            return -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return length
+
+    def _label_start(self, row: dict) -> int:
+        """Index of the row's first labelled token."""
+        return 0 if self.train_on_source else int(row["n_source"])
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.padding_free:
+            return self._pack(rows)
+        width = self._rounded(max(len(r["input_ids"]) for r in rows))
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -148,6 +180,30 @@ class InstructionCollator:
             n = len(ids)
             input_ids[i, :n] = ids
             attention_mask[i, :n] = 1
-            start = 0 if self.train_on_source else int(row["n_source"])
+            start = self._label_start(row)
             labels[i, start:n] = ids[start:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _pack(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The packed layout (see the class docstring)."""
+        total = sum(len(r["input_ids"]) for r in rows)
+        width = self._rounded(total)
+        input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.empty((1, width), dtype=torch.long)
+        at = 0
+        for row in rows:
+            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            n = len(ids)
+            input_ids[0, at : at + n] = ids
+            position_ids[0, at : at + n] = torch.arange(n)
+            start = max(1, self._label_start(row))  # the first token is never predicted from the previous example
+            labels[0, at + start : at + n] = ids[start:]
+            at += n
+        position_ids[0, at:] = torch.arange(width - at)  # the padding: a sequence of its own
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "num_examples": torch.tensor(len(rows)),
+        }

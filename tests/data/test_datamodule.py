@@ -43,6 +43,16 @@ def setup_dm(**kw) -> InstructionDataModule:
     return dm
 
 
+def examples_of(batch) -> list[tuple[int, ...]]:
+    """The token ids of each example of a batch: a padded row's unmasked ids, or a packed row's sequences (split where
+    the positions restart at 0; the padding after the last example is left out)."""
+    if "attention_mask" in batch:
+        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    ids = batch["input_ids"][0].tolist()
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [len(ids)]
+    return [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])][: int(batch["num_examples"])]
+
+
 def decoded(dm, split="train"):
     data = dm.train_data if split == "train" else dm.val_data
     tok = dm.tokenizer
@@ -192,12 +202,28 @@ def test_ranks_get_equal_disjoint_shares_from_the_trainer(dm_args, write_jsonl, 
     shares = []
     for rank in range(2):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0, accumulate_grad_batches=1)
-        share = []
-        for b in dm.train_dataloader():
-            share += [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(b["input_ids"], b["attention_mask"])]
-        shares.append(share)
+        shares.append([example for b in dm.train_dataloader() for example in examples_of(b)])
     # full optimizer steps only: 23 // (4 × 2) = 2 steps of 8 examples, 4 to each rank
     assert len(shares[0]) == len(shares[1]) == 8 and not set(shares[0]) & set(shares[1])
+
+
+def test_padding_free_packs_each_micro_batch_but_predict(dm_args, write_jsonl, orca_records):
+    """With padding_free the training, validation and test loaders give one packed row per micro-batch: the padded
+    loader's examples in the same order with the same labelled tokens; predict keeps one padded row per prompt."""
+    args = {**dm_args, "dataset": str(write_jsonl(orca_records(22))), "val_size": 6}
+    padded, packed = setup_dm(**args), setup_dm(**args, padding_free=True)
+    pairs = list(zip(padded.train_dataloader(), packed.train_dataloader(), strict=True))
+    pairs += list(zip(padded.val_dataloader(), packed.val_dataloader(), strict=True))
+    pairs += list(zip(padded.test_dataloader(), packed.test_dataloader(), strict=True))
+    assert len(pairs) == 16 // 4 + 1 + 1
+    for rows, row in pairs:
+        assert set(row) == {"input_ids", "position_ids", "labels", "num_examples"}
+        assert row["input_ids"].shape[0] == 1 and row["input_ids"].shape[1] % 8 == 0
+        assert row["num_examples"] == rows["input_ids"].shape[0] and examples_of(row) == examples_of(rows)
+        assert (row["labels"][:, 1:] != -100).sum() == (rows["labels"][:, 1:] != -100).sum()
+    (expected,), (batch,) = padded.predict_dataloader(), packed.predict_dataloader()
+    assert batch.keys() == expected.keys() == {"input_ids", "attention_mask", "labels"}
+    assert all(torch.equal(batch[key], expected[key]) for key in batch) and batch["input_ids"].shape[0] == 6
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -422,7 +448,7 @@ def test_parallel_tokenization_equals_serial(dm_args, write_jsonl, orca_records,
 
 
 class Recorder(L.LightningModule):
-    """A toy model that records every training example it is given (as its unpadded token ids)."""
+    """A toy model that records every training example it is given (as its unpadded token ids; padded or packed)."""
 
     def __init__(self):
         super().__init__()
@@ -431,8 +457,8 @@ class Recorder(L.LightningModule):
         self.step_of: list[int] = []  # the optimizer step each example of `seen` went into
 
     def training_step(self, batch, batch_idx):
-        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-            self.seen.append(tuple(ids[mask.bool()].tolist()))
+        for example in examples_of(batch):
+            self.seen.append(example)
             self.step_of.append(self.trainer.global_step)
         x = batch["input_ids"].float().mean(dim=1, keepdim=True)
         return (self.lin(x / 1000) ** 2).mean()
@@ -495,11 +521,14 @@ def _steps(model):
 
 # 64 training examples / batch 4 = 16 batches per epoch; runs cover 2+ epochs and resume in epoch 0 or 1.
 @pytest.mark.parametrize(
-    "accumulate, save_every, resume_step, num_workers",
-    [(1, 5, 20, 0), (2, 3, 3, 0), (2, 3, 12, 2), (1, 16, 16, 0)],
-    ids=["mid-epoch1", "accumulate2-epoch0", "accumulate2-epoch1-workers", "epoch-boundary"],
+    "accumulate, save_every, resume_step, num_workers, padding_free",
+    [(1, 5, 20, 0, False), (2, 3, 3, 0, False), (2, 3, 12, 2, False), (1, 16, 16, 0, False), (2, 3, 12, 0, True)],
+    ids=["mid-epoch1", "accumulate2-epoch0", "accumulate2-epoch1-workers", "epoch-boundary", "padding-free"],
 )
-def test_resume_sees_exactly_the_remaining_batches(make_dm, tmp_path, accumulate, save_every, resume_step, num_workers):
+def test_resume_sees_exactly_the_remaining_batches(
+    make_dm, tmp_path, accumulate, save_every, resume_step, num_workers, padding_free
+):
+    make_dm = functools.partial(make_dm, padding_free=padding_free)
     total_steps = 40 // accumulate  # 40 batches: 2.5 epochs
     full = _fit(make_dm(num_workers=num_workers), tmp_path, "full", total_steps, accumulate)
     assert len(full) == 40 * 4 and len(set(full[:64])) == 64  # every example once per epoch

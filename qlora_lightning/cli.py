@@ -134,8 +134,8 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> QLoRAC
 
 def _extra_commands() -> dict[str, Callable]:
     from .eval.mmlu import evaluate_mmlu
+    from .export import export_model
     from .generate import generate_cli
-    from .merge import export_model
     from .plot import plot_loss
 
     return {"eval mmlu": evaluate_mmlu, "generate": generate_cli, "export": export_model, "plot-loss": plot_loss}

@@ -615,7 +615,7 @@ def save_gguf(
         base: hub id, folder or `builtin:` name of the base checkpoint; its safetensors are re-read.
         adapter: the adapter to merge (`adapters.read_adapter`).
         output: the `.gguf` file to write; its folder must exist.
-        gguf_type: "f16", "bf16", "q8_0" or "q4_0" (see `merge.export_model`).
+        gguf_type: "f16", "bf16", "q8_0" or "q4_0" (see `export.export_model`).
         template: the prompt format for the chat template and the Modelfile: "qlora" or "chat".
         from_quantized, quant, device: merge into dequantize(NF4(W)) instead (see `merge.save_merged`).
         overwrite: replace an existing file (and Modelfile).

@@ -23,7 +23,8 @@ from qlora_lightning.atomic import WriteError
 from qlora_lightning.data.formats import Example
 from qlora_lightning.data.templates import format_prompt, render_source
 from qlora_lightning.data.tokenize import encode_prompt
-from qlora_lightning.merge import GGUFType, export_model
+from qlora_lightning.export import export_model
+from qlora_lightning.merge import GGUFType
 from qlora_lightning.model import safetensors_shards, weights_fingerprint
 
 #: GGUF logits against the merged Hugging Face model's, both run in fp32 by transformers, as max |Δlogit| / max

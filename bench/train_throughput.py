@@ -213,6 +213,34 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+#: Kernel classes of a profiled step, first match wins (names as CUDA and Triton report them on Hopper).
+KERNEL_CLASSES = (
+    ("copies", ("memcpy", "memset")),  # host<->device (offloaded activations) and device copies
+    ("fused elementwise (compiled, Triton)", ("triton",)),  # first: inductor's names quote the ops they fuse
+    ("NF4 dequantization", ("dequantize",)),
+    ("optimizer", ("optimizer", "adam")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("GEMM", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "matmul", "::mm", "addmm", "bmm")),
+    ("reductions (eager)", ("reduce", "norm")),
+    ("elementwise (eager)", ("elementwise", "vectorized", "unrolled", "native")),
+)
+
+
+def kernel_classes(prof) -> dict[str, float]:
+    """Milliseconds of device time per kernel class in a profiled step (KERNEL_CLASSES; the rest is "other")."""
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        # Device time of kernels and copies; the host's runtime calls (cudaLaunchKernel, ...) have none. The CPU dry
+        # run profiles CPU operators instead.
+        ms = (event.self_device_time_total if DEVICE == "cuda" else event.self_cpu_time_total) / 1e3
+        if ms <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_CLASSES if any(w in name for w in words)), "other")
+        totals[kind] = totals.get(kind, 0.0) + ms
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: bool = False) -> dict:
     """QLoRAModule under a Lightning Trainer, as `fit` runs it; `packed` feeds it `packed_batch`es, `offload` turns
     on offload_activations."""
@@ -255,7 +283,10 @@ def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: 
 
         def on_train_batch_start(self, trainer, pl_module, batch, i):
             if args.profile and i == args.warmup:  # one profiled step, then timing as usual
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                activity = (
+                    torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+                )
+                self.prof = torch.profiler.profile(activities=[activity])
                 self.prof.__enter__()
             sync()
             self.t = time.perf_counter()
@@ -268,6 +299,7 @@ def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: 
             if self.prof is not None and i == args.warmup:
                 self.prof.__exit__(None, None, None)
                 extra["profile"] = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+                extra["kernel_ms"] = {"step (wall)": times[-1] * 1e3, **kernel_classes(self.prof)}
 
     data = batches(args, args.vocab, "cpu", packed=packed)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -566,6 +598,7 @@ def main() -> None:
         rows.append(summary(results))
         if rows[-1].get("profile"):
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
+            print("by class (ms):", json.dumps({k: round(v, 1) for k, v in rows[-1]["kernel_ms"].items()}))
     table = record(rows, args)
     print(table)
     for r in rows:

@@ -307,6 +307,17 @@ class QLoRAModule(LightningModule):
                 batch_size=1,
             )
 
+    def on_validation_epoch_start(self) -> None:
+        self._sum_losses_in_float32()
+
+    def on_test_epoch_start(self) -> None:
+        self._sum_losses_in_float32()
+
+    def _sum_losses_in_float32(self) -> None:
+        """Lightning's bf16-true and 16-true convert the whole module, the loss metric's sums too; a bf16 sum of a
+        hundred batches' losses and label counts is off by percents (its counts lose integers past 256)."""
+        self.val_loss.set_dtype(torch.float32)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, n_labelled = self.loss_on(batch)
         self.val_loss.update(loss, weight=n_labelled)

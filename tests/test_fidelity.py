@@ -324,3 +324,29 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path):
     assert check["complete"] and check["agreements"] == check["questions_compared"] == 57
     assert "| qlora | NF4 + double quant, float32 compute | qlora | 1 | 4 × 4 |" in (out / "fidelity.md").read_text()
     assert (tmp_path / "r.tar.gz").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_check_stopped_at_its_deadline_is_continued_by_the_next_call(tmp_path, monkeypatch):
+    """The scorer check of the full set takes more than one device call: a second call compares the questions the
+    first did not reach, and the sums equal one uninterrupted check's."""
+    spec = fidelity.load_experiment(fidelity.SMOKE)
+    base = fidelity.resolve_base(spec["base_model"], tmp_path / "work")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir(), parts.mkdir()
+    expected = fidelity.reference_check(base, spec, whole, deadline=None)
+
+    real = fidelity.independent_letter_logits
+    monkeypatch.setattr(  # the first call's deadline passes after 20 questions
+        fidelity, "independent_letter_logits", lambda b, j, picks, **kw: real(b, j, picks[:20], **kw)
+    )
+    first = fidelity.reference_check(base, spec, parts, deadline=None)
+    assert (first["questions_compared"], first["complete"]) == (20, False)
+    monkeypatch.setattr(fidelity, "independent_letter_logits", real)
+    second = fidelity.reference_check(base, spec, parts, deadline=None)
+    keys = ("questions_compared", "complete", "agreements", "correct_ours_on_compared", "correct_independent")
+    assert {k: second[k] for k in keys} == {k: expected[k] for k in keys} and expected["complete"]
+    assert second["calls"] == 2 and second["max_abs_logit_difference_centered"] == pytest.approx(
+        expected["max_abs_logit_difference_centered"], abs=1e-6
+    )
+    assert fidelity.reference_check(base, spec, parts, deadline=None)["calls"] == 1  # a complete check starts anew

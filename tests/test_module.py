@@ -283,3 +283,23 @@ def test_validate_then_fit_on_the_same_module(tiny_chat_llama_dir, tmp_path):
     t.fit(module, data)
     (after,) = t.validate(module, data)
     assert after["val/loss"] != before["val/loss"]
+
+
+def test_bf16_validation_loss_is_summed_in_float32(tiny_chat_llama_dir, tmp_path):
+    """Under `bf16-true` Lightning converts the whole module, the loss metric with it: a bf16 sum over the held-out
+    batches (label counts past 256 lose integers) was off by percents, as large as the differences the fidelity
+    experiment compares. The validation loss is the float64 mean of the batches' losses weighted by their labels."""
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    data.eval_batch_size = 1  # one batch per held-out record: many additions to the sums
+    module.quant = QuantSpec(compute_dtype="bfloat16")
+    t = L.Trainer(default_root_dir=tmp_path, precision="bf16-true", accelerator="cpu", logger=False)
+    t.enable_progress_bar = False
+    (val,) = t.validate(module, data)
+    total = count = 0.0
+    module.to("cpu")
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            loss, n = module.loss_on(batch)
+            total, count = total + float(loss) * int(n), count + int(n)
+    assert count > 256 and module.val_loss.mean_value.dtype == torch.float32
+    assert val["val/loss"] == pytest.approx(total / count, rel=1e-5)

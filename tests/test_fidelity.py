@@ -311,10 +311,13 @@ def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(sm
 
 
 @pytest.mark.slow
-def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs):
     """`bench/fidelity.py --smoke` with one seed: records, both arms through train.py's configs, eval losses,
-    MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive."""
-    fidelity.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", str(tmp_path / "r.tar.gz")])
+    MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive; with `--jobs 2`
+    the two arms train at once, each in its own process."""
+    archive = str(tmp_path / "r.tar.gz")
+    fidelity.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", archive, "--jobs", str(jobs)])
     out = tmp_path / "results"
     names = {p.name for p in out.iterdir()}
     assert {"fidelity.json", "fidelity.md", "loss.png", "reference_check.json", "experiment.json"} <= names
@@ -330,7 +333,9 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path):
     assert mmlu["questions"] == 57 and mmlu["adapter"].endswith("adapter") and mmlu["quantize"] == "nf4"
     check = report["reference_check"]
     assert check["complete"] and check["agreements"] == check["questions_compared"] == 57
-    assert "| qlora | NF4 + double quant, float32 compute | qlora | 1 | 4 × 4 |" in (out / "fidelity.md").read_text()
+    table = (out / "fidelity.md").read_text()
+    assert "| qlora | NF4 + double quant, float32 compute | qlora | 1 | 4 × 4 |" in table
+    assert qlora["runs_sharing_the_device"] == jobs and ("runs shared the device" in table) == (jobs > 1)
     assert (tmp_path / "r.tar.gz").stat().st_size > 0
 
 

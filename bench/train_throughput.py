@@ -10,8 +10,9 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
     python bench/train_throughput.py --shape 70b --stacks ours --batch 1 --devices 2 --strategy fsdp
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
-Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations) and `-packed`
-(padding-free batches, below), e.g. `ours-compiled-offload`; `peer` (the model
+Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
+(padding-free batches, below) and `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync`), e.g.
+`ours-compiled-offload`; `peer` (the model
 card's transformers + PEFT + bitsandbytes) and `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
 kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`). Each stack runs in its own
 subprocess, one after the other on the same card, so peaks do not mix and Unsloth's global patching of
@@ -58,11 +59,12 @@ from orca_shapes import example_lengths
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry run of the harness itself
-OURS_OPTIONS = ("compiled", "offload", "packed")  # compile_layers, offload_activations, padding-free batches
+# compile_layers, offload_activations, padding-free batches, qlora_lightning.optim.PagedAdamW32bitOneSync
+OURS_OPTIONS = ("compiled", "offload", "packed", "onesync")
 
 
 def ours_options(stack: str) -> set[str] | None:
-    """The options of an `ours[-compiled][-offload][-packed]` stack name (None for another stack)."""
+    """The options of an `ours[-compiled][-offload][-packed][-onesync]` stack name (None for another stack)."""
     name, *options = stack.split("-")
     return set(options) if name == "ours" and set(options) <= set(OURS_OPTIONS) else None
 
@@ -241,14 +243,20 @@ def kernel_classes(prof) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: bool = False) -> dict:
+def run_ours(
+    args, compile_layers: bool = False, packed: bool = False, offload: bool = False, onesync: bool = False
+) -> dict:
     """QLoRAModule under a Lightning Trainer, as `fit` runs it; `packed` feeds it `packed_batch`es, `offload` turns
-    on offload_activations."""
+    on offload_activations, `onesync` steps with `PagedAdamW32bitOneSync` (same settings as the default)."""
     import lightning as L
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
     from qlora_lightning.fsdp import QLoRAFSDPStrategy
+    from qlora_lightning.optim import PagedAdamW32bitOneSync
     from qlora_lightning.specs import LoraSpec, QuantSpec
+
+    def one_sync_adamw(params):  # the default optimizer's settings (module.paged_adamw)
+        return PagedAdamW32bitOneSync(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
     strategy = (
@@ -262,6 +270,7 @@ def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: 
         lora=LoraSpec(r=64, alpha=16, dropout=0.1),
         compile_layers=compile_layers,
         offload_activations=offload,
+        **({"optimizer": one_sync_adamw} if onesync else {}),
     )
     t0 = time.perf_counter()
     times, losses, counts = [], [], []
@@ -321,7 +330,16 @@ def run_ours(args, compile_layers: bool = False, packed: bool = False, offload: 
     )
     trainer.fit(module, train_dataloaders=loader)
     skip = args.warmup + (1 if args.profile else 0)
-    options = [o for o, on in (("compiled layers", compile_layers), ("offloaded", offload), ("packed", packed)) if on]
+    options = [
+        o
+        for o, on in (
+            ("compiled layers", compile_layers),
+            ("offloaded", offload),
+            ("packed", packed),
+            ("one sync", onesync),
+        )
+        if on
+    ]
     name = ", ".join(["ours", *options])
     if args.devices > 1:
         name += f", {args.devices} GPUs {args.strategy}" + (" + CPU offload" if args.cpu_offload else "")
@@ -450,7 +468,11 @@ def run_stack(args) -> dict:
         return run_unsloth(args)
     options = ours_options(args.only)
     return run_ours(
-        args, compile_layers="compiled" in options, packed="packed" in options, offload="offload" in options
+        args,
+        compile_layers="compiled" in options,
+        packed="packed" in options,
+        offload="offload" in options,
+        onesync="onesync" in options,
     )
 
 

@@ -1,0 +1,72 @@
+"""PagedAdamW32bitOneSync: bitwise bitsandbytes' PagedAdamW32bit, with one device synchronization per step."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from qlora_testing import requires_cuda
+
+from qlora_lightning.optim import PagedAdamW32bitOneSync
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def _adapters(device: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    """bf16 tensors shaped like a layer's LoRA A and B (r 8), and one left without a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 64), (64, 8), (8, 128), (64, 8), (8, 64)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device, torch.bfloat16)) for s in shapes]
+
+
+def _steps(optimizer_class, device: str, steps: int = 3):
+    params = _adapters(device)
+    optimizer = optimizer_class(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params[:-1]:  # the last one gets no gradient and must be skipped
+            p.grad = torch.randn(p.shape, generator=g).to(device, p.dtype)
+        optimizer.step()
+        optimizer.zero_grad()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_updates_are_bitwise_bitsandbytes(device):
+    theirs, their_optimizer = _steps(bnb.optim.PagedAdamW32bit, device)
+    ours, our_optimizer = _steps(PagedAdamW32bitOneSync, device)
+    for a, b in zip(theirs, ours):
+        assert torch.equal(a, b)
+    for a, b in zip(theirs[:-1], ours[:-1]):
+        mine, bnb_state = our_optimizer.state[b], their_optimizer.state[a]
+        assert mine["step"] == bnb_state["step"] == 3
+        assert torch.equal(mine["state1"], bnb_state["state1"]) and torch.equal(mine["state2"], bnb_state["state2"])
+    assert not our_optimizer.state[ours[-1]]  # no gradient, no state
+
+
+def test_a_checkpoint_of_either_loads_into_the_other():
+    theirs, their_optimizer = _steps(bnb.optim.PagedAdamW32bit, "cpu")
+    params = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    ours = PagedAdamW32bitOneSync(params, lr=2e-4)
+    ours.load_state_dict(their_optimizer.state_dict())
+    for p in params[:-1]:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    assert all(ours.state[p]["step"] == 4 for p in params[:-1])
+
+
+@requires_cuda
+def test_one_synchronization_per_step_on_the_gpu(monkeypatch):
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    counts = {}
+    for optimizer_class in (bnb.optim.PagedAdamW32bit, PagedAdamW32bitOneSync):
+        params, optimizer = _steps(optimizer_class, "cuda", steps=1)  # the first step allocates the paged states
+        for p in params[:-1]:
+            p.grad = torch.ones_like(p)
+        calls.clear()
+        optimizer.step()
+        counts[optimizer_class.__name__] = len(calls)
+    # bitsandbytes 0.50 waits after each of the 4 updates and once more
+    assert counts == {"PagedAdamW32bit": 5, "PagedAdamW32bitOneSync": 1}

@@ -334,13 +334,8 @@ def previous_check(path: Path, base: str, dtype: str, shots: int, questions: int
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
-    same = (done["model"], done["dtype"], done["shots"], done["questions_scored_by_ours"]) == (
-        base,
-        dtype,
-        shots,
-        questions,
-    )
-    if not same or done["complete"]:
+    identity = (done["model"], done["dtype"], done["shots"], done["questions_scored_by_ours"])
+    if identity != (base, dtype, shots, questions) or done["complete"]:
         return None
     for key in ("ours_on_compared", "independent"):  # files of the first version kept rates only
         done.setdefault(f"correct_{key}", round(done[f"accuracy_{key}"] * done["questions_compared"]))
@@ -848,12 +843,13 @@ def markdown(report: dict) -> str:
             f"{_fmt(peak, digits=2)}{'' if a['peak_gpu_mem_gib']['n'] else ' (host)'} |"
         )
     lines.append("")
+    sharing = max(a["runs_sharing_the_device"] for a in arms.values())
     lines.append(
         "Mean ± standard deviation over seeds (a value without ± was the same at every seed); eval loss: mean over "
         "the answer tokens of the held-out records; tokens/s: median over the logged steps after the first ten."
         + (
-            f" Up to {sharing} runs shared the device at once (`--jobs`): tokens/s are lower than a run alone reaches."
-            if (sharing := max(a["runs_sharing_the_device"] for a in arms.values())) > 1
+            f" Up to {sharing} runs shared the device at once (`--jobs`): tokens/s are lower than alone."
+            if sharing > 1
             else ""
         )
     )
@@ -931,7 +927,7 @@ def run_sharing_the_device(args, spec: dict, deadline: float | None, deadline_s:
     """Every (seed, arm) run in its own process, `args.jobs` at once: a 135M model leaves most of an H200 idle, so
     several runs share it in the time of one. Each child is this script with `--only arms --seeds s --arms a`;
     its output goes to `<work>/<arm>_seed<s>.log`. Returns each run's wall time."""
-    options = ["--experiment", args.experiment, "--work", args.work, "--out", args.out, "--arm-args", args.arm_args]
+    options = ["--experiment", args.experiment, "--work", args.work, "--out", args.out, f"--arm-args={args.arm_args}"]
     options += [x for c in args.config for x in ("--config", c)] + (["--base", args.base] if args.base else [])
     options += ["--smoke"] if args.smoke else []
     waiting = [(seed, arm) for seed in spec["seeds"] for arm in spec["arms"]]

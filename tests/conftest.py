@@ -4,6 +4,7 @@ test. Helpers that are not fixtures live in qlora_testing.py."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see qlora_lightning/cli.py
 
@@ -37,10 +38,12 @@ def smollm2_tokenizer():
     from qlora_testing import smollm2_gguf
     from transformers import AutoTokenizer
 
+    from qlora_lightning import builtin
+
     if folder := os.environ.get("QLORA_LIGHTNING_TEST_TOKENIZER"):
         return AutoTokenizer.from_pretrained(folder)
     folder, name = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return builtin.gguf_tokenizer(Path(folder) / name)  # special tokens as the file says (transformers 5.17 errs)
 
 
 @pytest.fixture(scope="session")

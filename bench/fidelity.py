@@ -922,10 +922,13 @@ def markdown(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the run
-def run_sharing_the_device(args, spec: dict, deadline: float | None, deadline_s: float | None, work: Path) -> dict:
+def run_sharing_the_device(
+    args, spec: dict, deadline: float | None, deadline_s: float | None, work: Path, finished
+) -> dict:
     """Every (seed, arm) run in its own process, `args.jobs` at once: a 135M model leaves most of an H200 idle, so
     several runs share it in the time of one. Each child is this script with `--only arms --seeds s --arms a`;
-    its output goes to `<work>/<arm>_seed<s>.log`. Returns each run's wall time."""
+    its output goes to `<work>/<arm>_seed<s>.log`. `finished()` is called after each run that ends well (the
+    report and archive, so that a call stopped at its limit keeps the runs done). Returns each run's wall time."""
     options = ["--experiment", args.experiment, "--work", args.work, "--out", args.out, f"--arm-args={args.arm_args}"]
     options += [x for c in args.config for x in ("--config", c)] + (["--base", args.base] if args.base else [])
     options += ["--smoke"] if args.smoke else []
@@ -955,6 +958,7 @@ def run_sharing_the_device(args, spec: dict, deadline: float | None, deadline_s:
             timings[f"{arm}_seed{seed}"] = round(time.monotonic() - start, 1)
             longest = max(longest, timings[f"{arm}_seed{seed}"])
             print(f"== {arm}, seed {seed}: done in {timings[f'{arm}_seed{seed}']:.0f} s", flush=True)
+            finished()
     return timings
 
 
@@ -1044,9 +1048,7 @@ def run(args) -> None:
             timings[f"mmlu_{arm}_base"] = round(time.perf_counter() - t, 1)
         archive()
     if "arms" in stages and args.jobs > 1:
-        timings.update(run_sharing_the_device(args, spec, deadline, deadline_s, work))
-        build_report(out)
-        archive()
+        timings.update(run_sharing_the_device(args, spec, deadline, deadline_s, work, lambda: (build_report(out), archive())))
     elif "arms" in stages:
         last = 0.0
         for seed in spec["seeds"]:

@@ -9,7 +9,8 @@ launches the same updates (bitsandbytes' own `init_state`, `prefetch_state` and 
 and synchronizes once at the end, which paging needs (paged states are moved asynchronously). Its results are
 bitwise those of `bitsandbytes.optim.PagedAdamW32bit` (tested), and checkpoints of either load into the other.
 
-Off by default until a GPU benchmark says what it saves; select it in a config with
+Measured on an H200 (BENCHMARKS.md, sixth run): 0.740 → 0.725 s per 7B step, 2 %, about the bench's run-to-run
+spread, so it is an option rather than a config default; select it in a config with
 `optimizer: {class_path: qlora_lightning.optim.PagedAdamW32bitOneSync, init_args: {lr: 2.0e-4}}`.
 """
 

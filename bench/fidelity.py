@@ -1048,7 +1048,9 @@ def run(args) -> None:
             timings[f"mmlu_{arm}_base"] = round(time.perf_counter() - t, 1)
         archive()
     if "arms" in stages and args.jobs > 1:
-        timings.update(run_sharing_the_device(args, spec, deadline, deadline_s, work, lambda: (build_report(out), archive())))
+        timings.update(
+            run_sharing_the_device(args, spec, deadline, deadline_s, work, lambda: (build_report(out), archive()))
+        )
     elif "arms" in stages:
         last = 0.0
         for seed in spec["seeds"]:

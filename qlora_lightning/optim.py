@@ -13,21 +13,24 @@ Measured on an H200 (BENCHMARKS.md, sixth run): 0.740 → 0.725 s per 7B step, 2
 spread, so it is an option rather than a config default; select it in a config with
 `optimizer: {class_path: qlora_lightning.optim.PagedAdamW32bitOneSync, init_args: {lr: 2.0e-4}}`.
 
-`states_on_host: true` also sends each paged state back to host memory right after its update, so that between
-optimizer steps the card holds none of the 32-bit Adam states (6.6 GB for the 830 M LoRA parameters of 70B at
-r 64: what keeps 70B from fitting 42 GiB of a 48 GB card). Paging would move them out only under memory pressure,
-after they had already taken the card's room. The cost is two transfers of the states per optimizer step, which
-gradient accumulation amortizes (70b.yaml steps once per 64 micro-batches).
+`states_on_host: true` keeps the 32-bit Adam states in pinned host memory and brings each parameter's states to
+the card only for its update, so that the card never holds more than one parameter's (the 830 M LoRA parameters
+of 70B at r 64 have 6.6 GB of them: what keeps 70B from fitting 42 GiB of a 48 GB card). Paging would move them
+out only under memory pressure, after they had taken the card's room; and bitsandbytes' own move to the host
+(`functional.prefetch_tensor(to_cpu=True)`) asks CUDA about device -1 and fails. The cost is two transfers of the
+states per optimizer step, which gradient accumulation amortizes (70b.yaml steps once per 64 micro-batches).
 """
 
 from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes import functional as F
 from bitsandbytes.utils import sync_gpu
 
 __all__ = ["PagedAdamW32bitOneSync"]
+
+#: The per-parameter states that `states_on_host` keeps in host memory (Adam's two moments).
+HOST_STATES = ("state1", "state2")
 
 
 class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
@@ -36,9 +39,9 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
     Overrides `step` (and adds one argument); `step` is the one place that relies on bitsandbytes' optimizer internals (read on 0.50; the test
     against bitsandbytes' own step catches a release that changes them).
 
-    `states_on_host`: move each paged state to host memory after its update (off: paging leaves them on the card).
-    Only paged states move: bitsandbytes pages those of tensors with at least 100,000 elements, and none on a CPU.
-    The other arguments are bitsandbytes' (`lr`, `betas`, `eps`, `weight_decay`, ...), with its defaults.
+    `states_on_host`: keep the states in pinned host memory between updates (above; off by default, as paging
+    is the paper's). The other arguments are bitsandbytes' (`lr`, `betas`, `eps`, `weight_decay`, ...), with its
+    defaults.
     """
 
     def __init__(self, params, *, states_on_host: bool = False, **kwargs) -> None:
@@ -63,17 +66,36 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
                 if not self.state[p]:
                     self.init_state(group, p, gindex, pindex)
                 self.prefetch_state(p)
-                self.update_step(group, p, gindex, pindex)
                 if self.states_on_host:
-                    self._page_out(p)
+                    self._update_from_host(group, p, gindex, pindex)
+                else:
+                    self.update_step(group, p, gindex, pindex)
                 updated = p
         if updated is not None:
-            sync_gpu(updated)  # once: paged states are brought in and written back asynchronously
+            sync_gpu(updated)  # once: paged or host states are brought in and written back asynchronously
         return loss
 
-    def _page_out(self, p: torch.Tensor) -> None:
-        """Queue the move of `p`'s paged states to host memory, after its update on the same stream."""
-        for key in ("state1", "state2"):
-            state = self.state[p].get(key)
-            if getattr(state, "is_paged", False):
-                F.prefetch_tensor(state, to_cpu=True)
+    def get_state_buffer(self, p, dtype=torch.float32):
+        """bitsandbytes' state buffer, or with `states_on_host` a pinned host one for a parameter on a GPU."""
+        if not self.states_on_host or p.device.type == "cpu":
+            return super().get_state_buffer(p, dtype)
+        return torch.zeros(p.shape, dtype=dtype, pin_memory=True)
+
+    def _update_from_host(self, group, p, gindex, pindex) -> None:
+        """bitsandbytes' update of `p` on its device, its states copied there from host memory and back after,
+        both copies queued on the current stream behind the update (the step's one synchronization waits)."""
+        state = self.state[p]
+        keys = [k for k in HOST_STATES if k in state]
+        for k in keys:  # states loaded from a checkpoint arrive on the parameter's device: to the host, once
+            if p.device.type != "cpu" and state[k].device.type != "cpu":
+                state[k] = state[k].cpu().pin_memory()
+        host = {k: state[k] for k in keys}
+        for k in keys:
+            state[k] = host[k].to(p.device, non_blocking=True)
+        try:
+            self.update_step(group, p, gindex, pindex)
+        finally:
+            for k in keys:
+                if state[k] is not host[k]:
+                    host[k].copy_(state[k], non_blocking=True)
+                state[k] = host[k]

@@ -110,20 +110,48 @@ def test_states_on_host_changes_no_update(device):
 @requires_cuda
 @pytest.mark.parametrize("states_on_host", [False, True])
 def test_states_on_host_leave_the_card_between_steps(states_on_host):
-    """Two 64 M-element adapters: 1 GiB of paged 32-bit states. Paging leaves them on the card after a step; with
-    `states_on_host` the card's free memory after the step is what it was before the states existed."""
+    """Two 64 M-element adapters: 1 GiB of 32-bit states. Paging leaves them on the card after a step; with
+    `states_on_host` they are in pinned host memory and the card's free memory after the step is what it was
+    before they existed."""
     params = [torch.nn.Parameter(torch.zeros(2**26, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
     optimizer = PagedAdamW32bitOneSync(params, lr=1e-4, states_on_host=states_on_host)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info()[0]
     for _ in range(2):
         optimizer.step()
+    torch.cuda.empty_cache()  # the per-parameter copies' blocks go back to the card
     taken = free_before - torch.cuda.mem_get_info()[0]
-    assert all(getattr(optimizer.state[p]["state1"], "is_paged", False) for p in params)
+    states = [optimizer.state[p][k] for p in params for k in ("state1", "state2")]
     if states_on_host:
+        assert all(s.device.type == "cpu" and s.is_pinned() for s in states)
         assert taken < 2**27, f"{taken / 2**20:.0f} MiB of the card still taken after the step"
     else:
+        assert all(getattr(s, "is_paged", False) for s in states)
         assert taken > 2**29, f"only {taken / 2**20:.0f} MiB taken: paging no longer keeps the states on the card"
     assert torch.equal(params[0], params[1]) and float(params[0][0]) < 0  # the updates happened
+
+
+@requires_cuda
+def test_host_states_resume_from_a_checkpoint_as_an_uninterrupted_run():
+    """A state dict saved by an optimizer with host states and loaded into a new one (whose states then arrive on
+    the parameter's device) goes on exactly as the run that was not interrupted, with its states back on the host."""
+
+    def host_adamw(params, **kw):
+        return PagedAdamW32bitOneSync(params, states_on_host=True, **kw)
+
+    straight, _ = _steps(host_adamw, "cuda", steps=3)
+    params, first = _steps(host_adamw, "cuda", steps=2)
+    saved = first.state_dict()
+    resumed = host_adamw(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    resumed.load_state_dict(saved)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the third step's gradients, as _steps draws them
+        grads = [torch.randn(p.shape, generator=g).to("cuda", p.dtype) for p in params[:-1]]
+    for p, grad in zip(params[:-1], grads):
+        p.grad = grad
+    resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(straight, params))
+    assert all(resumed.state[p]["state1"].device.type == "cpu" for p in params[:-1])

@@ -365,7 +365,7 @@ def run_ours(
         devices=args.devices,
         accumulate_grad_batches=args.accumulate,
         strategy=strategy,
-        max_steps=args.warmup + args.steps,
+        max_steps=(args.warmup + args.steps) // args.accumulate,  # optimizer steps: one pass over the batches
         precision="bf16-true",
         gradient_clip_val=0.3,
         plugins=[AtomicCheckpointIO()],

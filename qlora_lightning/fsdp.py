@@ -52,6 +52,24 @@ def check_shardable(quant: QuantSpec) -> None:
         )
 
 
+def check_optimizer(optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose state FSDP cannot gather into a checkpoint: 8-bit states (block-wise constants
+    beside the tensors) and `states_on_host` (host tensors, which the GPUs' collectives cannot gather; FSDP already
+    shards the states over the ranks, and `cpu_offload: true` keeps them in host memory)."""
+    name = type(optimizer).__name__
+    if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
+        raise ValueError(
+            f"{name}: 8-bit optimizer states cannot be gathered by FSDP; use a 32-bit optimizer (the paper's paged "
+            "AdamW 32-bit) under FSDP"
+        )
+    if getattr(optimizer, "states_on_host", False):
+        raise ValueError(
+            f"{name}(states_on_host=True) is not supported under FSDP: its host states cannot be gathered into a "
+            "checkpoint. FSDP shards the optimizer states over the GPUs already; `cpu_offload: true` in the "
+            "strategy keeps them in host memory"
+        )
+
+
 def _units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
     """(name without FSDP's wrapper levels, unit) of every FSDP unit, in the same order on every rank."""
     for name, module in model.named_modules():
@@ -142,6 +160,13 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             )
         super().__init__(*args, **kwargs)
 
+    def setup_optimizers(self, trainer) -> None:
+        """Lightning's set-up, then `check_optimizer` on each: a setting FSDP cannot checkpoint fails before the
+        first step, not at the first checkpoint."""
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            check_optimizer(optimizer)
+
     def load_units_with(self, materialize: Callable[[nn.Module], None]) -> None:
         """Have FSDP give each shard unit's modules their tensors with `materialize` just before sharding that
         unit (FSDP's `param_init_fn`), for a model left on the meta device: `QLoRAModule.configure_model` passes
@@ -154,13 +179,8 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
         bitsandbytes' `state_dict` hides its moments from FSDP in a nested dict, which FSDP then fails to
         merge across ranks; torch's own `state_dict` of the same optimizer shows them as the per-shard
-        tensors FSDP knows how to gather. 8-bit states (block-wise constants) cannot be gathered: an error.
+        tensors FSDP knows how to gather (`check_optimizer` refused at set-up what it cannot).
         """
-        if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
-            raise ValueError(
-                f"{type(optimizer).__name__}: 8-bit optimizer states cannot be gathered by FSDP; use a "
-                "32-bit optimizer (the paper's paged AdamW 32-bit) under FSDP"
-            )
         with _full_state_dict_type(self.model, rank0_only=True, device=self.root_device):
             state = FSDP.optim_state_dict(self.model, optimizer, optim_state_dict=Optimizer.state_dict(optimizer))
             if self.global_rank == 0:

@@ -205,7 +205,16 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
 
 
 @pytest.mark.slow
-def test_8bit_optimizer_state_under_fsdp_is_a_clear_error(tiny_chat_llama_dir, tmp_path):
+@pytest.mark.parametrize(
+    "optimizer, said",
+    [
+        ({}, "PagedAdamW8bit: 8-bit optimizer states cannot be gathered by FSDP"),
+        ({"model__optimizer__states_on_host": "true"}, "PagedAdamW32bitOneSync(states_on_host=True) is not supported"),
+    ],
+)
+def test_an_optimizer_fsdp_cannot_checkpoint_is_a_clear_error_before_training(
+    tiny_chat_llama_dir, tmp_path, optimizer, said
+):
     args = cli_args(
         tiny_chat_llama_dir,
         tmp_path,
@@ -214,7 +223,10 @@ def test_8bit_optimizer_state_under_fsdp_is_a_clear_error(tiny_chat_llama_dir, t
         trainer__devices=1,
         config=REPO / "configs" / "fsdp.yaml",
         model__quant__quant_storage="float32",
-        model__optimizer="bitsandbytes.optim.PagedAdamW8bit",
+        model__optimizer=(
+            "qlora_lightning.optim.PagedAdamW32bitOneSync" if optimizer else "bitsandbytes.optim.PagedAdamW8bit"
+        ),
+        **optimizer,
     )
     done = subprocess.run(
         [sys.executable, str(REPO / "tests" / "fsdp_cpu_train.py")] + args[2:],
@@ -224,7 +236,8 @@ def test_8bit_optimizer_state_under_fsdp_is_a_clear_error(tiny_chat_llama_dir, t
         timeout=300,
     )
     assert done.returncode != 0
-    assert "PagedAdamW8bit: 8-bit optimizer states cannot be gathered by FSDP" in done.stderr
+    assert said in done.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and "train/loss" not in done.stdout + done.stderr  # before any step
 
 
 @pytest.mark.slow

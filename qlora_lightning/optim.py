@@ -17,7 +17,8 @@ spread, so it is an option rather than a config default; select it in a config w
 the card only for its update, so that the card never holds more than one parameter's (the 830 M LoRA parameters
 of 70B at r 64 have 6.6 GB of them: what keeps 70B from fitting 42 GiB of a 48 GB card). Paging would move them
 out only under memory pressure, after they had taken the card's room; and bitsandbytes' own move to the host
-(`functional.prefetch_tensor(to_cpu=True)`) asks CUDA about device -1 and fails. The cost is two transfers of the
+(`functional.prefetch_tensor(to_cpu=True)`) passes device -1 to `cudaDeviceGetAttribute` (its 0.50 source), which
+CUDA refuses. The cost is two transfers of the
 states per optimizer step, which gradient accumulation amortizes (70b.yaml steps once per 64 micro-batches).
 """
 
@@ -36,8 +37,8 @@ HOST_STATES = ("state1", "state2")
 class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
     """`bitsandbytes.optim.PagedAdamW32bit` (same arguments and defaults) with one device synchronization per step.
 
-    Overrides `step` (and adds one argument); `step` is the one place that relies on bitsandbytes' optimizer internals (read on 0.50; the test
-    against bitsandbytes' own step catches a release that changes them).
+    Overrides `step`, and `get_state_buffer` for `states_on_host`: the places that rely on bitsandbytes' optimizer
+    internals (read on 0.50; the tests against bitsandbytes' own step catch a release that changes them).
 
     `states_on_host`: keep the states in pinned host memory between updates (above; off by default, as paging
     is the paper's). The other arguments are bitsandbytes' (`lr`, `betas`, `eps`, `weight_decay`, ...), with its

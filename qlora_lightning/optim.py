@@ -18,8 +18,8 @@ the card only for its update, so that the card never holds more than one paramet
 of 70B at r 64 have 6.6 GB of them: what keeps 70B from fitting 42 GiB of a 48 GB card). Paging would move them
 out only under memory pressure, after they had taken the card's room; and bitsandbytes' own move to the host
 (`functional.prefetch_tensor(to_cpu=True)`) passes device -1 to `cudaDeviceGetAttribute` (its 0.50 source), which
-CUDA refuses. The cost is two transfers of the
-states per optimizer step, which gradient accumulation amortizes (70b.yaml steps once per 64 micro-batches).
+CUDA refuses. The cost is two transfers of the states per optimizer step, which gradient accumulation amortizes
+(70b.yaml steps once per 64 micro-batches).
 """
 
 from __future__ import annotations

@@ -41,9 +41,11 @@ Run one after another, the six training runs take about 15 minutes on an H200 (a
 one 115-145 s, each with its adapter's full MMLU), more than one call may last: give call B `--skip-done` and
 repeat it on the warm machine (--out stays there) until every run is in; each call trains what is missing, and
 the deadline (480 s, or --deadline-s) keeps it from starting a run that would outlast the call. `--jobs N` trains
-N runs at once, each in its own process (a run peaked at 17.6 GiB), with tokens/s then measured under sharing,
-which the table says; whether sharing is faster is not known yet: six at once beside the scorer check had not
-finished one run after 290 s (2026-11-30), and a call stopped at its limit loses the runs still going. The
+N runs at once, each in its own process, spread over the visible GPUs: on the two-GPU kind (nvidia-h200-x2),
+`--jobs 2` trains one run per GPU, unshared, and the six fit about one call. Past one run per GPU they share a
+card (a run peaked at 17.6 GiB), with tokens/s then measured under sharing, which the table says; six at once on
+one H200 beside the scorer check had not finished one run after 290 s (2026-11-30), and a call stopped at its
+limit loses the runs still going. The
 scorer check of the whole set (14,042 questions, about 8 minutes of the independent scorer) continues an
 unfinished check in --out across calls (`--only reference`; unpack the last archive there first).
 
@@ -526,10 +528,20 @@ def answer_letter_loss(module, data, device) -> float:
 
 
 def train_arm(
-    arm: str, seed: int, spec: dict, base: str, records: dict, work: Path, out: Path, arm_args: list, sharing: int = 1
+    arm: str,
+    seed: int,
+    spec: dict,
+    base: str,
+    records: dict,
+    work: Path,
+    out: Path,
+    arm_args: list,
+    sharing: int = 1,
+    own_cache: bool = False,
 ) -> dict:
     """One training run through train.py's CLI (configs only), its eval loss before and after, then MMLU.
-    `sharing`: how many runs share the device at once (`--jobs`); each then tokenizes into its own cache."""
+    `sharing`: how many runs share its device at once (`--jobs`), recorded beside tokens/s; `own_cache`: tokenize
+    into a cache of its own, for runs that go at the same time (`--jobs`), which would otherwise write one file."""
     import torch
 
     from qlora_lightning.cli import run_lightning_cli
@@ -549,7 +561,7 @@ def train_arm(
         "--data.val_dataset",
         str(records["held_out"]),
         "--data.cache_dir",
-        str(work / "data_cache" / (f"{arm}_seed{seed}" if sharing > 1 else "")),
+        str(work / "data_cache" / (f"{arm}_seed{seed}" if own_cache else "")),
         "--trainer.default_root_dir",
         str(root),
         *arm_args,
@@ -934,13 +946,27 @@ def already_done(args, arm: str, seed: int) -> bool:
     return done
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as `CUDA_VISIBLE_DEVICES` entries for a child (none on the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(torch.cuda.device_count())])[: torch.cuda.device_count()]
+
+
 def run_sharing_the_device(
     args, spec: dict, deadline: float | None, deadline_s: float | None, work: Path, finished
 ) -> dict:
     """Every (seed, arm) run in its own process, `args.jobs` at once: a 135M model leaves most of an H200 idle, so
-    several runs share it in the time of one. Each child is this script with `--only arms --seeds s --arms a`;
-    its output goes to `<work>/<arm>_seed<s>.log`. `finished()` is called after each run that ends well (the
-    report and archive, so that a call stopped at its limit keeps the runs done). Returns each run's wall time."""
+    several runs share it in the time of one. With several GPUs visible, each child is given the one that runs the
+    fewest (`CUDA_VISIBLE_DEVICES`), so `--jobs` equal to the GPU count trains one run per GPU, unshared. Each child
+    is this script with `--only arms --seeds s --arms a`; its output goes to `<work>/<arm>_seed<s>.log`.
+    `finished()` is called after each run that ends well (the report and archive, so that a call stopped at its
+    limit keeps the runs done). Returns each run's wall time."""
+    devices = visible_gpus()
+    per_device = -(-args.jobs // max(len(devices), 1))  # what each run's tokens/s are shared with, at most
     options = ["--experiment", args.experiment, "--work", args.work, "--out", args.out, f"--arm-args={args.arm_args}"]
     options += [x for c in args.config for x in ("--config", c)] + (["--base", args.base] if args.base else [])
     options += ["--smoke"] if args.smoke else []
@@ -954,12 +980,19 @@ def run_sharing_the_device(
                 continue
             log = work / f"{arm}_seed{seed}.log"
             command = [sys.executable, __file__, "--only", "arms", "--seeds", str(seed), "--arms", arm, *options]
+            env, gpu = dict(os.environ), None
+            if devices:
+                gpu = min(devices, key=lambda d: sum(r[3] == d for r in running.values()))
+                env["CUDA_VISIBLE_DEVICES"] = gpu
             with open(log, "w") as f:
-                child = subprocess.Popen([*command, "--jobs-child", str(args.jobs)], stdout=f, stderr=subprocess.STDOUT)
-            running[(seed, arm)] = (child, time.monotonic(), log)
-            print(f"== {arm}, seed {seed}: started (log {log})", flush=True)
+                child = subprocess.Popen(
+                    [*command, "--jobs-child", str(per_device)], stdout=f, stderr=subprocess.STDOUT, env=env
+                )
+            running[(seed, arm)] = (child, time.monotonic(), log, gpu)
+            where = f" on GPU {gpu}" if gpu is not None else ""
+            print(f"== {arm}, seed {seed}: started{where} (log {log})", flush=True)
         time.sleep(1)
-        for (seed, arm), (child, start, log) in list(running.items()):
+        for (seed, arm), (child, start, log, _) in list(running.items()):
             if child.poll() is None:
                 continue
             del running[(seed, arm)]
@@ -1005,7 +1038,7 @@ def run(args) -> None:
     records = {"train": work / "records" / "train.jsonl", "held_out": work / "records" / "held_out.jsonl"}
     if args.jobs_child:  # one run of a --jobs parent, which wrote the records and experiment.json
         (arm,), (seed,) = list(spec["arms"]), spec["seeds"]
-        train_arm(arm, seed, spec, base, records, work, out, arm_args, sharing=args.jobs_child)
+        train_arm(arm, seed, spec, base, records, work, out, arm_args, sharing=args.jobs_child, own_cache=True)
         return
     counts = {
         "train": write_records(mmlu, train_subjects, records["train"], spec["records"].get("train_per_subject")),
@@ -1242,7 +1275,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--archive", default=None, help="also write the results folder as this .tar.gz")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="training runs at once, each its own process sharing the device"
+        "--jobs",
+        type=int,
+        default=1,
+        help="training runs at once, each its own process, spread over the visible GPUs (sharing them past one each)",
     )
     parser.add_argument(
         "--skip-done",

@@ -4,6 +4,7 @@ independent one-question-at-a-time scorer on the real SmolLM2."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from importlib import metadata
@@ -347,6 +348,35 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs, capsys):
     said = capsys.readouterr().out
     assert "== qlora, seed 0: skipped, its results are in" in said and "lora16, seed 0: skipped" in said
     assert {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")} == runs and len(runs) == 2
+
+
+def test_jobs_spread_over_the_visible_gpus_one_run_each(tmp_path, monkeypatch):
+    """With two GPUs and `--jobs 2`, the two runs that go at once get one GPU each (`CUDA_VISIBLE_DEVICES`) and
+    record that nothing shared their device; a third job per two GPUs would share one."""
+    started = []
+
+    class Child:
+        returncode = 0
+
+        def __init__(self, command, env, **_):
+            started.append((env["CUDA_VISIBLE_DEVICES"], command[command.index("--jobs-child") + 1]))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(fidelity, "visible_gpus", lambda: ["3", "5"])
+    monkeypatch.setattr(fidelity.subprocess, "Popen", Child)
+    monkeypatch.setattr(fidelity.time, "sleep", lambda s: None)
+    spec = {"seeds": [0, 1], "arms": {"qlora": [], "lora16": []}}
+    args = argparse.Namespace(
+        experiment="e.yaml", work=str(tmp_path), out=str(tmp_path), arm_args="", config=[], base=None, smoke=False,
+        skip_done=False, jobs=2,
+    )  # fmt: skip
+    timings = fidelity.run_sharing_the_device(args, spec, None, None, tmp_path, lambda: None)
+    assert len(timings) == 4 and started == [("3", "1"), ("5", "1")] * 2
+    started.clear()
+    fidelity.run_sharing_the_device(argparse.Namespace(**{**vars(args), "jobs": 3}), spec, None, None, tmp_path, list)
+    assert [gpu for gpu, _ in started[:3]] == ["3", "5", "3"] and {n for _, n in started} == {"2"}
 
 
 @pytest.mark.slow

@@ -307,7 +307,9 @@ def run_ours(
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
     strategy = (
-        QLoRAFSDPStrategy(sharding_strategy="FULL_SHARD", cpu_offload=args.cpu_offload)
+        QLoRAFSDPStrategy(
+            sharding_strategy="FULL_SHARD", cpu_offload=args.cpu_offload, forward_prefetch=not args.no_forward_prefetch
+        )
         if args.strategy == "fsdp"
         else args.strategy
     )
@@ -394,6 +396,7 @@ def run_ours(
     name = ", ".join(["ours", *options])
     if args.devices > 1:
         name += f", {args.devices} GPUs {args.strategy}" + (" + CPU offload" if args.cpu_offload else "")
+        name += " without forward prefetch" if args.no_forward_prefetch else ""
     return {
         "stack": name,
         "rank": trainer.global_rank,
@@ -643,6 +646,12 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer and Unsloth always run on one)")
     p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto", help="Lightning strategy for ours")
     p.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp: keep the shards in host memory")
+    p.add_argument(
+        "--no-forward-prefetch",
+        action="store_true",
+        help="with --strategy fsdp: turn off QLoRAFSDPStrategy's forward_prefetch (the next unit's all-gather "
+        "during this one's forward), to measure the plain path",
+    )
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
     p.add_argument(
         "--accumulate",
@@ -689,6 +698,7 @@ def main() -> None:
     for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "devices", "accumulate"):
         options += [f"--{name}", str(getattr(args, name))]
     options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
+    options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
     rows = []
     for stack in stacks:

@@ -35,7 +35,7 @@ def test_policy_wraps_decoder_layers_and_frozen_bases_apart(tiny_llama_dir):
     assert decoder_layer_policy(model, recurse=True, nonwrapped_numel=0)  # always look inside
 
 
-def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
+def _fsdp_rank(rank: int, folder: str, port: int, results, forward_prefetch: bool) -> None:
     """One of 2 CPU processes: FSDP (FULL_SHARD, gloo) against the unwrapped model on the same batch."""
     import os
 
@@ -76,6 +76,7 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
         use_orig_params=True,
         device_id=torch.device("cpu"),
         param_init_fn=deferred.materialize,
+        forward_prefetch=forward_prefetch,
     )
     load_adapters(wrapped, ref)
     loss = wrapped(input_ids=ids, labels=ids).loss
@@ -112,14 +113,16 @@ def _fsdp_rank(rank: int, folder: str, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_llama_dir):
+@pytest.mark.parametrize("forward_prefetch", [False, True])
+def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_llama_dir, forward_prefetch):
     """Sharded (2 gloo ranks), loaded unit by unit from the meta device: same loss and gradients as the
     model loaded whole and unwrapped, no gradient buffers for frozen units, and the adapters gathered on
-    rank 0 and loaded back into the shards exactly."""
+    rank 0 and loaded back into the shards exactly; with and without forward prefetch (the strategy's default)."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
+    port = 29517 + forward_prefetch
     torch.multiprocessing.start_processes(
-        _fsdp_rank, args=(str(tiny_llama_dir), 29517, results), nprocs=2, start_method="spawn"
+        _fsdp_rank, args=(str(tiny_llama_dir), port, results, forward_prefetch), nprocs=2, start_method="spawn"
     )
     r = results.get(timeout=10)
     assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-6)
@@ -155,6 +158,7 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     strategy = cli.trainer.strategy
     assert isinstance(strategy, QLoRAFSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"] is decoder_layer_policy and strategy.kwargs["use_orig_params"]
+    assert strategy.kwargs["forward_prefetch"]
     assert cli.model.quant.quant_storage == cli.model.quant.compute_dtype == "bfloat16"
     assert not cli.model.compile_layers
     assert cli.model.lora.r == 64  # the 70B recipe itself is untouched

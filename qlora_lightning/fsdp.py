@@ -68,8 +68,9 @@ def check_optimizer(optimizer: Optimizer) -> None:
     if getattr(optimizer, "states_on_host", False):
         raise ValueError(
             f"{name}(states_on_host=True) is not supported under FSDP: its host states cannot be gathered into a "
-            "checkpoint. FSDP shards the optimizer states over the GPUs already; `cpu_offload: true` in the "
-            "strategy keeps them in host memory"
+            "checkpoint. FSDP shards the optimizer states over the GPUs already: set "
+            "`--model.optimizer.init_args.states_on_host false` (70b.yaml turns it on for one GPU); "
+            "`cpu_offload: true` in the strategy keeps the shards in host memory"
         )
 
 

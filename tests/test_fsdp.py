@@ -14,6 +14,7 @@ from qlora_lightning.adapters import is_adapter_key
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.fsdp import (
     QLoRAFSDPStrategy,
+    check_optimizer,
     check_shardable,
     decoder_layer_policy,
     gather_adapters,
@@ -148,6 +149,8 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
             str(REPO / "configs" / "70b.yaml"),
             "--config",
             str(REPO / "configs" / "fsdp.yaml"),
+            "--model.optimizer.init_args.states_on_host",
+            "false",  # the README's FSDP line: 70b.yaml keeps the states on the host for one GPU
             "--trainer.accelerator",
             "cpu",
             "--trainer.default_root_dir",
@@ -162,6 +165,9 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     assert cli.model.quant.quant_storage == cli.model.quant.compute_dtype == "bfloat16"
     assert not cli.model.compile_layers
     assert cli.model.lora.r == 64  # the 70B recipe itself is untouched
+    optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
+    assert not optimizer.states_on_host and optimizer.defaults["lr"] == 1e-4
+    check_optimizer(optimizer)  # what FSDP can checkpoint
 
 
 def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:

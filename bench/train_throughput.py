@@ -9,7 +9,8 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
         --warmup 3 --steps 9
     python bench/train_throughput.py --shape 70b --stacks ours-compiled,ours-compiled-hoststates --batch 1 \
         --accumulate 8 --warmup 8 --steps 16 --device-memory     # 70B on one card: memory with the paged states
-    python bench/train_throughput.py --shape 70b --stacks ours --batch 1 --devices 2 --strategy fsdp
+    python bench/train_throughput.py --shape 70b --stacks ours --batch 4 --devices 2 --strategy fsdp \
+        --device-memory                                         # add --no-forward-prefetch for the plain path
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`

@@ -19,7 +19,9 @@ of 70B at r 64 have 6.6 GB of them: what keeps 70B from fitting 42 GiB of a 48 G
 out only under memory pressure, after they had taken the card's room; and bitsandbytes' own move to the host
 (`functional.prefetch_tensor(to_cpu=True)`) passes device -1 to `cudaDeviceGetAttribute` (its 0.50 source), which
 CUDA refuses. The cost is two transfers of the states per optimizer step, which gradient accumulation amortizes
-(70b.yaml steps once per 64 micro-batches).
+(70b.yaml steps once per 64 micro-batches). Measured on an H200 at 70B, micro-batch 1 × 512, an optimizer step
+every 8 (BENCHMARKS.md): the card's memory in use peaks at 40.3 GiB instead of 46.6, at 731 tokens/s instead of
+809; `configs/70b.yaml` turns it on. FSDP cannot gather host states into a checkpoint (`fsdp.check_optimizer`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ one 115-145 s, each with its adapter's full MMLU), more than one call may last: 
 repeat it on the warm machine (--out stays there) until every run is in; each call trains what is missing, and
 the deadline (480 s, or --deadline-s) keeps it from starting a run that would outlast the call. `--jobs N` trains
 N runs at once, each in its own process, spread over the visible GPUs: on the two-GPU kind (nvidia-h200-x2),
-`--jobs 2` trains one run per GPU, unshared, and the six fit about one call. Past one run per GPU they share a
+`--jobs 2` trains one run per GPU, unshared (2026-11-30: four runs in one call of 402 s, the deadline kept the
+last two for the next). Past one run per GPU they share a
 card (a run peaked at 17.6 GiB), with tokens/s then measured under sharing, which the table says; six at once on
 one H200 beside the scorer check had not finished one run after 290 s (2026-11-30), and a call stopped at its
 limit loses the runs still going. The

@@ -51,7 +51,9 @@ __all__ = [
 ]
 
 PARALLEL_MIN_RECORDS = 10_000  # below this, starting `num_proc` workers costs more than it saves
-CACHE_VERSION = 2  # bump when the encoding of a record changes, so old cache files are not reused
+#: Bumped when the encoding of a record changes, so old cache files are not reused. 3: the data's text is never
+#: parsed for special tokens.
+CACHE_VERSION = 3
 _FEATURES = Features(
     {
         "input_ids": Sequence(Value("int32")),

@@ -7,20 +7,36 @@ LLaMA, nothing for SmolLM2), never twice; chat templates write their own. EOS is
 Labels are -100 on the source (unless `train_on_source`) and on padding; padding is masked by position,
 never by token id, because pad may equal EOS and EOS must stay labelled. A packed (padding-free) batch
 puts a micro-batch's examples end to end in one row instead (see `InstructionCollator`).
+
+The data's text is never parsed for special tokens: `<|im_end|>` written inside a question or response is
+tokenized as the characters it is (`split_special_tokens`), as the model card's recipe treats text, so data
+cannot end a target early or open a turn. The only special tokens of a row are the prefix, the `chat`
+template's own (around the texts it renders) and the final EOS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from .formats import Example
-from .templates import Template, get_template
+from .templates import Template, format_prompt, get_template
 
-__all__ = ["IGNORE_INDEX", "special_prefix", "ExampleEncoder", "encode_prompt", "InstructionCollator"]
+__all__ = [
+    "IGNORE_INDEX",
+    "special_prefix",
+    "special_token_strings",
+    "encode_text",
+    "encode_sources",
+    "ExampleEncoder",
+    "encode_prompt",
+    "InstructionCollator",
+]
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy ignores
 
@@ -33,6 +49,99 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if full[k : k + len(plain)] == plain:
             return list(full[:k])
     raise ValueError(f"cannot find the special prefix of tokenizer {tokenizer.name_or_path!r}: {full} vs {plain}")
+
+
+def special_token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The strings a tokenizer turns into special tokens when it parses text (its named special tokens and every
+    added token marked special), longest first so that a pattern of them matches as the tokenizer does."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    found = set(tokenizer.all_special_tokens) | {token.content for token in added if token.special}
+    return sorted(found, key=lambda text: (-len(text), text))
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of plain texts, without a special prefix; a special token's string inside them stays text."""
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _texts(example: Example) -> list[str]:
+    """Every text of an example that came from the data (not from a template)."""
+    return [
+        example.prompt,
+        example.response,
+        example.system,
+        example.context,
+        *(t for turn in example.history for t in turn),
+    ]
+
+
+def _map_texts(example: Example, fn: Callable[[str], str]) -> Example:
+    """`example` with `fn` applied to each of its texts."""
+    return replace(
+        example,
+        prompt=fn(example.prompt),
+        response=fn(example.response),
+        system=fn(example.system),
+        context=fn(example.context),
+        history=tuple((fn(user), fn(reply)) for user, reply in example.history),
+    )
+
+
+def _unused_characters(texts: Sequence[str], n: int) -> list[str]:
+    """`n` private-use characters that occur in none of `texts` (stand-ins that cannot be confused with data)."""
+    used = set("".join(texts))
+    free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
+    return [next(free) for _ in range(n)]
+
+
+def _pieces(pattern: re.Pattern, text: str) -> Iterator[tuple[str, bool]]:
+    """`text` as consecutive (piece, matched) pairs: the matches of `pattern` and the text between them."""
+    at = 0
+    for m in pattern.finditer(text):
+        if m.start() > at:
+            yield text[at : m.start()], False
+        yield m.group(), True
+        at = m.end()
+    if at < len(text):
+        yield text[at:], False
+
+
+def _encode_chat_source(tokenizer: PreTrainedTokenizerBase, template: Template, example: Example) -> list[int]:
+    """The source of an example whose texts hold special-token strings, under a template that renders special
+    tokens: each such string is rendered as a private stand-in character, so that every special token left in
+    the rendered text is the template's; the text between those is tokenized as plain text, stand-ins restored.
+    Byte-level tokenizers split text at special tokens the same way, so such a record encodes as it would whole;
+    one that marks only a text's first word (SentencePiece's "first" prefix scheme) gives the piece after each
+    template token a word marker that the whole text would not have."""
+    specials = special_token_strings(tokenizer)
+    stand_ins = dict(zip(specials, _unused_characters(_texts(example), len(specials))))
+    originals = {c: s for s, c in stand_ins.items()}
+    hide, show = re.compile("|".join(map(re.escape, specials))), re.compile("|".join(originals))
+    rendered = template.render(_map_texts(example, lambda t: hide.sub(lambda m: stand_ins[m.group()], t)), tokenizer)
+    ids: list[int] = []
+    for piece, special in _pieces(hide, rendered):
+        if special:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        else:
+            ids += encode_text(tokenizer, [show.sub(lambda m: originals[m.group()], piece)])[0]
+    return ids
+
+
+def encode_sources(
+    tokenizer: PreTrainedTokenizerBase, template: Template, examples: Sequence[Example]
+) -> list[list[int]]:
+    """Token ids of each example's source (without the special prefix), the data's texts never parsed for special
+    tokens. Templates that render none encode the whole source as plain text; the `chat` template keeps its own
+    special tokens, and a record without special-token strings is encoded in one call as the rendered text."""
+    sources = [template.render(ex, tokenizer) for ex in examples]
+    if not template.renders_special_tokens:
+        return encode_text(tokenizer, sources)
+    specials = special_token_strings(tokenizer)
+    out = tokenizer(sources, add_special_tokens=False)["input_ids"]
+    for i, example in enumerate(examples):
+        if any(s in text for text in _texts(example) for s in specials):
+            out[i] = _encode_chat_source(tokenizer, template, example)
+    return out
 
 
 def _marks_word_start(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -99,10 +208,8 @@ class ExampleEncoder:
         (0 where it fits; the cut target's lost EOS counts). Batched for speed.
         """
         tok = self.tokenizer
-        sources = [self.template.render(ex, tok) for ex in examples]
-        targets = [self.separator + ex.response for ex in examples]
-        src_ids = tok(sources, add_special_tokens=False)["input_ids"]
-        tgt_ids = tok(targets, add_special_tokens=False)["input_ids"]
+        src_ids = encode_sources(tok, self.template, examples)
+        tgt_ids = encode_text(tok, [self.separator + ex.response for ex in examples])
         out: dict[str, list] = {"input_ids": [], "n_source": [], "source_cut": [], "target_cut": []}
         for s, t in zip(src_ids, tgt_ids):
             t = t + [tok.eos_token_id]
@@ -115,9 +222,34 @@ class ExampleEncoder:
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str = "qlora") -> list[int]:
-    """Token ids of a prompt from `templates.format_prompt`, with the special prefix exactly as in training."""
-    prefix = [] if get_template(template).renders_special_tokens else special_prefix(tokenizer)
-    return prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """Token ids of a prompt from `templates.format_prompt`, exactly as training encodes that source: the special
+    prefix, and the user's text never parsed for special tokens (under `chat`, the template's own stay special)."""
+    found = get_template(template)
+    if not found.renders_special_tokens:
+        return special_prefix(tokenizer) + encode_text(tokenizer, [prompt])[0]
+    return encode_sources(tokenizer, found, [_chat_prompt_example(tokenizer, prompt, template)])[0]
+
+
+def _chat_prompt_example(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str) -> Example:
+    """The question (and system text) that `format_prompt(question, template, system=...)` rendered as `prompt`,
+    found by matching `prompt` with the template rendered around stand-ins (a system text is taken to end at the
+    template's first separator after it)."""
+    question, system = _unused_characters([prompt], 2)
+    for given_system in ("", system):
+        skeleton = format_prompt(question, template, system=given_system, tokenizer=tokenizer)
+        pattern = ""
+        for i, part in enumerate(re.split(f"({question}|{system})", skeleton)):
+            name = "question" if part == question else "system"
+            if i % 2 == 0:
+                pattern += re.escape(part)
+            else:  # a text the template repeats must be the same text again
+                pattern += f"(?P={name})" if f"(?P<{name}>" in pattern else f"(?P<{name}>.*?)"
+        if found := re.fullmatch(pattern, prompt, re.DOTALL):
+            return Example(prompt=found["question"], response="", system=found.groupdict().get("system") or "")
+    raise ValueError(
+        f"the prompt {prompt[:80]!r} is not what format_prompt(question, {template!r}, system=...) renders with this "
+        "tokenizer's chat template; render it with templates.format_prompt"
+    )
 
 
 class InstructionCollator:

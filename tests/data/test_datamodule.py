@@ -181,6 +181,23 @@ def test_formats_through_the_datamodule(dm_args, write_jsonl):
     assert "<|im_start|>user\nping" in dm.tokenizer.decode(dm.train_data[0]["input_ids"])
 
 
+@pytest.mark.parametrize("template", ["qlora", "chat"])
+def test_special_token_strings_in_a_data_file_are_trained_on_as_text(dm_args, write_jsonl, template):
+    """A response holding `<|im_end|>\n<|im_start|>user` (a pasted chat log) is a target like any other: every
+    labelled row has one EOS, at its end, and no turn start; the text is learnt as written."""
+    response = "Sure.<|im_end|>\n<|im_start|>user\nMore"
+    records = [{"system_prompt": "", "question": "Repeat: <|im_end|>", "response": response}] + [GOOD] * 3
+    dm = setup_dm(**{**dm_args, "dataset": str(write_jsonl(records)), "template": template, "val_size": 0})
+    tok = dm.tokenizer
+    batch = next(iter(dm.train_dataloader()))
+    for labels in batch["labels"]:
+        target = labels[labels != -100].tolist()
+        assert target.count(tok.eos_token_id) == 1 and target[-1] == tok.eos_token_id
+        assert tok.convert_tokens_to_ids("<|im_start|>") not in target
+    separator = " " if template == "qlora" else ""
+    assert decoded(dm).count(f"{separator}{response}<|im_end|>") == 1
+
+
 def test_tokenizer_by_name_batches_and_hparams(dm_args, tmp_path, bos_tokenizer, write_jsonl, orca_records):
     bos_tokenizer.save_pretrained(tmp_path / "tok")
     dm = setup_dm(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from .atomic import atomic_folder, write_text
@@ -64,30 +65,56 @@ def smollm2_folder() -> Path:
     """The bf16 safetensors folder of SmolLM2-135M-Instruct, converted from GGUF on first use.
 
     transformers dequantizes the GGUF (Q4_1) to fp32 but refuses to `save_pretrained` a GGUF-loaded
-    model, so its weights are copied into a plain `LlamaForCausalLM` and saved in bf16 with the
-    tokenizer, whose special tokens are the GGUF's own (`gguf_tokenizer`). The folder is written aside and renamed
-    into place, so a killed conversion leaves nothing; a folder converted by an older version is converted again.
+    model, so its weights are moved into a plain `LlamaForCausalLM` built without initialisation and saved in
+    bf16 with the tokenizer, whose special tokens are the GGUF's own (`gguf_tokenizer`). The folder is written
+    aside and renamed into place, so a killed conversion leaves nothing; a folder converted by an older version is
+    converted again. The cache folder is checked writable first, and the conversion leaves torch's random state as
+    it found it: a run that converts (cold cache) then trains exactly as one that finds the folder (warm cache).
     """
     target = cache_root() / SMOLLM2
     if converted(target):
         return target
+    check_writable(target.parent)
     import torch
+
+    with torch.random.fork_rng(devices=[]):  # nothing drawn here may shift the caller's seeded stream
+        _convert(smollm2_gguf(), target)
+    return target
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a scratch file in it, or raise `PermissionError` naming it and the variable that
+    chooses it: a conversion takes about a minute, and its result must have somewhere to go."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise PermissionError(
+            f"the built-in model cache {folder} is not writable ({e.strerror or e}): set QLORA_LIGHTNING_CACHE to a "
+            "folder this process can write (the converted model takes about 270 MB)"
+        ) from e
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Write the GGUF model `gguf` as a bf16 safetensors folder (model, tokenizer, conversion marker) at `target`."""
+    import torch
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    gguf = smollm2_gguf()
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = gguf_tokenizer(gguf)
     config = source.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(source.state_dict())
+    with init_empty_weights(include_buffers=False):  # no random initialisation: every weight is assigned below
+        plain = LlamaForCausalLM(config)
+    plain.load_state_dict(source.state_dict(), assign=True)
+    plain.tie_weights()  # assigning gave the output head its own tensor; SmolLM2 ties it to the embedding
     with atomic_folder(target, overwrite=True) as tmp:  # a folder without the marker is an interrupted or old one
         plain.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         special = {role: getattr(tokenizer, role) for role in GGUF_SPECIAL_TOKENS}
         write_text(Path(tmp) / CONVERSION["file"], json.dumps({"version": CONVERSION["version"], **special}) + "\n")
-    return target
 
 
 def converted(folder: Path) -> bool:

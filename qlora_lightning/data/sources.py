@@ -14,11 +14,14 @@ the cache answers `Truncation` too. Parallel workers die with the main process (
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -70,6 +73,31 @@ class BadRecordError(ValueError):
     """A record of the data cannot be used; the message names the file (or dataset), line or row, and field."""
 
 
+class CacheWriteError(OSError):
+    """The data cache could not be written (a full disk, a file-size limit); the message names the folder."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file (or dataset) of a source, for messages: its first row in the source's dataset, its name, and how
+    its rows are counted: "jsonl" (lines, from 1), "json" (records of one JSON array, from 0), "table" (rows, from 0).
+    """
+
+    start: int
+    label: str
+    kind: str
+
+    def where(self, row: int) -> str:
+        """Name the source's dataset row `row` the way the user would look for it in this file."""
+        at = row - self.start
+        return f"{self.label}: " + {"jsonl": f"line {at + 1}", "json": f"record {at}", "table": f"row {at}"}[self.kind]
+
+
+def _where(parts: tuple[Part, ...], row: int) -> str:
+    """The file and line (record, row) of the source's dataset row `row`."""
+    return parts[bisect.bisect_right([part.start for part in parts], row) - 1].where(row)
+
+
 @dataclass
 class RawSource:
     """A loaded source: `dataset` rows, the usable `rows` (blank JSONL lines excluded), how to name things."""
@@ -77,9 +105,10 @@ class RawSource:
     dataset: Dataset
     rows: np.ndarray
     label: str  # the file, folder or hub name, for messages
-    kind: str  # "jsonl" (a `text` column, one JSON document per line), "json" (one per record) or "table"
+    kind: str  # "table" (a column per field) or "text" (a `text` column, one JSON document per record)
     identity: str  # what the cache key uses to recognise this exact data
     bad_rows: dict[int, str] = field(default_factory=dict)  # dataset row → why it is unusable (non-UTF-8 lines)
+    parts: tuple[Part, ...] = ()  # the files the rows come from, in order (one for a single file)
 
 
 @dataclass(frozen=True)
@@ -116,11 +145,6 @@ class Truncation:
         return f"{self.source.describe('source', self.examples)}, {self.target.describe('target', self.examples)}"
 
 
-def _where(kind: str, row: int) -> str:
-    """Name a row the way the user would look for it: JSONL line (from 1), JSON record or table row (from 0)."""
-    return {"jsonl": f"line {row + 1}", "json": f"record {row}", "table": f"row {row}"}[kind]
-
-
 def cache_root(cache_dir: str | None) -> Path:
     """The folder that caches loaded and tokenized data (`cache_dir`, else the datasets cache), checked writable.
 
@@ -136,6 +160,33 @@ def cache_root(cache_dir: str | None) -> Path:
             "used when data.cache_dir is unset) to a folder this process can write"
         ) from e
     return root
+
+
+def _write_failure(error: BaseException) -> OSError | None:
+    """The failed write (a full disk or quota, a file-size limit) behind `error`, if one is: `datasets` wraps it."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def _writing_cache(root: Path, what: str) -> Iterator[None]:
+    """Report a failed write of the data cache in `root` as what it is (`CacheWriteError`), not as bad data."""
+    try:
+        yield
+    except Exception as e:
+        if (failure := _write_failure(e)) is None:
+            raise
+        try:
+            free = f"{shutil.disk_usage(root).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CacheWriteError(
+            f"cannot write the data cache in {root} while {what}: {failure.strerror or failure} ({free}); free disk "
+            "space, raise the file-size limit (ulimit -f), or set data.cache_dir to a folder on another disk"
+        ) from e
 
 
 def _dataset_identity(ds: Dataset) -> str:
@@ -209,52 +260,122 @@ def _load_json_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str, di
     return datasets.load_dataset(**lines, encoding_errors="replace"), "jsonl", _undecodable_lines(path)
 
 
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+JSON_TYPES = (".jsonl", ".json")
+
+
+def _read_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str, dict[int, str]]:
+    """One local data file → (dataset, how its rows are counted: "jsonl", "json" or "table", bad rows)."""
+    if path.stat().st_size == 0:
+        raise BadRecordError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
+    root = cache_root(cache_dir)
+    try:
+        with _writing_cache(root, f"reading {path}"):
+            if suffix in JSON_TYPES:
+                return _load_json_file(path, cache_dir)
+            if suffix == ".csv":
+                # every cell is text (an answer "42" must not become an int, nor "NA" a null); empty cells are null
+                return (
+                    Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])),
+                    "table",
+                    {},
+                )
+            return (
+                datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir),
+                "table",
+                {},
+            )
+    except (BadRecordError, CacheWriteError):
+        raise
+    except Exception as e:  # pyarrow/pandas errors do not name the file
+        raise BadRecordError(f"{path}: cannot be read as {suffix[1:]}: {e}") from e
+
+
+def _read_json_files(files: list[Path], cache_dir: str | None) -> tuple[Dataset, tuple[Part, ...], dict[int, str]]:
+    """Several JSON / JSON Lines files read as one file each is (line by line, nothing coerced), end to end: the
+    dataset's `text` column, which file each row is from, and the bad rows."""
+    pieces, parts, bad_rows, start = [], [], {}, 0
+    for path in files:
+        ds, kind, bad = _read_file(path, cache_dir)
+        pieces.append(ds.select_columns(["text"]))
+        parts.append(Part(start, str(path), kind))
+        bad_rows |= {start + row: problem for row, problem in bad.items()}
+        start += len(ds)
+    return datasets.concatenate_datasets(pieces), tuple(parts), bad_rows
+
+
+def _split_files(folder: Path, split: str, cache_dir: str | None) -> list[Path]:
+    """The data files of `split` in a local folder laid out like a hub dataset repository, as `load_dataset` finds
+    them (`train.jsonl`, `data/train-*.jsonl`, ...)."""
+    try:
+        found = datasets.load_dataset_builder(str(folder), cache_dir=cache_dir).config.data_files or {}
+    except Exception as e:
+        raise ValueError(f"{folder}: cannot find the data files of this dataset folder: {e}") from e
+    if split not in found:
+        raise ValueError(f"{folder}: no split {split!r}; splits: {', '.join(map(str, found)) or 'none found'}")
+    return [Path(f) for f in found[split]]
+
+
+def _read_saved(folder: Path, split: str) -> Dataset:
+    """A folder written by `save_to_disk` (one dataset, or a DatasetDict of which `split` is taken)."""
+    loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{folder}: no split {split!r}; splits: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
+def _read_repository(name: str, split: str, cache_dir: str | None) -> Dataset:
+    """`split` of a hub dataset (or of a local folder of files other than JSON) through `datasets.load_dataset`."""
+    with _writing_cache(cache_root(cache_dir), f"loading dataset {name!r}"):
+        try:
+            return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+        except Exception as e:  # a failed write of the cache is reported by `_writing_cache`, from this error's cause
+            raise ValueError(f"cannot load dataset {name!r} (split {split!r}) with datasets.load_dataset: {e}") from e
+
+
+def _check_json_lines(ds: Dataset, rows: np.ndarray, parts: tuple[Part, ...]) -> None:
+    """Stop at once when no line of a JSON Lines source is a JSON object: a text file named `.jsonl` is reported as
+    such (its first line named), not later as a count of records too small for the validation split."""
+    text = ds.data.column("text").take(rows)
+    if pc.any(pc.starts_with(pc.utf8_ltrim_whitespace(text), "{")).as_py():
+        return
+    first = int(rows[0])
+    raise BadRecordError(
+        f"{_where(parts, first)}: not a JSON object: {text[0].as_py()[:60]!r}; a JSON Lines file holds one JSON object "
+        "(a record, {...}) per line"
+    )
+
+
 def load_source(name: str, split: str = "train", cache_dir: str | None = None) -> RawSource:
-    """Load `name`: `bundled:<name>`, a local file, a `save_to_disk` folder, else `load_dataset(name, split)`."""
+    """Load `name`: `bundled:<name>`, a local file, a `save_to_disk` folder, a local folder laid out like a hub
+    dataset (its JSON files of `split` read as single files are), else `load_dataset(name, split)` (the hub)."""
     path = resolve_bundled(name) if name.startswith("bundled:") else Path(name).expanduser()
     cache_root(cache_dir)
     bad_rows: dict[int, str] = {}
     if path.is_file():
-        if path.stat().st_size == 0:
-            raise BadRecordError(f"{path}: the file is empty")
-        suffix = path.suffix.lower()
-        if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
-            raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
-        try:
-            if suffix in (".jsonl", ".json"):
-                ds, kind, bad_rows = _load_json_file(path, cache_dir)
-            elif suffix == ".csv":
-                # every cell is text (an answer "42" must not become an int, nor "NA" a null); empty cells are null
-                ds, kind = (
-                    Dataset.from_pandas(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])),
-                    "table",
-                )
-            else:
-                ds, kind = (
-                    datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir),
-                    "table",
-                )
-        except BadRecordError:
-            raise
-        except Exception as e:  # pyarrow/pandas errors do not name the file
-            raise BadRecordError(f"{path}: cannot be read as {suffix[1:]}: {e}") from e
-        label, identity = str(path), _file_identity(path)
+        ds, kind, bad_rows = _read_file(path, cache_dir)
+        label, identity, parts = str(path), _file_identity(path), (Part(0, str(path), kind),)
     elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{path}: no split {split!r}; splits: {', '.join(loaded)}")
-            loaded = loaded[split]
-        ds, kind, label, identity = loaded, "table", str(path), _dataset_identity(loaded)
-    elif path.suffix.lower() in (".jsonl", ".json", ".parquet", ".csv"):
+        ds = _read_saved(path, split)
+        label, identity, parts = str(path), _dataset_identity(ds), (Part(0, str(path), "table"),)
+    elif path.suffix.lower() in FILE_TYPES:
         raise FileNotFoundError(f"dataset file {name!r} does not exist")
     else:  # a dataset repository: a hub id, or a local folder laid out like one (data files named by split)
-        try:
-            ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
-        except Exception as e:
-            raise ValueError(f"cannot load dataset {name!r} (split {split!r}) with datasets.load_dataset: {e}") from e
-        kind, label, identity = "table", f"{name} (split {split})", _dataset_identity(ds)
-    if kind == "jsonl":
+        label = f"{name} (split {split})"
+        files = _split_files(path, split, cache_dir) if path.is_dir() else []
+        if files and all(f.suffix.lower() in JSON_TYPES for f in files):
+            ds, parts, bad_rows = _read_json_files(files, cache_dir)
+            identity = json.dumps([_file_identity(f) for f in files])
+        else:
+            ds = _read_repository(name, split, cache_dir)
+            identity, parts = _dataset_identity(ds), (Part(0, label, "table"),)
+    kind = "table" if parts[0].kind == "table" else "text"
+    if kind == "text":  # blank lines are no records (and keep the numbering of the others)
         text = ds.data.column("text")
         rows = np.flatnonzero(
             pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
@@ -263,7 +384,9 @@ def load_source(name: str, split: str = "train", cache_dir: str | None = None) -
         rows = np.arange(len(ds))
     if len(rows) == 0:
         raise BadRecordError(f"{label}: no records")
-    return RawSource(ds, rows, label, kind, identity, bad_rows)
+    if any(part.kind == "jsonl" for part in parts):
+        _check_json_lines(ds, rows, parts)
+    return RawSource(ds, rows, label, kind, identity, bad_rows, parts)
 
 
 def pick_subset(n: int, seed: int, max_examples: int | None, val_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +459,7 @@ def _encode_batch(
     *,
     encoder: ExampleEncoder,
     format: str,
-    label: str,
+    parts: tuple[Part, ...],
     kind: str,
     rows: np.ndarray,
     bad_rows: dict[int, str],
@@ -350,7 +473,7 @@ def _encode_batch(
     examples, owners, errors = [], [], {}
     for j, (i, record) in enumerate(zip(indices, records)):
         row = int(rows[i])
-        where = f"{label}: {_where(kind, row)}"
+        where = _where(parts, row)
         try:
             if row in bad_rows:
                 raise RecordError(None, bad_rows[row])
@@ -428,9 +551,9 @@ def encode_split(
     procs = num_proc if num_proc and num_proc > 1 and len(rows) >= PARALLEL_MIN_RECORDS else None
     subset = source.dataset.select(rows)
     fn_kwargs = dict(
-        encoder=encoder, format=format, label=source.label, kind=source.kind, rows=rows, bad_rows=source.bad_rows
+        encoder=encoder, format=format, parts=source.parts, kind=source.kind, rows=rows, bad_rows=source.bad_rows
     )
-    with _children_die_with_this_process():
+    with _children_die_with_this_process(), _writing_cache(folder, f"tokenizing {source.label}"):
         encoded = subset.map(
             _encode_batch,
             batched=True,

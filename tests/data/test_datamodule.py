@@ -6,6 +6,9 @@ import functools
 import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,6 +313,80 @@ def test_bytes_that_are_not_utf8_name_the_line(dm_args, tmp_path, lines_before):
     array.write_bytes(b"[\n" + b",\n".join(records) + b"\n]\n")
     with pytest.raises(BadRecordError, match=re.escape(f"{array}: line {lines_before + 2}: not UTF-8 text: byte 0xe9")):
         setup_dm(**{**dm_args, "dataset": str(array), "val_size": 0, "on_bad_record": "skip"})
+
+
+def test_a_text_file_named_jsonl_is_named_as_not_json(dm_args, write_jsonl):
+    """Lines that are no JSON were reported as "val_size must be smaller than the number of records"."""
+    path = write_jsonl(["Hello there.", "", "Some notes, not JSON."])
+    problem = f"{path}: line 1: not a JSON object: 'Hello there.'; a JSON Lines file holds one JSON object"
+    with pytest.raises(BadRecordError, match=re.escape(problem)):
+        setup_dm(**{**dm_args, "dataset": str(path), "val_size": 1024})
+
+
+def _dataset_folder(root: Path, *files: list[str]) -> Path:
+    """A local folder laid out like a hub dataset repository: `data/train-0000i-of-0000n.jsonl`, one per file."""
+    (root / "data").mkdir(parents=True)
+    for i, lines in enumerate(files):
+        (root / "data" / f"train-{i:05d}-of-{len(files):05d}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_dataset_folder_names_the_file_and_line_of_a_bad_record(dm_args, tmp_path):
+    """A folder laid out like a hub repository is read file by file as a single file is: a bad line is named by its
+    file and line (datasets named neither), and one field of the wrong type blames its own record (datasets made the
+    whole column that type: good row 0 was blamed and `skip` dropped all 40)."""
+    good = [json.dumps({**GOOD, "question": f"What is {i} + 1?"}) for i in range(40)]
+    typed = _dataset_folder(
+        tmp_path / "typed", good[:20], good[20:27] + [json.dumps({**GOOD, "response": 2})] + good[28:]
+    )
+    problem = f"{typed / 'data' / 'train-00001-of-00002.jsonl'}: line 8: field 'response': must be a string, got int"
+    with pytest.raises(BadRecordError, match=re.escape(problem)):
+        setup_dm(**{**dm_args, "dataset": str(typed)})
+    with pytest.warns(
+        UserWarning, match=re.escape(f"skipped 1 bad records (on_bad_record: skip); the first: {problem}")
+    ):
+        dm = setup_dm(**{**dm_args, "dataset": str(typed), "on_bad_record": "skip"})
+    assert len(dm.train_data) + len(dm.val_data) == 39
+    malformed = _dataset_folder(tmp_path / "malformed", good[:5] + ['{"question": "q", "response": '] + good[6:])
+    with pytest.raises(
+        BadRecordError, match=re.escape(f"{malformed / 'data' / 'train-00000-of-00001.jsonl'}: line 6: malformed JSON")
+    ):
+        setup_dm(**{**dm_args, "dataset": str(malformed)})
+    with pytest.raises(ValueError, match=re.escape(f"{malformed}: no split 'validation'; splits: train")):
+        setup_dm(**{**dm_args, "dataset": str(malformed), "split": "validation"})
+
+
+def test_a_file_size_limit_hit_while_caching_is_named_as_a_write_failure(tmp_path, bos_tokenizer):
+    """A real write past `ulimit -f` (RLIMIT_FSIZE, the same EFBIG as a full disk) while caching the data was reported
+    as "cannot be read as jsonl". The file read takes 137 kB of cache, its tokens 595 kB: a limit of 60 kB stops the
+    first write, one of 300 kB the second."""
+    bos_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    data = tmp_path / "data.jsonl"
+    record = {**GOOD, "question": "What is 1 + 1? " + "x" * 200}
+    data.write_text("".join(json.dumps(record) + "\n" for _ in range(500)))
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from qlora_lightning.data import InstructionDataModule
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        for limit in (60_000, 300_000):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            data = InstructionDataModule({str(tmp_path / "tokenizer")!r}, dataset={str(data)!r}, val_size=10,
+                                         cache_dir={str(cache)!r})
+            try:
+                data.setup()
+            except OSError as e:
+                print(type(e).__name__, e)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    advice = "MiB free there); free disk space, raise the file-size limit (ulimit -f), or set data.cache_dir"
+    failures = done.stdout.splitlines()
+    assert len(failures) == 2 and all(advice in line for line in failures), done.stdout
+    for line, (folder, during) in zip(failures, [(cache, "reading"), (cache / "qlora_lightning", "tokenizing")]):
+        assert line.startswith(
+            f"CacheWriteError cannot write the data cache in {folder} while {during} {data}: File too large ("
+        )
 
 
 def test_too_deep_json_arrays_and_skipping_unreadable_lines(dm_args, tmp_path, write_jsonl):

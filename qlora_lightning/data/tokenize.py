@@ -106,20 +106,24 @@ def _pieces(pattern: re.Pattern, text: str) -> Iterator[tuple[str, bool]]:
         yield text[at:], False
 
 
-def _encode_chat_source(tokenizer: PreTrainedTokenizerBase, template: Template, example: Example) -> list[int]:
-    """The source of an example whose texts hold special-token strings, under a template that renders special
-    tokens: each such string is rendered as a private stand-in character, so that every special token left in
-    the rendered text is the template's; the text between those is tokenized as plain text, stand-ins restored.
-    Byte-level tokenizers split text at special tokens the same way, so such a record encodes as it would whole;
-    one that marks only a text's first word (SentencePiece's "first" prefix scheme) gives the piece after each
+def _encode_chat_source(
+    tokenizer: PreTrainedTokenizerBase, template: Template, example: Example, specials: re.Pattern
+) -> list[int]:
+    """The source of an example whose texts hold special-token strings (`specials` matches them), under a template
+    that renders special tokens: each such string is rendered as a private stand-in character, so that every special
+    token left in the rendered text is the template's; the text between those is tokenized as plain text, stand-ins
+    restored. Byte-level tokenizers split text at special tokens the same way, so such a record encodes as it would
+    whole; one that marks only a text's first word (SentencePiece's "first" prefix scheme) gives the piece after each
     template token a word marker that the whole text would not have."""
-    specials = special_token_strings(tokenizer)
-    stand_ins = dict(zip(specials, _unused_characters(_texts(example), len(specials))))
+    found = sorted({m.group() for text in _texts(example) for m in specials.finditer(text)})
+    stand_ins = dict(zip(found, _unused_characters(_texts(example), len(found))))
     originals = {c: s for s, c in stand_ins.items()}
-    hide, show = re.compile("|".join(map(re.escape, specials))), re.compile("|".join(originals))
-    rendered = template.render(_map_texts(example, lambda t: hide.sub(lambda m: stand_ins[m.group()], t)), tokenizer)
+    show = re.compile("|".join(originals))
+    rendered = template.render(
+        _map_texts(example, lambda t: specials.sub(lambda m: stand_ins[m.group()], t)), tokenizer
+    )
     ids: list[int] = []
-    for piece, special in _pieces(hide, rendered):
+    for piece, special in _pieces(specials, rendered):
         if special:
             ids.append(tokenizer.convert_tokens_to_ids(piece))
         else:
@@ -136,11 +140,12 @@ def encode_sources(
     sources = [template.render(ex, tokenizer) for ex in examples]
     if not template.renders_special_tokens:
         return encode_text(tokenizer, sources)
-    specials = special_token_strings(tokenizer)
     out = tokenizer(sources, add_special_tokens=False)["input_ids"]
-    for i, example in enumerate(examples):
-        if any(s in text for text in _texts(example) for s in specials):
-            out[i] = _encode_chat_source(tokenizer, template, example)
+    if strings := special_token_strings(tokenizer):
+        specials = re.compile("|".join(map(re.escape, strings)))
+        for i, example in enumerate(examples):
+            if any(specials.search(text) for text in _texts(example)):
+                out[i] = _encode_chat_source(tokenizer, template, example, specials)
     return out
 
 

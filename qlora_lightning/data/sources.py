@@ -1,9 +1,11 @@
 """Reading instruction data and turning it into cached, checked token rows.
 
-Sources: a hub dataset (`datasets.load_dataset(name, split=...)`, which also reads a local folder laid out
-like a hub dataset repository), a local `.jsonl`/`.json`/`.parquet`/`.csv` file, a folder written by
-`save_to_disk`, or `bundled:<name>` for the sample shipped in `data/bundled/`. JSON is read line by line as text and parsed per record, so a malformed line or a field
-with the wrong type is reported with its file, line and field instead of failing inside pyarrow.
+Sources: a hub dataset (`datasets.load_dataset(name, split=...)`), a local folder laid out like a hub dataset
+repository (its split's files found as `load_dataset` finds them), a local `.jsonl`/`.json`/`.parquet`/`.csv` file, a
+folder written by `save_to_disk`, or `bundled:<name>` for the sample shipped in `data/bundled/`. JSON, in a file or
+a folder, is read line by line as text and parsed per record, so a malformed line or a field with the wrong type is
+reported with its file, line and field instead of failing inside pyarrow (or coercing a whole column). A write of
+the cache that fails (a full disk, a file-size limit) is reported as such (`CacheWriteError`), not as bad data.
 
 Each record is formatted, templated and tokenized in one `Dataset.map` (batched, `num_proc` workers)
 whose output is cached in a file keyed by the source, the subset, the format, the template, the tokenizer

@@ -131,12 +131,16 @@ def padded_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def packed_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.Tensor]:
+def packed_batch(examples: list[torch.Tensor], target: int, max_length: int) -> dict[str, torch.Tensor]:
     """The padding-free layout: one (1, T) row of the examples end to end, `position_ids` restarting at 0 with each
-    example, no attention_mask, labels on each example's last `labelled` tokens only (-100 on its source), and
-    `num_examples` (a 0-d tensor), as the data module's `padding_free` collator gives it (without its rounding up)."""
+    example, no attention_mask, labels on each example's last `labelled` tokens only (-100 on its source),
+    `num_examples` (a 0-d tensor) and the boundaries for varlen attention (bounded by `max_length`, the longest an
+    example can be), as the data module's `padding_free` collator gives it (without its rounding up)."""
+    from qlora_lightning.data.tokenize import sequence_boundaries
+
     input_ids = torch.cat(examples)
     position_ids = torch.cat([torch.arange(len(x)) for x in examples])
+    bounds = sequence_boundaries([len(x) for x in examples])
     labels = torch.full_like(input_ids, -100)
     end = 0
     for x in examples:
@@ -148,13 +152,19 @@ def packed_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.T
         "position_ids": position_ids[None],
         "labels": labels[None],
         "num_examples": torch.tensor(len(examples)),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
     }
 
 
 def batches(args, vocab: int, device, packed: bool = False) -> list[dict]:
     """Every step's micro-batch on `device`: padded rows (`padded_batch`) or one packed row (`packed_batch`)."""
-    build = packed_batch if packed else padded_batch
-    return [{k: v.to(device) for k, v in build(x, args.target).items()} for x in step_examples(args, vocab)]
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    build = (lambda x, target: packed_batch(x, target, args.seq)) if packed else padded_batch
+    return [move_data_to_device(build(x, args.target), device) for x in step_examples(args, vocab)]
 
 
 def batch_counts(batch: dict[str, torch.Tensor]) -> list[int]:

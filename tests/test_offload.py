@@ -15,6 +15,21 @@ from qlora_lightning.offload import _copies
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
 
+def settled_allocation(device: str) -> int:
+    """Bytes the caching allocator holds for tensors once the GPU has caught up (0 on the CPU).
+
+    An offloaded input is freed as soon as its copy to the host is done, but the allocator counts its block as
+    allocated until it sees that copy's event completed, which it checks only at later allocations: the CPU
+    runs ahead of the GPU, so right after the forward the last layers' copies are usually still in flight.
+    Synchronizing and emptying the cache lets the allocator release those blocks first.
+    """
+    if device != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device)
+
+
 def loss_and_grads(base, *, offload: bool, dropout: float, device: str = "cpu", seq: int = 12):
     dtype = "float32" if device == "cpu" else "bfloat16"
     module = QLoRAModule(
@@ -32,9 +47,9 @@ def loss_and_grads(base, *, offload: bool, dropout: float, device: str = "cpu", 
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     torch.manual_seed(1)  # the dropout masks' seed
-    before = torch.cuda.memory_allocated(device) if device == "cuda" else 0
+    before = settled_allocation(device)
     loss, _ = module.loss_on({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    held = torch.cuda.memory_allocated(device) - before if device == "cuda" else 0  # kept for backward
+    held = settled_allocation(device) - before  # kept for backward
     loss.backward()
     return loss.detach(), [p.grad for p in module.model.parameters() if p.requires_grad], held
 

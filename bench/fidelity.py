@@ -510,6 +510,7 @@ def answer_letter_loss(module, data, device) -> float:
     token that holds the model's choice. Lightning leaves a module on the CPU after `validate`/`fit` (its
     strategy's teardown): it is moved to `device` first (and `fit` moves it as it needs)."""
     import torch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
 
     module.to(device)
     model, total, count = module.model, 0.0, 0
@@ -517,7 +518,7 @@ def answer_letter_loss(module, data, device) -> float:
     model.eval()
     with torch.no_grad():
         for batch in data.val_dataloader():
-            batch = {k: v.to(module.device) for k, v in batch.items()}
+            batch = move_data_to_device(batch, module.device)
             labels = batch["labels"]
             first = (labels != -100).int().argmax(-1)
             keep = torch.zeros_like(labels, dtype=torch.bool)

@@ -17,8 +17,10 @@ Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_act
 (padding-free batches, below), `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync`) and `-hoststates` (the
 same with `states_on_host`: the optimizer states wait in host memory between steps), e.g.
 `ours-compiled-offload`; `peer` (the model
-card's transformers + PEFT + bitsandbytes) and `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
-kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`). Each stack runs in its own
+card's transformers + PEFT + bitsandbytes), `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
+kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`) and `unsloth-packed` (the same
+on the packed rows ours gets, in its padding-free mode: `packed_seq_lengths` beside the row, as its SFTTrainer
+collator adds them, which its attention runs through varlen kernels). Each stack runs in its own
 subprocess, one after the other on the same card, so peaks do not mix and Unsloth's global patching of
 transformers stays in its own process. The peer and Unsloth load a random bf16 LLaMA-2-shaped checkpoint that is
 written to /tmp once, with an offline tokenizer beside it (Unsloth always loads one); ours loads the same folder
@@ -75,8 +77,8 @@ def ours_options(stack: str) -> set[str] | None:
     return set(options) if name == "ours" and set(options) <= set(OURS_OPTIONS) else None
 
 
-FROM_DISK = {"peer", "unsloth"}  # stacks that load the checkpoint folder (so ours loads it too)
-REFERENCES = ["peer", "unsloth"]  # every row's rates and losses are compared with these rows'
+FROM_DISK = {"peer", "unsloth", "unsloth-packed"}  # stacks that load the checkpoint folder (so ours loads it too)
+REFERENCES = ["peer", "unsloth", "unsloth-packed"]  # every row's rates and losses are compared with these rows'
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_ID = 0  # LLaMA-2 pads with <unk>, id 0
 # Set before Unsloth is imported: it reaches for the hub and sends statistics otherwise, and compiles into the cwd.
@@ -131,12 +133,16 @@ def padded_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def packed_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.Tensor]:
+def packed_batch(examples: list[torch.Tensor], target: int, max_length: int) -> dict[str, torch.Tensor]:
     """The padding-free layout: one (1, T) row of the examples end to end, `position_ids` restarting at 0 with each
-    example, no attention_mask, labels on each example's last `labelled` tokens only (-100 on its source), and
-    `num_examples` (a 0-d tensor), as the data module's `padding_free` collator gives it (without its rounding up)."""
+    example, no attention_mask, labels on each example's last `labelled` tokens only (-100 on its source),
+    `num_examples` (a 0-d tensor) and the boundaries for varlen attention (bounded by `max_length`, the longest an
+    example can be), as the data module's `padding_free` collator gives it (without its rounding up)."""
+    from qlora_lightning.data.tokenize import sequence_boundaries
+
     input_ids = torch.cat(examples)
     position_ids = torch.cat([torch.arange(len(x)) for x in examples])
+    bounds = sequence_boundaries([len(x) for x in examples])
     labels = torch.full_like(input_ids, -100)
     end = 0
     for x in examples:
@@ -148,19 +154,41 @@ def packed_batch(examples: list[torch.Tensor], target: int) -> dict[str, torch.T
         "position_ids": position_ids[None],
         "labels": labels[None],
         "num_examples": torch.tensor(len(examples)),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
     }
 
 
 def batches(args, vocab: int, device, packed: bool = False) -> list[dict]:
     """Every step's micro-batch on `device`: padded rows (`padded_batch`) or one packed row (`packed_batch`)."""
-    build = packed_batch if packed else padded_batch
-    return [{k: v.to(device) for k, v in build(x, args.target).items()} for x in step_examples(args, vocab)]
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    build = (lambda x, target: packed_batch(x, target, args.seq)) if packed else padded_batch
+    return [move_data_to_device(build(x, args.target), device) for x in step_examples(args, vocab)]
+
+
+def unsloth_packed_batch(batch: dict) -> dict[str, torch.Tensor]:
+    """A packed row as Unsloth's padding-free path takes it: what TRL's padding-free collator gives (`input_ids`,
+    `position_ids`, `labels` with each example's first token unlabelled) plus `packed_seq_lengths`, the examples'
+    lengths, which Unsloth's own collator wrapper adds (`unsloth.utils.packing.enable_padding_free_metadata`) and
+    its attention reads to run varlen kernels. The padding tail, if any, is a sequence of its own, as in ours."""
+    bounds = batch["cu_seq_lens_q"]
+    return {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "labels": batch["labels"],
+        "packed_seq_lengths": (bounds[1:] - bounds[:-1]).to(torch.int32),
+    }
 
 
 def batch_counts(batch: dict[str, torch.Tensor]) -> list[int]:
     """[tokens, non-padding tokens, examples] of a padded or packed micro-batch."""
     if "attention_mask" in batch:
         return [batch["input_ids"].numel(), int(batch["attention_mask"].sum()), len(batch["input_ids"])]
+    if "packed_seq_lengths" in batch:  # Unsloth's packed row: no padding tail in the harness's rows
+        return [batch["input_ids"].numel()] * 2 + [len(batch["packed_seq_lengths"])]
     return [batch["input_ids"].numel()] * 2 + [int(batch["num_examples"])]
 
 
@@ -382,6 +410,8 @@ def run_ours(
     )
     trainer.fit(module, train_dataloaders=loader)
     sampler.stop()
+    if compile_layers:  # graphs dynamo compiled in all: one per layer per shape it specialised on (none per step)
+        extra["graphs_compiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     skip = args.warmup + (1 if args.profile else 0)
     options = [
         o
@@ -471,9 +501,10 @@ def run_peer(args, sampler: DeviceMemorySampler) -> dict:
     return train_manually(args, "peer", model, batches(args, args.vocab, DEVICE), t0, sampler)
 
 
-def run_unsloth(args, sampler: DeviceMemorySampler) -> dict:
+def run_unsloth(args, sampler: DeviceMemorySampler, packed: bool = False) -> dict:
     """Unsloth's FastLanguageModel: 4-bit NF4 + double quant, LoRA on the 7 projections with its fused kernels, its
-    offloaded gradient checkpointing. Imported here only: it patches transformers, PEFT and TRL process-wide."""
+    offloaded gradient checkpointing. Imported here only: it patches transformers, PEFT and TRL process-wide.
+    `packed`: its padding-free mode on the same packed rows as ours (`unsloth_packed_batch`)."""
     if DEVICE != "cuda":
         raise SystemExit("unsloth: needs a CUDA GPU (its kernels are Triton); this is a CPU-only machine")
     for key, value in UNSLOTH_ENV.items():
@@ -487,11 +518,13 @@ def run_unsloth(args, sampler: DeviceMemorySampler) -> dict:
             "them with pip --no-index --target /tmp/site, PYTHONPATH=$PWD:/tmp/site, before this script"
         ) from e
 
-    data = batches(args, args.vocab, DEVICE)
+    data = batches(args, args.vocab, DEVICE, packed=packed)
+    data = [unsloth_packed_batch(b) for b in data] if packed else data
     t0 = time.perf_counter()
     model, _ = FastLanguageModel.from_pretrained(
         model_name=args.model,
-        max_seq_length=max(b["input_ids"].shape[1] for b in data),  # Unsloth cuts longer rows
+        # Unsloth cuts longer rows, except packed ones (with packed_seq_lengths), whose examples are at most --seq
+        max_seq_length=args.seq if packed else max(b["input_ids"].shape[1] for b in data),
         dtype=torch.bfloat16,
         load_in_4bit=True,
         use_gradient_checkpointing="unsloth",
@@ -511,10 +544,11 @@ def run_unsloth(args, sampler: DeviceMemorySampler) -> dict:
     quant = getattr(model.config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else quant or {}
     versions = ", ".join(f"{name} {md.version(name)}" for name in ("unsloth", "unsloth_zoo", "trl"))
-    result = train_manually(args, "unsloth", model, data, t0, sampler)
+    result = train_manually(args, "unsloth-packed" if packed else "unsloth", model, data, t0, sampler)
     result["note"] = (
         f"{versions}; base weights {quant.get('bnb_4bit_quant_type')}, double quant "
         f"{quant.get('bnb_4bit_use_double_quant')}; offloaded gradient checkpointing"
+        + ("; padding-free rows with packed_seq_lengths (its SFTTrainer padding_free path)" if packed else "")
     )
     return result
 
@@ -524,8 +558,8 @@ def run_stack(args) -> dict:
     sampler = DeviceMemorySampler(args.device_memory)  # its zero: the card before anything is loaded
     if args.only == "peer":
         return run_peer(args, sampler)
-    if args.only == "unsloth":
-        return run_unsloth(args, sampler)
+    if args.only in ("unsloth", "unsloth-packed"):
+        return run_unsloth(args, sampler, packed=args.only == "unsloth-packed")
     options = ours_options(args.only)
     return run_ours(
         args,
@@ -683,9 +717,10 @@ def main() -> None:
     if args.lengths == "orca" and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
-    if unknown := sorted(s for s in stacks if s not in ("peer", "unsloth") and ours_options(s) is None):
+    if unknown := sorted(s for s in stacks if s not in FROM_DISK and ours_options(s) is None):
         raise SystemExit(
-            f"--stacks: unknown {unknown}; choose from peer, unsloth, ours[-{']['.join(OURS_OPTIONS)}] (any of them)"
+            f"--stacks: unknown {unknown}; choose from peer, unsloth, unsloth-packed, "
+            f"ours[-{']['.join(OURS_OPTIONS)}] (any of them)"
         )
     if args.devices > 1 and FROM_DISK & set(stacks):
         raise SystemExit("--devices applies to ours only: run the peer and Unsloth in a single-device call")
@@ -727,6 +762,7 @@ def main() -> None:
                 f"{r['parameter_gib']:.1f} GiB of it parameters; "
                 f"loading and set-up peaked at {r['setup_peak_gib']:.1f} GiB on the GPU, "
                 f"{r['host_peak_gib']:.1f} GiB of host memory (rank 0's process)"
+                + (f"; {r['graphs_compiled']} graphs compiled over all steps" if "graphs_compiled" in r else "")
             )
     if args.record:
         with open(REPO / "BENCHMARKS.md", "a") as f:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from .data.formats import format_record
@@ -51,7 +52,7 @@ class DemoReport(Callback):
         model.eval()
         total, count = 0.0, 0
         for batch in trainer.datamodule.val_dataloader():
-            batch = {k: v.to(module.device) for k, v in batch.items()}
+            batch = move_data_to_device(batch, module.device)
             loss, n = module.loss_on(batch)
             total, count = total + loss.item() * n.item(), count + n.item()
         examples = self._held_out(trainer)

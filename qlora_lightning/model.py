@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import adapters, hub
+from .attention import use_varlen_attention
 from .inject import inject_lora
 from .lora import FrozenLinear, LoraLinear, lora_layers
 from .offload import offloaded_checkpoint
@@ -360,6 +361,7 @@ def load_model(
     if found is not None and lora is None:
         lora = adapters.lora_spec(found.config, str(found.folder / adapters.ADAPTER_CONFIG))
     model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+    use_varlen_attention(model)  # packed rows attend per example, without a dense mask; padded batches as sdpa
     model.tie_weights()
     if checkpoint_dir is None:
         tensors = RandomTensors(device, dtype)

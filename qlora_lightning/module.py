@@ -34,6 +34,19 @@ from .specs import LoraSpec, QuantSpec
 from .tokenizer import load_tokenizer
 
 
+#: The batch entries the model reads: a padded batch's first two, or a packed row's positions and boundaries (see
+#: `data.tokenize.InstructionCollator` and `attention.varlen_attention`).
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
+
+
 def paged_adamw(params) -> torch.optim.Optimizer:
     """The default optimizer: paged AdamW with 32-bit states, lr 2e-4, betas (0.9, 0.999), no weight decay.
 
@@ -220,9 +233,9 @@ class QLoRAModule(LightningModule):
         """Mean causal-LM loss over the labelled (target) tokens, and their count.
 
         A batch is padded (`input_ids`, `attention_mask`, `labels`: one row per example) or packed (the data
-        module's `padding_free`: one row of concatenated examples with `position_ids` restarting at 0 for each
-        and no `attention_mask`, from which transformers builds a block-diagonal causal mask, so no example
-        attends to another). Both give the same loss: a mean over the same labelled tokens.
+        module's `padding_free`: one row of concatenated examples with `position_ids` restarting at 0 for each,
+        their boundaries for variable-length attention (`attention.varlen_attention`) and no `attention_mask`, so no
+        example attends to another). Both give the same loss: a mean over the same labelled tokens.
 
         The output head runs on the labelled positions only: with source 384 / target 128 that skips three
         quarters of the head's matmuls and of the fp32 logits that HF's loss would hold for every token.
@@ -230,7 +243,7 @@ class QLoRAModule(LightningModule):
         """
         labels = batch["labels"][:, 1:]
         labelled = labels != -100
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         if not self._head_on_labelled_only:
             return self.model(**inputs, labels=batch["labels"], use_cache=False).loss, labelled.sum()
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.apply_func import move_data_to_device
 import pytest
 import torch
 from qlora_testing import (
@@ -150,7 +151,7 @@ def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
     data.setup("fit")
-    batch = {k: v.to(device) for k, v in next(iter(data.val_dataloader())).items()}
+    batch = move_data_to_device(next(iter(data.val_dataloader())), device)
     torch.manual_seed(seed)  # the dropout masks' seed
     loss, _ = module.loss_on(batch)
     loss.backward()
@@ -259,7 +260,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, 
             if p.requires_grad:
                 torch.nn.init.normal_(p, std=0.05)
         data.setup("fit")
-        batch = {k: v.to(device) for k, v in next(iter(data.val_dataloader())).items()}
+        batch = move_data_to_device(next(iter(data.val_dataloader())), device)
         assert ("position_ids" in batch) == padding_free and ("attention_mask" in batch) != padding_free
         loss, n = module.loss_on(batch)
         loss.backward()

@@ -54,8 +54,13 @@ def test_on_the_gpu_the_layer_inputs_leave_it_and_the_gradients_stay(tiny_chat_l
     torch.testing.assert_close(offloaded[0], plain[0], rtol=1e-3, atol=0)
     for a, b in zip(plain[1], offloaded[1]):
         assert (b.float() - a.float()).norm() <= 1e-2 * a.float().norm()
-    one_input = 2 * 512 * 64 * 2  # (batch × seq × hidden) bf16: what each of the 2 layers keeps on the GPU
-    assert plain[2] - offloaded[2] >= 2 * one_input
+    # (batch × seq × hidden) bf16: what plain checkpointing keeps on the GPU for each of the 2 layers. The first
+    # layer's input stays there either way: it is the embedding output, which transformers makes a leaf that
+    # requires grad (`enable_input_require_grads`, so that checkpointed layers get gradients), and autograd holds
+    # such a leaf until backward. So the offload moves the inputs of every layer but the first.
+    one_input = 2 * 512 * 64 * 2
+    layers = 2
+    assert plain[2] - offloaded[2] >= (layers - 1) * one_input
 
 
 def test_a_forward_without_backward_leaves_nothing_behind(tiny_llama_dir):

@@ -165,7 +165,10 @@ class InstructionDataModule(L.LightningDataModule):
     def _collator(self, padding_free: bool) -> InstructionCollator:
         """The collator of this data module's settings, in the given layout."""
         h = self.hparams
-        return InstructionCollator(self.tokenizer.pad_token_id, h.train_on_source, h.pad_to_multiple_of, padding_free)
+        longest = h.source_max_len + h.target_max_len  # the bound packed rows give varlen attention
+        return InstructionCollator(
+            self.tokenizer.pad_token_id, h.train_on_source, h.pad_to_multiple_of, padding_free, max_length=longest
+        )
 
     def prepare_data(self) -> None:
         """Download and tokenize once per node (Lightning runs this on local rank 0 before `setup`)."""

@@ -35,6 +35,7 @@ __all__ = [
     "encode_sources",
     "ExampleEncoder",
     "encode_prompt",
+    "sequence_boundaries",
     "InstructionCollator",
 ]
 
@@ -257,6 +258,14 @@ def _chat_prompt_example(tokenizer: PreTrainedTokenizerBase, prompt: str, templa
     )
 
 
+def sequence_boundaries(lengths: Sequence[int]) -> torch.Tensor:
+    """Cumulative lengths of examples of `lengths` tokens packed end to end, [0, l0, l0 + l1, …], in int32 as the
+    variable-length attention kernels take them."""
+    bounds = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    bounds[1:] = torch.as_tensor(list(lengths), dtype=torch.int32).cumsum(0)
+    return bounds
+
+
 class InstructionCollator:
     """Collates rows of `input_ids`/`n_source` into a batch: padded (one row per example) or packed.
 
@@ -268,10 +277,15 @@ class InstructionCollator:
     None pads to the longest row only).
 
     Packed (`padding_free`): ONE row holding the examples end to end: `input_ids`, `position_ids` and `labels` of
-    shape (1, total), plus `num_examples` (shape (), how many examples the row holds, for examples/s). Positions
-    restart at 0 with every example and there is no `attention_mask`: from such position ids transformers builds a
-    block-diagonal causal mask, so no example attends to another (a mask of ones would defeat that, and so does a
-    KV cache, which transformers makes unless the model runs with `use_cache=False`). The loss predicts
+    shape (1, total), plus `num_examples` (shape (), how many examples the row holds, for examples/s) and the
+    examples' boundaries for variable-length attention (`attention.varlen_attention`): `cu_seq_lens_q` and
+    `cu_seq_lens_k` (int32 cumulative lengths, the padding tail's boundary always included, so that every row of a
+    micro-batch size has as many) and `max_length_q` / `max_length_k` (`max_length`, the longest an example can be:
+    one constant, so compiled layers are not recompiled for each row's longest example). Positions restart at 0
+    with every example and there is no `attention_mask`, so no example attends to another: through the boundaries,
+    or, for a model whose attention takes none, through the block-diagonal causal mask transformers builds from the
+    positions (a mask of ones would defeat that, and so does a KV cache, which transformers makes unless the model
+    runs with `use_cache=False`). The loss predicts
     `labels[t + 1]` from position t, so each example's first token is labelled `IGNORE_INDEX`, also with
     `train_on_source`: no token is predicted from the end of the previous example. (The padded layout never uses a
     row's first label either, so both layouts predict the same tokens from the same contexts.) `pad_to_multiple_of`
@@ -285,6 +299,7 @@ class InstructionCollator:
         train_on_source: bool = False,
         pad_to_multiple_of: int | None = 8,
         padding_free: bool = False,
+        max_length: int | None = None,
     ):
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; load it with qlora_lightning.tokenizer.load_tokenizer")
@@ -294,6 +309,7 @@ class InstructionCollator:
         self.train_on_source = train_on_source
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_free = padding_free
+        self.max_length = max_length  # packed rows: the bound passed as max_length_q/k (None: the row's longest)
 
     def _rounded(self, length: int) -> int:
         """`length` rounded up to a multiple of `pad_to_multiple_of` (unchanged when None)."""
@@ -328,7 +344,7 @@ class InstructionCollator:
         input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.empty((1, width), dtype=torch.long)
-        at = 0
+        at, lengths = 0, []
         for row in rows:
             ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
             n = len(ids)
@@ -337,10 +353,18 @@ class InstructionCollator:
             start = max(1, self._label_start(row))  # the first token is never predicted from the previous example
             labels[0, at + start : at + n] = ids[start:]
             at += n
+            lengths.append(n)
         position_ids[0, at:] = torch.arange(width - at)  # the padding: a sequence of its own
+        lengths.append(width - at)
+        bounds = sequence_boundaries(lengths)
+        longest = self.max_length if self.max_length is not None else max(lengths)
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "labels": labels,
             "num_examples": torch.tensor(len(rows)),
+            "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }

@@ -243,9 +243,15 @@ def test_packed_batch_is_the_padded_batch_without_padding(smollm2_tokenizer, tra
     packed = InstructionCollator(tok.pad_token_id, train_on_source, pad_to_multiple_of=None, padding_free=True)(rows)
 
     total = sum(len(r["input_ids"]) for r in rows)
-    assert set(packed) == {"input_ids", "position_ids", "labels", "num_examples"}  # no attention_mask
+    boundaries = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+    assert set(packed) == {"input_ids", "position_ids", "labels", "num_examples", *boundaries}  # no attention_mask
     assert packed["input_ids"].shape == packed["position_ids"].shape == packed["labels"].shape == (1, total)
-    assert all(packed[key].dtype == torch.long for key in packed)
+    assert all(packed[key].dtype == torch.long for key in packed if key not in boundaries)
+    lengths = [len(r["input_ids"]) for r in rows]
+    ends = [sum(lengths[: k + 1]) for k in range(3)]
+    assert packed["cu_seq_lens_q"].tolist() == [0, *ends, total]  # the (empty) padding tail's boundary included
+    assert packed["cu_seq_lens_q"].dtype == torch.int32 and packed["cu_seq_lens_k"] is packed["cu_seq_lens_q"]
+    assert packed["max_length_q"] == packed["max_length_k"] == max(lengths)  # no bound given: the longest
     assert packed["num_examples"].shape == () and packed["num_examples"].item() == 3
     assert packed["input_ids"][0].tolist() == [t for r in rows for t in r["input_ids"]]
     assert packed["position_ids"][0].tolist() == [p for r in rows for p in range(len(r["input_ids"]))]
@@ -276,15 +282,22 @@ def test_packed_pad_to_multiple_of_pads_the_end_as_its_own_sequence():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 6, 7, 8, 9, -100, -100]]
     assert batch["num_examples"].item() == 2 and "attention_mask" not in batch
-    # transformers reads three sequences (the padding is the third), so no example attends to the padding
+    # transformers reads three sequences (the padding is the third), so no example attends to the padding; the
+    # boundaries say the same to varlen attention, bounded by the longest example the data allows when given
     assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 8, 10]
+    bounded = InstructionCollator(0, pad_to_multiple_of=5, padding_free=True, max_length=512)(rows)
+    assert bounded["max_length_q"] == bounded["max_length_k"] == 512
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "varlen"])
 def test_packed_batch_gives_each_example_the_padded_batch_logits_and_loss(smollm2_tokenizer, attn_implementation):
     """Through a real (tiny, random) Llama: every example's logits in the packed row are those of its padded row
-    (no example sees another or the padding), and transformers' loss is the same."""
+    (no example sees another or the padding), and transformers' loss is the same: with transformers' attention
+    (which ignores the boundaries and masks by positions) and with ours (`attention.varlen_attention`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_lightning.attention import use_varlen_attention
 
     tok = smollm2_tokenizer
     torch.manual_seed(0)
@@ -295,9 +308,11 @@ def test_packed_batch_gives_each_example_the_padded_batch_logits_and_loss(smollm
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        attn_implementation=attn_implementation,
+        attn_implementation="sdpa" if attn_implementation == "varlen" else attn_implementation,
     )
     model = LlamaForCausalLM(config).double().eval()
+    if attn_implementation == "varlen":
+        assert use_varlen_attention(model)
     examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
     out = ExampleEncoder(tok).encode(examples)
     rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"])]

@@ -33,7 +33,6 @@ from .resume import CheckpointError, check_run_matches, plain_hyperparameters, r
 from .specs import LoraSpec, QuantSpec
 from .tokenizer import load_tokenizer
 
-
 #: The batch entries the model reads: a padded batch's first two, or a packed row's positions and boundaries (see
 #: `data.tokenize.InstructionCollator` and `attention.varlen_attention`).
 MODEL_INPUTS = (

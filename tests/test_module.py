@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import lightning as L
-from lightning.fabric.utilities.apply_func import move_data_to_device
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from qlora_testing import (
     FP32,
     assert_bnb_cpu_repacking_off,

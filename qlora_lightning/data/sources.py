@@ -454,8 +454,13 @@ _fork_hook_registered = False
 
 @contextmanager
 def _children_die_with_this_process() -> Iterator[None]:
-    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux). The
-    fork hook is registered on first use (it cannot be removed, and does nothing outside such a block)."""
+    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux).
+
+    The fork hook (`os.register_at_fork`) is the one process-wide setting of the data pipeline, kept because there
+    is no per-call way: `Dataset.map` builds its pool with no worker initializer, and the queue manager process it
+    starts runs none of our code. It is registered on first use, cannot be removed, and does nothing outside such
+    a block (`_fork_parent` is None there), so the caller's own forks are left alone.
+    """
     global _fork_parent, _fork_hook_registered
     if sys.platform.startswith("linux") and not _fork_hook_registered:
         os.register_at_fork(after_in_child=_die_with_parent)

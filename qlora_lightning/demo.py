@@ -2,7 +2,8 @@
 
 The CPU demo (`configs/demo.yaml`) trains SmolLM2-135M on the bundled OpenOrca-format sample, whose
 answers can be checked; this callback prints the held-out loss and exact-match accuracy before and
-after training and one generated answer, and writes them to `<log dir>/demo_report.json`.
+after training and one generated answer, and writes them to `<log dir>/demo_report.json` (atomically). The
+held-out loss is `held_out.held_out_loss`: the loss over the answers' tokens, summed in float64.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from .atomic import write_text
 from .data.formats import format_record
 from .data.sample import exact_match
 from .data.sources import resolve_bundled
 from .data.templates import format_prompt
 from .generate import generate
+from .held_out import held_out_loss
 
 
 class DemoReport(Callback):
@@ -50,11 +52,7 @@ class DemoReport(Callback):
         model, tokenizer = module.model, module.tokenizer
         was_training = model.training
         model.eval()
-        total, count = 0.0, 0
-        for batch in trainer.datamodule.val_dataloader():
-            batch = move_data_to_device(batch, module.device)
-            loss, n = module.loss_on(batch)
-            total, count = total + loss.item() * n.item(), count + n.item()
+        loss = held_out_loss(module.loss_on, trainer.datamodule.val_dataloader(), module.device)
         examples = self._held_out(trainer)
         prompts = [
             format_prompt(e.prompt, self.template, system=e.system, context=e.context, tokenizer=tokenizer)
@@ -64,7 +62,7 @@ class DemoReport(Callback):
         model.train(was_training)
         hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
         return {
-            "loss": total / max(count, 1),
+            "loss": loss,
             "exact_match": sum(hits) / len(hits),
             "n": len(hits),
             "question": examples[0].prompt,
@@ -91,6 +89,4 @@ class DemoReport(Callback):
             f"\nQ: {after['question']}\nreference: {after['reference']}\n"
             f"before:    {b['answer']!r}\nafter:     {after['answer']!r}\n"
         )
-        path = Path(log_dir) / "demo_report.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"before": b, "after": after}, indent=2) + "\n")
+        write_text(Path(log_dir) / "demo_report.json", json.dumps({"before": b, "after": after}, indent=2) + "\n")

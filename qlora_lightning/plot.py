@@ -2,7 +2,8 @@
 
 One run (`--log_dir lightning_logs/version_0`) gives its two curves; several runs (a list, or a glob pattern such
 as `"runs/fidelity/curves/*"`) are drawn in one plot, one colour per run (training loss a line, validation loss
-markers), labelled by the parts of their folder names that differ.
+markers), labelled by the parts of their folder names that differ. The figure is drawn on its own Agg canvas, without
+pyplot: plotting switches no process-wide backend, and the PNG is written atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .atomic import write_file
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_loss_curves(metrics_csv: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -65,6 +72,16 @@ def run_labels(folders: Sequence[Path]) -> list[str]:
     return labels if len(set(labels)) == len(labels) else [str(f) for f in folders]
 
 
+def _agg_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas: pyplot would select a backend for the whole process (and keep the figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def plot_loss(log_dir: list[str] | str, output: str | None = None, labels: list[str] | None = None) -> str:
     """Plot training and validation loss of one run, or of several runs in one plot.
 
@@ -76,10 +93,7 @@ def plot_loss(log_dir: list[str] | str, output: str | None = None, labels: list[
             parent folder for several.
         labels: the legend's name of each run, in order; default: the parts of the folder paths that differ.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib  # on use: matplotlib is needed by this command only
 
     folders = expand_log_dirs(log_dir)
     names = run_labels(folders) if labels is None else list(labels)
@@ -87,8 +101,9 @@ def plot_loss(log_dir: list[str] | str, output: str | None = None, labels: list[
         raise ValueError(f"{len(names)} labels for {len(folders)} runs ({', '.join(map(str, folders))})")
     runs = [read_loss_curves(folder / "metrics.csv") for folder in folders]
     several = len(runs) > 1
-    fig, ax = plt.subplots(figsize=(8, 4.5) if several else (7, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = _agg_figure(figsize=(8, 4.5) if several else (7, 4))
+    ax = fig.add_subplot()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, curves) in enumerate(zip(names, runs)):
         for key, points in curves.items():
             if not points:
@@ -105,7 +120,7 @@ def plot_loss(log_dir: list[str] | str, output: str | None = None, labels: list[
     if output is None:
         parent = Path(os.path.commonpath([os.path.abspath(f) for f in folders])) if several else folders[0]
         output = str(parent / "loss.png")
-    fig.savefig(output, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    file_type = Path(output).suffix[1:] or matplotlib.rcParams["savefig.format"]  # the temporary's name has none
+    write_file(output, lambda tmp: fig.savefig(tmp, format=file_type, dpi=120, bbox_inches="tight"))
     print(f"wrote {output}")
     return output

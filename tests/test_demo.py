@@ -1,8 +1,13 @@
-"""DemoReport: held-out loss and exact match before/after fit, on a tiny model and on the real SmolLM2."""
+"""DemoReport: held-out loss and exact match before/after fit, on a tiny model and on the real SmolLM2; the report
+written atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -10,22 +15,51 @@ import pytest
 from qlora_testing import REPO, cpu_trainer, requires_cuda, tiny_module_and_data
 
 from qlora_lightning import QLoRAModule
+from qlora_lightning.atomic import WriteError
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.data import InstructionDataModule
 from qlora_lightning.demo import DemoReport
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
 
-def test_report_measures_before_and_after(tiny_chat_llama_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fitted(tiny_chat_llama_dir, tmp_path_factory):
+    """Two optimizer steps of the tiny model with a `DemoReport`: (trainer, module, report callback, printed text)."""
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
-    t = cpu_trainer(tmp_path, max_steps=2)
-    t.callbacks.append(DemoReport(examples=4, max_new_tokens=3))
-    t.fit(module, data)
+    t = cpu_trainer(tmp_path_factory.mktemp("demo"), max_steps=2)
+    report = DemoReport(examples=4, max_new_tokens=3)
+    t.callbacks.append(report)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        t.fit(module, data)
+    return t, module, report, printed.getvalue()
+
+
+def test_report_measures_before_and_after(fitted):
+    t, _, _, printed = fitted
     report = json.loads((Path(t.log_dir) / "demo_report.json").read_text())
     assert report["before"]["n"] == report["after"]["n"] == 4
     assert report["after"]["loss"] != report["before"]["loss"]  # two optimizer steps changed the adapters
     assert report["before"]["question"] == "What is 79 + 60?" and report["before"]["reference"] == "139"
-    assert "exact match (4 questions)" in capsys.readouterr().out
+    assert "exact match (4 questions)" in printed
+
+
+def test_a_failed_report_write_keeps_the_previous_report(fitted, monkeypatch):
+    """demo_report.json was written in place: a full disk half-way left a truncated JSON file."""
+    t, module, callback, _ = fitted
+    path = Path(t.log_dir) / "demo_report.json"
+    previous = path.read_text()
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        write_text(self, text[:20], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(WriteError, match=re.escape(f"cannot write {path}: ") + ".*the previous file is kept"):
+        callback.on_fit_end(t, module)
+    assert path.read_text() == previous and json.loads(previous)["after"]["n"] == 4
+    assert not list(path.parent.glob(".demo_report.json.*"))  # no temporary left
 
 
 @pytest.mark.slow

@@ -1,6 +1,13 @@
-"""plot-loss: curves from a CSVLogger metrics.csv into a PNG; clear errors on missing logs."""
+"""plot-loss: curves from a CSVLogger metrics.csv into a PNG (written atomically, the caller's matplotlib backend
+left alone); clear errors on missing logs."""
 
 from __future__ import annotations
+
+import errno
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +70,38 @@ def test_several_runs_through_the_cli_and_clear_errors(tmp_path):
         plot_loss([str(a), str(b)], labels=["one"])
     with pytest.raises(FileNotFoundError, match="no metrics.csv"):
         plot_loss([str(a), str(tmp_path)])
+
+
+def test_plotting_leaves_the_callers_backend_and_pyplot_alone(tmp_path):
+    """`matplotlib.use("Agg")` switched the backend of the whole process: a caller's own backend (here "svg") was lost."""
+    log = _log(tmp_path / "run", [2.5, 2.0, 1.5])
+    probe = (
+        "import sys, matplotlib; matplotlib.use('svg'); from qlora_lightning.plot import plot_loss; "
+        f"plot_loss({str(log)!r}); print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "svg False"
+    assert (log / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_write_keeps_the_previous_plot(tmp_path, monkeypatch):
+    """loss.png was written in place: a write that failed half-way (a full disk) left a truncated PNG."""
+    from matplotlib.figure import Figure
+
+    from qlora_lightning.atomic import WriteError
+
+    log = _log(tmp_path / "run", [2.5, 2.0, 1.5])
+    previous = Path(plot_loss(str(log))).read_bytes()
+
+    def full_disk(self, path, **kwargs):
+        Path(path).write_bytes(previous[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(
+        WriteError, match=re.escape(f"cannot write {log / 'loss.png'}: ") + ".*the previous file is kept"
+    ):
+        plot_loss(str(log))
+    assert (log / "loss.png").read_bytes() == previous
+    assert sorted(p.name for p in log.iterdir()) == ["loss.png", "metrics.csv"]  # no temporary left

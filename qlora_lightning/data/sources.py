@@ -321,23 +321,24 @@ def _split_files(folder: Path, split: str, cache_dir: str | None) -> list[Path]:
     return [Path(f) for f in found[split]]
 
 
-def _read_saved(folder: Path, split: str) -> Dataset:
-    """A folder written by `save_to_disk` (one dataset, or a DatasetDict of which `split` is taken)."""
-    loaded = datasets.load_from_disk(str(folder))
-    if isinstance(loaded, DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"{folder}: no split {split!r}; splits: {', '.join(loaded)}")
-        loaded = loaded[split]
-    return loaded
+def _source(
+    ds: Dataset, label: str, identity: str, parts: tuple[Part, ...], bad_rows: dict[int, str] | None = None
+) -> RawSource:
+    """A loaded dataset as a `RawSource`: its usable rows (a blank line of a text source is no record, and keeps
+    the numbering of the others), checked to hold a record, and a JSON Lines source a JSON object."""
+    kind = "table" if parts[0].kind == "table" else "text"
+    rows = _nonblank_rows(ds) if kind == "text" else np.arange(len(ds))
+    if len(rows) == 0:
+        raise BadRecordError(f"{label}: no records")
+    if any(part.kind == "jsonl" for part in parts):
+        _check_json_lines(ds, rows, parts)
+    return RawSource(ds, rows, label, kind, identity, bad_rows or {}, parts)
 
 
-def _read_repository(name: str, split: str, cache_dir: str | None) -> Dataset:
-    """`split` of a hub dataset (or of a local folder of files other than JSON) through `datasets.load_dataset`."""
-    with _writing_cache(cache_root(cache_dir), f"loading dataset {name!r}"):
-        try:
-            return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
-        except Exception as e:  # a failed write of the cache is reported by `_writing_cache`, from this error's cause
-            raise ValueError(f"cannot load dataset {name!r} (split {split!r}) with datasets.load_dataset: {e}") from e
+def _nonblank_rows(ds: Dataset) -> np.ndarray:
+    """The rows of a `text` column that hold more than white space."""
+    text = ds.data.column("text")
+    return np.flatnonzero(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False))
 
 
 def _check_json_lines(ds: Dataset, rows: np.ndarray, parts: tuple[Part, ...]) -> None:
@@ -353,42 +354,63 @@ def _check_json_lines(ds: Dataset, rows: np.ndarray, parts: tuple[Part, ...]) ->
     )
 
 
+def _is_saved_folder(path: Path) -> bool:
+    """Whether `path` is a folder written by `save_to_disk` (a dataset's `state.json` or a DatasetDict's index)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _load_file(path: Path, cache_dir: str | None) -> RawSource:
+    """A local `.jsonl`/`.json`/`.parquet`/`.csv` file (a bundled sample too), recognised by its path, size and
+    modification time."""
+    ds, kind, bad_rows = _read_file(path, cache_dir)
+    return _source(ds, str(path), _file_identity(path), (Part(0, str(path), kind),), bad_rows)
+
+
+def _load_saved_folder(folder: Path, split: str) -> RawSource:
+    """A folder written by `save_to_disk` (one dataset, or a DatasetDict of which `split` is taken)."""
+    loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{folder}: no split {split!r}; splits: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return _source(loaded, str(folder), _dataset_identity(loaded), (Part(0, str(folder), "table"),))
+
+
+def _load_dataset_folder(folder: Path, name: str, split: str, cache_dir: str | None) -> RawSource:
+    """A local folder laid out like a hub dataset repository: its JSON files of `split` read as single files are
+    (each bad line named by its file and line, nothing coerced); files of other types through `load_dataset`."""
+    files = _split_files(folder, split, cache_dir)
+    if not (files and all(f.suffix.lower() in JSON_TYPES for f in files)):
+        return _load_hub(name, split, cache_dir)
+    ds, parts, bad_rows = _read_json_files(files, cache_dir)
+    return _source(ds, f"{name} (split {split})", json.dumps([_file_identity(f) for f in files]), parts, bad_rows)
+
+
+def _load_hub(name: str, split: str, cache_dir: str | None) -> RawSource:
+    """`split` of a hub dataset (or of a local folder of files other than JSON) through `datasets.load_dataset`."""
+    label = f"{name} (split {split})"
+    with _writing_cache(cache_root(cache_dir), f"loading dataset {name!r}"):
+        try:
+            ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+        except Exception as e:  # a failed write of the cache is reported by `_writing_cache`, from this error's cause
+            raise ValueError(f"cannot load dataset {name!r} (split {split!r}) with datasets.load_dataset: {e}") from e
+    return _source(ds, label, _dataset_identity(ds), (Part(0, label, "table"),))
+
+
 def load_source(name: str, split: str = "train", cache_dir: str | None = None) -> RawSource:
     """Load `name`: `bundled:<name>`, a local file, a `save_to_disk` folder, a local folder laid out like a hub
     dataset (its JSON files of `split` read as single files are), else `load_dataset(name, split)` (the hub)."""
     path = resolve_bundled(name) if name.startswith("bundled:") else Path(name).expanduser()
     cache_root(cache_dir)
-    bad_rows: dict[int, str] = {}
     if path.is_file():
-        ds, kind, bad_rows = _read_file(path, cache_dir)
-        label, identity, parts = str(path), _file_identity(path), (Part(0, str(path), kind),)
-    elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = _read_saved(path, split)
-        label, identity, parts = str(path), _dataset_identity(ds), (Part(0, str(path), "table"),)
-    elif path.suffix.lower() in FILE_TYPES:
+        return _load_file(path, cache_dir)
+    if _is_saved_folder(path):
+        return _load_saved_folder(path, split)
+    if path.suffix.lower() in FILE_TYPES:
         raise FileNotFoundError(f"dataset file {name!r} does not exist")
-    else:  # a dataset repository: a hub id, or a local folder laid out like one (data files named by split)
-        label = f"{name} (split {split})"
-        files = _split_files(path, split, cache_dir) if path.is_dir() else []
-        if files and all(f.suffix.lower() in JSON_TYPES for f in files):
-            ds, parts, bad_rows = _read_json_files(files, cache_dir)
-            identity = json.dumps([_file_identity(f) for f in files])
-        else:
-            ds = _read_repository(name, split, cache_dir)
-            identity, parts = _dataset_identity(ds), (Part(0, label, "table"),)
-    kind = "table" if parts[0].kind == "table" else "text"
-    if kind == "text":  # blank lines are no records (and keep the numbering of the others)
-        text = ds.data.column("text")
-        rows = np.flatnonzero(
-            pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0).to_numpy(zero_copy_only=False)
-        )
-    else:
-        rows = np.arange(len(ds))
-    if len(rows) == 0:
-        raise BadRecordError(f"{label}: no records")
-    if any(part.kind == "jsonl" for part in parts):
-        _check_json_lines(ds, rows, parts)
-    return RawSource(ds, rows, label, kind, identity, bad_rows, parts)
+    if path.is_dir():
+        return _load_dataset_folder(path, name, split, cache_dir)
+    return _load_hub(name, split, cache_dir)
 
 
 def pick_subset(n: int, seed: int, max_examples: int | None, val_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,8 +454,13 @@ _fork_hook_registered = False
 
 @contextmanager
 def _children_die_with_this_process() -> Iterator[None]:
-    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux). The
-    fork hook is registered on first use (it cannot be removed, and does nothing outside such a block)."""
+    """Processes forked inside this block (the parallel `map`'s) are killed when this process dies (Linux).
+
+    The fork hook (`os.register_at_fork`) is the one process-wide setting of the data pipeline, kept because there
+    is no per-call way: `Dataset.map` builds its pool with no worker initializer, and the queue manager process it
+    starts runs none of our code. It is registered on first use, cannot be removed, and does nothing outside such
+    a block (`_fork_parent` is None there), so the caller's own forks are left alone.
+    """
     global _fork_parent, _fork_hook_registered
     if sys.platform.startswith("linux") and not _fork_hook_registered:
         os.register_at_fork(after_in_child=_die_with_parent)

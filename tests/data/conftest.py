@@ -1,4 +1,5 @@
-"""Fixtures of the data tests: small tokenizers built here and writers of instruction data files.
+"""Fixtures of the data tests: small tokenizers built here, writers of instruction data files, and the settings and
+set-up of a small data module.
 
 The real SmolLM2 tokenizer comes from the session fixture `smollm2_tokenizer` in tests/conftest.py.
 """
@@ -10,6 +11,8 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from qlora_lightning.data import InstructionDataModule
 
 CORPUS = [
     "A chat between a curious human and an artificial intelligence assistant.",
@@ -74,3 +77,40 @@ def _orca_records(n: int, start: int = 0) -> list[dict]:
         }
         for i in range(start, start + n)
     ]
+
+
+@pytest.fixture
+def dm_args(tmp_path, smollm2_tokenizer):
+    """Small-run defaults: the real SmolLM2 tokenizer, a private cache, no workers."""
+    return dict(
+        tokenizer=smollm2_tokenizer,
+        max_examples=None,
+        val_size=2,
+        batch_size=4,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+@pytest.fixture(scope="session")
+def setup_dm():
+    """setup_dm(**kwargs) -> an `InstructionDataModule(**kwargs)` set up for fitting."""
+    return _setup_dm
+
+
+def _setup_dm(**kw) -> InstructionDataModule:
+    dm = InstructionDataModule(**kw)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="session")
+def decoded():
+    """decoded(dm, split="train") -> the decoded targets (the text after each row's source) of a split, sorted."""
+    return _decoded
+
+
+def _decoded(dm: InstructionDataModule, split: str = "train") -> list[str]:
+    data = dm.train_data if split == "train" else dm.val_data
+    tok = dm.tokenizer
+    return sorted(tok.decode(row["input_ids"][row["n_source"] :]) for row in data)

@@ -98,3 +98,36 @@ def test_tokenizing_processes_die_when_the_main_process_is_killed(tmp_path, bos_
         for pid in children:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)  # what the test started must not outlive it, even when it fails
+
+
+# Tokenizes in parallel (2 forked workers), then forks a child of its own and prints the child's parent-death signal.
+FORK_AFTER_TOKENIZING = """
+import ctypes, os, sys
+from qlora_lightning.data import InstructionDataModule, sources
+
+sources.PARALLEL_MIN_RECORDS = 0
+tokenizer, data, cache = sys.argv[1:]
+InstructionDataModule(tokenizer=tokenizer, dataset=data, val_size=0, num_proc=2, num_workers=0,
+                      cache_dir=cache).setup("fit")
+signal = ctypes.c_int(-1)
+read, write = os.pipe()
+if (pid := os.fork()) == 0:
+    ctypes.CDLL(None).prctl(2, ctypes.byref(signal))  # PR_GET_PDEATHSIG
+    os.write(write, str(signal.value).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print("child's parent-death signal:", os.read(read, 16).decode())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+@pytest.mark.skipif(multiprocess.get_all_start_methods()[0] != "fork", reason="only forked workers are set to die")
+def test_the_fork_hook_leaves_the_callers_own_forks_alone(tmp_path, bos_tokenizer, write_jsonl, orca_records):
+    """The hook `os.register_at_fork` installs is process-wide: a process the caller forks after the data module's
+    parallel tokenization must not be set to die with its parent."""
+    bos_tokenizer.save_pretrained(tmp_path / "tok")
+    args = [str(tmp_path / "tok"), str(write_jsonl(orca_records(40))), str(tmp_path / "cache")]
+    done = subprocess.run([sys.executable, "-c", FORK_AFTER_TOKENIZING, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "cache" / "qlora_lightning").glob("*_of_00002.arrow"))  # tokenized by forked workers
+    assert done.stdout.splitlines()[-1] == "child's parent-death signal: 0"

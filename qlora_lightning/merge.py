@@ -44,13 +44,10 @@ GGUFTemplate = Literal["qlora", "chat"]
 
 
 def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A, B, alpha / r) of each adapted module, by module name: what merging and the GGUF export consume."""
+    """(A, B, alpha / r) of each adapted module, by module name: what merging and the GGUF export consume.
+    `adapters.read_adapter` has checked that both factors are there and of rank r."""
     scaling = float(adapter.config["lora_alpha"]) / int(adapter.config["r"])
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter.state})
-    for module in modules:
-        for ab in ("lora_A", "lora_B"):
-            if f"{module}.{ab}" not in adapter.state:
-                raise KeyError(f"{adapter.folder}: {module} has no {ab} weight")
     return {m: (adapter.state[f"{m}.lora_A"], adapter.state[f"{m}.lora_B"], scaling) for m in modules}
 
 

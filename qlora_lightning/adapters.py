@@ -6,7 +6,9 @@ it unchanged (the model card's snippet). This module owns:
 - the keys: our state dicts (`<module>.lora_A`) ↔ PEFT's (`to_peft_keys`, `from_peft_keys`, `is_adapter_key`);
 - the config: written from the model's LoRA layers (`adapter_config`) and read back into a `LoraSpec`
   (`lora_spec`);
-- the files: `save_adapter`, `read_adapter` (damaged files and NaN tensors are errors naming the file);
+- the files: `save_adapter`, `read_adapter` (damaged files, pickles, NaN tensors and a config whose `r` is not the
+  weights' rank are errors naming the file: every path that reads an adapter, from training to export, reads it
+  here);
 - the checks: `validate` (the one comparison of adapters with LoRA layers, used by loading, resume and FSDP)
   and `check_adapter_base` (was it trained on these base weights?);
 - the one formula of what an adapter adds to its base weight, `delta_weight`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +36,8 @@ from .specs import LoraSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+#: Older PEFT's weights file (a pickle): read with `weights_only=True`, never written.
+LEGACY_ADAPTER_WEIGHTS = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<ab>lora_[AB])$")
 #: PEFT's `LoraConfig.lora_alpha` default: what PEFT itself uses for an adapter_config.json without the key.
@@ -235,33 +240,62 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def check_ranks(state: dict[str, torch.Tensor], r: int, *, weights: Path, config: Path) -> None:
+    """Raise unless every adapted module has both factors and each is of rank `r` (the config's): A is (r × in),
+    B is (out × r). A config whose `r` no longer matches its weights would scale every update by alpha / r with the
+    wrong r, so it is refused here, where every path (training, generation, evaluation, export) reads adapters."""
+    for module in sorted({key.rsplit(".", 1)[0] for key in state}):
+        lora_A, lora_B = state.get(f"{module}.lora_A"), state.get(f"{module}.lora_B")
+        if lora_A is None or lora_B is None:
+            raise KeyError(f"{weights}: {module} has no {'lora_A' if lora_A is None else 'lora_B'} weight")
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != r or lora_B.shape[1] != r:
+            raise ValueError(
+                f"{weights}: {module}.lora_A has shape {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, but "
+                f"{config} says r={r} (lora_A must be r × in, lora_B out × r): the config does not describe these "
+                f"weights. If the weights are right, set r to their rank ({lora_A.shape[0]}) in {config.name}"
+            )
+
+
+def _read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """(file, PEFT-keyed tensors, safetensors metadata) of an adapter folder's weights file."""
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        path = folder / ADAPTER_WEIGHTS
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return path, load_file(str(path)), metadata
+        except Exception as e:  # safetensors' errors name no file
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); it is damaged or incomplete") from e
+    path = folder / LEGACY_ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: neither {ADAPTER_WEIGHTS} nor {LEGACY_ADAPTER_WEIGHTS}")
+    try:
+        return path, torch.load(path, map_location="cpu", weights_only=True), {}
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: holds Python objects besides tensors, and pickles are refused for safety (loading one can run "
+            f"any code written into it). Save the adapter as safetensors where it was made (PEFT: "
+            f"save_pretrained(folder, safe_serialization=True)), or convert this file on a machine you trust: "
+            f"safetensors.torch.save_file(torch.load(file), '{ADAPTER_WEIGHTS}')"
+        ) from None
+    except Exception as e:  # torch's errors for a truncated or foreign file name no file
+        raise ValueError(f"{path}: not a readable PyTorch tensor file ({e}); it is damaged or incomplete") from e
+
+
 def read_adapter(folder: str | os.PathLike) -> Adapter:
     """A PEFT LoRA adapter folder, read and checked.
 
     `adapter_model.bin` (older PEFT) is read with `torch.load(weights_only=True)`, which refuses anything but
-    tensors, so no code in the file can run. A config without `lora_alpha` gets PEFT's own default (8), as PEFT
-    would load it. Damaged files, and tensors holding NaN or inf, are errors naming the file.
+    tensors, so no code in the file can run; a file that holds more is an error saying how to convert it. A config
+    without `lora_alpha` gets PEFT's own default (8), as PEFT would load it. Damaged files, tensors holding NaN or
+    inf, and factors whose rank is not the config's `r` (`check_ranks`) are errors naming the file.
     """
     folder = Path(folder)
     config = _read_config(folder)
-    metadata: dict[str, str] = {}
-    if (folder / ADAPTER_WEIGHTS).is_file():
-        weights_path = folder / ADAPTER_WEIGHTS
-        try:
-            raw = load_file(str(weights_path))
-            with safe_open(str(weights_path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as e:  # safetensors' errors name no file
-            raise ValueError(
-                f"{weights_path}: not a readable safetensors file ({e}); it is damaged or incomplete"
-            ) from e
-    elif (folder / "adapter_model.bin").is_file():
-        weights_path = folder / "adapter_model.bin"
-        raw = torch.load(weights_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder}: neither {ADAPTER_WEIGHTS} nor adapter_model.bin")
+    weights_path, raw, metadata = _read_weights(folder)
     state = from_peft_keys(raw, str(weights_path))
     check_finite(state, str(weights_path))
+    check_ranks(state, config["r"], weights=weights_path, config=folder / ADAPTER_CONFIG)
     return Adapter(folder, config, state, metadata)
 
 

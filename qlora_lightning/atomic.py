@@ -4,8 +4,9 @@ Everything the toolkit writes (checkpoints, adapter folders, the converted built
 reports) goes through here. Each is written under a hidden temporary name beside its final one
 (`.<name>.<random>.tmp`) and renamed into place, so a kill, a crash or a full disk mid-write leaves the
 previous version whole. Three things plain `tempfile` + `os.replace` get wrong are handled once:
-- permissions: temporary files are created 0600 and folders 0700, which the rename would keep; results get
-  what the user's umask gives, so colleagues on a shared cluster can read them;
+- permissions: temporary files are created 0600 and folders 0700, which the rename would keep, and some writers
+  (safetensors) create their files 0600 too; a finished file, folder and everything inside the folder get what
+  the user's umask gives, so colleagues on a shared cluster can read them;
 - leftovers: a write killed before it could clean up leaves its temporary behind; the next write of the same
   name removes it;
 - errors: torch and safetensors report a full disk without naming the file; a failed write here raises
@@ -40,6 +41,20 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it; set straight back
     os.umask(mask)
     return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give `folder`, its subfolders and its files the modes a plain `mkdir` / `open` would have given them under
+    the user's umask (0755 / 0644 under 022), whatever mode their writer chose. Links are left alone."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -96,12 +111,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; when the block ends without error it becomes `path`.
+    """Yield an empty temporary folder beside `path`; when the block ends without error it becomes `path`, its
+    files and subfolders given the umask's permissions (`_apply_umask`).
 
     An existing `path` is an error unless `overwrite`; then it is replaced only once the new folder is
-    complete. A failure removes the temporary folder and raises `WriteError` naming `path`.
+    complete. An existing file (not a folder) is never replaced by a folder: that is always an error, as a
+    mistyped output (`m.gguf` for a folder export) would otherwise lose the file. A failure removes the temporary
+    folder and raises `WriteError` naming `path`.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; a folder is written here, so choose another output (kept as it is)")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another output or pass overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +129,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=_TMP_SUFFIX))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _apply_umask(tmp)
         if path.exists():  # moved aside under a temporary name: a kill here leaves it for remove_leftovers
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=_TMP_SUFFIX))
             os.replace(path, old / path.name)

@@ -19,7 +19,8 @@ PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
 #: Written into a converted folder; a folder without it (or with an older number) is converted again. 2: the
 #: special tokens are taken from the GGUF's own metadata (transformers 5.17 gave SmolLM2 `<|im_start|>` as EOS).
-CONVERSION = {"file": "qlora_lightning_conversion.json", "version": 2}
+#: 3: the pre-tokenizer the GGUF names (`GGUF_PRE_TOKENIZERS`: SmolLM2 splits digits one by one).
+CONVERSION = {"file": "qlora_lightning_conversion.json", "version": 3}
 #: The GGUF metadata keys of the special tokens, by the tokenizer attribute they set.
 GGUF_SPECIAL_TOKENS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
@@ -123,14 +124,33 @@ def converted(folder: Path) -> bool:
     return marker.is_file() and json.loads(marker.read_text()).get("version") == CONVERSION["version"]
 
 
+def _smollm_pre_tokenizer():
+    """SmolLM2's pre-tokenizer as its published tokenizer.json has it: every digit apart, then GPT-2's expression."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+
+
+#: llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) that transformers' GGUF reader does not rebuild (it gives
+#: every byte-level vocabulary GPT-2's expression alone), with the pre-tokenizer each names.
+GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
+
+
 def gguf_tokenizer(path: Path):
-    """The tokenizer of a GGUF file, with its special tokens as the file records them (`gguf_special_token_ids`),
-    whatever transformers' converter made of them."""
+    """The tokenizer of a GGUF file, with its special tokens as the file records them (`gguf_special_token_ids`)
+    and the pre-tokenizer the file names (`GGUF_PRE_TOKENIZERS`), whatever transformers' converter made of them:
+    SmolLM2 then splits text as it was trained to, and a GGUF exported from it names the same pre-tokenizer."""
+    import gguf
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for role, token_id in gguf_special_token_ids(path).items():
         setattr(tokenizer, role, tokenizer.convert_ids_to_tokens(token_id))
+    pre = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    if pre is not None and pre.contents() in GGUF_PRE_TOKENIZERS:
+        tokenizer.backend_tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre.contents()]()
     return tokenizer
 
 

@@ -38,10 +38,12 @@ def export_model(
         base: hub id, local folder or `builtin:` name of the base the adapter was trained on.
         adapter: the PEFT LoRA adapter folder.
         output: the folder (`hf`) or `.gguf` file to write; a GGUF's folder must exist, and an Ollama `Modelfile`
-            is written into it beside the file.
+            is written into it beside the file. A `.gguf` name with format "hf" is an error (a folder would be
+            written under that name), and an hf export never replaces a file.
         format: "hf" (default: the merged bf16 folder that transformers loads), "gguf" (the merged model as one
             GGUF file with its tokenizer and chat template) or "gguf-lora" (the adapter alone, for llama.cpp's
-            `--lora` and Ollama's ADAPTER).
+            `--lora`, and Ollama's ADAPTER where Ollama still accepts it: releases from 0.34.1 are reported to refuse
+            it, so "gguf" is the format for Ollama).
         gguf_type: how GGUF matrices are stored: "f16" (default: the merged bf16 weights exactly, which every
             llama.cpp build runs), "bf16", "q8_0" (half the size, close to f16) or "q4_0" (a quarter; its output
             matrix stays q8_0). A GGUF LoRA takes f16 or bf16 only.
@@ -59,6 +61,11 @@ def export_model(
     """
     if format not in get_args(ExportFormat):
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(get_args(ExportFormat))}")
+    if format == "hf" and output.lower().endswith(".gguf"):
+        raise ValueError(
+            f"--output {output} names a .gguf file but --format is hf, which writes a model folder: pass "
+            "--format gguf (or gguf-lora) for a GGUF file, or name a folder"
+        )
     if format == "hf":
         return export_merged(
             base=base,

@@ -3,7 +3,8 @@
 `save_gguf` writes the merged model (the same bf16 tensors as the Hugging Face export: `merge.merged_tensors`)
 as one GGUF file with the architecture's metadata, the tokenizer, its special tokens and the chat template the
 adapter was trained with. `save_gguf_lora` writes the adapter alone as a GGUF LoRA (llama.cpp's `--lora`, Ollama's
-ADAPTER). Each also writes an Ollama `Modelfile` beside the file. The `gguf` package (maintained with llama.cpp)
+ADAPTER where Ollama still accepts it: `OLLAMA_ADAPTER_NOTE`). Each also writes an Ollama `Modelfile` beside the file;
+`general.name` is the model's published name (`model_name`). The `gguf` package (maintained with llama.cpp)
 does the file format, the tensor names (`TensorNameMap`) and the quantization (`gguf.quants`); what llama.cpp
 expects beyond the format lives here:
 - Q and K rows are reordered per head: Hugging Face pairs RoPE dimensions i and i + d/2 within a head,
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from . import hub
+from . import builtin, hub
 from .adapters import Adapter
 from .atomic import write_file, write_text
 from .data.templates import QLORA_SYSTEM
@@ -52,7 +53,15 @@ from .merge import (
 )
 from .specs import QuantSpec
 
-__all__ = ["save_gguf", "save_gguf_lora", "llama_shape", "vocabulary", "chat_template", "ollama_modelfile"]
+__all__ = [
+    "save_gguf",
+    "save_gguf_lora",
+    "llama_shape",
+    "vocabulary",
+    "chat_template",
+    "model_name",
+    "ollama_modelfile",
+]
 
 Q = gguf.GGMLQuantizationType
 #: `--gguf_type` → (the type of 2-D tensors, the file type llama.cpp reports).
@@ -453,12 +462,18 @@ def _load_tokenizer(source_dir: Path) -> PreTrainedTokenizerBase:
 
 
 # ------------------------------------------------------------------------------------------ chat formats
-def _qlora_jinja() -> str:
-    """The "qlora" prompt as a Jinja chat template, rendering exactly what `templates.format_prompt` renders.
+def _qlora_jinja(eos_token: str) -> str:
+    """The "qlora" prompt as a Jinja chat template: the text before an answer is exactly training's source.
 
-    A system message replaces the default sentence; each user turn is "### Human: … ### Assistant:" and each
-    assistant turn " … " after it. Every piece is an expression with whitespace control, so the result does not
-    depend on the engine's trim_blocks / lstrip_blocks settings. No BOS: the tokenizer adds it
+    A system message replaces the default sentence; each user turn is "### Human: … ### Assistant:", and an earlier
+    assistant turn " … " (how training writes past turns). The last message, when it is the assistant's, is the
+    answer being written: it follows "### Assistant:" directly and ends with `eos_token`. Chat clients find where
+    an answer goes and where it stops by rendering a placeholder answer there: node-llama-cpp's chat API prompts
+    with the text before it (training's source, which ends at the colon: the answer's first token carries its
+    space, " Paris") and stops at the text after it. That is EOS, as training's target is the response and EOS;
+    with " " there, every answer stopped at its first space. Every piece is an expression with whitespace control,
+    so the result does not depend on the engine's trim_blocks / lstrip_blocks settings. EOS is written as its text,
+    not the `eos_token` variable, as not every client passes that variable. No BOS: the tokenizer adds it
     (`tokenizer.ggml.add_bos_token`), as training's `encode_prompt` does.
     """
     return (
@@ -471,6 +486,8 @@ def _qlora_jinja() -> str:
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ '### Human: ' + message['content'] + ' ### Assistant:' }}"
+        "{%- elif message['role'] == 'assistant' and loop.last -%}"
+        f"{{{{ message['content'] + {json.dumps(eos_token)} }}}}"
         "{%- elif message['role'] == 'assistant' -%}"
         "{{ ' ' + message['content'] + ' ' }}"
         "{%- endif -%}"
@@ -478,6 +495,14 @@ def _qlora_jinja() -> str:
     )
 
 
+#: What a GGUF LoRA's Modelfile says above its ADAPTER line. Ollama's Modelfile reference still documents ADAPTER,
+#: but Ollama 0.34.1 (ollama/ollama#14969, 2026-09) is reported to refuse Modelfiles with ADAPTER in `ollama create`
+#: (generative-computing/mellea#1651); models built before keep working.
+OLLAMA_ADAPTER_NOTE = (
+    "ADAPTER: Ollama from 0.34.1 is reported to refuse it in `ollama create`. There, export the merged model\n"
+    "instead (qlora-lightning export --format gguf); llama.cpp applies this adapter itself:\n"
+    "llama-cli -m <base .gguf> --lora <adapter .gguf>"
+)
 #: The same prompt as an Ollama (Go) template; Ollama gives the Modelfile's SYSTEM unless a message replaces it.
 _QLORA_OLLAMA = (
     "{{ .System }}\n"
@@ -489,7 +514,9 @@ _QLORA_OLLAMA = (
 def chat_template(template: GGUFTemplate, tokenizer: PreTrainedTokenizerBase) -> str:
     """The Jinja chat template written into the GGUF for the prompt format the adapter was trained with."""
     if template == "qlora":
-        return _qlora_jinja()
+        if not tokenizer.eos_token:
+            raise ValueError(f"template 'qlora' ends each answer with EOS; {tokenizer.name_or_path} has no EOS token")
+        return _qlora_jinja(tokenizer.eos_token)
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
@@ -501,7 +528,8 @@ def chat_template(template: GGUFTemplate, tokenizer: PreTrainedTokenizerBase) ->
 
 def ollama_modelfile(*, model: str, template: GGUFTemplate, stops: list[str], adapter: str | None = None) -> str:
     """An Ollama Modelfile: `model` (a path relative to the Modelfile, or an Ollama model name), the adapter for
-    a GGUF LoRA, the prompt format and its stop strings, so that `ollama create NAME -f Modelfile` needs no edit.
+    a GGUF LoRA (with `OLLAMA_ADAPTER_NOTE` above it), the prompt format and its stop strings, so that `ollama create
+    NAME -f Modelfile` needs no edit.
 
     For "chat" no TEMPLATE is written: Ollama takes the chat template stored in the GGUF (a Jinja template it
     cannot run as such, but recognises for the common formats); "qlora" has no such fallback, so it is spelled
@@ -509,7 +537,7 @@ def ollama_modelfile(*, model: str, template: GGUFTemplate, stops: list[str], ad
     """
     lines = ["# Written by qlora-lightning export. Run: ollama create <name> -f Modelfile", f"FROM {model}"]
     if adapter is not None:
-        lines.append(f"ADAPTER {adapter}")
+        lines += [f"# {line}" for line in OLLAMA_ADAPTER_NOTE.splitlines()] + [f"ADAPTER {adapter}"]
     if template == "qlora":
         lines += [f'TEMPLATE """{_QLORA_OLLAMA}"""', f'SYSTEM """{QLORA_SYSTEM}"""']
     else:
@@ -542,9 +570,25 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
             raise FileExistsError(f"{path} exists; choose another output or pass overwrite")
 
 
+def model_name(base: str, source_dir: Path) -> str:
+    """`general.name`, the name llama.cpp, Ollama and LM Studio show: the model's published name, not the way the
+    command line reached it. A built-in model's is its GGUF file's (SmolLM2-135M-Instruct), a hub id's its
+    repository's (`meta-llama/Llama-2-7b-hf` → Llama-2-7b-hf, also when reached as a hub-cache snapshot folder),
+    a local folder's its folder name."""
+    if base.startswith(builtin.PREFIX):
+        try:
+            return builtin.smollm2_gguf().name.split(".", 1)[0]
+        except (ModuleNotFoundError, FileNotFoundError):  # converted earlier, its wheel gone since
+            return base[len(builtin.PREFIX) :]
+    repository = source_dir.parent.parent.name
+    if source_dir.parent.name == "snapshots" and repository.startswith("models--"):
+        return repository.split("--")[-1]
+    return source_dir.name
+
+
 def _new_writer(name: str, file_type: gguf.LlamaFileType, kind: str) -> gguf.GGUFWriter:
-    """A writer with the keys every file shares: architecture, type ("model" or "adapter"), name (the base as
-    the user named it), file type."""
+    """A writer with the keys every file shares: architecture, type ("model" or "adapter"), name (`model_name`),
+    file type."""
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(kind)
     writer.add_name(name)
@@ -628,7 +672,7 @@ def save_gguf(
     chat = chat_template(template, tokenizer)
     quantized = quantized_linears(source_dir, quant) if from_quantized else None
     _write_model(
-        base,
+        model_name(base, source_dir),
         source_dir,
         adapter,
         output,
@@ -678,7 +722,8 @@ def save_gguf_lora(
 
     The file holds `adapter.type` = "lora", `adapter.lora.alpha` and, for each adapted matrix `blk.N.<name>.weight`
     of the base, `….lora_a` and `….lora_b`; llama.cpp applies it to a GGUF of the base (`llama-cli -m base.gguf
-    --lora adapter.gguf`, Ollama's ADAPTER). The base's shapes are checked against the adapter first.
+    --lora adapter.gguf`, Ollama's ADAPTER, which newer Ollama releases are reported to refuse: `OLLAMA_ADAPTER_NOTE`).
+    The base's shapes are checked against the adapter first.
 
     Args:
         base: hub id, folder or `builtin:` name of the base the adapter was trained on (its config and tensor
@@ -706,7 +751,7 @@ def save_gguf_lora(
         tensors = _lora_plan(source_dir, adapter, shapes, shape, gguf_type)
     if base_path is not None:
         _write_model(
-            base,
+            model_name(base, source_dir),
             source_dir,
             None,
             base_path,
@@ -717,7 +762,7 @@ def save_gguf_lora(
             quant=QuantSpec(),
             device=torch.device("cpu"),
         )
-    writer = _new_writer(base, file_type, "adapter")
+    writer = _new_writer(model_name(base, source_dir), file_type, "adapter")
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.config["lora_alpha"]))
     _write(output, writer, [p for p, _ in tensors], (t for _, t in tensors))

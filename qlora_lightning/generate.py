@@ -10,6 +10,7 @@ gradient checkpointing, `use_cache=False`) to evaluation and back.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -71,6 +72,23 @@ def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     return sorted(set(ids))
 
 
+def check_settings(*, max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+    """Raise naming the setting when one is outside what generation can use (checked before any model loads):
+    transformers would otherwise accept `top_p 2` silently (no nucleus at all) or fail deep inside with a message
+    about something else (`batch_size 0`: "range() arg 3 must not be zero")."""
+    problems = []
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        problems.append(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature must be > 0 (greedy decoding is --sample false), got {temperature!r}")
+    if not (0 < top_p <= 1):
+        problems.append(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if problems:
+        raise ValueError("generate: " + "; ".join(problems))
+
+
 def generation_config(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -127,17 +145,19 @@ def generate(
 
     Args:
         model / tokenizer: a causal LM (with or without our LoRA layers) and its tokenizer.
-        prompts: one prompt or several; several are generated in left-padded batches of `batch_size`.
+        prompts: one prompt or several; several are generated in left-padded batches of `batch_size` (>= 1).
         template: "qlora" (the model card's "### Human: … ### Assistant:", what our training writes),
             "chat" (the tokenizer's chat template), "alpaca", or None for the raw text.
-        max_new_tokens: most tokens generated per prompt.
+        max_new_tokens: most tokens generated per prompt (>= 1).
         sample: nucleus sampling instead of greedy decoding (greedy is deterministic: the default).
-        temperature / top_p: sampling settings; 0.7 and 0.9 are the paper's for Guanaco's generations.
+        temperature / top_p: sampling settings (temperature > 0, top_p in (0, 1]; `check_settings`); 0.7 and 0.9
+            are the paper's for Guanaco's generations.
         seed: the random seed of each batch's sampling, for reproducible answers (`seeded`: the caller's random
             streams are left as they were).
         eos_token_id: ids that end a generation; None: the tokenizer's EOS and the model's (`stop_ids`).
         streamer: a transformers streamer (e.g. `TextStreamer`) fed as tokens come; batch size 1 only.
     """
+    check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if streamer is not None and len(prompts) != 1:
         raise ValueError("a streamer follows one sequence; pass one prompt (or use `stream`)")
@@ -214,12 +234,12 @@ def generate_cli(
         adapter: a PEFT LoRA adapter folder (ours or published); None generates with the base alone.
         template: "qlora" (the model card's prompt, what training writes), "chat" (the tokenizer's chat
             template), "alpaca", or None for the raw text.
-        max_new_tokens: most tokens generated per prompt.
+        max_new_tokens: most tokens generated per prompt (>= 1).
         sample: nucleus sampling instead of greedy decoding (greedy, deterministic, by default).
-        temperature: sampling temperature (0.7, the paper's for Guanaco).
-        top_p: nucleus size (0.9, the paper's for Guanaco).
+        temperature: sampling temperature, > 0 (0.7, the paper's for Guanaco).
+        top_p: nucleus size, in (0, 1] (0.9, the paper's for Guanaco).
         seed: RNG seed, so that sampled answers can be reproduced.
-        batch_size: prompts per left-padded batch when not streaming.
+        batch_size: prompts per left-padded batch when not streaming (>= 1).
         stream_output: print tokens as they come, one prompt after another; off: batch all prompts and
             print each answer when done.
         quant: how the base is stored, as in training (`--quant.quantize nf4|fp4|none`, `--quant.compute_dtype`:
@@ -227,6 +247,7 @@ def generate_cli(
         device: "auto" (CUDA if present, else CPU), "cpu", "cuda:0", ...
         allow_other_base: skip the check that the adapter was trained on `base`.
     """
+    check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     loaded = load_for_inference(base, adapter, quant=quant, device=device, allow_other_base=allow_other_base)
     kwargs = dict(

@@ -5,7 +5,7 @@ index and config that `AutoModelForCausalLM.from_pretrained` reads. By default `
 weight re-read from the base checkpoint, streamed tensor by tensor (at most one output shard is held in memory).
 `from_quantized=True` merges into the dequantized NF4 weight instead (what the adapter was trained against); it
 changes every quantized weight of the base, so it warns. Only the base folder's own files are copied beside the
-weights (`model_side_files`).
+weights (`model_side_files`); its `config.json` must be one of them (a link out of the folder is refused).
 
 `export.export_model` is the `export` command; `export_gguf` writes GGUF files from the same merged tensors.
 """
@@ -44,13 +44,10 @@ GGUFTemplate = Literal["qlora", "chat"]
 
 
 def lora_factors(adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A, B, alpha / r) of each adapted module, by module name: what merging and the GGUF export consume."""
+    """(A, B, alpha / r) of each adapted module, by module name: what merging and the GGUF export consume.
+    `adapters.read_adapter` has checked that both factors are there and of rank r."""
     scaling = float(adapter.config["lora_alpha"]) / int(adapter.config["r"])
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter.state})
-    for module in modules:
-        for ab in ("lora_A", "lora_B"):
-            if f"{module}.{ab}" not in adapter.state:
-                raise KeyError(f"{adapter.folder}: {module} has no {ab} weight")
     return {m: (adapter.state[f"{m}.lora_A"], adapter.state[f"{m}.lora_B"], scaling) for m in modules}
 
 
@@ -177,6 +174,7 @@ def save_merged(
         )
     quantized = quantized_linears(source_dir, quant) if from_quantized else None
     factors = lora_factors(adapter)
+    config, side_files = _model_config(source_dir), model_side_files(source_dir)
     with contextlib.ExitStack() as stack:
         handles, shapes = open_checkpoint(stack, source_dir)
         check_adapted_modules(source_dir, factors, shapes)
@@ -203,7 +201,7 @@ def save_merged(
             if len(plan) > 1:
                 index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            _copy_side_files(source_dir, tmp)
+            _copy_side_files(config, side_files, tmp)
     return output
 
 
@@ -211,9 +209,7 @@ def model_side_files(source_dir: Path) -> list[Path]:
     """The files of a model folder that export may copy: regular files inside it, or links that resolve to
     one inside it or, for a hub-cache snapshot (`<repo>/snapshots/<revision>/`), into that repository's
     `blobs/`. A link pointing anywhere else (a README linked to another file) is skipped with a warning."""
-    roots = [source_dir.resolve()]
-    if source_dir.parent.name == "snapshots":
-        roots.append((source_dir.parent.parent / "blobs").resolve())
+    roots = _model_roots(source_dir)
     files = []
     for path in sorted(source_dir.iterdir()):
         target = path.resolve()
@@ -226,15 +222,40 @@ def model_side_files(source_dir: Path) -> list[Path]:
     return files
 
 
-def _copy_side_files(source_dir: Path, target: Path) -> None:
-    """Copy config (dtype set to bf16), generation config and tokenizer files; weights are never copied."""
-    config = json.loads((source_dir / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = "bfloat16"
-    if "torch_dtype" in config:  # the key's name before transformers 4.56
-        config["torch_dtype"] = "bfloat16"
-    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for path in model_side_files(source_dir):
+def _model_roots(source_dir: Path) -> list[Path]:
+    """Where a model folder's files may live: the folder, and for a hub-cache snapshot its repository's blobs."""
+    roots = [source_dir.resolve()]
+    if source_dir.parent.name == "snapshots":
+        roots.append((source_dir.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _model_config(source_dir: Path) -> Path:
+    """The folder's own `config.json`, which the export rewrites as its config; a link out of the folder is refused
+    (the export copies nothing from outside the model folder, and the config would be that outside file)."""
+    config = source_dir / "config.json"
+    target = config.resolve()
+    if not target.is_file():
+        raise FileNotFoundError(f"{source_dir}: no config.json; not a model folder as save_pretrained writes it")
+    if not any(target.is_relative_to(root) for root in _model_roots(source_dir)):
+        raise ValueError(
+            f"{config} links to {target}, outside the model folder; the export writes the folder's own config.json "
+            f"and copies nothing from outside it. If that file is this model's config, put a copy in its place "
+            f"(cp --remove-destination {target} {config}) and export again"
+        )
+    return config
+
+
+def _copy_side_files(config: Path, files: list[Path], target: Path) -> None:
+    """Write `config` (dtype set to bf16) and copy `files` (`model_side_files`: generation config, tokenizer…);
+    weights and the weight index are never copied."""
+    written = json.loads(config.read_text())
+    written.pop("quantization_config", None)
+    written["dtype"] = "bfloat16"
+    if "torch_dtype" in written:  # the key's name before transformers 4.56
+        written["torch_dtype"] = "bfloat16"
+    (target / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+    for path in files:
         if (
             path.name != "config.json"
             and not path.name.endswith(_WEIGHT_SUFFIXES)

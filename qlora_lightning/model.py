@@ -284,10 +284,27 @@ class ModuleMaterializer:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`"auto"` → the first CUDA device when there is one, else the CPU; anything else as torch reads it."""
+    """`"auto"` → the first CUDA device when there is one, else the CPU; anything else as torch reads it, checked
+    to exist here: torch itself fails only at the first tensor moved there, with a message about its build (a CPU
+    build's "Torch not compiled with CUDA enabled" AssertionError) that does not name the `--device` flag."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(
+            f"--device {device!r} is not a device torch knows ({e}); use auto, cpu, cuda or cuda:N"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {device!r}: {why}; use --device cpu (or auto, which picks CUDA when present)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"--device {device!r}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})"
+            )
+    return resolved
 
 
 def load_model(

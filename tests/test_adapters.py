@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 
 import pytest
@@ -168,3 +170,56 @@ def _without_metadata(path) -> bytes:
     tmp = path.with_suffix(".plain")
     save_file(load_file(path), tmp)
     return tmp.read_bytes()
+
+
+def test_a_config_whose_r_is_not_its_weights_rank_is_refused_on_every_path(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    """An adapter_config.json edited to r=16 over r=8 weights: every path reads adapters through `read_adapter`, so
+    export (hf and gguf-lora), generation and training refuse it alike, naming both files; nothing is written."""
+    from qlora_lightning.cli import main
+
+    edited = shutil.copytree(chat_adapter, tmp_path / "r16")
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    message = (
+        re.escape(str(edited / "adapter_model.safetensors"))
+        + r": .*lora_A has shape \(8, \d+\) and lora_B \(\d+, 8\), but "
+        + re.escape(str(edited / "adapter_config.json"))
+        + r" says r=16 .*set r to their rank \(8\)"
+    )
+    base = ["--base", str(tiny_chat_llama_dir), "--adapter", str(edited)]
+    for format, output in (("hf", tmp_path / "merged"), ("gguf-lora", tmp_path / "adapter.gguf")):
+        with pytest.raises(ValueError, match=message):
+            main(["export", *base, "--output", str(output), "--format", format, "--device", "cpu"])
+        assert not output.exists()
+    with pytest.raises(ValueError, match=message):
+        main(["generate", *base, "--prompt", "Hi", "--max_new_tokens", "1"])
+    with pytest.raises(ValueError, match=message):  # training that starts from the adapter
+        load_model(str(tiny_chat_llama_dir), lora=LoraSpec(r=16, alpha=16), adapter=edited, with_tokenizer=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r16"]
+
+
+class _Payload:
+    """What a malicious pickle carries: unpickling it runs `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_adapter_bin_is_refused_with_what_to_do_and_runs_nothing(tiny_llama_dir, tmp_path):
+    folder = export_adapter(trained_like(tiny_llama_dir), tmp_path / "a", base_model=str(tiny_llama_dir))
+    state = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(state, folder / "adapter_model.bin")  # older PEFT's tensors-only pickle: still read
+    assert read_adapter(folder).state.keys() == {k.removeprefix("base_model.model.")[: -len(".weight")] for k in state}
+    marker = tmp_path / "code_ran"
+    torch.save({**state, "payload": _Payload(marker)}, folder / "adapter_model.bin")
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_model\.bin: holds Python objects besides tensors, and pickles are "
+        r"refused for safety .*safe_serialization=True.*save_file",
+    ):
+        read_adapter(folder)
+    assert not marker.exists()

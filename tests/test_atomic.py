@@ -25,12 +25,20 @@ def mode(path) -> int:
 
 
 def test_files_and_folders_get_the_umask_permissions(tmp_path, umask_022):
+    import torch
+    from safetensors.torch import save_file
+
     write_text(tmp_path / "report.json", "{}")
     with atomic_folder(tmp_path / "export") as folder:
         (folder / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")  # safetensors creates its files 0600
+        (folder / "shards").mkdir(mode=0o700)
+        (folder / "shards" / "a.bin").touch(mode=0o600)
     assert mode(tmp_path / "report.json") == 0o644  # tempfile alone would leave 0600
     assert mode(tmp_path / "export") == 0o755  # and 0700
     assert mode(tmp_path / "export" / "config.json") == 0o644
+    assert mode(tmp_path / "export" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "export" / "shards") == 0o755 and mode(tmp_path / "export" / "shards" / "a.bin") == 0o644
 
 
 def test_leftovers_of_killed_writes_are_removed_by_the_next_write(tmp_path):
@@ -77,6 +85,15 @@ def test_an_existing_folder_is_replaced_only_when_asked_and_only_once_complete(t
     with atomic_folder(tmp_path / "out", overwrite=True) as folder:
         (folder / "b").write_text("2")
     assert os.listdir(tmp_path / "out") == ["b"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_a_file_is_never_replaced_by_a_folder(tmp_path):
+    """A mistyped output (`m.gguf` for a folder export) must not lose the file, even with overwrite."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF a model")
+    with pytest.raises(FileExistsError, match=r"m\.gguf is a file; a folder is written here"):
+        with atomic_folder(tmp_path / "m.gguf", overwrite=True) as folder:
+            (folder / "config.json").write_text("{}")
+    assert (tmp_path / "m.gguf").read_bytes() == b"GGUF a model" and os.listdir(tmp_path) == ["m.gguf"]
 
 
 def test_a_full_disk_names_the_checkpoint(tmp_path):

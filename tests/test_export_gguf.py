@@ -1,5 +1,6 @@
 """GGUF export: the merged model and the adapter alone, read back by transformers, by `gguf.GGUFReader` and
-(opt-in) by llama.cpp itself; metadata, chat template, Modelfile, streaming, and bad input."""
+(opt-in) by llama.cpp itself, through its Python wheel and through node-llama-cpp's chat API; metadata, chat template,
+Modelfile, streaming, and bad input. Skipped as a whole where the `gguf` package is missing."""
 
 from __future__ import annotations
 
@@ -7,25 +8,27 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import get_args
 
-import gguf
 import jinja2.sandbox
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_lightning import export_gguf
-from qlora_lightning.adapters import save_adapter, to_peft_keys
-from qlora_lightning.atomic import WriteError
-from qlora_lightning.data.formats import Example
-from qlora_lightning.data.templates import format_prompt, render_source
-from qlora_lightning.data.tokenize import encode_prompt
-from qlora_lightning.export import export_model
-from qlora_lightning.merge import GGUFType
-from qlora_lightning.model import safetensors_shards, weights_fingerprint
+gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `gguf` package (pip install gguf)")
+
+from qlora_lightning import builtin, export_gguf  # noqa: E402
+from qlora_lightning.adapters import save_adapter, to_peft_keys  # noqa: E402
+from qlora_lightning.atomic import WriteError  # noqa: E402
+from qlora_lightning.data.formats import Example  # noqa: E402
+from qlora_lightning.data.templates import format_prompt, render_source  # noqa: E402
+from qlora_lightning.data.tokenize import encode_prompt  # noqa: E402
+from qlora_lightning.export import export_model  # noqa: E402
+from qlora_lightning.merge import GGUFType  # noqa: E402
+from qlora_lightning.model import safetensors_shards, weights_fingerprint  # noqa: E402
 
 #: GGUF logits against the merged Hugging Face model's, both run in fp32 by transformers, as max |Δlogit| / max
 #: |logit| over every position and token. f16 stores the merged bf16 weights exactly (bf16 → f16 is exact but for
@@ -120,13 +123,16 @@ def test_metadata_matches_the_config_and_tokenizer(gguf_file, tiny_chat_llama_di
         "llama.attention.head_count_kv": config["num_key_value_heads"],
         "llama.rope.dimension_count": config["hidden_size"] // heads,
         "llama.vocab_size": config["vocab_size"],
+        "general.name": tiny_chat_llama_dir.name,  # the model's name, not the command line's spelling of it
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt-2",
+        # SmolLM2's tokenizer (the built-in's, from its GGUF) splits digits apart: llama.cpp's "smollm", as its own
+        # GGUF says
+        "tokenizer.ggml.pre": gguf.GGUFReader(builtin.smollm2_gguf()).fields["tokenizer.ggml.pre"].contents(),
         "tokenizer.ggml.bos_token_id": tokenizer.bos_token_id,
         "tokenizer.ggml.eos_token_id": tokenizer.eos_token_id,
         "tokenizer.ggml.add_bos_token": False,  # SmolLM2's tokenizer adds nothing (LLaMA-2's adds BOS)
     }
-    assert {k: kv.get(k) for k in expected} == expected
+    assert {k: kv.get(k) for k in expected} == expected and kv["tokenizer.ggml.pre"] == "smollm"
     rope_theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta"))
     assert kv["llama.rope.freq_base"] == pytest.approx(rope_theta)
     assert kv["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
@@ -175,6 +181,37 @@ def test_the_chat_template_renders_the_prompt_the_model_was_trained_on(gguf_file
         assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
 
 
+def render(template: str, messages: list[dict]) -> str:
+    return jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(template).render(messages=messages)
+
+
+def test_a_final_answer_follows_training_s_source_and_ends_with_eos(gguf_file, tiny_chat_llama_dir):
+    """Chat clients render a placeholder answer as the last message, prompt with the text before it and stop at the
+    text after it (node-llama-cpp's chat API does). Before it must be training's source, past turns included; after
+    it EOS alone, as training's target ends with EOS: with " " there, every answer stopped at its first space."""
+    template = read_gguf(gguf_file("f16"))[0]["tokenizer.chat_template"]
+    example = Example(prompt="And 3 + 3?", response="", history=(("2 + 2?", "4"),))
+    messages = [
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "ANSWER"},
+    ]
+    before, after = render(template, messages).split("ANSWER")
+    assert before == render_source(example, "qlora") and after == "<|im_end|>"
+    assert AutoTokenizer.from_pretrained(tiny_chat_llama_dir).eos_token == after
+
+
+def test_general_name_is_the_model_s_published_name(tmp_path):
+    """Not the command line's spelling (it was "builtin:smollm2-135m-instruct"); the tiny folder's case is checked in
+    test_metadata_matches_the_config_and_tokenizer."""
+    assert export_gguf.model_name("builtin:smollm2-135m-instruct", tmp_path) == "SmolLM2-135M-Instruct"
+    snapshot = tmp_path / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / "8cca527"  # the hub cache's layout
+    assert export_gguf.model_name("meta-llama/Llama-2-7b-hf", snapshot) == "Llama-2-7b-hf"
+    assert export_gguf.model_name(str(snapshot), snapshot) == "Llama-2-7b-hf"
+    assert export_gguf.model_name("runs/merged", tmp_path / "merged") == "merged"
+
+
 def test_chat_template_is_the_tokenizer_s_own_with_template_chat(tiny_chat_llama_dir, chat_adapter, tmp_path):
     path = export(tiny_chat_llama_dir, chat_adapter, tmp_path / "chat.gguf", format="gguf", template="chat")
     assert (
@@ -195,6 +232,9 @@ def test_modelfile_is_ready_for_ollama_create(gguf_file, lora_folder):
     assert re.search(r'SYSTEM """A chat between a curious human', text)
     lora = (lora_folder / "Modelfile").read_text().splitlines()
     assert "FROM ./adapter.base.gguf" in lora and "ADAPTER ./adapter.gguf" in lora
+    note = [f"# {line}" for line in export_gguf.OLLAMA_ADAPTER_NOTE.splitlines()]
+    at = lora.index("ADAPTER ./adapter.gguf")  # what newer Ollama releases do with ADAPTER, said right above it
+    assert lora[at - len(note) : at] == note and "0.34.1" in note[0] and "--format gguf" in note[1]
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -439,7 +479,10 @@ DIGITS_THEN_GPT2 = {
 
 def test_tokenizer_kinds_the_export_recognises_and_refuses(tiny_chat_llama_dir, llama2_style_export, tmp_path):
     n_vocab = json.loads((tiny_chat_llama_dir / "config.json").read_text())["vocab_size"]
-    assert export_gguf.vocabulary(tiny_chat_llama_dir, n_vocab).pre == "gpt-2"
+    gpt2 = with_tokenizer_json(
+        tiny_chat_llama_dir, tmp_path / "gpt2", pre_tokenizer=DIGITS_THEN_GPT2["pretokenizers"][1]
+    )
+    assert export_gguf.vocabulary(gpt2, n_vocab).pre == "gpt-2"
     published = with_tokenizer_json(tiny_chat_llama_dir, tmp_path / "published", pre_tokenizer=DIGITS_THEN_GPT2)
     assert export_gguf.vocabulary(published, n_vocab).pre == "smollm"  # SmolLM2's tokenizer.json on the hub
     split = {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False}
@@ -617,3 +660,59 @@ def test_llama_cpp_generates_what_transformers_generates_from_smollm2(smollm2_ex
     llm = LlamaCpp(smollm2_export["f16"])
     assert llm.tokenize(format_prompt("What is the capital of France?")) == ids
     assert llm.greedy(ids, 8) == reference
+
+
+node_llama_cpp = pytest.mark.skipif(
+    not os.environ.get("QLORA_LIGHTNING_NODE_LLAMA_CPP"),
+    reason="opt-in: set QLORA_LIGHTNING_NODE_LLAMA_CPP to a folder where `npm install node-llama-cpp` ran",
+)
+
+#: One chat turn through node-llama-cpp's chat API, which takes the GGUF's chat template and derives its stop
+#: strings from it (argv: the folder where node-llama-cpp is installed, the model, the question, max tokens). It
+#: prints the template's name, the stop triggers and prompt ids the chat derives, and the answer. An empty system
+#: prompt: the session's own default would replace the template's system sentence.
+NODE_CHAT = """
+import {createRequire} from "node:module";
+import {pathToFileURL} from "node:url";
+const [folder, modelPath, question, maxTokens] = process.argv.slice(2);
+const entry = createRequire(folder + "/").resolve("node-llama-cpp");
+const {getLlama, LlamaChatSession} = await import(pathToFileURL(entry).href);
+const llama = await getLlama({gpu: false, build: "never"});
+const model = await llama.loadModel({modelPath});
+const context = await model.createContext({contextSize: 512, threads: 1});
+const session = new LlamaChatSession({contextSequence: context.getSequence(), systemPrompt: ""});
+const wrapper = session.chatWrapper;
+const state = wrapper.generateContextState({chatHistory: [{type: "user", text: question}, {type: "model", response: []}]});
+const answer = await session.prompt(question, {maxTokens: Number(maxTokens)});
+console.log(JSON.stringify({
+    wrapper: wrapper.wrapperName,
+    stops: state.stopGenerationTriggers.map((t) => t.toJSON()),
+    prompt: Array.from(state.contextText.tokenize(model.tokenizer)),
+    answer,
+}));
+"""
+
+
+@node_llama_cpp
+@pytest.mark.slow
+def test_node_llama_cpp_chat_stops_at_eos_not_at_the_first_space(smollm2_export, tmp_path):
+    """node-llama-cpp's chat stops at what the template writes after an answer: with " " there it answered "\\nThe"
+    and stopped. Now its stops are EOS alone, its prompt is training's text, and its answer runs on past spaces.
+    (Its prompt ids are not training's: it tokenizes the template's text and the question apart, " " then "What"
+    where training has " What", which is why its answer is not compared with transformers' token by token.)"""
+    script, question = tmp_path / "chat.mjs", "What is the capital of France?"
+    script.write_text(NODE_CHAT)
+    folder = os.environ["QLORA_LIGHTNING_NODE_LLAMA_CPP"]
+    done = subprocess.run(
+        ["node", str(script), folder, str(smollm2_export["f16"]), question, "16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reply = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reply["wrapper"] == "JinjaTemplate"  # the GGUF's own template, not a built-in guess
+    eos = [[{"type": "specialToken", "value": "EOS"}], [{"type": "specialTokensText", "value": "<|im_end|>"}]]
+    assert reply["stops"] == eos
+    assert AutoTokenizer.from_pretrained(smollm2_export["hf"]).decode(reply["prompt"]) == format_prompt(question)
+    assert len(reply["answer"].split()) > 3 and "<|im_end|>" not in reply["answer"], reply["answer"]

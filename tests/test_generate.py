@@ -119,3 +119,50 @@ def test_smollm2_answers_with_its_chat_template_and_stops(smollm2_dir):
         loaded.model, loaded.tokenizer, "What is the capital of France?", template="chat", max_new_tokens=48
     )[0]
     assert answer == "The capital of France is Paris."  # 7 tokens, then <|im_end|>: stopped long before 48
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sample", "true", "--top_p", "2"], r"top_p must be in \(0, 1\] .*got 2"),
+        (["--sample", "true", "--top_p", "0"], r"top_p must be in \(0, 1\]"),
+        (["--sample", "true", "--temperature", "0"], r"temperature must be > 0 \(greedy decoding is --sample false\)"),
+        (["--max_new_tokens", "0"], r"max_new_tokens must be an integer >= 1, got 0"),
+        (["--batch_size", "0", "--stream_output", "false"], r"batch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_settings_generation_cannot_use_are_refused_before_the_model_loads(
+    tiny_chat_llama_dir, chat_adapter, monkeypatch, flags, message
+):
+    from qlora_lightning import generate as generate_module
+    from qlora_lightning.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(generate_module, "load_for_inference", must_not_load)
+    args = ["generate", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--prompt", "Hi"]
+    with pytest.raises(ValueError, match=message):
+        main(args + flags)
+
+
+def test_the_python_api_checks_the_same_settings(chat):
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        generate(chat.model, chat.tokenizer, "Hi", sample=True, top_p=2.0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        generate(chat.model, chat.tokenizer, PROMPTS, batch_size=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_device_cuda_without_cuda_names_the_flag(tiny_chat_llama_dir, chat_adapter):
+    from qlora_lightning.cli import main
+
+    args = ["generate", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--prompt", "Hi"]
+    with pytest.raises(
+        ValueError,
+        match=r"--device 'cuda': (this torch is a CPU build|no CUDA device is visible); "
+        r"use --device cpu",
+    ):
+        main(args + ["--device", "cuda"])
+    with pytest.raises(ValueError, match=r"--device 'gpu' is not a device torch knows.*use auto, cpu, cuda or cuda:N"):
+        main(args + ["--device", "gpu"])

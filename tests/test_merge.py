@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -144,8 +146,8 @@ def test_mismatched_adapters_are_clear_errors(tiny_chat_llama_dir, chat_adapter,
         export_merged(base=str(tiny_chat_llama_dir), adapter=str(other_base), output=str(tmp_path / "x"))
     load_for_inference(str(tiny_chat_llama_dir), str(other_base), allow_other_base=True)  # same weights, other name
 
-    other_r = _edited_adapter(chat_adapter, tmp_path / "other_r", r=16)
-    with pytest.raises(ValueError, match=r"lora_[AB] has shape .*8.*, the model expects .*16"):
+    other_r = _edited_adapter(chat_adapter, tmp_path / "other_r", r=16)  # every path: test_adapters.py
+    with pytest.raises(ValueError, match=r"lora_A has shape \(8, \d+\) .* says r=16"):
         load_for_inference(str(tiny_chat_llama_dir), str(other_r))
 
     fewer = _edited_adapter(chat_adapter, tmp_path / "fewer", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -208,3 +210,57 @@ def test_export_copies_the_model_s_own_files_and_follows_no_link_out_of_it(tiny_
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert "README.md" not in copied and {"LICENSE", "tokenizer.json", "tokenizer_config.json"} <= copied
     assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+
+
+def test_a_config_json_linked_out_of_the_model_folder_is_refused(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    """The export rewrites the folder's own config.json and copies nothing from outside the folder: a config.json
+    linked to a file elsewhere is an error naming both (it was once warned "not copied" and copied all the same)."""
+    from qlora_lightning.cli import main
+
+    model = shutil.copytree(tiny_chat_llama_dir, tmp_path / "model")
+    outside = tmp_path / "elsewhere" / "config.json"
+    outside.parent.mkdir()
+    outside.write_text(json.dumps({**json.loads((model / "config.json").read_text()), "secret": "not the model's"}))
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to(outside)
+    args = ["export", "--base", str(model), "--adapter", str(chat_adapter), "--device", "cpu"]
+    message = f"{model / 'config.json'} links to {outside}, outside the model folder.*cp --remove-destination"
+    with pytest.raises(ValueError, match=message):
+        main(args + ["--output", str(tmp_path / "out"), "--allow_other_base", "true"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model"]  # nothing written
+    (model / "config.json").unlink()
+    shutil.copyfile(outside, model / "config.json")  # what the message says to do
+    main(args + ["--output", str(tmp_path / "out"), "--allow_other_base", "true"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["secret"] == "not the model's"
+
+
+def test_the_merged_folder_follows_the_umask(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    """safetensors creates its files 0600; the README promises what the umask gives (0644 / 0755 under 022)."""
+    from qlora_lightning.cli import main
+
+    old = os.umask(0o022)
+    try:
+        main(
+            ["export", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter)]
+            + ["--output", str(tmp_path / "m"), "--device", "cpu"]
+        )
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+
+
+def test_an_hf_export_never_replaces_a_gguf_file(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    """`--output exp/m.gguf --overwrite true` with the format left at hf once replaced the GGUF file by a folder."""
+    from qlora_lightning.cli import main
+
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF the exported model")
+    args = ["export", "--base", str(tiny_chat_llama_dir), "--adapter", str(chat_adapter), "--device", "cpu"]
+    with pytest.raises(ValueError, match=r"m\.gguf names a \.gguf file but --format is hf.*--format gguf"):
+        main(args + ["--output", str(gguf_file), "--overwrite", "true"])
+    with pytest.raises(FileExistsError, match=r"model is a file; a folder is written here"):
+        (tmp_path / "model").write_bytes(b"a file named like a folder")
+        main(args + ["--output", str(tmp_path / "model"), "--overwrite", "true"])
+    assert gguf_file.read_bytes() == b"GGUF the exported model" and (tmp_path / "model").is_file()

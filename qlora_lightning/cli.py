@@ -41,7 +41,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from .preflight import SettingError  # noqa: E402
 from .resume import CheckpointError, ResumableCheckpoint, find_last_checkpoint, read_checkpoint  # noqa: E402
-from .run_lock import RunFolderError, RunLock, check_writable  # noqa: E402
+from .run_lock import RunFolderError, check_writable  # noqa: E402
 
 # Errors of the user's settings or files, each naming what to change: printed without a traceback.
 USER_ERRORS = (CheckpointError, SettingError, RunFolderError)
@@ -97,7 +97,8 @@ class QLoRACLI(LightningCLI):
         """The log folder must be writable: Lightning creates it before any of our checks can run, and would
         fail with a bare `OSError` (`run_lock.RunLock` checks the checkpoint folders)."""
         loggers = self.trainer.loggers
-        check_writable(loggers[0].save_dir if loggers else self.trainer.default_root_dir, "trainer.default_root_dir")
+        root = (loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir
+        check_writable(root, "trainer.default_root_dir")
 
 
 def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:
@@ -141,16 +142,13 @@ def trainer_defaults() -> dict:
 
     - `AtomicCheckpointIO`: atomic saves with a PEFT adapter folder beside each `.ckpt`;
     - bf16-true precision (the paper's compute dtype; LoRA weights are bf16 too) and clipping at 0.3
-      (the paper's max gradient norm);
-    - `RunLock`: no other run writes this run's folders. Given here, it is set up before LightningCLI writes
-      `config.yaml` into the log folder (the module would add it later, after the config saver).
+      (the paper's max gradient norm).
     """
     return {
         "plugins": [{"class_path": "qlora_lightning.checkpoint.AtomicCheckpointIO"}],
         "precision": "bf16-true",
         "gradient_clip_val": 0.3,
         "gradient_clip_algorithm": "norm",
-        "callbacks": [RunLock()],
     }
 
 

@@ -202,10 +202,13 @@ class QLoRAModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------- model
     def configure_callbacks(self) -> list:
-        """A `RunLock` (run_lock.py) for every trainer, unless it has one: no other run writes this run's folders."""
-        trainer = attached_trainer(self)
-        present = trainer is not None and any(isinstance(c, RunLock) for c in trainer.callbacks)
-        return [] if present else [RunLock()]
+        """A `RunLock` (run_lock.py) for every trainer, unless it has one, which takes the log folder now, the
+        first hook of a `fit`: no other run writes this run's folders."""
+        trainer = self.trainer
+        present = [c for c in trainer.callbacks if isinstance(c, RunLock)]
+        lock = present[0] if present else RunLock()
+        lock.claim_log_folder(trainer)
+        return [] if present else [lock]
 
     def setup(self, stage: str) -> None:
         """Refuse, before the model loads, a precision the layers cannot run and a `fit` that would train nothing

@@ -9,14 +9,15 @@ Two `fit` runs started at once in one `default_root_dir` used to take the same `
   `ModelCheckpoint`, with an exclusive `fcntl.flock` on a hidden file beside each (`.<folder name>.lock`). The
   file says who holds it (process id, host, start time, command). The operating system releases a `flock` when
   its process ends, a SIGKILL included, so a lock never outlives its run; the file is removed at the end of `fit`.
-- a new run whose automatically numbered version folder another live run holds moves on to the next free
-  number and says so: runs started at once get distinct folders. Any other folder another run holds (a named
-  `checkpoint.dirpath`, the folder of a run being resumed) is a `RunFolderError` naming that process.
+- a new run's automatically numbered version folder is created by the run itself, atomically: of two runs that
+  picked one number at the same moment, one creates it and the other moves on to the next number and says so.
+  Any other folder another live run holds (a named version or `checkpoint.dirpath`, the folder of a run being
+  resumed) is a `RunFolderError` naming that process.
 - a folder that cannot be created or written is a `RunFolderError` naming it and its key, before the model
   loads, instead of a `PermissionError` after the training it could not save.
 
-`QLoRAModule.configure_callbacks` adds one to every trainer (a plain `lightning.Trainer` too); the CLI puts it
-before LightningCLI's config saver, so that `config.yaml` goes into the folder this run holds.
+`QLoRAModule.configure_callbacks` adds one to every trainer (the command line's and a plain `lightning.Trainer`)
+and has it take the log folder there, the first hook of a `fit`, before Lightning opens that folder.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 __all__ = ["RunLock", "RunFolderError", "check_writable", "lock_path"]
 
@@ -91,15 +93,11 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-class FolderInUse(RunFolderError):
-    """Another live process holds the folder's run lock; `holder` says which."""
-
-    def __init__(self, folder: Path, key: str, holder: str) -> None:
-        super().__init__(
-            f"{folder} ({key}) is in use by {holder}: two runs writing one folder overwrite each other's logs, "
-            "checkpoints and adapters. Wait for that run to end (or stop it), or give this run another folder"
-        )
-        self.holder = holder
+def _in_use(folder: Path, key: str, holder: str) -> RunFolderError:
+    return RunFolderError(
+        f"{folder} ({key}) is in use by {holder}: two runs writing one folder overwrite each other's logs, "
+        "checkpoints and adapters. Wait for that run to end (or stop it), or give this run another folder"
+    )
 
 
 class _Lock:
@@ -110,15 +108,19 @@ class _Lock:
         check_writable(folder, key)
         try:
             self.fd = self._acquire(key)
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                "command": _shortened(" ".join(sys.argv)),
-            }
+        except OSError as e:
+            raise _cannot_write(self.path.parent, key, e) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "command": _shortened(" ".join(sys.argv)),
+        }
+        try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, json.dumps(info).encode(), 0)
         except OSError as e:
+            self.release()
             raise _cannot_write(self.path.parent, key, e) from None
 
     def _acquire(self, key: str) -> int:
@@ -129,7 +131,7 @@ class _Lock:
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
-                raise FolderInUse(self.folder, key, holder) from None
+                raise _in_use(self.folder, key, holder) from None
             if _same_file(fd, self.path):  # not removed by a run that ended while this one opened it
                 return fd
             os.close(fd)
@@ -143,21 +145,42 @@ class _Lock:
 
 
 def _numbered_version(logger: Any) -> bool:
-    """Whether the logger numbers its version folders itself (`version_<N>`), so that a run may take another."""
+    """Whether the logger's version is a number (`version_<N>`): the one rank 0 took, given to every rank."""
     return isinstance(logger, (CSVLogger, TensorBoardLogger)) and isinstance(logger.version, int)
+
+
+def _numbered_by_the_logger(logger: CSVLogger | TensorBoardLogger) -> bool:
+    """Whether the logger is to pick its version number itself (none given, the default), and has not yet."""
+    return logger._version is None
 
 
 def _use_version(logger: CSVLogger | TensorBoardLogger, version: int | None) -> None:
     """Point a CSV or TensorBoard logger at another version folder (None: the next free number).
 
-    Lightning resolves a logger's version before any callback runs (checked on Lightning 2.6.6:
-    `Trainer.__setup_profiler` reads `log_dir`) and keeps it, and the writer opened for it, in `_version` and
-    `_experiment`; the writer is reopened here, in the new folder, while that is still empty."""
+    A logger keeps its version, and the writer it opened for it, in `_version` and `_experiment` (checked on
+    Lightning 2.6.6); a writer opened already is opened again, in the new folder, on next use."""
     if version is not None and logger._version == version:
         return
     logger._version = version
     logger._experiment = None
-    _ = logger.experiment
+
+
+def _create_a_version_folder(logger: CSVLogger | TensorBoardLogger) -> None:
+    """Create the logger's next `version_<N>` folder; when another run created that one first (both picked the
+    number at the same moment), take the next."""
+    while True:
+        folder = Path(logger.log_dir)
+        try:
+            folder.mkdir(parents=True)  # atomic: of two runs creating one folder, one succeeds
+            return
+        except FileExistsError:
+            _use_version(logger, None)  # the next number past every version folder there is
+            print(
+                f"{folder} was taken by a run started at the same moment: this run logs to {logger.log_dir}",
+                file=sys.stderr,
+            )
+        except OSError as e:
+            raise _cannot_write(folder, "trainer.default_root_dir", e) from None
 
 
 def _checkpoint_folder(trainer: Trainer, callback: ModelCheckpoint) -> Path:
@@ -178,14 +201,36 @@ class RunLock(Callback):
 
     def __init__(self) -> None:
         self._held: list[_Lock] = []
+        self._claimed = False
+        self._error: str | None = None
+
+    def claim_log_folder(self, trainer: Trainer) -> None:
+        """Lock the log folder of a starting `fit` (global rank 0), creating a numbered version folder itself.
+
+        `QLoRAModule.configure_callbacks` calls this, the first hook of a `fit`: Lightning picks the logger's
+        version just after it, and the CSV logger opens its folder before any callback's `setup`, deleting a
+        `metrics.csv` it finds there (another run's, when both picked one number). An error is kept for `setup`,
+        where every rank raises it (raised here, rank 0 alone would stop and leave the others waiting)."""
+        if self._claimed or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._claimed = True
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if trainer.is_global_zero and isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            try:
+                if _numbered_by_the_logger(logger):
+                    _create_a_version_folder(logger)
+                self._lock(Path(logger.log_dir), "trainer.default_root_dir, the logger's version")
+            except RunFolderError as e:
+                self._error = str(e)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        error, version = None, None
-        if trainer.is_global_zero:
+        self.claim_log_folder(trainer)  # here when no QLoRAModule claimed it earlier
+        error, version = self._error, None
+        if trainer.is_global_zero and error is None:
             try:
-                version = self._lock_folders(trainer)
+                version = self._lock_checkpoint_folders(trainer)
             except RunFolderError as e:
                 error = str(e)
         error, version = trainer.strategy.broadcast((error, version))
@@ -194,15 +239,13 @@ class RunLock(Callback):
         if version is not None:  # every rank's logger: the checkpoint callbacks take their folder from it
             _use_version(trainer.loggers[0], version)
 
-    def _lock_folders(self, trainer: Trainer) -> int | None:
-        """Lock the log folder (moving on to a free version when its own is held), then the checkpoint folders;
-        return the log version taken (None when the logger numbers none)."""
-        logger = trainer.loggers[0] if trainer.loggers else None
-        if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-            self._lock_log_folder(logger)
+    def _lock_checkpoint_folders(self, trainer: Trainer) -> int | None:
+        """Lock every checkpoint callback's folder; return the log version this run holds (None when the logger
+        numbers none)."""
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
                 self._lock(_checkpoint_folder(trainer, callback), "checkpoint.dirpath")
+        logger = trainer.loggers[0] if trainer.loggers else None
         return logger.version if _numbered_version(logger) else None
 
     def _lock(self, folder: Path, key: str) -> None:
@@ -210,21 +253,11 @@ class RunLock(Callback):
         if all(folder != held.folder for held in self._held):
             self._held.append(_Lock(folder, key))
 
-    def _lock_log_folder(self, logger: CSVLogger | TensorBoardLogger) -> None:
-        while True:
-            folder = Path(logger.log_dir)
-            try:
-                return self._lock(folder, "trainer.default_root_dir, the logger's version")
-            except FolderInUse as e:
-                if not _numbered_version(logger):
-                    raise
-                _use_version(logger, None)  # the next number past every version folder there is
-                print(f"{folder} is in use by {e.holder}: this run logs to {logger.log_dir}", file=sys.stderr)
-
     def release(self) -> None:
         """Release every lock this run holds (at the end of `fit`, or when it fails)."""
         while self._held:
             self._held.pop().release()
+        self._claimed, self._error = False, None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.release()

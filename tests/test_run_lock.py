@@ -25,9 +25,11 @@ from qlora_lightning.run_lock import RunFolderError, lock_path
 HERE = Path(__file__).resolve().parent
 
 
-def choosing_at_once(barrier: Path, choose):
+def choosing_at_once(barrier: Path, choose, then_wait: float = 0.0):
     """`CSVLogger._get_next_version` that, once it has chosen, waits until two processes have: both then hold the
-    same number, as two runs started at the same moment do (neither has created its folder yet)."""
+    same number, as two runs started at the same moment do (neither has created its folder yet). `then_wait`
+    seconds more let the other run train first: the worst case, where Lightning's CSV logger, opening a folder
+    that is not empty, deleted the `metrics.csv` the other run had written there."""
 
     def at_once(logger):
         version = choose(logger)
@@ -35,46 +37,52 @@ def choosing_at_once(barrier: Path, choose):
         deadline = time.time() + 300
         while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
             time.sleep(0.01)
+        time.sleep(then_wait)
         return version
 
     return at_once
 
 
-# `python -c RACER <barrier> <train.py arguments>`: train.py with `choosing_at_once`.
+# `python -c RACER <barrier> <seconds> <train.py arguments>`: train.py with `choosing_at_once`.
 RACER = f"""
 import sys
 sys.path[:0] = [{str(REPO)!r}, {str(HERE)!r}]
 from pathlib import Path
 from lightning.fabric.loggers.csv_logs import CSVLogger
 from test_run_lock import choosing_at_once
-CSVLogger._get_next_version = choosing_at_once(Path(sys.argv[1]), CSVLogger._get_next_version)
+CSVLogger._get_next_version = choosing_at_once(Path(sys.argv[1]), CSVLogger._get_next_version, float(sys.argv[2]))
 from qlora_lightning.cli import main
-main(sys.argv[2:])
+main(sys.argv[3:])
 """
 
 
-def test_two_new_runs_started_at_once_get_their_own_version_folders(tiny_chat_llama_dir, tmp_path, monkeypatch, capsys):
+def test_two_new_runs_started_at_once_get_their_own_version_folders(tiny_chat_llama_dir, tmp_path, monkeypatch):
     """Both took `version_0`: metrics.csv mixed both runs, and one's clean-up of leftover temporaries deleted the
-    other's and killed it. Here one process is this test, the other a `train.py` started beside it."""
+    other's and killed it. Here one process is this test, the other a `train.py` that picks its number with this
+    one and goes on 10 s later, when this one has trained: Lightning's CSV logger, opening a folder that is not
+    empty, would delete the `metrics.csv` there."""
     barrier, root = tmp_path / "barrier", tmp_path / "root"
     barrier.mkdir()
     args = cli_args(tiny_chat_llama_dir, root, 3, 3, checkpoint_dir=False, trainer__log_every_n_steps=1)[2:]
     other = subprocess.Popen(
-        [sys.executable, "-c", RACER, str(barrier), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", RACER, str(barrier), "10", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     monkeypatch.setattr(CSVLogger, "_get_next_version", choosing_at_once(barrier, CSVLogger._get_next_version))
     main(args)
     other_err = other.communicate(timeout=600)[1]
     assert other.returncode == 0, other_err[-3000:]
-    said = capsys.readouterr().err + other_err
-    assert re.search(f"version_0 is in use by process ({other.pid}|{os.getpid()}) on ", said), said[-3000:]
-    assert f"this run logs to {root / 'lightning_logs' / 'version_1'}" in said
+    logs = root / "lightning_logs"
+    moved = f"{logs / 'version_0'} was taken by a run started at the same moment: this run logs to {logs / 'version_1'}"
+    assert moved in other_err, other_err[-3000:]
     for version in (0, 1):
         folder = root / "lightning_logs" / f"version_{version}"
         assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 3
         with open(folder / "metrics.csv") as f:
             steps = [row["step"] for row in csv.DictReader(f) if row["train/loss"]]
-        assert steps == ["0", "1", "2"]  # this run's steps, each once
+        assert steps == ["0", "1", "2"], (folder / "metrics.csv").read_text()  # this run's steps, each once
         assert (folder / "adapter" / "adapter_model.safetensors").is_file() and (folder / "config.yaml").is_file()
     assert not list(root.glob("**/.*.lock"))  # released and removed at the end
 

@@ -94,8 +94,8 @@ class QLoRACLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """The log folder must be writable: Lightning creates it before any of our checks can run, and would
-        fail with a bare `OSError` (`run_lock.RunLock` checks the checkpoint folders)."""
+        """The log folder must be writable. `run_lock.RunLock` checks it too, but under DDP it raises only in the
+        callbacks' `setup`, after Lightning's logger has failed to create the folder with a bare `OSError`."""
         loggers = self.trainer.loggers
         root = (loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir
         check_writable(root, "trainer.default_root_dir")

@@ -209,8 +209,9 @@ class RunLock(Callback):
 
         `QLoRAModule.configure_callbacks` calls this, the first hook of a `fit`: Lightning picks the logger's
         version just after it, and the CSV logger opens its folder before any callback's `setup`, deleting a
-        `metrics.csv` it finds there (another run's, when both picked one number). An error is kept for `setup`,
-        where every rank raises it (raised here, rank 0 alone would stop and leave the others waiting)."""
+        `metrics.csv` it finds there (another run's, when both picked one number). An error is raised here in a
+        single process; with several it is kept for `setup`, where every rank raises it (rank 0 alone stopping
+        would leave the others waiting)."""
         if self._claimed or trainer.state.fn != TrainerFn.FITTING:
             return
         self._claimed = True
@@ -221,6 +222,8 @@ class RunLock(Callback):
                     _create_a_version_folder(logger)
                 self._lock(Path(logger.log_dir), "trainer.default_root_dir, the logger's version")
             except RunFolderError as e:
+                if trainer.world_size == 1:
+                    raise
                 self._error = str(e)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

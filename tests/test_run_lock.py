@@ -122,3 +122,14 @@ def test_a_second_run_of_a_folder_in_use_is_refused_naming_the_process_and_the_l
     killed_at = read_checkpoint(ckpts / "last.ckpt")["global_step"]
     fit(killed_at + 2, "--ckpt_path", "last")
     assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == killed_at + 2
+
+
+def test_a_log_folder_that_cannot_be_created_is_named_before_the_model_loads(tiny_chat_llama_dir, tmp_path):
+    """A plain `lightning.Trainer` whose `default_root_dir` nobody can create (its parent is a file: the superuser,
+    here and in CI, may write anywhere else) failed inside Lightning's logger with a bare OSError."""
+    (tmp_path / "a_file").write_text("")
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    folder = tmp_path / "a_file" / "root" / "lightning_logs" / "version_0"
+    with pytest.raises(RunFolderError, match=f"cannot write {re.escape(str(folder))} \\(trainer.default_root_dir\\)"):
+        cpu_trainer(tmp_path / "a_file" / "root", max_steps=2).fit(module, data)
+    assert module.model is None

@@ -263,7 +263,8 @@ class RunLock(Callback):
         self._claimed, self._error = False, None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.release()
+        if stage == "fit":
+            self.release()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.release()

@@ -3,23 +3,26 @@
 `AtomicCheckpointIO` is the trainer's checkpoint I/O plugin (`plugins=[AtomicCheckpointIO()]`; the CLI sets
 it). A `.ckpt` holds the adapters plus optimizer, scheduler, loop, data-position and RNG state
 (`QLoRAModule.on_save_checkpoint`); `step=100.ckpt` gets `step=100/`, a ready-to-use PEFT adapter folder
-(`adapters.save_adapter`).
+(`adapters.save_adapter`). A kill between the two writes leaves the folder a step behind its `.ckpt` (or
+missing): `repair_adapter_folders`, run when a run starts in that checkpoint folder, rewrites it from the `.ckpt`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from safetensors import safe_open
 
-from .adapters import check_finite, save_adapter, to_peft_keys
+from .adapters import ADAPTER_WEIGHTS, STEP_KEY, check_finite, save_adapter, to_peft_keys
 from .atomic import write_file
-from .resume import read_checkpoint
+from .resume import CheckpointError, read_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "adapter_dir_for"]
+__all__ = ["AtomicCheckpointIO", "adapter_dir_for", "repair_adapter_folders"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,21 +38,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
-        adapter_config = checkpoint.get("peft_adapter_config")
-        state = None
-        if adapter_config is not None:
-            state = to_peft_keys(checkpoint["state_dict"], prefix=checkpoint.get("peft_key_prefix", ""))
+        state = _peft_state(checkpoint)
+        if state is not None:
             check_finite(state, str(path))
         write_file(path, lambda tmp: torch.save(checkpoint, tmp))
         if state is not None:
-            run = checkpoint.get("qlora_run") or {}
-            save_adapter(
-                adapter_dir_for(path),
-                state,
-                adapter_config,
-                step=checkpoint.get("global_step"),
-                base_fingerprint=run.get("base_fingerprint"),
-            )
+            _write_adapter_folder(checkpoint, state, adapter_dir_for(path))
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, map_location="cpu" if map_location is None else map_location)
@@ -64,3 +58,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def adapter_dir_for(ckpt_path: Path) -> Path:
     """The PEFT adapter folder written beside a `.ckpt` file (same name without the suffix)."""
     return ckpt_path.with_suffix("")
+
+
+def _peft_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's adapters under PEFT's keys; None for a checkpoint without `peft_adapter_config` (not
+    written by `QLoRAModule`)."""
+    if checkpoint.get("peft_adapter_config") is None:
+        return None
+    return to_peft_keys(checkpoint["state_dict"], prefix=checkpoint.get("peft_key_prefix", ""))
+
+
+def _write_adapter_folder(checkpoint: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
+    run = checkpoint.get("qlora_run") or {}
+    save_adapter(
+        folder,
+        state,
+        checkpoint["peft_adapter_config"],
+        step=checkpoint.get("global_step"),
+        base_fingerprint=run.get("base_fingerprint"),
+    )
+
+
+def _folder_step(folder: Path) -> str | None:
+    """The step an adapter folder says it holds; None when it is missing, damaged or says none."""
+    try:
+        with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
+            return (f.metadata() or {}).get(STEP_KEY)
+    except Exception:  # missing or damaged: safetensors raises several types, none naming the file
+        return None
+
+
+def repair_adapter_folders(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """Rewrite from its `.ckpt` every adapter folder of `checkpoint_dir` that is missing or holds another step
+    (a kill between the two writes of a save); return a line for each. A `.ckpt` that cannot be read is left to
+    the resume that would use it (which names it)."""
+    notes = []
+    for ckpt_path in sorted(Path(checkpoint_dir).glob("*.ckpt")):
+        try:
+            checkpoint = read_checkpoint(ckpt_path, mmap=True)
+        except CheckpointError:
+            continue
+        state, folder = _peft_state(checkpoint), adapter_dir_for(ckpt_path)
+        step = checkpoint.get("global_step")
+        if state is None or _folder_step(folder) == str(step):
+            continue
+        _write_adapter_folder(checkpoint, state, folder)
+        notes.append(f"{folder}: rewritten from {ckpt_path.name} (step {step}); a save there had been interrupted")
+    return notes

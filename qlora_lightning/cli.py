@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 
@@ -34,9 +35,16 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.accelerators import CPUAccelerator  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from .preflight import SettingError  # noqa: E402
 from .resume import CheckpointError, ResumableCheckpoint, find_last_checkpoint, read_checkpoint  # noqa: E402
+from .run_lock import RunFolderError, check_writable  # noqa: E402
+
+# Errors of the user's settings or files, each naming what to change: printed without a traceback.
+USER_ERRORS = (CheckpointError, SettingError, RunFolderError)
 
 
 class QLoRACLI(LightningCLI):
@@ -78,6 +86,20 @@ class QLoRACLI(LightningCLI):
         if config.get("ckpt_path"):
             config["ckpt_path"] = str(resolve_ckpt_path(config["ckpt_path"], config))
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's trainer, refused when it would start more CPU processes than there are cores (before any
+        process starts: `check_cpu_devices`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        check_cpu_devices(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        """The log folder must be writable. `run_lock.RunLock` checks it too, but under DDP it raises only in the
+        callbacks' `setup`, after Lightning's logger has failed to create the folder with a bare `OSError`."""
+        loggers = self.trainer.loggers
+        root = (loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir
+        check_writable(root, "trainer.default_root_dir")
+
 
 def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:
     """The file `--ckpt_path` names. `last` is the newest `last.ckpt` of the run under the logger's
@@ -96,6 +118,23 @@ def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:
         path = Path(ckpt_path)
     read_checkpoint(path, mmap=True)  # an empty, damaged or foreign file fails here, before the model loads
     return path
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: what `taskset` or a cluster's cgroup leaves it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_cpu_devices(trainer: Trainer) -> None:
+    """Refuse more CPU training processes than cores: `--trainer.devices 64` on a 2-core machine started 64
+    processes, each with its own copy of the model (9 GB in 20 s), without a word."""
+    cores = available_cores()
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
+        raise SettingError(
+            f"trainer.devices {trainer.num_devices} on the CPU starts {trainer.num_devices} processes, each holding "
+            f"the whole model, but this process may use {cores} CPU cores: use --trainer.devices {cores} or fewer "
+            "(1 is fastest where there are few cores)"
+        )
 
 
 def trainer_defaults() -> dict:
@@ -141,10 +180,29 @@ def _extra_commands() -> dict[str, Callable]:
     return {"eval mmlu": evaluate_mmlu, "generate": generate_cli, "export": export_model, "plot-loss": plot_loss}
 
 
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--key -1e-3` as `--key=-1e-3`: argparse reads a word starting with `-` that is not a plain decimal as an
+    option, and answered `--model.optimizer.init_args.lr -1e-3` with "expected one argument" instead of letting
+    the value reach the check that names what is wrong with it."""
+    joined: list[str] = []
+    for word in argv:
+        if joined and _NEGATIVE_NUMBER.fullmatch(word) and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={word}"
+        else:
+            joined.append(word)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `qlora-lightning` and `train.py`."""
-    args = argv
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # LightningCLI reads sys.argv itself (and warns when also given args)
+        sys.argv[1:] = join_negative_values(sys.argv[1:])
+        args, argv = None, sys.argv[1:]
+    else:
+        args = argv = join_negative_values(list(argv))
     commands = _extra_commands() if argv and argv[0] in ("eval", "generate", "export", "plot-loss") else {}
     for name, fn in commands.items():
         words = name.split()
@@ -157,5 +215,5 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown command {' '.join(argv[:2])!r}; extra commands: {', '.join(commands)}")
     try:
         run_lightning_cli(args)
-    except CheckpointError as e:  # a wrong --ckpt_path: say what and where, without a traceback
+    except USER_ERRORS as e:  # say what and where, without a traceback
         raise SystemExit(f"error: {e}") from None

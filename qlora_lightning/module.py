@@ -29,7 +29,16 @@ from .checkpoint import AtomicCheckpointIO
 from .fsdp import QLoRAFSDPStrategy, check_shardable
 from .lora import lora_layers
 from .model import load_model
-from .resume import CheckpointError, check_run_matches, plain_hyperparameters, run_record
+from .preflight import check_precision, check_trains_something
+from .resume import (
+    EARLIER_CLASSES,
+    CheckpointError,
+    check_run_matches,
+    plain_hyperparameters,
+    read_checkpoint,
+    run_record,
+)
+from .run_lock import RunLock
 from .specs import LoraSpec, QuantSpec
 from .tokenizer import load_tokenizer
 
@@ -172,7 +181,54 @@ class QLoRAModule(LightningModule):
         self._loss_finite: torch.Tensor | None = None  # every micro-batch's loss finite since the last step
         self._last_loss: torch.Tensor | None = None
 
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path,
+        map_location=None,
+        hparams_file=None,
+        strict=None,
+        weights_only=None,
+        *,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> QLoRAModule:
+        """Lightning's `load_from_checkpoint`, safe with a checkpoint from anyone: the file is read with
+        `weights_only=True` whatever `weights_only` says (`resume.read_checkpoint`, which names a damaged file), and
+        `trust_remote_code` is this call's argument only. Lightning merges the checkpoint's stored
+        `hyper_parameters` under the call's keyword arguments, so an edited checkpoint saying
+        `trust_remote_code: true` and naming a base whose folder ships code used to run that code. The
+        checkpoint's `base_model` is used unless `base_model=` is passed; `on_load_checkpoint` then refuses
+        adapters trained on other base weights."""
+        read_checkpoint(checkpoint_path, mmap=True)  # named errors for a missing, empty or foreign file
+        with torch.serialization.safe_globals(EARLIER_CLASSES):
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=True,
+                trust_remote_code=trust_remote_code,
+                **kwargs,
+            )
+
     # ----------------------------------------------------------------------------------------- model
+    def configure_callbacks(self) -> list:
+        """A `RunLock` (run_lock.py) for every trainer, unless it has one, which takes the log folder now, the
+        first hook of a `fit`: no other run writes this run's folders."""
+        trainer = self.trainer
+        present = [c for c in trainer.callbacks if isinstance(c, RunLock)]
+        lock = present[0] if present else RunLock()
+        lock.claim_log_folder(trainer)
+        return [] if present else [lock]
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before the model loads, a precision the layers cannot run and a `fit` that would train nothing
+        (preflight.py)."""
+        check_precision(self.trainer.precision, self.quant.compute_dtype)
+        if stage == "fit":
+            check_trains_something(self.trainer, self.optimizer_factory)
+
     def configure_model(self) -> None:
         """Load the 4-bit model with fresh (or `init_adapter`) LoRA on this rank's device; idempotent."""
         if self.model is not None:

@@ -1,12 +1,14 @@
 """Resuming a run: what `--ckpt_path last` means, checkpoints that resume exactly, and reading them safely.
 
-- `find_last_checkpoint`: the newest `last.ckpt` of the run under a root folder. Lightning looks for `last`
-  only in the new run's own version folder (`lightning_logs/version_<N+1>/checkpoints`), finds nothing and
-  silently trains from step 0; the CLI resolves `last` here instead and fails loudly when there is none.
+- `find_last_checkpoint`: the newest `last.ckpt` of the run under a root folder (a run whose save failed before
+  its `last.ckpt`: its newest checkpoint). Lightning looks for `last` only in the new run's own version folder
+  (`lightning_logs/version_<N+1>/checkpoints`), finds nothing and silently trains from step 0; the CLI resolves
+  `last` here instead and fails loudly when there is none.
 - `ResumableCheckpoint`: Lightning's `ModelCheckpoint` that also saves the run's final optimizer step the way
-  it saves a periodic one. Lightning's own end-of-training save (`on_train_end`) records the loops as if the
+  it saves a periodic one (Lightning's own end-of-training save (`on_train_end`) records the loops as if the
   epoch had ended, so a run extended from it (same `last.ckpt`, larger `max_steps`) starts a new epoch and
-  trains on other examples than the run that went straight through.
+  trains on other examples than the run that went straight through), saves the same way on SIGTERM and then
+  exits with code 143 (`Preempted`), and repairs adapter folders a kill left behind their `.ckpt`.
 - `read_checkpoint`: loads a `.ckpt` with `weights_only=True` (no code in the file can run) and turns
   a damaged or foreign file into an error naming it and saying what to do.
 - the run's identity (`run_record`, `check_run_matches`): what a checkpoint records of its run and a resume
@@ -20,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["CheckpointError", "find_last_checkpoint", "read_checkpoint", "ResumableCheckpoint"]
+__all__ = ["CheckpointError", "Preempted", "find_last_checkpoint", "read_checkpoint", "ResumableCheckpoint"]
 
 LAST = "last.ckpt"
 
@@ -36,34 +41,50 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used to resume: missing, damaged, foreign, or made for another model."""
 
 
-def last_checkpoint_candidates(root: str | os.PathLike) -> list[Path]:
-    """Every `last.ckpt` a run under `root` can have written: `<root>/checkpoints/` (no logger) and
+def checkpoint_folders(root: str | os.PathLike) -> list[Path]:
+    """Every checkpoint folder a run under `root` can have written: `<root>/checkpoints/` (no logger) and
     `<root>/<logger name>/version_<N>/checkpoints/` (Lightning's default layout, one version per run)."""
     root = Path(root)
-    return sorted([*root.glob(f"checkpoints/{LAST}"), *root.glob(f"*/version_*/checkpoints/{LAST}")])
+    return sorted(p for p in [root / "checkpoints", *root.glob("*/version_*/checkpoints")] if p.is_dir())
+
+
+def _resume_point(folder: Path) -> Path | None:
+    """The checkpoint a run resumes from in `folder`: `last.ckpt`, else the newest other `.ckpt` (a save that
+    failed before `last.ckpt` was written, a full disk at the first save say); None when there is none."""
+    if (folder / LAST).is_file():
+        return folder / LAST
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | None = None) -> Path:
-    """The checkpoint `--ckpt_path last` resumes: `<dirpath>/last.ckpt` when the run names its checkpoint
-    folder, else the most recently written `last.ckpt` of any run under `root` (the run's default_root_dir).
+    """The checkpoint `--ckpt_path last` resumes: the `last.ckpt` in `dirpath` when the run names its checkpoint
+    folder, else the most recently written one of the runs under `root` (the run's default_root_dir). A run
+    folder without `last.ckpt` offers its newest other checkpoint instead, and the choice is said on stderr.
 
     Raises `CheckpointError` naming where it looked when there is none: asked to resume, training from
     scratch instead would silently throw the earlier run away.
     """
     if dirpath is not None:
-        candidates = [Path(dirpath) / LAST]
-        where = str(candidates[0])
+        folders = [Path(dirpath)]
+        where = str(folders[0])
     else:
-        candidates = last_checkpoint_candidates(root)
-        where = f"{Path(root) / 'checkpoints' / LAST} or {Path(root) / '*' / 'version_*' / 'checkpoints' / LAST}"
-    found = [p for p in candidates if p.is_file()]
+        folders = checkpoint_folders(root)
+        where = f"{Path(root) / 'checkpoints'} or {Path(root) / '*' / 'version_*' / 'checkpoints'}"
+    found = [p for p in map(_resume_point, folders) if p is not None]
     if not found:
         raise CheckpointError(
-            f"--ckpt_path last: no {LAST} found (looked for {where}). To start a new run, leave "
-            "out --ckpt_path; to resume another run, pass its --trainer.default_root_dir or the path "
-            "of its .ckpt file"
+            f"--ckpt_path last: no checkpoint found (looked for {LAST} or another .ckpt in {where}). To start a "
+            "new run, leave out --ckpt_path; to resume another run, pass its --trainer.default_root_dir or the "
+            "path of its .ckpt file"
         )
-    return max(found, key=lambda p: p.stat().st_mtime_ns)
+    path = max(found, key=lambda p: p.stat().st_mtime_ns)
+    if path.name != LAST:
+        print(
+            f"--ckpt_path last: {path.parent} holds no {LAST}; taking its newest checkpoint, {path.name}",
+            file=sys.stderr,
+        )
+    return path
 
 
 def _earlier_classes() -> list:
@@ -74,7 +95,7 @@ def _earlier_classes() -> list:
     return [(QuantSpec, "qlora_lightning.model.QuantSpec"), (LoraSpec, "qlora_lightning.model.LoraSpec")]
 
 
-_EARLIER_CLASSES = _earlier_classes()
+EARLIER_CLASSES = _earlier_classes()
 
 
 def plain_hyperparameters(hparams: Any) -> dict[str, Any]:
@@ -95,7 +116,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
             "resume from another checkpoint"
         )
     try:
-        with torch.serialization.safe_globals(_EARLIER_CLASSES):
+        with torch.serialization.safe_globals(EARLIER_CLASSES):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(
@@ -108,19 +129,74 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     return checkpoint
 
 
-class ResumableCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose every save resumes exactly, the run's last one included.
+class Preempted(SystemExit):
+    """Training stopped on SIGTERM after saving a checkpoint to resume from. A `SystemExit` with code 143 (128 +
+    SIGTERM, what a shell reports for a process SIGTERM ended): schedulers record the run as not finished."""
 
-    Arguments as `ModelCheckpoint`. When training stops at `max_steps` (or a callback stops it), the final
-    optimizer step is saved from `on_train_batch_end`, exactly as a periodic save (`step=<N>.ckpt` and
-    `last.ckpt`), and Lightning's later `on_train_end` save is skipped: that one records the epoch as
-    finished, so extending the run from it would replay other data.
+    def __init__(self, message: str) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose every save resumes exactly, the run's last one included, and which saves before
+    the run ends on SIGTERM.
+
+    Arguments as `ModelCheckpoint`.
+    - When training stops at `max_steps` (or a callback stops it), the final optimizer step is saved from
+      `on_train_batch_end`, exactly as a periodic save (`step=<N>.ckpt` and `last.ckpt`), and Lightning's later
+      `on_train_end` save is skipped (also when a resumed run had nothing left to train): that one records the
+      epoch as finished, so extending the run from it would replay other data.
+    - SIGTERM (what SLURM and Kubernetes send before they stop a job) is taken over while training runs. Lightning
+      would end the run with exit code 0 and nothing saved since the last periodic save; here the run goes on to
+      the end of the current optimizer step (all ranks agree on which), saves it like a periodic save, and raises
+      `Preempted` (exit code 143, no final adapter). `--ckpt_path last` then continues it bit for bit. Under DDP
+      the signal is passed on to the processes the launcher started, as Lightning does.
+    - When a run starts in a checkpoint folder, adapter folders a kill left behind their `.ckpt` are rewritten
+      from it (`checkpoint.repair_adapter_folders`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.every_n_steps = kwargs.get("every_n_train_steps") or 0
         self._final_step_saved: int | None = None
+        self._sigterm = False
+        self._handler_before: Any = None
+        self._launcher: Any = None
+        self._step_before_batch: int | None = None
+        self._step_at_start: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        from .checkpoint import AtomicCheckpointIO, repair_adapter_folders
+
+        writes_folders = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+        if stage == "fit" and writes_folders and trainer.is_global_zero and Path(self.dirpath).is_dir():
+            for note in repair_adapter_folders(self.dirpath):
+                print(note, file=sys.stderr)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._sigterm, self._launcher = False, trainer.strategy.launcher
+        self._step_at_start = trainer.global_step
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            self._handler_before = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._sigterm and self._launcher is not None:
+            self._launcher.kill(signum)
+        self._sigterm = True
+
+    def _restore_handler(self) -> None:
+        if self._handler_before is not None:
+            signal.signal(signal.SIGTERM, self._handler_before)
+            self._handler_before = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -128,19 +204,43 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         final = (0 < trainer.max_steps <= step) or trainer.should_stop
-        if not final or self._final_step_saved == step or trainer.sanity_checking:
-            return
-        self._final_step_saved = step
+        if final and self._final_step_saved != step and not trainer.sanity_checking:
+            self._final_step_saved = step
+            self._save_like_a_periodic_save(trainer)
+        elif step != self._step_before_batch and self._sigterm_on_any_rank(trainer, pl_module):
+            self._save_like_a_periodic_save(trainer)
+            raise Preempted(
+                f"SIGTERM: training stopped after step {step}, saved in {self.dirpath}; continue it with "
+                "--ckpt_path last (exit code 143: the run is not finished)"
+            )
+
+    def _save_like_a_periodic_save(self, trainer: Trainer) -> None:
+        step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0:
-            return  # the periodic save above has just written this step
+            return  # the periodic save has just written this step
         metrics = {"step": torch.tensor(step), "epoch": torch.tensor(trainer.current_epoch)}
         trainer.save_checkpoint(self.format_checkpoint_name(metrics))
         if self.save_last:
             trainer.save_checkpoint(self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST))
 
+    def _sigterm_on_any_rank(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether any process got SIGTERM; all ranks take the same decision at the same step."""
+        if trainer.world_size == 1:
+            return self._sigterm
+        flag = torch.tensor(float(self._sigterm), device=pl_module.device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._final_step_saved != trainer.global_step:
+        """Lightning's end-of-training save only where this run trained a step it has not saved: a resume that
+        finds its `max_steps` reached keeps the checkpoint it resumed from, which extends exactly."""
+        self._restore_handler()
+        if trainer.global_step not in (self._final_step_saved, self._step_at_start):
             super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        if isinstance(exception, Preempted) and trainer.is_global_zero:
+            print(exception.message, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------- the run's identity

@@ -9,6 +9,7 @@ these objects, so a default is written once, here, with its reason.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,9 +38,9 @@ class QuantSpec:
     double_quant: also quantize the quantization constants (paper: saves ~0.37 bit/parameter, 3 GB at 65B).
     compute_dtype: dtype of the matmuls, of the LoRA weights and of the unquantized parameters; bf16 as in
         the paper. CPUs without native bf16 matmul (AVX2 only) run bf16 matmuls 4-90x slower than float32: use
-        float32 there (the CPU demo does).
+        float32 there (the CPU demo does). A `torch.dtype` (`torch.float32`) is accepted and stored as its name.
     quant_storage: dtype the packed 4-bit bytes are stored in; set it to the other parameters' dtype
-        (bfloat16) to let FSDP shard the 4-bit weights with the rest.
+        (bfloat16) to let FSDP shard the 4-bit weights with the rest. A `torch.dtype` is accepted too.
     """
 
     quantize: QuantType = "nf4"
@@ -48,6 +49,10 @@ class QuantSpec:
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
     def __post_init__(self) -> None:
+        for key in ("compute_dtype", "quant_storage"):  # users pass torch.float32 as often as "float32"
+            value = getattr(self, key)
+            if isinstance(value, torch.dtype):
+                object.__setattr__(self, key, str(value).removeprefix("torch."))
         choices = {
             "quantize": ("nf4", "fp4", "none"),
             "compute_dtype": ("bfloat16", "float16", "float32"),
@@ -89,3 +94,20 @@ class LoraSpec:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ValueError("lora.target_modules is empty; use 'all-linear' (the paper) or module-name suffixes")
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        for key, patterns in (("target_modules", targets), ("exclude", self.exclude)):
+            for pattern in patterns:
+                _check_regex(f"lora.{key}", pattern)
+
+
+def _check_regex(key: str, pattern: str) -> None:
+    """A `re:<regex>` entry of `key` must compile: a bad one is named here, not as a bare `re.error` later."""
+    if not pattern.startswith("re:"):
+        return
+    try:
+        re.compile(pattern[3:])
+    except re.error as e:
+        raise ValueError(
+            f"{key}: {pattern!r} is not a valid regular expression ({e}); after 're:' comes a Python regex "
+            "matched against the whole module name, e.g. 're:.*layers\\.[0-3]\\.mlp\\..*'"
+        ) from None

@@ -1,4 +1,5 @@
-"""The command line: the paper's configs, overrides, a SIGKILL mid-training then `--ckpt_path last`, DDP."""
+"""The command line: the paper's configs, overrides, a SIGKILL or SIGTERM mid-training then `--ckpt_path last`, DDP,
+and settings refused before the model loads."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from qlora_testing import REPO, cli_args, make_tiny_llama
+from safetensors.torch import load_file
 
-from qlora_lightning.cli import run_lightning_cli
+from qlora_lightning.cli import main, run_lightning_cli
 
 PAPER = {  # size: (base model, lr, dropout, steps, micro-batch × accumulation)
     "7b": ("meta-llama/Llama-2-7b-hf", 2e-4, 0.1, 10000, 16),
@@ -235,3 +237,115 @@ def test_a_setting_that_trains_nothing_is_refused_on_the_command_line(tiny_chat_
     )
     assert done.returncode != 0 and "lora.alpha must be a positive number" in done.stderr
     assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def fails_before_the_model_loads(monkeypatch):
+    """Make loading the model an error, so that a test sees its check come first."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr("qlora_lightning.module.load_model", load_model)
+
+
+LR = ["--model.optimizer", "bitsandbytes.optim.PagedAdamW32bit", "--model.optimizer.init_args.lr"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (LR + ["0"], r"model.optimizer.init_args.lr \(the optimizer's learning rate\) is 0: it must be positive"),
+        (LR + ["-1e-3"], r"model.optimizer.init_args.lr .*refuses its settings \(Invalid learning rate: -0.001\)"),
+        (["--trainer.max_steps", "0"], "trainer.max_steps is 0, a run that trains nothing"),
+        (["--trainer.max_epochs", "0"], "trainer.max_epochs is 0, a run that trains nothing"),
+        (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val is -1: Lightning then clips nothing"),
+    ],
+    ids=["lr-0", "lr-negative", "max_steps-0", "max_epochs-0", "clip-negative"],
+)
+def test_settings_that_would_train_nothing_are_refused_before_the_model_loads(
+    tiny_chat_llama_dir, tmp_path, monkeypatch, flags, message
+):
+    """These ran, exited 0 and wrote a "final adapter"; a negative clip value switched clipping off silently, and
+    `lr -1e-3` (not a plain decimal, so argparse took it for an option) got "expected one argument"."""
+    fails_before_the_model_loads(monkeypatch)
+    with pytest.raises(SystemExit, match=f"error: .*{message}"):
+        main(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=2, every=1)[2:] + flags)
+    assert not list(tmp_path.glob("**/*.ckpt")) and not list(tmp_path.glob("**/adapter"))
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "float16"])
+def test_mixed_precision_with_another_compute_dtype_is_refused_naming_both_keys(
+    tiny_chat_llama_dir, tmp_path, monkeypatch, compute_dtype
+):
+    """`bf16-mixed` with float32 compute failed at the first step with "self and mat2 must have the same dtype"
+    from lora_autograd.py, with float16 compute in torch's autocast. (`16-mixed` is the same rule with float16;
+    on the CPU Lightning runs it as `bf16-mixed`.)"""
+    fails_before_the_model_loads(monkeypatch)
+    args = cli_args(tiny_chat_llama_dir, tmp_path, 2, 1, trainer__precision="bf16-mixed")
+    with pytest.raises(
+        SystemExit,
+        match=f"trainer.precision 'bf16-mixed' computes in bfloat16 but model.quant.compute_dtype is '{compute_dtype}'",
+    ):
+        main(args[2:] + ["--model.quant.compute_dtype", compute_dtype])
+
+
+def test_more_cpu_processes_than_cores_are_refused_before_any_starts(tiny_chat_llama_dir, tmp_path, monkeypatch):
+    """`--trainer.devices 64` on 2 cores started 64 processes, 9 GB in 20 s, without a word."""
+    import multiprocessing
+
+    fails_before_the_model_loads(monkeypatch)
+    devices = len(os.sched_getaffinity(0)) + 1
+    args = cli_args(tiny_chat_llama_dir, tmp_path, 2, 1, trainer__devices=devices, trainer__strategy="ddp")
+    with pytest.raises(SystemExit, match=f"trainer.devices {devices} on the CPU starts {devices} processes.*use "):
+        main(args[2:])
+    assert not multiprocessing.active_children() and not list(tmp_path.glob("lightning_logs/*"))
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dirpath", "trainer.default_root_dir"])
+def test_a_folder_that_cannot_be_written_is_named_before_the_model_loads(
+    tiny_chat_llama_dir, tmp_path, monkeypatch, key
+):
+    """A read-only checkpoint folder gave a raw PermissionError after training. The superuser (here and in CI)
+    may write anywhere, so the folder here is one nobody can create: its parent is a file."""
+    fails_before_the_model_loads(monkeypatch)
+    (tmp_path / "a_file").write_text("")
+    folder = tmp_path / "a_file" / "run"
+    args = cli_args(
+        tiny_chat_llama_dir, tmp_path / "root", 2, 1, checkpoint_dir=False, **{key.replace(".", "__"): folder}
+    )
+    with pytest.raises(SystemExit, match=f"error: cannot write {folder} \\({key}\\): .*Not a directory"):
+        main(args[2:])
+
+
+def test_sigterm_saves_then_exits_non_zero_and_the_resume_equals_the_straight_run_bitwise(
+    tiny_chat_llama_dir, tmp_path
+):
+    """SIGTERM, what SLURM and Kubernetes send before they stop a job, ended the run with exit code 0 and nothing
+    saved since the last periodic save: a scheduler recorded a pre-empted run as a success."""
+    run, straight = tmp_path / "preempted", tmp_path / "straight"
+    proc = subprocess.Popen(
+        cli_args(tiny_chat_llama_dir, run, max_steps=100000, every=5),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step=5.ckpt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 4 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert f"SIGTERM: training stopped after step {stopped_at}" in stderr and "--ckpt_path last" in stderr
+    assert (run / "checkpoints" / f"step={stopped_at}.ckpt").is_file()  # saved as a periodic save would be
+    assert not list(run.glob("lightning_logs/*/adapter"))  # not finished: no final adapter
+
+    main(cli_args(tiny_chat_llama_dir, run, stopped_at + 3, 5)[2:] + ["--ckpt_path", "last"])
+    main(cli_args(tiny_chat_llama_dir, straight, stopped_at + 3, 5)[2:])
+    resumed = load_file(run / "lightning_logs" / "version_1" / "adapter" / "adapter_model.safetensors")
+    expected = load_file(straight / "lightning_logs" / "version_0" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)

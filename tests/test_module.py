@@ -304,3 +304,32 @@ def test_bf16_validation_loss_is_summed_in_float32(tiny_chat_llama_dir, tmp_path
             total, count = total + float(loss) * int(n), count + int(n)
     assert count > 256 and module.val_loss.mean_value.dtype == torch.float32
     assert val["val/loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "trainer_args, lr, message",
+    [
+        (dict(max_steps=0), 2e-4, "trainer.max_steps is 0, a run that trains nothing"),
+        (dict(max_steps=-1, max_epochs=0), 2e-4, "trainer.max_epochs is 0, a run that trains nothing"),
+        (dict(max_steps=2, gradient_clip_val=-1.0), 2e-4, "trainer.gradient_clip_val is -1.0: Lightning then clips"),
+        (dict(max_steps=2), 0.0, r"model.optimizer.init_args.lr \(the optimizer's learning rate\) is 0"),
+        (dict(max_steps=2), -1e-3, "refuses its settings \\(Invalid learning rate: -0.001\\)"),
+    ],
+    ids=["max_steps-0", "max_epochs-0", "clip-negative", "lr-0", "lr-negative"],
+)
+def test_a_plain_trainer_refuses_settings_that_would_train_nothing(
+    tiny_chat_llama_dir, tmp_path, trainer_args, lr, message
+):
+    """Research code's own `lightning.Trainer` gets the errors the command line gives, before the model loads;
+    these runs used to end "successfully" with an untrained "final adapter"."""
+    import functools
+
+    from qlora_lightning.preflight import SettingError
+
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    module.optimizer_factory = functools.partial(torch.optim.AdamW, lr=lr)
+    trainer = cpu_trainer(tmp_path, val_check_interval=1.0, **trainer_args)
+    with pytest.raises(SettingError, match=message):
+        trainer.fit(module, data)
+    assert module.model is None  # refused before the model loaded
+    assert not list(tmp_path.glob("**/*.ckpt")) and not list(tmp_path.glob("**/adapter"))

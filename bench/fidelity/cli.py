@@ -10,8 +10,8 @@ from pathlib import Path
 import bench.fidelity
 
 from .assets import pack, unpack
-from .experiment import EXPERIMENT, REPO, SMOKE
-from .report import build_report, markdown
+from .experiment import EXPERIMENT, REPO, SMOKE, default_folders
+from .report import build_report
 from .runs import run
 
 
@@ -35,16 +35,25 @@ def main(argv: list[str] | None = None) -> None:
         unpack([Path(p) for p in a.assets], Path(a.site))
         return
     parser.add_argument(
-        "--out", default=None, help="results folder (default bench/results/fidelity; --smoke: <work>/results)"
+        "--out",
+        default=None,
+        help="results folder (default bench/results/fidelity[-<experiment>]; --smoke: <work>/results)",
     )
     if command == "report":
         a = parser.parse_args(argv)
-        report = build_report(Path(a.out or REPO / "bench" / "results" / "fidelity"))
-        print(markdown(report))
+        out = Path(a.out or REPO / "bench" / "results" / "fidelity")
+        build_report(out)
+        print((out / "fidelity.md").read_text())
         return
     parser.add_argument("--experiment", default=str(EXPERIMENT), help="the experiment file (arms, seeds, ...)")
-    parser.add_argument("--smoke", action="store_true", help=f"the CPU miniature: {SMOKE.relative_to(REPO)}")
-    parser.add_argument("--work", default=None, help="training runs and records (default runs/fidelity[-smoke])")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"the experiment's CPU miniature (its `smoke` file; default {SMOKE.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--work", default=None, help="training runs and records (default runs/fidelity[-<experiment>][-smoke])"
+    )
     parser.add_argument("--base", default=None, help="another base model than the experiment's")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--arms", nargs="+", default=None)
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     if a.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {a.jobs}")
-    suffix = "-smoke" if a.smoke else ""
-    a.work = a.work or str(REPO / "runs" / f"fidelity{suffix}")
-    a.out = a.out or str(Path(a.work) / "results" if a.smoke else REPO / "bench" / "results" / "fidelity")
+    work, out = default_folders(a.experiment, a.smoke)
+    a.work = a.work or str(work)
+    a.out = a.out or str(Path(a.work) / "results" if a.smoke else out)
     run(a)

@@ -1,4 +1,6 @@
-"""The experiment file (arms, seeds, records, MMLU settings) and the fixed split of MMLU's subjects."""
+"""The experiment file (arms, seeds, records, MMLU settings or the generated task) and the fixed split of MMLU's
+subjects. An experiment with a `task` entry (configs/fidelity/tasks.yaml) trains on `generate_tasks` records and
+is measured by held-out exact match; one without trains on MMLU questions (configs/fidelity/experiment.yaml)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ TINY = "tiny"
 NOTE = (
     "A method comparison on MMLU-derived data (QLoRA against 16-bit LoRA trained the same way), not an MMLU "
     "score: the training records are MMLU test questions of the other half of the subjects."
+)
+TASK_NOTE = (
+    "A method comparison on a generated task with checkable answers (three-digit arithmetic, word operations, "
+    "lookups), scored by exact match on held-out instances never trained on: it measures task learning, where the "
+    "MMLU experiment measures format learning."
 )
 
 
@@ -30,9 +37,37 @@ def load_experiment(path: str | Path) -> dict:
     for key in ("train", "overlays"):
         spec[key] = [str(repo_path(p)) for p in spec[key]]
     spec["arms"] = {name: [str(repo_path(p)) for p in files] for name, files in spec["arms"].items()}
-    spec["subjects"] = str(repo_path(spec["subjects"]))
+    for key in ("subjects", "smoke"):
+        if spec.get(key):
+            spec[key] = str(repo_path(spec[key]))
+    if is_task(spec):
+        reference = spec.setdefault("reference_arm", next(iter(spec["arms"])))
+        if reference not in spec["arms"]:
+            raise ValueError(f"{path}: reference_arm {reference!r} is none of the arms {sorted(spec['arms'])}")
     spec["file"] = str(path)
     return spec
+
+
+def is_task(spec: dict) -> bool:
+    """Whether the experiment trains on the generated task (a `task` entry) rather than on MMLU questions."""
+    return spec.get("task") is not None
+
+
+def smoke_of(path: str | Path) -> Path:
+    """The CPU miniature of the experiment file `path`: its `smoke` entry, or experiment-smoke.yaml (MMLU's)."""
+    import yaml
+
+    named = (yaml.safe_load(Path(path).read_text()) or {}).get("smoke")
+    return repo_path(named) if named else SMOKE
+
+
+def default_folders(experiment: str | Path, smoke: bool) -> tuple[Path, Path]:
+    """(work, out) when the flags name none: runs/fidelity[-<name>][-smoke] and bench/results/fidelity[-<name>]
+    (`<work>/results` for --smoke), <name> being the experiment file's stem unless it is experiment.yaml, so that
+    two experiments never share a folder."""
+    name = "fidelity" if Path(experiment).resolve() == EXPERIMENT else f"fidelity-{Path(experiment).stem}"
+    work = REPO / "runs" / (name + ("-smoke" if smoke else ""))
+    return work, (work / "results" if smoke else REPO / "bench" / "results" / name)
 
 
 def repo_path(p: str) -> Path:

@@ -5,40 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from .evaluation import half_accuracy
 from .experiment import NOTE
+from .summary import fmt, mean_spread, storage
+from .task_report import build_task_report
 
 #: The target of the issue: QLoRA's held-out eval loss within this fraction of 16-bit LoRA's.
 EVAL_LOSS_TOLERANCE = 0.02
 
 
-def _mean_spread(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
-def _fmt(stat: dict, digits: int = 4, scale: float = 1.0, suffix: str = "") -> str:
-    if stat is None or stat.get("mean") is None:
-        return "–"
-    text = f"{stat['mean'] * scale:,.{digits}f}{suffix}"
-    return text + (f" ± {stat['std'] * scale:,.{digits}f}" if stat["n"] > 1 and stat["min"] != stat["max"] else "")
-
-
 def build_report(out: Path) -> dict:
-    """fidelity.json and fidelity.md from the files in `out` (any subset of runs: missing ones are missing)."""
+    """fidelity.json and fidelity.md from the files in `out` (any subset of runs: missing ones are missing); the
+    task experiment's (a `task` in experiment.json) are `build_task_report`'s."""
     meta = json.loads((out / "experiment.json").read_text())
+    if "task" in meta:
+        return build_task_report(out, meta)
     train_subjects, held_out = meta["split"]["train"], meta["split"]["held_out"]
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("run_*_seed*.json"))]
     arms = {}
@@ -52,19 +36,19 @@ def build_report(out: Path) -> dict:
             "seeds": [r["seed"] for r in mine],
             # Runs older than the float32 loss metric say nothing: their sums were bf16 under bf16-true.
             "eval_loss_summed_in": sorted({r.get("eval_loss_summed_in", "bfloat16") for r in mine}),
-            "base_storage": _storage(settings) if settings else (_storage(base) if base else None),
+            "base_storage": storage(settings) if settings else (storage(base) if base else None),
             "template": settings.get("template"),
-            "eval_loss_before": _mean_spread([r["eval_loss_before"] for r in mine]),
-            "eval_loss_after": _mean_spread([r["eval_loss_after"] for r in mine]),
-            "answer_letter_loss_before": _mean_spread([r.get("answer_letter_loss_before") for r in mine]),
-            "answer_letter_loss_after": _mean_spread([r.get("answer_letter_loss_after") for r in mine]),
+            "eval_loss_before": mean_spread([r["eval_loss_before"] for r in mine]),
+            "eval_loss_after": mean_spread([r["eval_loss_after"] for r in mine]),
+            "answer_letter_loss_before": mean_spread([r.get("answer_letter_loss_before") for r in mine]),
+            "answer_letter_loss_after": mean_spread([r.get("answer_letter_loss_after") for r in mine]),
             "held_out_mmlu_before": half_accuracy(base, held_out) if base else None,
-            "held_out_mmlu_after": _mean_spread([half_accuracy(t, held_out)["mean_over_subjects"] for t in tuned]),
-            "held_out_mmlu_after_over_questions": _mean_spread(
+            "held_out_mmlu_after": mean_spread([half_accuracy(t, held_out)["mean_over_subjects"] for t in tuned]),
+            "held_out_mmlu_after_over_questions": mean_spread(
                 [half_accuracy(t, held_out)["over_questions"] for t in tuned]
             ),
             "train_half_mmlu_before": half_accuracy(base, train_subjects) if base else None,
-            "train_half_mmlu_after": _mean_spread(
+            "train_half_mmlu_after": mean_spread(
                 [half_accuracy(t, train_subjects)["mean_over_subjects"] for t in tuned]
             ),
             "full_mmlu_before": (
@@ -76,12 +60,12 @@ def build_report(out: Path) -> dict:
                 if base
                 else None
             ),
-            "full_mmlu_after": _mean_spread([t["accuracy_mean_over_subjects"] for t in tuned]),
-            "tokens_per_s": _mean_spread([r["tokens_per_s_median"] for r in mine]),
+            "full_mmlu_after": mean_spread([t["accuracy_mean_over_subjects"] for t in tuned]),
+            "tokens_per_s": mean_spread([r["tokens_per_s_median"] for r in mine]),
             "runs_sharing_the_device": max((r.get("runs_sharing_the_device", 1) for r in mine), default=1),
-            "peak_gpu_mem_gib": _mean_spread([r["peak_gpu_mem_gib"] for r in mine]),
-            "peak_host_mem_gib": _mean_spread([r["peak_host_mem_gib"] for r in mine]),
-            "fit_seconds": _mean_spread([r["fit_seconds"] for r in mine]),
+            "peak_gpu_mem_gib": mean_spread([r["peak_gpu_mem_gib"] for r in mine]),
+            "peak_host_mem_gib": mean_spread([r["peak_host_mem_gib"] for r in mine]),
+            "fit_seconds": mean_spread([r["fit_seconds"] for r in mine]),
             "settings": settings,
             "adapter_init_fingerprints": {r["seed"]: r["adapter_init_fingerprint"] for r in mine},
         }
@@ -103,14 +87,6 @@ def build_report(out: Path) -> dict:
         with contextlib.redirect_stdout(sys.stderr):
             plot_loss([str(p) for p in curves], output=str(out / "loss.png"))
     return report
-
-
-def _storage(settings: dict) -> str:
-    quantize, dtype = settings.get("quantize"), settings.get("compute_dtype")
-    if quantize == "none":
-        return f"{dtype} (16-bit LoRA)" if dtype != "float32" else "float32 (no quantization)"
-    dq = " + double quant" if settings.get("double_quant", True) else ""
-    return f"{quantize.upper()}{dq}, {dtype} compute"
 
 
 def _compare(arms: dict, meta: dict) -> dict | None:
@@ -180,11 +156,11 @@ def markdown(report: dict) -> str:
         )
         lines.append(
             f"| {name} | {a['base_storage']} | {a['template'] or '–'} | {len(a['seeds'])} | "
-            f"{s.get('max_steps', '–')} × {s.get('batch_size', '–')} | {_fmt(a['eval_loss_before'])} | "
-            f"{_fmt(a['eval_loss_after'])} | "
+            f"{s.get('max_steps', '–')} × {s.get('batch_size', '–')} | {fmt(a['eval_loss_before'])} | "
+            f"{fmt(a['eval_loss_after'])} | "
             f"{held_before} | "
-            f"{_fmt(a['held_out_mmlu_after'], **pct)} | {_fmt(a['tokens_per_s'], digits=0)} | "
-            f"{_fmt(peak, digits=2)}{'' if a['peak_gpu_mem_gib']['n'] else ' (host)'} |"
+            f"{fmt(a['held_out_mmlu_after'], **pct)} | {fmt(a['tokens_per_s'], digits=0)} | "
+            f"{fmt(peak, digits=2)}{'' if a['peak_gpu_mem_gib']['n'] else ' (host)'} |"
         )
     lines.append("")
     sharing = max(a["runs_sharing_the_device"] for a in arms.values())
@@ -218,7 +194,7 @@ def markdown(report: dict) -> str:
             )
         if all(a["answer_letter_loss_after"]["n"] for a in arms.values()):
             letters = "; ".join(
-                f"{name} {_fmt(a['answer_letter_loss_before'])} → {_fmt(a['answer_letter_loss_after'])}"
+                f"{name} {fmt(a['answer_letter_loss_before'])} → {fmt(a['answer_letter_loss_after'])}"
                 for name, a in arms.items()
             )
             lines.append(f"- Held-out loss on the answer letter alone (the token that holds the choice): {letters}.")
@@ -245,10 +221,10 @@ def markdown(report: dict) -> str:
         if a["full_mmlu_after"]["n"]:
             lines.append(
                 f"| {name} adapters ({a['full_mmlu_after']['n']} seeds) | {a['full_mmlu_before']['questions']:,} | "
-                f"{_fmt(a['full_mmlu_after'], **pct)} | {_fmt(a['held_out_mmlu_after'], **pct)} | "
-                f"{_fmt(a['train_half_mmlu_after'], **pct)} |"
+                f"{fmt(a['full_mmlu_after'], **pct)} | {fmt(a['held_out_mmlu_after'], **pct)} | "
+                f"{fmt(a['train_half_mmlu_after'], **pct)} |"
                 if a["full_mmlu_before"]
-                else f"| {name} adapters | – | {_fmt(a['full_mmlu_after'], **pct)} | – | – |"
+                else f"| {name} adapters | – | {fmt(a['full_mmlu_after'], **pct)} | – | – |"
             )
     lines.append("")
     lines.append(

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .evaluation import evaluate
-from .experiment import NOTE, SMOKE, load_experiment, load_split, repo_path, shown
+from .experiment import NOTE, TASK_NOTE, is_task, load_experiment, load_split, repo_path, shown, smoke_of
 from .models import resolve_base
-from .records import write_records
+from .records import write_records, write_task_records
 from .reference import reference_check
 from .report import build_report
 from .training import arm_quant, train_arm
@@ -100,10 +100,8 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from qlora_lightning.eval.mmlu_data import load_mmlu
-
     started = time.monotonic()
-    spec = load_experiment(SMOKE if args.smoke else args.experiment)
+    spec = load_experiment(smoke_of(args.experiment) if args.smoke else args.experiment)
     if args.seeds:
         spec["seeds"] = args.seeds
     if args.arms:
@@ -121,28 +119,25 @@ def run(args) -> None:
     stages = set(args.only or ["base", "arms", "reference"])
 
     base = resolve_base(args.base or spec["base_model"], work)
-    mmlu = load_mmlu(spec["mmlu"])
-    train_subjects, held_out = load_split(spec["subjects"], set(mmlu.subjects))
     records = {"train": work / "records" / "train.jsonl", "held_out": work / "records" / "held_out.jsonl"}
     if args.jobs_child:  # one run of a --jobs parent, which wrote the records and experiment.json
         (arm,), (seed,) = list(spec["arms"]), spec["seeds"]
         train_arm(arm, seed, spec, base, records, work, out, arm_args, sharing=args.jobs_child, own_cache=True)
         return
-    counts = {
-        "train": write_records(mmlu, train_subjects, records["train"], spec["records"].get("train_per_subject")),
-        "held_out": write_records(mmlu, held_out, records["held_out"], spec["records"].get("held_out_per_subject")),
-    }
+    if is_task(spec):  # no MMLU there: the runs measure held-out exact match themselves
+        stages &= {"arms"}
+        counts = write_task_records(spec["task"], records)
+        data = {"note": TASK_NOTE, "task": spec["task"], "reference_arm": spec["reference_arm"]}
+        said = f"records: {counts['train']} training, {counts['held_out']} held out (generated task); base {base}"
+    else:
+        counts, data, said = _mmlu_records(spec, records, base)
     meta_file = out / "experiment.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update(
         {
-            "note": NOTE,
+            **data,
             "experiment_file": shown(spec["file"]),
-            "split_file": shown(spec["subjects"]),
             "base_model": args.base or spec["base_model"],
-            "mmlu": spec["mmlu"],
-            "shots_source": mmlu.shots_source,
-            "split": {"train": train_subjects, "held_out": held_out},
             "records": counts,
             # A run of some arms or seeds (--arms, --seeds) adds to those already in `out`.
             "arms": {**meta.get("arms", {}), **{a: [shown(c) for c in files] for a, files in spec["arms"].items()}},
@@ -161,11 +156,7 @@ def run(args) -> None:
         }
     )
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-    print(
-        f"records: {counts['train']} training ({len(train_subjects)} subjects), {counts['held_out']} held out "
-        f"({len(held_out)} subjects); base {base}",
-        flush=True,
-    )
+    print(said, flush=True)
     timings = {}
 
     def archive() -> None:
@@ -213,6 +204,31 @@ def run(args) -> None:
     archive()
     print((out / "fidelity.md").read_text())
     print(f"results in {out} ({time.monotonic() - started:.0f} s)")
+
+
+def _mmlu_records(spec: dict, records: dict[str, Path], base: str) -> tuple[dict, dict, str]:
+    """The MMLU experiment's records (the split's two halves) written to `records`: their counts, what
+    experiment.json says of them, and the line that reports them."""
+    from qlora_lightning.eval.mmlu_data import load_mmlu
+
+    mmlu = load_mmlu(spec["mmlu"])
+    train_subjects, held_out = load_split(spec["subjects"], set(mmlu.subjects))
+    counts = {
+        "train": write_records(mmlu, train_subjects, records["train"], spec["records"].get("train_per_subject")),
+        "held_out": write_records(mmlu, held_out, records["held_out"], spec["records"].get("held_out_per_subject")),
+    }
+    data = {
+        "note": NOTE,
+        "split_file": shown(spec["subjects"]),
+        "mmlu": spec["mmlu"],
+        "shots_source": mmlu.shots_source,
+        "split": {"train": train_subjects, "held_out": held_out},
+    }
+    said = (
+        f"records: {counts['train']} training ({len(train_subjects)} subjects), {counts['held_out']} held out "
+        f"({len(held_out)} subjects); base {base}"
+    )
+    return counts, data, said
 
 
 def _version(name: str) -> str | None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .evaluation import answer_letter_loss, evaluate
-from .experiment import shown
+from .experiment import is_task, shown
 from .models import free_memory
 
 
@@ -60,7 +60,8 @@ def train_arm(
     sharing: int = 1,
     own_cache: bool = False,
 ) -> dict:
-    """One training run through train.py's CLI (configs only), its eval loss before and after, then MMLU.
+    """One training run through train.py's CLI (configs only), its eval loss before and after, then MMLU (or, in
+    the task experiment, the held-out exact match that the configs' `DemoReport` measured before and after).
     `sharing`: how many runs share its device at once (`--jobs`), recorded beside tokens/s; `own_cache`: tokenize
     into a cache of its own, for runs that go at the same time (`--jobs`), which would otherwise write one file."""
     import torch
@@ -95,7 +96,8 @@ def train_arm(
     start = time.perf_counter()
     (before,) = trainer.validate(module, data, verbose=False)
     init = adapter_fingerprint(module.model)
-    letter_before = answer_letter_loss(module, data, trainer.strategy.root_device)
+    task = is_task(spec)  # the answer letter and MMLU are the MMLU experiment's measures
+    letter_before = None if task else answer_letter_loss(module, data, trainer.strategy.root_device)
     if torch.cuda.is_available():  # the logged peak is then this run's training alone
         torch.cuda.reset_peak_memory_stats()
     fit_start = time.perf_counter()
@@ -103,7 +105,7 @@ def train_arm(
     fit_seconds = time.perf_counter() - fit_start
     (after,) = trainer.validate(module, data, verbose=False)
     summed_in = str(module.val_loss.mean_value.dtype).removeprefix("torch.")  # bf16 before 004562d: off by ~2 %
-    letter_after = answer_letter_loss(module, data, trainer.strategy.root_device)
+    letter_after = None if task else answer_letter_loss(module, data, trainer.strategy.root_device)
     log_dir = Path(trainer.log_dir)
     quant, lora = module.quant, module.lora
     settings = {
@@ -136,14 +138,22 @@ def train_arm(
     curves.mkdir(parents=True, exist_ok=True)
     shutil.copy(log_dir / "metrics.csv", curves / "metrics.csv")
     summary = metrics_summary(log_dir / "metrics.csv", skip_steps=min(10, steps // 4))
-    mmlu = evaluate(
-        base,
-        str(log_dir / "adapter"),
-        _quant_spec(settings),
-        spec,
-        out / f"mmlu_{arm}_seed{seed}.json",
-        work / f"mmlu_{arm}_seed{seed}.log",
-    )
+    if task:
+        measured = task_measures(log_dir)
+    else:
+        mmlu = evaluate(
+            base,
+            str(log_dir / "adapter"),
+            _quant_spec(settings),
+            spec,
+            out / f"mmlu_{arm}_seed{seed}.json",
+            work / f"mmlu_{arm}_seed{seed}.log",
+        )
+        measured = {
+            "answer_letter_loss_before": letter_before,
+            "answer_letter_loss_after": letter_after,
+            "mmlu_accuracy_mean_over_subjects": mmlu["accuracy_mean_over_subjects"],
+        }
     result = {
         "arm": arm,
         "seed": seed,
@@ -153,14 +163,12 @@ def train_arm(
         "eval_loss_before": before["val/loss"],
         "eval_loss_after": after["val/loss"],
         "eval_loss_summed_in": summed_in,
-        "answer_letter_loss_before": letter_before,
-        "answer_letter_loss_after": letter_after,
         "adapter_init_fingerprint": init,
         "fit_seconds": round(fit_seconds, 1),
         "runs_sharing_the_device": sharing,
         "run_seconds": round(time.perf_counter() - start, 1),
         **summary,
-        "mmlu_accuracy_mean_over_subjects": mmlu["accuracy_mean_over_subjects"],
+        **measured,
         "settings": settings,
         "log_dir": str(log_dir),
     }
@@ -171,6 +179,25 @@ def train_arm(
         flush=True,
     )
     return result
+
+
+def task_measures(log_dir: Path) -> dict:
+    """Held-out exact match before and after training, as the run's `DemoReport` callback wrote them
+    (`demo_report.json`), with the number of questions and one answer after training."""
+    path = log_dir / "demo_report.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing; the task experiment's train configs must add the qlora_lightning.demo.DemoReport "
+            "callback (configs/fidelity/tasks-train.yaml does)"
+        )
+    report = json.loads(path.read_text())
+    before, after = report["before"], report["after"]
+    return {
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "exact_match_examples": after["n"],
+        "example_after": {k: after[k] for k in ("question", "reference", "answer")},
+    }
 
 
 def _quant_spec(settings: dict):

@@ -7,6 +7,10 @@ tasks (reverse, uppercase, count letters, word length, first letter) and facts t
 (capitals, chemical symbols, opposites). Answers are a few tokens, so a 135M model can learn the format
 in minutes of CPU training, and `exact_match` can score what it generates on the held-out file.
 Nothing here is copied from OpenOrca.
+
+`generate_tasks` draws the fidelity experiment's task (bench/fidelity, configs/fidelity/tasks.yaml) from harder
+families of the same kind: three-digit arithmetic, word operations and lookups in a table or list given in the
+question; thousands of records with a held-out part of unseen instances, written when the experiment runs.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["generate", "exact_match", "normalize_answer"]
+__all__ = ["generate", "generate_tasks", "exact_match", "normalize_answer"]
 
 BUNDLED = Path(__file__).parent / "bundled"
 SYSTEM_PROMPTS = [  # OpenOrca mixes records with and without a system prompt
@@ -174,20 +178,99 @@ def generate(n_train: int = 400, n_val: int = 100, seed: int = 0) -> tuple[list[
             seen.add(question)
             drawn.append((task, question, answer))
     rng.shuffle(drawn)
-    splits = {"train": drawn[:n_train], "val": drawn[n_train:]}
-    out = {}
-    for name, part in splits.items():
-        out[name] = [
-            {
-                "id": f"orca_sample.{name}.{i:04d}",
-                "task": task,
-                "system_prompt": rng.choice(SYSTEM_PROMPTS),
-                "question": question,
-                "response": answer,
-            }
-            for i, (task, question, answer) in enumerate(part)
-        ]
-    return out["train"], out["val"]
+    return _records("orca_sample", "train", drawn[:n_train], rng), _records("orca_sample", "val", drawn[n_train:], rng)
+
+
+# ------------------------------------------------------------------------ the discriminating task (fidelity)
+#: More words for the word operations and lookups of `generate_tasks` (the demo's `WORDS` stay as they are, so
+#: the bundled files do not change).
+TASK_WORDS = (
+    WORDS
+    + (
+        "basket camera desert eagle feather garlic hammer insect jelly kettle ladder magnet napkin oyster parrot "
+        "quartz ribbon salmon tunnel umbrella velvet wagon yogurt blanket compass dolphin elbow fossil goblet hornet "
+        "ivory jigsaw kernel lantern meadow nectar orchid puzzle quiver raisin sparrow thimble unicorn vessel willow"
+    ).split()
+)
+
+
+def _long_arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    """Addition and subtraction of three-digit numbers, two-digit times one-digit multiplication."""
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(11, 99), rng.randint(3, 9)
+        return "multiplication_2x1", f"What is {a} times {b}?", str(a * b)
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        return "subtraction_3", f"What is {a} minus {b}?", str(a - b)
+    return "addition_3", f"What is {a} + {b}?", str(a + b)
+
+
+def _word_operations(rng: random.Random) -> tuple[str, str, str]:
+    """Operations on one or two words: reverse, last letter, the first letters joined, alphabetical order."""
+    first, second = rng.sample(TASK_WORDS, 2)
+    kind = rng.choice(["reverse", "last", "initials", "earlier"])
+    if kind == "reverse":
+        return "reverse", f"Reverse the word '{first}'.", first[::-1]
+    if kind == "last":
+        return "last_letter", f"What is the last letter of the word '{first}'?", first[-1]
+    if kind == "initials":
+        return "initials", f"Write the first letters of '{first}' and '{second}' together.", first[0] + second[0]
+    question = f"Which word comes first in alphabetical order: '{first}' or '{second}'?"
+    return "alphabetical", question, min(first, second)
+
+
+def _lookups(rng: random.Random) -> tuple[str, str, str]:
+    """A value looked up in a short table given in the question, or a word picked by its position in a list."""
+    keys = rng.sample(TASK_WORDS, 4)
+    if rng.random() < 0.5:
+        values = [rng.randint(1, 99) for _ in keys]
+        table = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+        i = rng.randrange(len(keys))
+        return "lookup_value", f"Given {table}: what is the value of {keys[i]}?", str(values[i])
+    i = rng.randrange(len(keys))
+    ordinal = ("first", "second", "third", "fourth")[i]
+    return "lookup_position", f"Which word is {ordinal} in the list {', '.join(keys)}?", keys[i]
+
+
+TASK_FAMILIES: list[Callable[[random.Random], tuple[str, str, str]]] = [_long_arithmetic, _word_operations, _lookups]
+
+
+def generate_tasks(n_train: int = 4000, n_val: int = 500, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The fidelity experiment's task: `n_train + n_val` distinct questions of `TASK_FAMILIES` in equal parts.
+
+    Like `generate`, the held-out records are instances never trained on (no question is in both parts), and
+    every answer is a few tokens that `exact_match` checks. Deterministic in `seed`: the experiment writes them
+    when it runs instead of shipping thousands of records. 4,000 / 500 by default: enough distinct instances
+    for a few hundred steps of 16 without repeating, and a held-out exact match with a standard error near 2
+    points.
+    """
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"generate_tasks needs at least one record per part, got n_train={n_train}, n_val={n_val}")
+    rng = random.Random(seed)
+    drawn, seen = [], set()
+    while len(drawn) < n_train + n_val:
+        task, question, answer = TASK_FAMILIES[len(drawn) % len(TASK_FAMILIES)](rng)
+        if question not in seen:
+            seen.add(question)
+            drawn.append((task, question, answer))
+    rng.shuffle(drawn)
+    return _records("tasks", "train", drawn[:n_train], rng), _records("tasks", "val", drawn[n_train:], rng)
+
+
+def _records(name: str, split: str, drawn: list[tuple[str, str, str]], rng: random.Random) -> list[dict]:
+    """(task, question, answer) triples as OpenOrca records, a system prompt drawn for each."""
+    return [
+        {
+            "id": f"{name}.{split}.{i:04d}",
+            "task": task,
+            "system_prompt": rng.choice(SYSTEM_PROMPTS),
+            "question": question,
+            "response": answer,
+        }
+        for i, (task, question, answer) in enumerate(drawn)
+    ]
 
 
 def normalize_answer(text: str) -> str:

@@ -11,16 +11,16 @@ template as metadata) and `ollama` (the Modelfile).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from . import builtin, hub
 from .adapters import Adapter
 from .atomic import write_text
+from .checkpoint_files import CheckpointTensors
 from .gguf_model import (
     LORA_TYPES,
     add_llama_metadata,
@@ -40,11 +40,11 @@ from .merge import (
     check_adapted_modules,
     lora_factors,
     merged_tensors,
-    open_checkpoint,
     quantized_linears,
 )
 from .ollama import MODELFILE, modelfile_path, ollama_modelfile, stop_strings
 from .specs import QuantSpec
+from .tokenizer import read_tokenizer
 
 __all__ = ["save_gguf", "save_gguf_lora", "model_name"]
 
@@ -97,15 +97,14 @@ def _write_model(
     add_llama_metadata(writer, shape)
     add_tokenizer(writer, vocabulary(source_dir, shape.vocab_size), tokenizer, chat)
     factors = lora_factors(adapter) if adapter is not None else {}
-    with contextlib.ExitStack() as stack:
-        handles, shapes = open_checkpoint(stack, source_dir)
-        check_adapted_modules(source_dir, factors, shapes)
-        plan = model_plan(source_dir, shapes, shape, gguf_type)
-        merged = merged_tensors(
-            source_dir, factors, [p.key for p in plan], handles, quantized=quantized, quant=quant, device=device
-        )
-        tensors = (to_llama_layout(p.name, tensor, shape) for p, (_, tensor) in zip(plan, merged))
-        return write_gguf(output, writer, plan, tensors)
+    checkpoint = CheckpointTensors(source_dir)
+    check_adapted_modules(source_dir, factors, checkpoint.shapes)
+    plan = model_plan(source_dir, checkpoint.shapes, shape, gguf_type)
+    merged = merged_tensors(
+        source_dir, factors, [p.key for p in plan], checkpoint, quantized=quantized, quant=quant, device=device
+    )
+    tensors = (to_llama_layout(p.name, tensor, shape) for p, (_, tensor) in zip(plan, merged))
+    return write_gguf(output, writer, plan, tensors)
 
 
 def save_gguf(
@@ -140,7 +139,7 @@ def save_gguf(
     modelfile = output.parent / MODELFILE
     checked_file_type(gguf_type)
     _check_outputs([output, modelfile], overwrite)
-    tokenizer = _load_tokenizer(source_dir)
+    tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
     quantized = quantized_linears(source_dir, quant) if from_quantized else None
     _write_model(
@@ -197,12 +196,10 @@ def save_gguf_lora(
     base_path = output.with_name(f"{output.stem}.base.gguf") if base_gguf is None else None
     modelfile = output.parent / MODELFILE
     _check_outputs([output, modelfile] + ([base_path] if base_path else []), overwrite)
-    tokenizer = _load_tokenizer(source_dir)
+    tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
     shape = llama_shape(source_dir)
-    with contextlib.ExitStack() as stack:
-        _, shapes = open_checkpoint(stack, source_dir)
-        tensors = lora_plan(source_dir, adapter, shapes, shape, gguf_type)
+    tensors = lora_plan(source_dir, adapter, CheckpointTensors(source_dir).shapes, shape, gguf_type)
     if base_path is not None:
         _write_model(
             model_name(base, source_dir),
@@ -227,11 +224,3 @@ def save_gguf_lora(
     )
     write_text(modelfile, text)
     return output
-
-
-def _load_tokenizer(source_dir: Path) -> PreTrainedTokenizerBase:
-    """The folder's own tokenizer, unchanged (no pad token chosen for training: the file says what the base says)."""
-    try:
-        return AutoTokenizer.from_pretrained(source_dir)
-    except (OSError, ValueError) as e:
-        raise type(e)(f"cannot load the tokenizer of {source_dir}: {e}") from e

@@ -23,12 +23,12 @@ gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `gguf` pack
 from qlora_lightning import builtin, export_gguf, gguf_model, gguf_vocab, ollama  # noqa: E402
 from qlora_lightning.adapters import save_adapter, to_peft_keys  # noqa: E402
 from qlora_lightning.atomic import WriteError  # noqa: E402
+from qlora_lightning.checkpoint_files import safetensors_shards, weights_fingerprint  # noqa: E402
 from qlora_lightning.data.formats import Example  # noqa: E402
 from qlora_lightning.data.templates import format_prompt, render_source  # noqa: E402
 from qlora_lightning.data.tokenize import encode_prompt  # noqa: E402
 from qlora_lightning.export import export_model  # noqa: E402
 from qlora_lightning.merge import GGUFType  # noqa: E402
-from qlora_lightning.model import safetensors_shards, weights_fingerprint  # noqa: E402
 
 #: GGUF logits against the merged Hugging Face model's, both run in fp32 by transformers, as max |Δlogit| / max
 #: |logit| over every position and token. f16 stores the merged bf16 weights exactly (bf16 → f16 is exact but for
@@ -343,6 +343,10 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(tiny_chat_llama_dir, cha
         allow_other_base=True,
     )
     refused(ValueError, "gguf_type 'q5_k' is not one a GGUF (model|LoRA) is written in", gguf_type="q5_k")
+    no_tokenizer = shutil.copytree(tiny_chat_llama_dir, tmp_path / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (no_tokenizer / name).unlink()
+    refused(ValueError, "cannot load the tokenizer of '.*no_tokenizer'", base=no_tokenizer, allow_other_base=True)
     refused(ValueError, "unknown template 'alpaca'; the GGUF export writes 'qlora' or 'chat'", template="alpaca")
     refused(FileNotFoundError, "the folder .*missing does not exist", output=out / "missing" / "m.gguf")
     assert not (out / "missing").exists()

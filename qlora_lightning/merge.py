@@ -12,7 +12,6 @@ weights (`model_side_files`); its `config.json` must be one of them (a link out 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,9 +28,10 @@ from transformers import AutoConfig
 from . import hub
 from .adapters import Adapter, check_adapter_base, delta_weight, read_adapter
 from .atomic import atomic_folder
+from .checkpoint_files import CheckpointTensors, weights_fingerprint
 from .inject import inject_lora
 from .lora import FrozenLinear4bit, quantize_linear
-from .model import build_skeleton, open_safetensors, resolve_device, safetensors_shards, weights_fingerprint
+from .model import build_skeleton, resolve_device
 from .specs import QuantSpec
 
 #: Files of a checkpoint folder that are weights (rewritten, or never copied: pickles are not carried over).
@@ -62,20 +62,20 @@ def merged_tensors(
     source_dir: Path,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
     keys: list[str],
-    handles: dict[str, object],
+    tensors: CheckpointTensors,
     *,
     quantized: set[str] | None,
     quant: QuantSpec,
     device: torch.device,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, bf16 tensor) for `keys` of the base: adapted weights merged, the rest cast to bf16.
+    """(key, bf16 tensor) for `keys` of the base (read from `tensors`): adapted weights merged, the rest cast to bf16.
 
     `quantized` is None to merge into the original weights; otherwise the names of the linears whose
     weight is replaced by dequantize(quantize(W)) exactly as `load_model` quantizes it, merged or not.
     """
     for key in keys:
         module, _, attr = key.rpartition(".")
-        weight = handles[key].get_tensor(key)
+        weight = tensors(key)
         if attr == "weight" and quantized is not None and module in quantized:
             layer = quantize_linear(weight, device=device, quant=quant)
             weight = bnb_F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).cpu()
@@ -88,18 +88,6 @@ def merged_tensors(
                 )
             weight = weight.float() + delta
         yield key, weight.to(torch.bfloat16).contiguous()
-
-
-def open_checkpoint(stack: contextlib.ExitStack, source_dir: Path) -> tuple[dict[str, object], dict[str, tuple]]:
-    """Open every safetensors shard of `source_dir` (closed with `stack`): each tensor key's open file and its
-    shape, read from the headers only, so that exports can plan and check before reading any weight."""
-    handles, shapes = {}, {}
-    for shard in safetensors_shards(source_dir):
-        f = stack.enter_context(open_safetensors(shard))
-        for key in f.keys():
-            handles[key] = f
-            shapes[key] = tuple(f.get_slice(key).get_shape())
-    return handles, shapes
 
 
 def check_adapted_modules(
@@ -175,33 +163,33 @@ def save_merged(
     quantized = quantized_linears(source_dir, quant) if from_quantized else None
     factors = lora_factors(adapter)
     config, side_files = _model_config(source_dir), model_side_files(source_dir)
-    with contextlib.ExitStack() as stack:
-        handles, shapes = open_checkpoint(stack, source_dir)
-        check_adapted_modules(source_dir, factors, shapes)
-        sizes = [(key, 2 * int(torch.Size(shape).numel())) for key, shape in shapes.items()]
-        plan = _plan_shards(sizes, convert_file_size_to_int(max_shard_size))
-        with atomic_folder(output, overwrite=overwrite) as tmp:
-            weight_map = {}
-            for i, keys in enumerate(plan, 1):
-                name = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-                tensors = dict(
-                    merged_tensors(
-                        source_dir,
-                        factors,
-                        keys,
-                        handles,
-                        quantized=quantized,
-                        quant=quant,
-                        device=torch.device(device),
-                    )
+    checkpoint = CheckpointTensors(source_dir)
+    shapes = checkpoint.shapes
+    check_adapted_modules(source_dir, factors, shapes)
+    sizes = [(key, 2 * int(torch.Size(shape).numel())) for key, shape in shapes.items()]
+    plan = _plan_shards(sizes, convert_file_size_to_int(max_shard_size))
+    with atomic_folder(output, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for i, keys in enumerate(plan, 1):
+            name = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+            shard = dict(
+                merged_tensors(
+                    source_dir,
+                    factors,
+                    keys,
+                    checkpoint,
+                    quantized=quantized,
+                    quant=quant,
+                    device=torch.device(device),
                 )
-                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(keys, name))
-                del tensors
-            if len(plan) > 1:
-                index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            _copy_side_files(config, side_files, tmp)
+            )
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(keys, name))
+            del shard
+        if len(plan) > 1:
+            index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(config, side_files, tmp)
     return output
 
 

@@ -20,15 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `gguf` package (pip install gguf)")
 
-from qlora_lightning import builtin, export_gguf  # noqa: E402
+from qlora_lightning import builtin, export_gguf, gguf_model, gguf_vocab, ollama  # noqa: E402
 from qlora_lightning.adapters import save_adapter, to_peft_keys  # noqa: E402
 from qlora_lightning.atomic import WriteError  # noqa: E402
+from qlora_lightning.checkpoint_files import safetensors_shards, weights_fingerprint  # noqa: E402
 from qlora_lightning.data.formats import Example  # noqa: E402
 from qlora_lightning.data.templates import format_prompt, render_source  # noqa: E402
 from qlora_lightning.data.tokenize import encode_prompt  # noqa: E402
 from qlora_lightning.export import export_model  # noqa: E402
 from qlora_lightning.merge import GGUFType  # noqa: E402
-from qlora_lightning.model import safetensors_shards, weights_fingerprint  # noqa: E402
 
 #: GGUF logits against the merged Hugging Face model's, both run in fp32 by transformers, as max |Δlogit| / max
 #: |logit| over every position and token. f16 stores the merged bf16 weights exactly (bf16 → f16 is exact but for
@@ -232,7 +232,7 @@ def test_modelfile_is_ready_for_ollama_create(gguf_file, lora_folder):
     assert re.search(r'SYSTEM """A chat between a curious human', text)
     lora = (lora_folder / "Modelfile").read_text().splitlines()
     assert "FROM ./adapter.base.gguf" in lora and "ADAPTER ./adapter.gguf" in lora
-    note = [f"# {line}" for line in export_gguf.OLLAMA_ADAPTER_NOTE.splitlines()]
+    note = [f"# {line}" for line in ollama.OLLAMA_ADAPTER_NOTE.splitlines()]
     at = lora.index("ADAPTER ./adapter.gguf")  # what newer Ollama releases do with ADAPTER, said right above it
     assert lora[at - len(note) : at] == note and "0.34.1" in note[0] and "--format gguf" in note[1]
 
@@ -275,7 +275,7 @@ def test_gguf_lora_with_a_named_base_writes_no_base(tiny_chat_llama_dir, chat_ad
 def test_tensors_are_merged_and_written_one_at_a_time(tiny_chat_llama_dir, chat_adapter, tmp_path, monkeypatch):
     """The writer pulls one merged tensor, writes it, then pulls the next: never the whole model at once."""
     pulled, encoded = [], []
-    merged_tensors, encode = export_gguf.merged_tensors, export_gguf._encode
+    merged_tensors, encode = export_gguf.merged_tensors, gguf_model._encode
 
     def counting_merge(*args, **kwargs):
         for item in merged_tensors(*args, **kwargs):
@@ -287,7 +287,7 @@ def test_tensors_are_merged_and_written_one_at_a_time(tiny_chat_llama_dir, chat_
         return encode(tensor, planned)
 
     monkeypatch.setattr(export_gguf, "merged_tensors", counting_merge)
-    monkeypatch.setattr(export_gguf, "_encode", counting_encode)
+    monkeypatch.setattr(gguf_model, "_encode", counting_encode)
     export(tiny_chat_llama_dir, chat_adapter, tmp_path / "m.gguf", format="gguf")
     assert encoded == list(range(1, len(pulled) + 1)) and len(pulled) == 21
 
@@ -303,7 +303,7 @@ def test_export_through_the_cli(tiny_chat_llama_dir, chat_adapter, tmp_path, cap
     with pytest.raises(SystemExit):
         main(args + ["--output", str(tmp_path / "x.gguf"), "--format", "gguf", "--gguf_type", "q5_k"])
     assert "q5_k" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
-    assert get_args(GGUFType) == tuple(export_gguf.FILE_TYPES)  # the CLI's choices are the types written
+    assert get_args(GGUFType) == tuple(gguf_model.FILE_TYPES)  # the CLI's choices are the types written
 
 
 # -------------------------------------------------------------------------------------------- bad input
@@ -343,6 +343,10 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(tiny_chat_llama_dir, cha
         allow_other_base=True,
     )
     refused(ValueError, "gguf_type 'q5_k' is not one a GGUF (model|LoRA) is written in", gguf_type="q5_k")
+    no_tokenizer = shutil.copytree(tiny_chat_llama_dir, tmp_path / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (no_tokenizer / name).unlink()
+    refused(ValueError, "cannot load the tokenizer of '.*no_tokenizer'", base=no_tokenizer, allow_other_base=True)
     refused(ValueError, "unknown template 'alpaca'; the GGUF export writes 'qlora' or 'chat'", template="alpaca")
     refused(FileNotFoundError, "the folder .*missing does not exist", output=out / "missing" / "m.gguf")
     assert not (out / "missing").exists()
@@ -381,7 +385,7 @@ def test_existing_files_are_kept_unless_overwrite(gguf_file, tiny_chat_llama_dir
 
 def test_a_failure_while_writing_leaves_no_file(tiny_chat_llama_dir, chat_adapter, tmp_path, monkeypatch):
     """What a kill or a full disk mid-export leaves: no file under the final name, no temporary, no Modelfile."""
-    encode, calls = export_gguf._encode, []
+    encode, calls = gguf_model._encode, []
 
     def failing(tensor, planned):
         calls.append(1)
@@ -389,7 +393,7 @@ def test_a_failure_while_writing_leaves_no_file(tiny_chat_llama_dir, chat_adapte
             raise OSError(28, "No space left on device")
         return encode(tensor, planned)
 
-    monkeypatch.setattr(export_gguf, "_encode", failing)
+    monkeypatch.setattr(gguf_model, "_encode", failing)
     with pytest.raises(WriteError, match=r"cannot write .*m\.gguf: .*No space left.*nothing was written"):
         export(tiny_chat_llama_dir, chat_adapter, tmp_path / "m.gguf", format="gguf")
     assert not list(tmp_path.iterdir())
@@ -482,16 +486,16 @@ def test_tokenizer_kinds_the_export_recognises_and_refuses(tiny_chat_llama_dir, 
     gpt2 = with_tokenizer_json(
         tiny_chat_llama_dir, tmp_path / "gpt2", pre_tokenizer=DIGITS_THEN_GPT2["pretokenizers"][1]
     )
-    assert export_gguf.vocabulary(gpt2, n_vocab).pre == "gpt-2"
+    assert gguf_vocab.vocabulary(gpt2, n_vocab).pre == "gpt-2"
     published = with_tokenizer_json(tiny_chat_llama_dir, tmp_path / "published", pre_tokenizer=DIGITS_THEN_GPT2)
-    assert export_gguf.vocabulary(published, n_vocab).pre == "smollm"  # SmolLM2's tokenizer.json on the hub
+    assert gguf_vocab.vocabulary(published, n_vocab).pre == "smollm"  # SmolLM2's tokenizer.json on the hub
     split = {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False}
     llama3 = {"type": "Sequence", "pretokenizers": [split, {"type": "ByteLevel", "use_regex": False}]}
     other = with_tokenizer_json(tiny_chat_llama_dir, tmp_path / "llama3", pre_tokenizer=llama3)
     with pytest.raises(ValueError, match="tokenizer.json: this byte-level tokenizer's .* is not one the GGUF export"):
-        export_gguf.vocabulary(other, n_vocab)
+        gguf_vocab.vocabulary(other, n_vocab)
     with pytest.raises(ValueError, match="token id 49151 is beyond the model's 1000 embedding rows"):
-        export_gguf.vocabulary(tiny_chat_llama_dir, 1000)
+        gguf_vocab.vocabulary(tiny_chat_llama_dir, 1000)
     base = llama2_style_export[0]
     n_vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     legacy = {  # LLaMA-2's own tokenizer.json: "▁" prepended and spaces replaced by a normalizer
@@ -501,11 +505,11 @@ def test_tokenizer_kinds_the_export_recognises_and_refuses(tiny_chat_llama_dir, 
             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
         ],
     }
-    assert export_gguf.vocabulary(
+    assert gguf_vocab.vocabulary(
         with_tokenizer_json(base, tmp_path / "legacy", normalizer=legacy, pre_tokenizer=None), n_vocab
     ).add_space_prefix
     never = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never", "split": False}
-    assert not export_gguf.vocabulary(
+    assert not gguf_vocab.vocabulary(
         with_tokenizer_json(base, tmp_path / "never", pre_tokenizer=never), n_vocab
     ).add_space_prefix
 

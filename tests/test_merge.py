@@ -264,3 +264,13 @@ def test_an_hf_export_never_replaces_a_gguf_file(tiny_chat_llama_dir, chat_adapt
         (tmp_path / "model").write_bytes(b"a file named like a folder")
         main(args + ["--output", str(tmp_path / "model"), "--overwrite", "true"])
     assert gguf_file.read_bytes() == b"GGUF the exported model" and (tmp_path / "model").is_file()
+
+
+def test_a_damaged_base_shard_is_a_clear_error_naming_it(tiny_chat_llama_dir, chat_adapter, tmp_path):
+    """A shard cut short (an interrupted download) fails with its path and what to do, and nothing is written."""
+    base = shutil.copytree(tiny_chat_llama_dir, tmp_path / "base")
+    shard = sorted(base.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(ValueError, match=f"{shard}: .*damaged or incomplete: download or save it again"):
+        export_merged(base=str(base), adapter=str(chat_adapter), output=str(tmp_path / "merged"), allow_other_base=True)
+    assert not (tmp_path / "merged").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,13 @@ import bitsandbytes as bnb
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 
 from .adapters import adapter_config, is_adapter_key, save_adapter, to_peft_keys, validate
 from .callbacks import NonFiniteGuard, TrainingRngStream
 from .checkpoint import AtomicCheckpointIO
-from .fsdp import QLoRAFSDPStrategy, check_shardable
+from .fsdp import QLoRAFSDPStrategy, sharding_strategy
 from .held_out import LabelledLossSum
 from .lora import lora_layers
 from .model import load_model
@@ -84,7 +85,8 @@ def _tuple(value: str | list | tuple) -> str | tuple:
 def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> None:
     """`torch.compile` each decoder layer of `model` into one graph (the module's `compile_layers`).
 
-    Under DDP this switches off dynamo's DDPOptimizer, process-wide, as torch documents for activation
+    Under DDP each layer's calls run with dynamo's DDPOptimizer switched off (for those calls only, where each
+    graph is compiled), as torch documents for activation
     checkpointing (`torch._dynamo.config.optimize_ddp`, pytorch#104674; checked on torch 2.11-2.13). It splits a
     graph compiled inside DDP's forward at gradient-bucket boundaries, the first after 1 MB of parameters, so a
     7B layer's graph is split in its forward but not when checkpointing recomputes it in backward, outside
@@ -92,10 +94,21 @@ def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> No
     ("Recomputed values ... have different metadata": the README's DDP line with configs/7b.yaml on 2 H200s).
     The split only helps whole-model graphs overlap communication; per-layer graphs get that from DDP's hooks.
     """
-    if data_parallel:
-        torch._dynamo.config.optimize_ddp = False
     for layer in model.get_decoder().layers:
-        layer.compile()
+        if data_parallel:
+            layer.forward = _without_ddp_optimizer(torch.compile(layer.forward))
+        else:
+            layer.compile()
+
+
+def _without_ddp_optimizer(compiled: Callable) -> Callable:
+    """`compiled`, called (and so compiled) with `torch._dynamo.config.optimize_ddp` off for its calls only."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 class ConstantWithWarmup(LambdaLR):
@@ -173,6 +186,7 @@ class QLoRAModule(LightningModule):
         self.model = None
         self.base_fingerprint: str | None = None  # of the loaded base's weights (`model.weights_fingerprint`)
         self._tokenizer = None
+        self._adapter_config: dict[str, Any] | None = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self._held_out = LabelledLossSum()  # this validation or test epoch's losses
 
@@ -232,19 +246,9 @@ class QLoRAModule(LightningModule):
         trainer = attached_trainer(self)
         strategy = trainer.strategy if trainer is not None else None
         device = strategy.root_device if strategy is not None else self.device  # cpu unless moved
-        sharded = isinstance(strategy, FSDPStrategy)
-        if sharded:
-            if not isinstance(strategy, QLoRAFSDPStrategy):
-                raise ValueError(
-                    "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
-                    "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones"
-                )
-            check_shardable(self.quant)
-            if self.compile_layers or self.offload_activations:
-                raise ValueError(
-                    "model.compile_layers and model.offload_activations are not supported under FSDP yet (FSDP's "
-                    "shard units run inside the layers): set both to false, as configs/fsdp.yaml does"
-                )
+        sharding = sharding_strategy(
+            strategy, self.quant, compile_layers=self.compile_layers, offload_activations=self.offload_activations
+        )
         # Under FSDP the model stays on the meta device: the strategy loads it one shard unit at a time.
         loaded = load_model(
             self.base_model,
@@ -252,7 +256,7 @@ class QLoRAModule(LightningModule):
             lora=self.lora,
             device=device,
             adapter=self.init_adapter,
-            materialize=not sharded,
+            materialize=sharding is None,
             gradient_checkpointing=self.gradient_checkpointing,
             offload_activations=self.offload_activations,
             with_tokenizer=False,
@@ -260,8 +264,9 @@ class QLoRAModule(LightningModule):
         )
         self.model = loaded.model
         self.base_fingerprint = loaded.fingerprint
-        if sharded:
-            strategy.load_units_with(loaded.materialize)
+        self._adapter_config = adapter_config(self.model, base_model=self.base_model)  # names before FSDP wraps
+        if sharding is not None:
+            sharding.load_units_with(loaded.materialize)
         if self.compile_layers:
             compile_decoder_layers(self.model, data_parallel=isinstance(strategy, DDPStrategy))
         config = self.model.config
@@ -389,20 +394,18 @@ class QLoRAModule(LightningModule):
         }
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip as configured (the paper: global norm 0.3). Under FSDP each rank holds a shard of the gradients,
-        so the norm must be taken across ranks: FSDP's own `clip_grad_norm_` does that (Lightning's FSDP
-        precision plugin refuses norm clipping)."""
-        if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val:
-            if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError(f"under FSDP only norm clipping is supported, got {gradient_clip_algorithm!r}")
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        """Clip as configured (the paper: global norm 0.3); under FSDP the strategy clips across the ranks' shards
+        (`QLoRAFSDPStrategy.clip_gradients`)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, QLoRAFSDPStrategy) and gradient_clip_val:
+            strategy.clip_gradients(gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def adapter_config(self) -> dict[str, Any]:
-        """The PEFT adapter_config.json of this module's adapters."""
-        return adapter_config(self.model, base_model=self.base_model)
+        """The PEFT adapter_config.json of this module's adapters (read from the layers when the model loaded)."""
+        return self._adapter_config
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only LoRA tensors in the state dict; add what PEFT export and exact resume need. Every value is

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from qlora_lightning import QLoRAModule
 from qlora_lightning.adapters import adapter_state_dict, is_adapter_key
 from qlora_lightning.callbacks import training_monitors
+from qlora_lightning.module import compile_decoder_layers
 from qlora_lightning.resume import CheckpointError, read_checkpoint
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -169,6 +170,21 @@ def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_
     for a, b in zip(grads_a, grads_b):
         assert (b.float() - a.float()).norm() <= (5e-5 if device == "cpu" else 3e-2) * a.float().norm()
     torch._dynamo.reset()
+
+
+def test_compiling_layers_for_ddp_leaves_dynamos_process_wide_settings_alone(tiny_chat_llama_dir, monkeypatch):
+    """Dynamo's DDPOptimizer is switched off for the compiled layers' calls only: research code that compiles
+    something else in the same process keeps torch's default."""
+    module, _ = tiny_module_and_data(tiny_chat_llama_dir)
+    module.configure_model()
+    before = torch._dynamo.config.optimize_ddp
+    seen = []
+    layer = module.model.get_decoder().layers[0]
+    layer.forward = lambda: seen.append(torch._dynamo.config.optimize_ddp)  # the setting a compiled call sees
+    monkeypatch.setattr(torch, "compile", lambda forward: forward)  # compiling itself is not what is tested
+    compile_decoder_layers(module.model, data_parallel=True)
+    layer.forward()
+    assert seen == [False] and torch._dynamo.config.optimize_ddp == before
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

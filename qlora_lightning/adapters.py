@@ -31,7 +31,7 @@ from torch import nn
 
 from . import builtin
 from .atomic import write_file, write_text
-from .lora import LoraLinear, lora_layers, unwrapped_name
+from .lora import LoraLinear, lora_layers
 from .specs import LoraSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -105,7 +105,7 @@ def _target_modules(model: nn.Module, lora_modules: list[str]) -> list[str] | st
     """`target_modules` for adapter_config.json: suffixes when they pick exactly our modules, else a regex."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in lora_modules})
     picked = {
-        unwrapped_name(n)
+        n
         for n, m in model.named_modules()
         if isinstance(m, (nn.Linear, LoraLinear)) and n.rsplit(".", 1)[-1] in suffixes
     }

@@ -39,6 +39,7 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.accelerators import CPUAccelerator  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from .callbacks import training_monitors  # noqa: E402
 from .preflight import SettingError  # noqa: E402
 from .resume import CheckpointError, ResumableCheckpoint, find_last_checkpoint, read_checkpoint  # noqa: E402
 from .run_lock import RunFolderError, check_writable  # noqa: E402
@@ -91,6 +92,7 @@ class QLoRACLI(LightningCLI):
         process starts: `check_cpu_devices`)."""
         trainer = super().instantiate_trainer(**kwargs)
         check_cpu_devices(trainer)
+        add_training_monitors(trainer)
         return trainer
 
     def before_fit(self) -> None:
@@ -118,6 +120,14 @@ def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:
         path = Path(ckpt_path)
     read_checkpoint(path, mmap=True)  # an empty, damaged or foreign file fails here, before the model loads
     return path
+
+
+def add_training_monitors(trainer: Trainer) -> None:
+    """Log the learning rate, tokens per second and peak memory of every run (`callbacks.training_monitors`),
+    each unless the config lists a callback of its type already."""
+    present = {type(c) for c in trainer.callbacks}
+    monitors = training_monitors(with_logger=bool(trainer.loggers))
+    trainer.callbacks[:0] = [c for c in monitors if type(c) not in present]
 
 
 def available_cores() -> int:

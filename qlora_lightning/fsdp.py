@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .adapters import is_adapter_key, validate
-from .lora import FrozenLinear, lora_layers, unwrapped_name
+from .lora import FrozenLinear, LoraLinear, lora_layers
 from .resume import read_checkpoint
 from .specs import QuantSpec
 
@@ -72,6 +72,17 @@ def check_optimizer(optimizer: Optimizer) -> None:
             "`--model.optimizer.init_args.states_on_host false` (70b.yaml turns it on for one GPU); "
             "`cpu_offload: true` in the strategy keeps the shards in host memory"
         )
+
+
+def unwrapped_name(name: str) -> str:
+    """A module or parameter name as in the unwrapped model: FSDP inserts `_fsdp_wrapped_module.` levels. The one
+    place that knows FSDP's naming (checked on torch 2.13)."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def unwrapped_lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """`lora.lora_layers` of a model FSDP wrapped, by their names in the unwrapped model."""
+    return {unwrapped_name(n): m for n, m in lora_layers(model).items()}
 
 
 def _units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
@@ -167,6 +178,13 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             )
         super().__init__(*args, **kwargs)
 
+    def clip_gradients(self, max_norm: float, algorithm: str | None) -> None:
+        """Clip the gradients to a global norm: each rank holds a shard of them, so FSDP's own `clip_grad_norm_`
+        takes the norm across ranks (Lightning's FSDP precision plugin refuses norm clipping)."""
+        if algorithm not in (None, "norm"):
+            raise ValueError(f"under FSDP only norm clipping is supported, got {algorithm!r}")
+        self.model.clip_grad_norm_(max_norm)
+
     def setup_optimizers(self, trainer) -> None:
         """Lightning's set-up, then `check_optimizer` on each: a setting FSDP cannot checkpoint fails before the
         first step, not at the first checkpoint."""
@@ -203,7 +221,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         path = self.broadcast(checkpoint_path)
         checkpoint = read_checkpoint(path, mmap=True)
         state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
-        validate(lora_layers(self.model), state, source=str(path))
+        validate(unwrapped_lora_layers(self.model), state, source=str(path))
         load_adapters(self.model, state)
         states = checkpoint.get("optimizer_states")
         if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
@@ -216,3 +234,25 @@ class QLoRAFSDPStrategy(FSDPStrategy):
                         )
                     optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
         return checkpoint
+
+
+def sharding_strategy(
+    strategy: Strategy | None, quant: QuantSpec, *, compile_layers: bool, offload_activations: bool
+) -> QLoRAFSDPStrategy | None:
+    """`strategy` when it shards the model (None when it does not), once the module's settings are checked to be
+    shardable: Lightning's own `FSDPStrategy`, packed weights in another dtype than the compute dtype, compiled
+    layers and offloaded activations are refused before the model loads."""
+    if not isinstance(strategy, FSDPStrategy):
+        return None
+    if not isinstance(strategy, QLoRAFSDPStrategy):
+        raise ValueError(
+            "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
+            "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones"
+        )
+    check_shardable(quant)
+    if compile_layers or offload_activations:
+        raise ValueError(
+            "model.compile_layers and model.offload_activations are not supported under FSDP yet (FSDP's "
+            "shard units run inside the layers): set both to false, as configs/fsdp.yaml does"
+        )
+    return strategy

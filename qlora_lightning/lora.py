@@ -271,11 +271,7 @@ class LoraLinear16bit(LoraLinear):
         super().__init__(*args, quant=QuantSpec(quantize="none", compute_dtype=quant.compute_dtype), **kwargs)
 
 
-def unwrapped_name(name: str) -> str:
-    """A module name as in the unwrapped model: FSDP inserts `_fsdp_wrapped_module.` levels."""
-    return name.replace("_fsdp_wrapped_module.", "")
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """All LoRA layers of `model`, by module name (as in the unwrapped model, also under FSDP)."""
-    return {unwrapped_name(n): m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    """All LoRA layers of `model`, by module name (as `named_modules` gives it: a model FSDP wrapped has its
+    wrappers' levels in them, which `fsdp.unwrapped_lora_layers` takes out)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}

@@ -10,9 +10,8 @@ writes beside each `.ckpt`.
 from __future__ import annotations
 
 import math
-import resource
-import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ import bitsandbytes as bnb
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MeanMetric
 
 from .adapters import adapter_config, is_adapter_key, save_adapter, to_peft_keys, validate
+from .callbacks import NonFiniteGuard, TrainingRngStream
 from .checkpoint import AtomicCheckpointIO
-from .fsdp import QLoRAFSDPStrategy, check_shardable
+from .fsdp import QLoRAFSDPStrategy, sharding_strategy
+from .held_out import LabelledLossSum
 from .lora import lora_layers
 from .model import load_model
 from .preflight import check_precision, check_trains_something
@@ -85,7 +85,8 @@ def _tuple(value: str | list | tuple) -> str | tuple:
 def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> None:
     """`torch.compile` each decoder layer of `model` into one graph (the module's `compile_layers`).
 
-    Under DDP this switches off dynamo's DDPOptimizer, process-wide, as torch documents for activation
+    Under DDP each layer's calls run with dynamo's DDPOptimizer switched off (for those calls only, where each
+    graph is compiled), as torch documents for activation
     checkpointing (`torch._dynamo.config.optimize_ddp`, pytorch#104674; checked on torch 2.11-2.13). It splits a
     graph compiled inside DDP's forward at gradient-bucket boundaries, the first after 1 MB of parameters, so a
     7B layer's graph is split in its forward but not when checkpointing recomputes it in backward, outside
@@ -93,10 +94,21 @@ def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> No
     ("Recomputed values ... have different metadata": the README's DDP line with configs/7b.yaml on 2 H200s).
     The split only helps whole-model graphs overlap communication; per-layer graphs get that from DDP's hooks.
     """
-    if data_parallel:
-        torch._dynamo.config.optimize_ddp = False
     for layer in model.get_decoder().layers:
-        layer.compile()
+        if data_parallel:
+            layer.forward = _without_ddp_optimizer(torch.compile(layer.forward))
+        else:
+            layer.compile()
+
+
+def _without_ddp_optimizer(compiled: Callable) -> Callable:
+    """`compiled`, called (and so compiled) with `torch._dynamo.config.optimize_ddp` off for its calls only."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 class ConstantWithWarmup(LambdaLR):
@@ -174,12 +186,9 @@ class QLoRAModule(LightningModule):
         self.model = None
         self.base_fingerprint: str | None = None  # of the loaded base's weights (`model.weights_fingerprint`)
         self._tokenizer = None
+        self._adapter_config: dict[str, Any] | None = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
-        self.val_loss = MeanMetric()
-        self._train_rng: dict[str, Any] | None = None
-        self._step_start: float | None = None
-        self._loss_finite: torch.Tensor | None = None  # every micro-batch's loss finite since the last step
-        self._last_loss: torch.Tensor | None = None
+        self._held_out = LabelledLossSum()  # this validation or test epoch's losses
 
     @classmethod
     def load_from_checkpoint(
@@ -214,13 +223,14 @@ class QLoRAModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------- model
     def configure_callbacks(self) -> list:
-        """A `RunLock` (run_lock.py) for every trainer, unless it has one, which takes the log folder now, the
-        first hook of a `fit`: no other run writes this run's folders."""
+        """What every trainer needs, the CLI's and a plain one alike, unless it has it: a `RunLock` (run_lock.py),
+        which takes the log folder now, the first hook of a `fit`, so that no other run writes this run's folders;
+        the `NonFiniteGuard` and the `TrainingRngStream` (callbacks.py)."""
         trainer = self.trainer
-        present = [c for c in trainer.callbacks if isinstance(c, RunLock)]
-        lock = present[0] if present else RunLock()
+        present = {type(c) for c in trainer.callbacks}
+        lock = next((c for c in trainer.callbacks if isinstance(c, RunLock)), None) or RunLock()
         lock.claim_log_folder(trainer)
-        return [] if present else [lock]
+        return [c for c in (lock, NonFiniteGuard(), TrainingRngStream()) if type(c) not in present]
 
     def setup(self, stage: str) -> None:
         """Refuse, before the model loads, a precision the layers cannot run and a `fit` that would train nothing
@@ -236,19 +246,9 @@ class QLoRAModule(LightningModule):
         trainer = attached_trainer(self)
         strategy = trainer.strategy if trainer is not None else None
         device = strategy.root_device if strategy is not None else self.device  # cpu unless moved
-        sharded = isinstance(strategy, FSDPStrategy)
-        if sharded:
-            if not isinstance(strategy, QLoRAFSDPStrategy):
-                raise ValueError(
-                    "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP (configs/fsdp.yaml): Lightning's own "
-                    "FSDPStrategy gathers every 4-bit weight into checkpoints and cannot load adapter-only ones"
-                )
-            check_shardable(self.quant)
-            if self.compile_layers or self.offload_activations:
-                raise ValueError(
-                    "model.compile_layers and model.offload_activations are not supported under FSDP yet (FSDP's "
-                    "shard units run inside the layers): set both to false, as configs/fsdp.yaml does"
-                )
+        sharding = sharding_strategy(
+            strategy, self.quant, compile_layers=self.compile_layers, offload_activations=self.offload_activations
+        )
         # Under FSDP the model stays on the meta device: the strategy loads it one shard unit at a time.
         loaded = load_model(
             self.base_model,
@@ -256,7 +256,7 @@ class QLoRAModule(LightningModule):
             lora=self.lora,
             device=device,
             adapter=self.init_adapter,
-            materialize=not sharded,
+            materialize=sharding is None,
             gradient_checkpointing=self.gradient_checkpointing,
             offload_activations=self.offload_activations,
             with_tokenizer=False,
@@ -264,8 +264,9 @@ class QLoRAModule(LightningModule):
         )
         self.model = loaded.model
         self.base_fingerprint = loaded.fingerprint
-        if sharded:
-            strategy.load_units_with(loaded.materialize)
+        self._adapter_config = adapter_config(self.model, base_model=self.base_model)  # names before FSDP wraps
+        if sharding is not None:
+            sharding.load_units_with(loaded.materialize)
         if self.compile_layers:
             compile_decoder_layers(self.model, data_parallel=isinstance(strategy, DDPStrategy))
         config = self.model.config
@@ -305,29 +306,8 @@ class QLoRAModule(LightningModule):
         logits = self.model.get_output_embeddings()(hidden[:, :-1][labelled])
         return torch.nn.functional.cross_entropy(logits.float(), labels[labelled]), labelled.sum()
 
-    # The training RNG stream (LoRA dropout) is kept apart from everything that runs between batches
-    # (validation, data loader start-up): its state after each training step is taken and restored
-    # before the next one, and saved in checkpoints, so a resumed run draws exactly the same masks.
-    def _rng_state(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["cpu"])
-        if state.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._train_rng is not None:
-            self._set_rng_state(self._train_rng)
-        self._step_start = time.perf_counter()
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss_on(batch)
-        self._train_rng = self._rng_state()  # backward and the optimizer draw no random numbers
-        finite = torch.isfinite(loss.detach())
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-        self._last_loss = loss.detach()
         # Averaged over ranks, as DDP averages their gradients: the loss of the whole global batch.
         self.log(
             "train/loss",
@@ -339,70 +319,30 @@ class QLoRAModule(LightningModule):
         )
         return loss
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop with a clear error when a loss or gradient is NaN or inf, before the optimizer makes every adapter
-        NaN. All ranks take the same decision (one all-reduce of a flag), so none is left waiting."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
-        self._loss_finite = None
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
-        if bool(bad):
-            loss = float(self._last_loss) if self._last_loss is not None else float("nan")
-            raise FloatingPointError(
-                f"training stopped at step {self.trainer.global_step + 1}: the loss ({loss:.4g} on this rank) or the "
-                f"gradient norm ({float(norm):.4g}) is not finite. Nothing of this step was applied or saved; the "
-                "last checkpoint is intact. Usual causes: a learning rate too high for this model, float16 "
-                "overflow (use bf16), or NaN in the data or a starting adapter"
-            )
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._step_start
-        mask = batch.get("attention_mask")
-        tokens = (mask.sum().item() if mask is not None else batch["input_ids"].numel()) * self.trainer.world_size
-        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, batch_size=1)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=1)
-        if self.device.type == "cuda":
-            self.log(
-                "train/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True, batch_size=1
-            )
-        else:  # host peak RSS (KiB on Linux)
-            self.log(
-                "train/peak_host_mem_gib",
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                on_step=True,
-                batch_size=1,
-            )
-
     def on_validation_epoch_start(self) -> None:
-        self._sum_losses_in_float32()
+        self._held_out = LabelledLossSum()
 
-    def on_test_epoch_start(self) -> None:
-        self._sum_losses_in_float32()
-
-    def _sum_losses_in_float32(self) -> None:
-        """Lightning's bf16-true and 16-true convert the whole module, the loss metric's sums too; a bf16 sum of a
-        hundred batches' losses and label counts is off by percents (its counts lose integers past 256)."""
-        self.val_loss.set_dtype(torch.float32)
+    on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_labelled = self.loss_on(batch)
-        self.val_loss.update(loss, weight=n_labelled)
-
-    def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/perplexity", torch.exp(loss))
-        self.val_loss.reset()
+        self._held_out.add(*self.loss_on(batch))
 
     test_step = validation_step
 
+    def _log_held_out(self, split: str) -> None:
+        """Log `<split>/loss` (the mean over every rank's labelled tokens) and `<split>/perplexity`."""
+        sums = self._held_out.sums().to(self.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        loss = sums[0] / sums[1].clamp(min=1)
+        self.log(f"{split}/loss", loss.float(), prog_bar=split == "val", sync_dist=False)
+        self.log(f"{split}/perplexity", torch.exp(loss).float(), sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_held_out("val")
+
     def on_test_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log("test/loss", loss)
-        self.log("test/perplexity", torch.exp(loss))
-        self.val_loss.reset()
+        self._log_held_out("test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, str]]:
         """Greedy answers to a batch's prompts (the tokens before each row's first label), with references.
@@ -448,23 +388,24 @@ class QLoRAModule(LightningModule):
             scheduler = ConstantWithWarmup(
                 optimizer, warmup_steps=round(self.warmup_ratio * total) if self.warmup_ratio else 0
             )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip as configured (the paper: global norm 0.3). Under FSDP each rank holds a shard of the gradients,
-        so the norm must be taken across ranks: FSDP's own `clip_grad_norm_` does that (Lightning's FSDP
-        precision plugin refuses norm clipping)."""
-        if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val:
-            if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError(f"under FSDP only norm clipping is supported, got {gradient_clip_algorithm!r}")
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        """Clip as configured (the paper: global norm 0.3); under FSDP the strategy clips across the ranks' shards
+        (`QLoRAFSDPStrategy.clip_gradients`)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, QLoRAFSDPStrategy) and gradient_clip_val:
+            strategy.clip_gradients(gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def adapter_config(self) -> dict[str, Any]:
-        """The PEFT adapter_config.json of this module's adapters."""
-        return adapter_config(self.model, base_model=self.base_model)
+        """The PEFT adapter_config.json of this module's adapters (read from the layers when the model loaded)."""
+        return self._adapter_config
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only LoRA tensors in the state dict; add what PEFT export and exact resume need. Every value is
@@ -474,10 +415,9 @@ class QLoRAModule(LightningModule):
         checkpoint["peft_adapter_config"] = self.adapter_config()
         checkpoint["peft_key_prefix"] = "model."
         checkpoint["qlora_run"] = run_record(self.base_model, self.base_fingerprint, self.lora, self.quant)
-        checkpoint["rng_state"] = self._train_rng if self._train_rng is not None else self._rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint's adapters belong to this run; the RNG stream resumes at the next batch.
+        """Check that the checkpoint's adapters belong to this run.
 
         This run's settings (command line and config) decide: a checkpoint of another base's weights, rank,
         scale, targets or 4-bit type is a `CheckpointError` naming each difference; a changed dropout or
@@ -497,12 +437,8 @@ class QLoRAModule(LightningModule):
                 validate(lora_layers(self.model), state, source="the checkpoint", config=old_config)
             except (KeyError, ValueError) as e:
                 raise CheckpointError(f"{e.args[0]} (a checkpoint of another lora/quant config?)") from e
-        self._train_rng = checkpoint.get("rng_state")
 
     def on_fit_start(self) -> None:
-        # A `validate` or `test` before this fit left the loss metric's state as inference-mode tensors (Lightning
-        # evaluates under torch.inference_mode), which fit's validation, run without it, could not update.
-        self.val_loss.reset()
         if not isinstance(self.trainer.strategy.checkpoint_io, AtomicCheckpointIO):
             warnings.warn(
                 "the trainer's checkpoint_io is not qlora_lightning.AtomicCheckpointIO: saves are not "

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from qlora_testing import REPO, cli_args
 from safetensors.torch import load_file
 
@@ -19,6 +20,7 @@ from qlora_lightning.fsdp import (
     decoder_layer_policy,
     gather_adapters,
     load_adapters,
+    sharding_strategy,
 )
 from qlora_lightning.model import load_model
 from qlora_lightning.specs import LoraSpec, QuantSpec
@@ -136,6 +138,24 @@ def test_packed_weights_must_be_stored_in_the_compute_dtype():
         check_shardable(QuantSpec())  # uint8 storage: FSDP cannot flatten it with bf16 LoRA weights
     check_shardable(QuantSpec(quant_storage="bfloat16"))
     check_shardable(QuantSpec(quantize="none"))
+
+
+@pytest.mark.parametrize(
+    "strategy, settings, message",
+    [
+        (FSDPStrategy(), {}, "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP"),
+        (QLoRAFSDPStrategy(), {"compile_layers": True}, "model.compile_layers and model.offload_activations"),
+        (QLoRAFSDPStrategy(), {"offload_activations": True}, "model.compile_layers and model.offload_activations"),
+    ],
+    ids=["lightnings-own-fsdp", "compiled", "offloaded"],
+)
+def test_settings_fsdp_cannot_shard_are_refused_before_the_model_loads(strategy, settings, message):
+    shardable = QuantSpec(quant_storage="bfloat16")
+    with pytest.raises(ValueError, match=message):
+        sharding_strategy(strategy, shardable, **{"compile_layers": False, "offload_activations": False, **settings})
+    with pytest.raises(ValueError, match="quant_storage to 'bfloat16'"):
+        sharding_strategy(QLoRAFSDPStrategy(), QuantSpec(), compile_layers=False, offload_activations=False)
+    assert sharding_strategy(None, QuantSpec(), compile_layers=True, offload_activations=True) is None
 
 
 def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):

@@ -58,20 +58,19 @@ def answer_letter_loss(module, data, device) -> float:
     token that holds the model's choice. Lightning leaves a module on the CPU after `validate`/`fit` (its
     strategy's teardown): it is moved to `device` first (and `fit` moves it as it needs)."""
     import torch
-    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from qlora_lightning.held_out import held_out_loss
+
+    def first_token_loss(batch):
+        labels = batch["labels"]
+        first = (labels != -100).int().argmax(-1)
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[torch.arange(len(labels), device=labels.device), first] = True
+        return module.loss_on({**batch, "labels": torch.where(keep, labels, -100)})
 
     module.to(device)
-    model, total, count = module.model, 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for batch in data.val_dataloader():
-            batch = move_data_to_device(batch, module.device)
-            labels = batch["labels"]
-            first = (labels != -100).int().argmax(-1)
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[torch.arange(len(labels), device=labels.device), first] = True
-            loss, n = module.loss_on({**batch, "labels": torch.where(keep, labels, -100)})
-            total, count = total + loss.item() * n.item(), count + n.item()
-    model.train(was_training)
-    return total / max(count, 1)
+    was_training = module.model.training
+    module.model.eval()
+    loss = held_out_loss(first_token_loss, data.val_dataloader(), module.device)
+    module.model.train(was_training)
+    return loss

@@ -100,7 +100,7 @@ def _compare(arms: dict, meta: dict) -> dict | None:
     if q["eval_loss_after"]["mean"] is None or p["eval_loss_after"]["mean"] is None:
         return None
     rel = (q["eval_loss_after"]["mean"] - p["eval_loss_after"]["mean"]) / p["eval_loss_after"]["mean"]
-    sound = all(a["eval_loss_summed_in"] == ["float32"] for a in (q, p))
+    sound = all(set(a["eval_loss_summed_in"]) <= {"float32", "float64"} for a in (q, p))  # float32 or wider
     acc_q, acc_p = q["held_out_mmlu_after"], p["held_out_mmlu_after"]
     acc_diff = acc_q["mean"] - acc_p["mean"] if acc_q["mean"] is not None and acc_p["mean"] is not None else None
     spread = max(acc_q["std"] or 0.0, acc_p["std"] or 0.0) if acc_diff is not None else None

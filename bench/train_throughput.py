@@ -736,7 +736,7 @@ def main() -> None:
     options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
     options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
-    rows = []
+    rows, failed = [], []
     for stack in stacks:
         out = subprocess.run(
             [sys.executable, __file__, "--only", stack, *options],
@@ -746,14 +746,18 @@ def main() -> None:
         )
         results = [json.loads(line[len("RESULT ") :]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not results:
+            # The other stacks still run: one call on a lent GPU should not lose every row to one failure.
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
-            raise SystemExit(f"{stack} failed (exit {out.returncode})")
+            print(f"{stack} failed (exit {out.returncode})", file=sys.stderr, flush=True)
+            failed.append(stack)
+            continue
         rows.append(summary(results, args.accumulate))
         if rows[-1].get("profile"):
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
             print("by class (ms):", json.dumps({k: round(v, 1) for k, v in rows[-1]["kernel_ms"].items()}))
-    table = record(rows, args)
-    print(table)
+        # The table so far after every stack: a run stopped by a time limit still leaves its finished rows.
+        print(f"after {stack}:{record(rows, args)}", flush=True)
+    table = record(rows, args) if rows else ""
     for r in rows:
         if r.get("allocated_at_start_gib") is not None:
             print(
@@ -764,9 +768,11 @@ def main() -> None:
                 f"{r['host_peak_gib']:.1f} GiB of host memory (rank 0's process)"
                 + (f"; {r['graphs_compiled']} graphs compiled over all steps" if "graphs_compiled" in r else "")
             )
-    if args.record:
+    if args.record and rows:
         with open(REPO / "BENCHMARKS.md", "a") as f:
             f.write(table)
+    if failed:
+        raise SystemExit(f"failed stacks: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

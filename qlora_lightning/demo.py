@@ -31,10 +31,17 @@ class DemoReport(Callback):
             validation file, so before and after see the same questions.
         max_new_tokens: answers of the bundled tasks are a few tokens; 16 leaves room.
         template: must be the data module's template, so prompts look like training's.
+        batch_size: prompts generated at once (left-padded). 8 suits the CPU demo; hundreds of examples on a GPU
+            want 64 or more, where a batch of 8 makes generation, not training, the run's longest part.
     """
 
-    def __init__(self, examples: int = 60, max_new_tokens: int = 16, template: str = "qlora") -> None:
+    def __init__(
+        self, examples: int = 60, max_new_tokens: int = 16, template: str = "qlora", batch_size: int = 8
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"DemoReport batch_size must be at least 1, got {batch_size}")
         self.examples, self.max_new_tokens, self.template = examples, max_new_tokens, template
+        self.batch_size = batch_size
         self.before: dict | None = None
 
     def _held_out(self, trainer: Trainer) -> list:
@@ -58,7 +65,9 @@ class DemoReport(Callback):
             format_prompt(e.prompt, self.template, system=e.system, context=e.context, tokenizer=tokenizer)
             for e in examples
         ]
-        answers = generate(model, tokenizer, prompts, template=None, max_new_tokens=self.max_new_tokens)
+        answers = generate(
+            model, tokenizer, prompts, template=None, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+        )
         model.train(was_training)
         hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
         return {

@@ -44,6 +44,27 @@ def test_report_measures_before_and_after(fitted):
     assert "exact match (4 questions)" in printed
 
 
+def test_the_generation_batch_size_changes_no_answer(fitted, monkeypatch):
+    """A GPU run of 500 examples generates in batches of 64: left padding must not change a greedy answer."""
+    import qlora_lightning.demo as demo
+
+    t, module, _, _ = fitted
+    calls = []
+
+    def recording_generate(*args, **kwargs):
+        calls.append((kwargs["batch_size"], demo_generate(*args, **kwargs)))
+        return calls[-1][1]
+
+    demo_generate = demo.generate
+    monkeypatch.setattr(demo, "generate", recording_generate)
+    measured = [DemoReport(examples=4, max_new_tokens=3, batch_size=b)._measure(t, module) for b in (1, 4)]
+    (one, answers_one), (four, answers_four) = calls
+    assert (one, four) == (1, 4) and len(answers_one) == 4
+    assert answers_one == answers_four and measured[0] == measured[1]
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        DemoReport(batch_size=0)
+
+
 def test_a_failed_report_write_keeps_the_previous_report(fitted, monkeypatch):
     """demo_report.json was written in place: a full disk half-way left a truncated JSON file."""
     t, module, callback, _ = fitted

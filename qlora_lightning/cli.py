@@ -42,7 +42,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from .callbacks import training_monitors  # noqa: E402
 from .preflight import SettingError  # noqa: E402
 from .resume import CheckpointError, ResumableCheckpoint, find_last_checkpoint, read_checkpoint  # noqa: E402
-from .run_lock import RunFolderError, check_writable  # noqa: E402
+from .run_lock import RunFolderError, check_run_folder  # noqa: E402
 
 # Errors of the user's settings or files, each naming what to change: printed without a traceback.
 USER_ERRORS = (CheckpointError, SettingError, RunFolderError)
@@ -100,7 +100,7 @@ class QLoRACLI(LightningCLI):
         callbacks' `setup`, after Lightning's logger has failed to create the folder with a bare `OSError`."""
         loggers = self.trainer.loggers
         root = (loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir
-        check_writable(root, "trainer.default_root_dir")
+        check_run_folder(root, "trainer.default_root_dir")
 
 
 def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:

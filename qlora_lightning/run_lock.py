@@ -199,6 +199,14 @@ class RunLock(Callback):
         self._claimed = False
         self._error: str | None = None
 
+    @classmethod
+    def of(cls, trainer: Trainer) -> RunLock:
+        """The trainer's `RunLock` (a new one when it has none), holding the log folder of a starting `fit` from now
+        on (`claim_log_folder`): what `QLoRAModule.configure_callbacks` adds to every trainer."""
+        lock = next((c for c in trainer.callbacks if isinstance(c, cls)), None) or cls()
+        lock.claim_log_folder(trainer)
+        return lock
+
     def claim_log_folder(self, trainer: Trainer) -> None:
         """Lock the log folder of a starting `fit` (global rank 0), creating a numbered version folder itself.
 

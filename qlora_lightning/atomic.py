@@ -11,6 +11,9 @@ previous version whole. Three things plain `tempfile` + `os.replace` get wrong a
   name removes it;
 - errors: torch and safetensors report a full disk without naming the file; a failed write here raises
   `WriteError` naming the final path, the free space left, and what was kept.
+
+`check_writable` answers, before any long work, whether a folder can take those writes at all; its callers (the
+run lock, the data cache, the built-in model cache) each name their own key in the error they raise.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-__all__ = ["WriteError", "write_file", "write_text", "atomic_folder", "remove_leftovers"]
+__all__ = ["WriteError", "check_writable", "write_file", "write_text", "atomic_folder", "remove_leftovers"]
 
 _TMP_SUFFIX = ".tmp"
 # What a failing write raises: the OS, torch.save ("[enforce fail at inline_container.cc]" on a full disk) and
@@ -35,6 +38,18 @@ _IO_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 class WriteError(OSError):
     """Writing a file or folder failed; the message names it and says what was kept."""
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and write a scratch file in it; return it, or let the `OSError` through.
+
+    A real write, not `os.access`: the superuser passes any permission check, but not a path whose parent is a
+    file or a read-only file system. The caller turns the error into its own, naming the key that chose `folder`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
+    return folder
 
 
 def _umask() -> int:

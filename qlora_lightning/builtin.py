@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from .atomic import atomic_folder, write_text
+from .atomic import atomic_folder, check_writable, write_text
 
 PREFIX = "builtin:"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -75,7 +74,7 @@ def smollm2_folder() -> Path:
     target = cache_root() / SMOLLM2
     if converted(target):
         return target
-    check_writable(target.parent)
+    _check_cache_writable(target.parent)
     import torch
 
     with torch.random.fork_rng(devices=[]):  # nothing drawn here may shift the caller's seeded stream
@@ -83,12 +82,11 @@ def smollm2_folder() -> Path:
     return target
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` and write a scratch file in it, or raise `PermissionError` naming it and the variable that
-    chooses it: a conversion takes about a minute, and its result must have somewhere to go."""
+def _check_cache_writable(folder: Path) -> None:
+    """`atomic.check_writable`, or a `PermissionError` naming `folder` and the variable that chooses it: a
+    conversion takes about a minute, and its result must have somewhere to go."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        check_writable(folder)
     except OSError as e:
         raise PermissionError(
             f"the built-in model cache {folder} is not writable ({e.strerror or e}): set QLORA_LIGHTNING_CACHE to a "

@@ -5,14 +5,17 @@ it). A `.ckpt` holds the adapters plus optimizer, scheduler, loop, data-position
 (`QLoRAModule.on_save_checkpoint`); `step=100.ckpt` gets `step=100/`, a ready-to-use PEFT adapter folder
 (`adapters.save_adapter`). A kill between the two writes leaves the folder a step behind its `.ckpt` (or
 missing): `repair_adapter_folders`, run when a run starts in that checkpoint folder, rewrites it from the `.ckpt`.
+At the end of a `fit` the run's adapters go to `<log dir>/adapter/` (`save_final_adapter`), and a trainer without
+this plugin is warned at its start (`warn_unless_atomic`); `QLoRAModule.on_fit_end` / `on_fit_start` call these.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -20,9 +23,18 @@ from safetensors import safe_open
 
 from .adapters import ADAPTER_WEIGHTS, STEP_KEY, check_finite, save_adapter, to_peft_keys
 from .atomic import write_file
-from .resume import CheckpointError, read_checkpoint
+from .resume import MODEL_PREFIX, CheckpointError, read_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "adapter_dir_for", "repair_adapter_folders"]
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "adapter_dir_for",
+    "repair_adapter_folders",
+    "save_final_adapter",
+    "warn_unless_atomic",
+]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,6 +65,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         adapter_dir = adapter_dir_for(Path(path))
         if adapter_dir.is_dir():
             shutil.rmtree(adapter_dir)
+
+    def repair_adapter_folders(self, checkpoint_dir: str | os.PathLike) -> list[str]:
+        """`repair_adapter_folders` for the folders this I/O writes; `resume.ResumableCheckpoint` calls it as a run
+        starts in `checkpoint_dir` (through the trainer's checkpoint I/O, so resume.py imports nothing above it)."""
+        return repair_adapter_folders(checkpoint_dir)
 
 
 def adapter_dir_for(ckpt_path: Path) -> Path:
@@ -105,3 +122,28 @@ def repair_adapter_folders(checkpoint_dir: str | os.PathLike) -> list[str]:
         _write_adapter_folder(checkpoint, state, folder)
         notes.append(f"{folder}: rewritten from {ckpt_path.name} (step {step}); a save there had been interrupted")
     return notes
+
+
+def warn_unless_atomic(trainer: Trainer) -> None:
+    """Warn when `trainer` saves through another checkpoint I/O than `AtomicCheckpointIO` (a research script's plain
+    `Trainer` without `plugins=[AtomicCheckpointIO()]`): its saves are not atomic and write no PEFT folders."""
+    if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+        warnings.warn(
+            "the trainer's checkpoint_io is not qlora_lightning.AtomicCheckpointIO: saves are not "
+            "atomic and no PEFT adapter folder is written beside each checkpoint; pass "
+            "plugins=[AtomicCheckpointIO()] to the Trainer",
+            stacklevel=1,
+        )
+
+
+def save_final_adapter(trainer: Trainer, config: dict[str, Any], base_fingerprint: str | None) -> Path:
+    """Write the run's adapters as a PEFT folder `<log dir>/adapter` (on global rank 0), and say where; `config` is
+    the module's `adapter_config()`. Every rank calls it: the strategy's state dict is a collective (under FSDP
+    the sharded adapters are gathered on rank 0), and so is the trainer's `log_dir`."""
+    folder = Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
+    state = trainer.strategy.lightning_module_state_dict()
+    if trainer.is_global_zero:
+        peft_state = to_peft_keys(state, prefix=MODEL_PREFIX)
+        save_adapter(folder, peft_state, config, step=trainer.global_step, base_fingerprint=base_fingerprint)
+        print(f"final adapter written to {folder}")
+    return folder

@@ -31,7 +31,6 @@ def _process_settings() -> None:
 
 _process_settings()
 
-from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from jsonargparse import Namespace  # noqa: E402
@@ -41,8 +40,8 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from .callbacks import training_monitors  # noqa: E402
 from .preflight import SettingError  # noqa: E402
-from .resume import CheckpointError, ResumableCheckpoint, find_last_checkpoint, read_checkpoint  # noqa: E402
-from .run_lock import RunFolderError, check_writable  # noqa: E402
+from .resume import CheckpointError, ResumableCheckpoint, resolve_ckpt_path  # noqa: E402
+from .run_lock import RunFolderError, check_run_folder  # noqa: E402
 
 # Errors of the user's settings or files, each naming what to change: printed without a traceback.
 USER_ERRORS = (CheckpointError, SettingError, RunFolderError)
@@ -85,7 +84,7 @@ class QLoRACLI(LightningCLI):
                 init_args=Namespace(save_dir=trainer.get("default_root_dir") or "."),
             )
         if config.get("ckpt_path"):
-            config["ckpt_path"] = str(resolve_ckpt_path(config["ckpt_path"], config))
+            resume_from(config)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's trainer, refused when it would start more CPU processes than there are cores (before any
@@ -100,26 +99,18 @@ class QLoRACLI(LightningCLI):
         callbacks' `setup`, after Lightning's logger has failed to create the folder with a bare `OSError`."""
         loggers = self.trainer.loggers
         root = (loggers[0].save_dir if loggers else None) or self.trainer.default_root_dir
-        check_writable(root, "trainer.default_root_dir")
+        check_run_folder(root, "trainer.default_root_dir")
 
 
-def resolve_ckpt_path(ckpt_path: str, config: Namespace) -> Path | str:
-    """The file `--ckpt_path` names. `last` is the newest `last.ckpt` of the run under the logger's
-    save_dir (the default_root_dir), or in `checkpoint.dirpath` when the config names it; saves then continue
-    in that same folder. Lightning's other keywords (`best`, `hpc`) pass through."""
-    if ckpt_path in ("best", "hpc"):
-        return ckpt_path
-    if ckpt_path == "last":
-        logger = config["trainer"].get("logger")
-        init_args = getattr(logger, "init_args", None) or {}
-        root = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
-        path = find_last_checkpoint(root, config["checkpoint"].get("dirpath"))
+def resume_from(config: Namespace) -> None:
+    """Resolve the config's `ckpt_path` (`resume.resolve_ckpt_path`: `last` is the newest `last.ckpt` of the run
+    under the logger's save_dir or `checkpoint.dirpath`), and have a resumed `last` keep saving into its folder."""
+    init_args = getattr(config["trainer"].get("logger"), "init_args", None) or {}
+    root = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
+    path = resolve_ckpt_path(config["ckpt_path"], root, config["checkpoint"].get("dirpath"))
+    if config["ckpt_path"] == "last":
         config["checkpoint"]["dirpath"] = str(path.parent)
-        print(f"resuming from {path}", file=sys.stderr)
-    else:
-        path = Path(ckpt_path)
-    read_checkpoint(path, mmap=True)  # an empty, damaged or foreign file fails here, before the model loads
-    return path
+    config["ckpt_path"] = str(path)
 
 
 def add_training_monitors(trainer: Trainer) -> None:

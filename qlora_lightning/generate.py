@@ -4,7 +4,8 @@ Prompts are written with the training templates (`data.templates.format_prompt`,
 "### Human: … ### Assistant:" by default, or the tokenizer's chat template) and encoded with the same
 special prefix as in training (`data.tokenize.encode_prompt`). Decoding is transformers' own
 `model.generate` with the KV cache; `inference_mode` switches a model loaded for training (train mode,
-gradient checkpointing, `use_cache=False`) to evaluation and back.
+gradient checkpointing, `use_cache=False`) to evaluation and back. `answer_batch` is what `predict` runs on the
+held-out split's training batches.
 """
 
 from __future__ import annotations
@@ -187,6 +188,29 @@ def generate(
             for row in out[:, input_ids.shape[1] :].tolist():
                 answers.append(tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True))
     return answers
+
+
+def answer_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: dict[str, torch.Tensor], max_new_tokens: int
+) -> list[dict[str, str]]:
+    """Greedy answers to a training batch's prompts (the tokens before each row's first label), with references:
+    what `predict` returns (`QLoRAModule.predict_step`), one `{"prompt", "answer", "reference"}` per row.
+
+    Rows are right-padded by the collator, so a prompt is the prefix up to the first labelled token; with
+    `train_on_source` every token is labelled and prompts cannot be told apart: an error naming the setting.
+    Compiled layers would recompile for every cache length while generating token by token: they run eagerly here.
+    """
+    rows = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        labelled = (labels != -100).nonzero()
+        if len(labelled) == 0 or labelled[0].item() == 0:
+            raise ValueError("predict needs prompts without labels: set data.train_on_source false")
+        start = labelled[0].item()
+        prompt = tokenizer.decode(ids[:start], skip_special_tokens=True)
+        rows.append((prompt, tokenizer.decode(ids[labels != -100], skip_special_tokens=True)))
+    with torch.compiler.set_stance("force_eager"):
+        answers = generate(model, tokenizer, [p for p, _ in rows], template=None, max_new_tokens=max_new_tokens)
+    return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers)]
 
 
 def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, **kwargs) -> Iterator[str]:

@@ -4,17 +4,21 @@ Each batch gives its mean loss over its labelled tokens and their count (`QLoRAM
 loss weighs each batch by that count and sums in float64, so a bf16 model's hundred batches add up to the same
 number as a float32 one's (a bf16 sum is off by percents, and its counts lose integers past 256). The demo's
 report measures with `held_out_loss`; a loop that is driven one batch at a time (a validation step) keeps a
-`LabelledLossSum` itself.
+`LabelledLossSum` itself, and `log_held_out` logs its mean over every rank's tokens at the epoch's end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-__all__ = ["LossOn", "LabelledLossSum", "held_out_loss"]
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
+
+__all__ = ["LossOn", "LabelledLossSum", "held_out_loss", "log_held_out"]
 
 #: batch → (mean loss over its labelled tokens, their count): `QLoRAModule.loss_on`, or a wrapper that relabels.
 LossOn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -57,3 +61,14 @@ def held_out_loss(loss_on: LossOn, batches: Iterable[dict], device: torch.device
     for batch in batches:
         sums.add(*loss_on(move_data_to_device(batch, device)))
     return sums.mean()
+
+
+def log_held_out(module: LightningModule, split: str, sums: LabelledLossSum) -> None:
+    """Log `<split>/loss` (the mean over every rank's labelled tokens: the ranks' `sums` are added first, so a rank
+    with more tokens weighs more) and `<split>/perplexity` from `module` (in its validation or test epoch end)."""
+    totals = sums.sums().to(module.device)
+    if module.trainer.world_size > 1:
+        totals = module.trainer.strategy.reduce(totals, reduce_op="sum")
+    loss = totals[0] / totals[1].clamp(min=1)
+    module.log(f"{split}/loss", loss.float(), prog_bar=split == "val", sync_dist=False)
+    module.log(f"{split}/perplexity", torch.exp(loss).float(), sync_dist=False)

@@ -1,20 +1,29 @@
 """Resuming a run: what `--ckpt_path last` means, checkpoints that resume exactly, and reading them safely.
 
-- `find_last_checkpoint`: the newest `last.ckpt` of the run under a root folder (a run whose save failed before
-  its `last.ckpt`: its newest checkpoint). Lightning looks for `last` only in the new run's own version folder
-  (`lightning_logs/version_<N+1>/checkpoints`), finds nothing and silently trains from step 0; the CLI resolves
-  `last` here instead and fails loudly when there is none.
+The one owner of resume state; the Lightning hooks that must live elsewhere call in here in a line or two.
+- `find_last_checkpoint`, `resolve_ckpt_path`: the newest `last.ckpt` of the run under a root folder (a run whose
+  save failed before its `last.ckpt`: its newest checkpoint). Lightning looks for `last` only in the new run's own
+  version folder (`lightning_logs/version_<N+1>/checkpoints`), finds nothing and silently trains from step 0; the
+  CLI resolves `last` here instead and fails loudly when there is none.
 - `ResumableCheckpoint`: Lightning's `ModelCheckpoint` that also saves the run's final optimizer step the way
   it saves a periodic one (Lightning's own end-of-training save (`on_train_end`) records the loops as if the
   epoch had ended, so a run extended from it (same `last.ckpt`, larger `max_steps`) starts a new epoch and
   trains on other examples than the run that went straight through), saves the same way on SIGTERM and then
   exits with code 143 (`Preempted`), and repairs adapter folders a kill left behind their `.ckpt`.
-- `read_checkpoint`: loads a `.ckpt` with `weights_only=True` (no code in the file can run) and turns
-  a damaged or foreign file into an error naming it and saying what to do.
-- the run's identity (`run_record`, `check_run_matches`): what a checkpoint records of its run and a resume
-  compares with the command line, which always decides.
-- Lightning's loop counters (`data_position`, `convert_batch_progress`): the two places that read and write
-  them, for the data module's exact mid-epoch resume.
+- `read_checkpoint`, `load_safely`: load a `.ckpt` with `weights_only=True` (no code in the file can run), turn
+  a damaged or foreign file into an error naming it and saying what to do, and never take `trust_remote_code`
+  from a file (`QLoRAModule.load_from_checkpoint` delegates here).
+- what a checkpoint holds and the run's identity (`adapter_only_checkpoint`, `run_record`, `check_run_matches`,
+  `check_checkpoint_belongs`, `specs_from_plain`): the adapters, plain hyperparameters and a record of the run that
+  a resume compares with the command line, which always decides (`QLoRAModule.on_save_checkpoint` /
+  `on_load_checkpoint` call these).
+- the data position (`data_state`, `restore_data_position`, `PositionedLoader`) and Lightning's loop counters
+  (`data_position`, `convert_batch_progress`: the only code that reads and writes them), for the data module's
+  exact mid-epoch resume (`InstructionDataModule.state_dict` / `train_dataloader` call these).
+Elsewhere, each in its own owner: the sampler's order arithmetic (`data/sampler.py`: `state_dict`,
+`load_state_dict`), the training RNG stream (`callbacks.TrainingRngStream`), the `.ckpt` writes and adapter folders
+(`checkpoint.AtomicCheckpointIO`) and FSDP's sharded loading (`fsdp.QLoRAFSDPStrategy.load_checkpoint`), which
+read through `read_checkpoint`.
 """
 
 from __future__ import annotations
@@ -25,12 +34,17 @@ import pickle
 import signal
 import sys
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from .specs import LoraSpec, QuantSpec
 
 __all__ = ["CheckpointError", "Preempted", "find_last_checkpoint", "read_checkpoint", "ResumableCheckpoint"]
 
@@ -87,15 +101,24 @@ def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | N
     return path
 
 
-def _earlier_classes() -> list:
-    """Checkpoints written before their hyperparameters became plain data hold the two spec dataclasses under
-    their old module path; they are plain data too, so they may be read, under exactly those names."""
-    from .specs import LoraSpec, QuantSpec
+def resolve_ckpt_path(ckpt_path: str, root: str | os.PathLike, dirpath: str | os.PathLike | None) -> Path | str:
+    """The file `--ckpt_path` names, checked to be a readable checkpoint before the model loads. `last` is
+    `find_last_checkpoint(root, dirpath)` (the run's logger save_dir or default_root_dir, and the config's
+    `checkpoint.dirpath`), said on stderr; Lightning's other keywords (`best`, `hpc`) pass through."""
+    if ckpt_path in ("best", "hpc"):
+        return ckpt_path
+    if ckpt_path == "last":
+        path = find_last_checkpoint(root, dirpath)
+        print(f"resuming from {path}", file=sys.stderr)
+    else:
+        path = Path(ckpt_path)
+    read_checkpoint(path, mmap=True)  # an empty, damaged or foreign file fails here, before the model loads
+    return path
 
-    return [(QuantSpec, "qlora_lightning.model.QuantSpec"), (LoraSpec, "qlora_lightning.model.LoraSpec")]
 
-
-EARLIER_CLASSES = _earlier_classes()
+#: Checkpoints written before their hyperparameters became plain data hold the two spec dataclasses under their
+#: old module path; they are plain data too, so they may be read, under exactly those names.
+EARLIER_CLASSES = [(QuantSpec, "qlora_lightning.model.QuantSpec"), (LoraSpec, "qlora_lightning.model.LoraSpec")]
 
 
 def plain_hyperparameters(hparams: Any) -> dict[str, Any]:
@@ -129,6 +152,38 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     return checkpoint
 
 
+def load_safely(
+    load: Callable[..., Any],
+    checkpoint_path: str | os.PathLike,
+    map_location: Any = None,
+    hparams_file: str | os.PathLike | None = None,
+    strict: bool | None = None,
+    weights_only: bool | None = None,
+    *,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Lightning's `load_from_checkpoint` (`load`), safe with a checkpoint from anyone.
+
+    The file is checked first (`read_checkpoint`: named errors for a missing, empty, damaged or foreign file) and
+    loaded with `weights_only=True` whatever `weights_only` says. `trust_remote_code` is always passed, so it is
+    this call's argument only: Lightning merges the checkpoint's stored `hyper_parameters` under the call's
+    keyword arguments, so an edited checkpoint saying `trust_remote_code: true` and naming a base whose folder
+    ships code used to run that code. The checkpoint's `base_model` is used unless `base_model=` is passed;
+    `QLoRAModule.on_load_checkpoint` then refuses adapters trained on other base weights."""
+    read_checkpoint(checkpoint_path, mmap=True)
+    with torch.serialization.safe_globals(EARLIER_CLASSES):
+        return load(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=True,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+
+
 class Preempted(SystemExit):
     """Training stopped on SIGTERM after saving a checkpoint to resume from. A `SystemExit` with code 143 (128 +
     SIGTERM, what a shell reports for a process SIGTERM ended): schedulers record the run as not finished."""
@@ -156,7 +211,7 @@ class ResumableCheckpoint(ModelCheckpoint):
       `Preempted` (exit code 143, no final adapter). `--ckpt_path last` then continues it bit for bit. Under DDP
       the signal is passed on to the processes the launcher started, as Lightning does.
     - When a run starts in a checkpoint folder, adapter folders a kill left behind their `.ckpt` are rewritten
-      from it (`checkpoint.repair_adapter_folders`).
+      from it (the checkpoint I/O's `repair_adapter_folders`: `checkpoint.AtomicCheckpointIO`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -171,11 +226,10 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        from .checkpoint import AtomicCheckpointIO, repair_adapter_folders
-
-        writes_folders = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-        if stage == "fit" and writes_folders and trainer.is_global_zero and Path(self.dirpath).is_dir():
-            for note in repair_adapter_folders(self.dirpath):
+        # The checkpoint I/O that writes adapter folders (`AtomicCheckpointIO`, a layer above) repairs them.
+        repair = getattr(trainer.strategy.checkpoint_io, "repair_adapter_folders", None)
+        if stage == "fit" and repair is not None and trainer.is_global_zero and Path(self.dirpath).is_dir():
+            for note in repair(self.dirpath):
                 print(note, file=sys.stderr)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -243,9 +297,11 @@ class ResumableCheckpoint(ModelCheckpoint):
             print(exception.message, file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------- the run's identity
+# ----------------------------------------------------------------- what a checkpoint holds: the run's identity
 # What a checkpoint records of its run (`QLoRAModule.on_save_checkpoint`) and a resume compares with the
 # command line, which always decides: a checkpoint's own hyperparameters are never applied to a run.
+#: The prefix of the adapters' keys in a module's state dict (`QLoRAModule.model`).
+MODEL_PREFIX = "model."
 _MUST_MATCH = {"lora": ("r", "alpha", "target_modules", "exclude"), "quant": ("quantize", "double_quant")}
 _MAY_CHANGE = {"lora": ("dropout",), "quant": ("compute_dtype", "quant_storage")}
 
@@ -292,11 +348,111 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-# ------------------------------------------------------------------------------- Lightning's loop counters
+def specs_from_plain(quant: QuantSpec | dict, lora: LoraSpec | dict) -> tuple[QuantSpec, LoraSpec]:
+    """The two specs as a module takes them: `load_from_checkpoint` passes back the plain dicts that
+    `plain_hyperparameters` stored (lists where the dataclasses hold tuples); specs pass through unchanged."""
+    if isinstance(quant, dict):
+        quant = QuantSpec(**quant)
+    if isinstance(lora, dict):
+        targets = lora["target_modules"]
+        targets = targets if isinstance(targets, str) else tuple(targets)
+        lora = LoraSpec(**{**lora, "target_modules": targets, "exclude": tuple(lora["exclude"])})
+    return quant, lora
+
+
+def adapter_only_checkpoint(
+    checkpoint: dict[str, Any], keep: Callable[[str], bool], adapter_config: dict[str, Any], run: dict[str, Any]
+) -> None:
+    """Make Lightning's `checkpoint`, about to be saved, what our resume reads: only the tensors whose key `keep`
+    accepts (`adapters.is_adapter_key`: the frozen base is never saved), plain hyperparameters, the PEFT
+    `adapter_config` that `AtomicCheckpointIO` writes beside it, and the `run_record`. Every value is plain data,
+    so that it loads with `weights_only=True` and nothing else registered."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if keep(k)}
+    checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint.get("hyper_parameters", {}))
+    checkpoint["peft_adapter_config"] = adapter_config
+    checkpoint["peft_key_prefix"] = MODEL_PREFIX
+    checkpoint["qlora_run"] = run
+
+
+def check_checkpoint_belongs(
+    checkpoint: dict[str, Any],
+    current: dict[str, Any],
+    validate_adapters: Callable[..., None],
+) -> None:
+    """Check, as a run resumes, that `checkpoint`'s adapters belong to this run (`current`, its `run_record`).
+
+    This run's settings decide: other base weights, rank, scale, targets or 4-bit type are a `CheckpointError`
+    naming each difference (`check_run_matches`); a changed dropout or compute dtype is used and shown as a
+    warning. The adapter tensors, where the checkpoint still holds them (under FSDP the strategy has loaded and
+    removed them), go to `validate_adapters(state, config=...)` (`adapters.validate` against the model's layers,
+    with the saved PEFT config for a checkpoint older than its run record); its `KeyError`/`ValueError` becomes a
+    `CheckpointError`."""
+    saved = checkpoint.get("qlora_run")
+    if saved is not None:
+        for note in check_run_matches(saved, current):
+            warnings.warn(f"resuming with a changed setting: {note}", UserWarning, stacklevel=1)
+    if "state_dict" in checkpoint:
+        state = {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items()}
+        old_config = checkpoint.get("peft_adapter_config") if saved is None else None  # written before qlora_run
+        try:
+            validate_adapters(state, config=old_config)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{e.args[0]} (a checkpoint of another lora/quant config?)") from e
+
+
+# --------------------------------------------------------------- the data position and Lightning's loop counters
+# The data module's checkpoint state is the training sampler's epoch and how many examples of it all ranks
+# together consumed, counted from the trainer's processed batches, not the sampler's own count (Lightning and
+# DataLoader workers fetch batches ahead). The restored sampler skips those examples once, so the resumed run
+# neither repeats nor skips any. As the sampler's order depends only on the global batch, a checkpoint saved on 2
+# devices resumes exactly on 1 with twice the accumulation, once Lightning's own per-rank batch counters are
+# re-counted in the new micro-batches (`convert_batch_progress`).
+#
 # Lightning keeps no public record of how far into an epoch a run is, and restores its own batch counters after
-# the data module's state. These two functions are the only code that reads or writes `trainer.fit_loop`'s
-# progress counters; they were checked on Lightning 2.6.6, the range pyproject.toml declares (>=2.6,<2.7), by
-# tests/test_resume*.py and tests/data/test_datamodule.py's resume tests.
+# the data module's state. `data_position` and `convert_batch_progress` are the only code that reads or writes
+# `trainer.fit_loop`'s progress counters; they were checked on Lightning 2.6.6, the range pyproject.toml declares
+# (>=2.6,<2.7), by tests/test_resume*.py and tests/data/test_datamodule.py's resume tests.
+
+
+class PositionedLoader(DataLoader):
+    """The training DataLoader. Its position is restored by the data module (through the sampler), so it tells
+    Lightning it is resumable, as Lightning's state protocol asks (`state_dict` / `load_state_dict`), instead of
+    letting it warn that a mid-epoch resume is unreliable; the state itself is the data module's (`data_state`)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def data_state(trainer: Trainer | None, sampler: Any, batch_size: int) -> dict[str, Any]:
+    """The data module's checkpoint state: `sampler.state_dict` at the trainer's position (`data_position`), with
+    the examples all ranks consumed (`batch_size` is the micro-batch per rank); {} when not training (no sampler
+    or no trainer: there is no position to keep). Lightning calls this on every rank and saves rank 0's; every
+    rank has processed as many batches, so all compute the same global count."""
+    if sampler is None or trainer is None:
+        return {}
+    epoch, processed = data_position(trainer)
+    return sampler.state_dict(epoch=epoch, consumed=processed * batch_size * trainer.world_size)
+
+
+def restore_data_position(trainer: Trainer | None, sampler: Any, state: dict[str, Any] | None) -> None:
+    """Continue `sampler` (a new epoch's `LengthGroupedSampler`) at a checkpoint's `data_state`, and re-count the
+    trainer's restored batch counters in this run's micro-batches (`convert_batch_progress`); nothing without a
+    state. Called from `train_dataloader`, not the data module's `load_state_dict`: Lightning restores its loop
+    counters after that call, and the conversion must see them."""
+    if state is None:
+        return
+    sampler.load_state_dict(state)
+    if trainer is not None:  # the position is the same; Lightning's counters count other micro-batches
+        convert_batch_progress(
+            trainer,
+            state["batch_size"] * state["num_replicas"],
+            sampler.batch_size * sampler.num_replicas,
+            sampler.total_size,
+            int(state["consumed"]),
+        )
 
 
 def data_position(trainer: Trainer) -> tuple[int, int]:

@@ -28,7 +28,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["RunLock", "RunFolderError", "check_writable", "lock_path"]
+from .atomic import check_writable
+
+__all__ = ["RunLock", "RunFolderError", "check_run_folder", "lock_path"]
 
 
 class RunFolderError(RuntimeError):
@@ -52,18 +53,12 @@ def _cannot_write(folder: Path, key: str, error: OSError) -> RunFolderError:
     )
 
 
-def check_writable(folder: str | os.PathLike, key: str) -> None:
-    """Create `folder` if needed and write a temporary file in it, or raise `RunFolderError` naming it and `key`.
-
-    A real write, not `os.access`: the superuser passes any permission check, not a path whose parent is a file
-    or a read-only file system."""
-    folder = Path(folder)
+def check_run_folder(folder: str | os.PathLike, key: str) -> None:
+    """`atomic.check_writable`, or a `RunFolderError` naming `folder` and `key` (the setting that chose it)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        check_writable(folder)
     except OSError as e:
-        raise _cannot_write(folder, key, e) from None
+        raise _cannot_write(Path(folder), key, e) from None
 
 
 def lock_path(folder: str | os.PathLike) -> Path:
@@ -105,7 +100,7 @@ class _Lock:
 
     def __init__(self, folder: Path, key: str) -> None:
         self.folder, self.path = folder, lock_path(folder)
-        check_writable(folder, key)
+        check_run_folder(folder, key)
         try:
             self.fd = self._acquire(key)
         except OSError as e:
@@ -203,6 +198,14 @@ class RunLock(Callback):
         self._held: list[_Lock] = []
         self._claimed = False
         self._error: str | None = None
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> RunLock:
+        """The trainer's `RunLock` (a new one when it has none), holding the log folder of a starting `fit` from now
+        on (`claim_log_folder`): what `QLoRAModule.configure_callbacks` adds to every trainer."""
+        lock = next((c for c in trainer.callbacks if isinstance(c, cls)), None) or cls()
+        lock.claim_log_folder(trainer)
+        return lock
 
     def claim_log_folder(self, trainer: Trainer) -> None:
         """Lock the log folder of a starting `fit` (global rank 0), creating a numbered version folder itself.

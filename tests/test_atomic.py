@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from qlora_lightning.atomic import WriteError, atomic_folder, remove_leftovers, write_file, write_text
+from qlora_lightning.atomic import WriteError, atomic_folder, check_writable, remove_leftovers, write_file, write_text
 
 
 @pytest.fixture
@@ -118,3 +118,17 @@ def test_a_full_disk_names_the_checkpoint(tmp_path):
     assert f"ERROR cannot write {tmp_path / 'last.ckpt'}" in done.stdout and "the previous file is kept" in done.stdout
     assert "STEP 1" in done.stdout  # the previous checkpoint is whole
     assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_check_writable_makes_the_folder_and_fails_where_a_real_write_fails(tmp_path):
+    """The one "is this folder writable" of the run lock, the data cache and the built-in model cache: a folder is
+    made and written to (and left empty); a path under a file fails, and so does /proc, which `os.access` calls
+    writable for root: the check writes, it does not ask."""
+    made = check_writable(tmp_path / "new" / "runs")
+    assert made == tmp_path / "new" / "runs" and made.is_dir() and not list(made.iterdir())
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        check_writable(tmp_path / "a_file" / "cache")
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(OSError):
+            check_writable("/proc")

@@ -1,11 +1,12 @@
-"""Generation: template, greedy determinism, sampling seeds, EOS stop, batching, streaming, train-mode restore, CLI."""
+"""Generation: template, greedy determinism, sampling seeds, EOS stop, batching, streaming, train-mode restore, CLI,
+and `predict`'s answers to training batches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qlora_lightning.generate import encode, generate, left_pad, stop_ids, stream
+from qlora_lightning.generate import answer_batch, encode, generate, left_pad, stop_ids, stream
 from qlora_lightning.model import load_for_inference, load_model
 from qlora_lightning.specs import QuantSpec
 
@@ -166,3 +167,43 @@ def test_device_cuda_without_cuda_names_the_flag(tiny_chat_llama_dir, chat_adapt
         main(args + ["--device", "cuda"])
     with pytest.raises(ValueError, match=r"--device 'gpu' is not a device torch knows.*use auto, cpu, cuda or cuda:N"):
         main(args + ["--device", "gpu"])
+
+
+def right_padded_batch(tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A training batch as the collator makes it: rows right-padded, labels on the answers only."""
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    labels = torch.full((len(prompts), width), -100)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        input_ids[i, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        labels[i, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def test_predict_answers_each_row_s_unlabelled_prefix_with_its_labelled_reference(chat):
+    """`answer_batch`, what `QLoRAModule.predict_step` returns: a row's prompt is its tokens before the first label,
+    its reference the labelled tokens, its answer the greedy generation from the prompt alone."""
+    tok = chat.tokenizer
+    prompts = [encode(tok, p, "qlora") for p in PROMPTS[:2]]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] for a in ("Paris.", "A small model, glad to help.")]
+    batch = right_padded_batch(tok, prompts, answers)
+    rows = answer_batch(chat.model, tok, batch, max_new_tokens=5)
+    assert [r["prompt"] for r in rows] == [tok.decode(p, skip_special_tokens=True) for p in prompts]
+    assert [r["reference"] for r in rows] == ["Paris.", "A small model, glad to help."]
+    assert [r["answer"] for r in rows] == [
+        generate(chat.model, tok, r["prompt"], template=None, max_new_tokens=5)[0] for r in rows
+    ]
+    assert all(r["prompt"].rstrip().endswith("### Assistant:") for r in rows)
+
+
+def test_predict_on_data_trained_on_its_source_names_the_setting(tiny_chat_llama_dir, tmp_path):
+    """With `data.train_on_source` every token is labelled, so no prompt can be told from its answer: `predict`
+    stops naming the setting instead of answering empty prompts."""
+    import lightning as L
+    from qlora_testing import tiny_module_and_data
+
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    data.hparams.train_on_source = True
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="predict needs prompts without labels: set data.train_on_source false"):
+        trainer.predict(module, data)

@@ -6,16 +6,10 @@ record once, cached → length-grouped distributed sampler (`sampler.py`) → co
 or with `padding_free` one packed row per micro-batch (still `batch_size` examples, so sampling and resume are the
 same).
 
-Resume: Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` on restore. The
-state is the training sampler's epoch and how many examples of it all ranks together consumed, counted from
-the trainer's completed batches (`fit_loop.epoch_loop.batch_progress.current.processed` × micro-batch ×
-world size: at `on_train_batch_end`, where `ModelCheckpoint(every_n_train_steps)` saves, it already includes
-the batch just trained; at validation and epoch-end saves it equals the batches done). The sampler's own
-count would be wrong because Lightning and DataLoader workers fetch batches ahead. The restored sampler skips
-those examples once, so the resumed run neither repeats nor skips any. As the sampler's order depends only on
-the global batch (micro-batch × accumulate_grad_batches × devices), a checkpoint saved on 2 devices resumes
-exactly on 1 with twice the accumulation; `train_dataloader` then also converts Lightning's own per-rank
-batch counters to the new micro-batches (`resume.convert_batch_progress`).
+Resume: Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` on restore; the state
+(the sampler's epoch and the examples all ranks consumed), its restoring and the conversion of Lightning's batch
+counters when a run resumes on another split of the global batch are resume.py's (`data_state`,
+`restore_data_position`, `PositionedLoader`); the hooks here call it.
 """
 
 from __future__ import annotations
@@ -30,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from ..resume import convert_batch_progress, data_position
+from ..resume import PositionedLoader, data_state, restore_data_position
 from ..tokenizer import load_tokenizer
 from .formats import get_format
 from .sampler import LengthGroupedSampler
@@ -39,18 +33,6 @@ from .templates import get_template
 from .tokenize import ExampleEncoder, InstructionCollator
 
 __all__ = ["InstructionDataModule"]
-
-
-class PositionedLoader(DataLoader):
-    """The training DataLoader. Its position is restored by the data module (through the sampler), so it tells
-    Lightning it is resumable, as Lightning's state protocol asks (`state_dict` / `load_state_dict`), instead of
-    letting it warn that a mid-epoch resume is unreliable; the state itself is the data module's."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -236,17 +218,8 @@ class InstructionDataModule(L.LightningDataModule):
             group_by_length=h.group_by_length,
             epoch_source=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
         )
-        if self._resume_state is not None:
-            state, self._resume_state = self._resume_state, None
-            sampler.load_state_dict(state)
-            if self.trainer is not None:  # the position is the same; Lightning's counters count other micro-batches
-                convert_batch_progress(
-                    self.trainer,
-                    state["batch_size"] * state["num_replicas"],
-                    sampler.batch_size * sampler.num_replicas,
-                    sampler.total_size,
-                    int(state["consumed"]),
-                )
+        state, self._resume_state = self._resume_state, None
+        restore_data_position(self.trainer, sampler, state)
         self._train_sampler = sampler
         return self._loader(self.train_data, h.batch_size, sampler, self.collator, loader_class=PositionedLoader)
 
@@ -291,23 +264,10 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        """The data position for resume: sampler settings, `epoch`, and `consumed` examples of it on all ranks.
-
-        Lightning calls this on every rank and saves rank 0's; every rank has processed as many batches, so
-        all compute the same global count.
-        """
-        if self._train_sampler is None or self.trainer is None:
-            return {}  # not training: there is no position to keep
-        epoch, processed = data_position(self.trainer)
-        consumed = processed * self.hparams.batch_size * self.trainer.world_size
-        return self._train_sampler.state_dict(epoch=epoch, consumed=consumed)
+        """The data position for resume (`resume.data_state`): sampler settings, `epoch`, and `consumed` examples."""
+        return data_state(self.trainer, self._train_sampler, self.hparams.batch_size)
 
     def load_state_dict(self, state: dict) -> None:
-        """Keep the data position to restore; the next training dataloader starts right after it.
-
-        It is applied there, not here, because Lightning restores its loop counters after this call and
-        `train_dataloader` may have to convert them (`resume.convert_batch_progress`).
-        """
-        if not state:
-            return
-        self._resume_state = dict(state)
+        """Keep the data position to restore; the next `train_dataloader` starts right after it
+        (`resume.restore_data_position`, which must run after Lightning restores its loop counters)."""
+        self._resume_state = dict(state) if state else None

@@ -21,7 +21,7 @@ Resume: `state_dict(epoch, consumed)` records how many examples of `epoch` all r
 `load_state_dict` accepts another world size, micro-batch or accumulation as long as G (and seed and data)
 are unchanged, and makes the next iteration skip this rank's share of them, once. The sampler cannot know
 what was consumed when DataLoader workers and Lightning prefetch ahead, so the trainer's completed batch
-count should be passed in (`InstructionDataModule.state_dict` does this). It subclasses `DistributedSampler`
+count should be passed in (`resume.data_state` does this for the data module). It subclasses `DistributedSampler`
 so that Lightning uses it as is under DDP instead of wrapping it.
 """
 

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from datasets.exceptions import DatasetGenerationError
 
+from ..atomic import check_writable
 from .formats import RecordError, format_record
 from .sample import BUNDLED
 from .tokenize import ExampleEncoder
@@ -154,8 +154,7 @@ def cache_root(cache_dir: str | None) -> Path:
     """
     root = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=root).close()
+        check_writable(root)
     except OSError as e:
         raise PermissionError(
             f"the cache folder {root} is not writable ({e.strerror or e}): set data.cache_dir (or HF_DATASETS_CACHE, "

@@ -47,7 +47,7 @@ def test_family_fixture_is_the_family_with_its_real_tokenizer(family_model_dir, 
 
 def _orca_sample(tmp_path, family):
     """The bundled OpenOrca sample; without its system prompts for Gemma 2, whose published template refuses a
-    system message (`test_gemma2_template_refuses_system_prompts_by_record`)."""
+    system message (`test_gemma2_chat_template_refusing_a_system_prompt_is_a_clear_error`)."""
     if family != "gemma2":
         return "bundled:orca_sample_train"
     from qlora_lightning.data.sources import BUNDLED
@@ -89,6 +89,19 @@ def test_chat_targets_end_with_the_family_end_of_turn_inside_the_loss(family_mod
     _, plain = _first_batch(folder, dataset, "qlora")
     for ids, labels in zip(plain["input_ids"].tolist(), plain["labels"].tolist()):
         assert [i for i, label in zip(ids, labels) if label != -100][-1] == tokenizer.eos_token_id
+
+
+def test_gemma2_chat_template_refusing_a_system_prompt_is_a_clear_error(family_model_dir):
+    """Gemma 2's published template refuses a system message; a record with one is an error that names the setting,
+    the tokenizer, the template's reason, what to do and the question, not jinja's bare "System role not supported"."""
+    folder = family_model_dir("gemma2")
+    with pytest.raises(
+        ValueError,
+        match="data.template chat: the chat template of tokenizer .* refused an example: "
+        "System role not supported \\(this example has a system text: leave it out, or use data.template "
+        "qlora\\); question: ",
+    ):
+        _first_batch(folder, "bundled:orca_sample_train", "chat")
 
 
 def _real_ids(tokenizer, n=24):

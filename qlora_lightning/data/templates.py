@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from .formats import Example
@@ -88,7 +89,14 @@ def _render_chat(example: Example, tokenizer: PreTrainedTokenizerBase | None) ->
     for user, reply in example.history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     messages.append({"role": "user", "content": _question(example)})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # e.g. Gemma 2's "System role not supported"
+        hint = " (this example has a system text: leave it out, or use data.template qlora)" if example.system else ""
+        raise ValueError(
+            f"data.template chat: the chat template of tokenizer {tokenizer.name_or_path!r} refused an example: "
+            f"{e}{hint}; question: {_question(example)[:80]!r}"
+        ) from e
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

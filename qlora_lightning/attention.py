@@ -109,8 +109,10 @@ def varlen_attention(
 
 def _mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     """No mask where a row has no `attention_mask` (a packed row: its boundaries go to `varlen_attention`; or one
-    unpadded sequence: causal); else `sdpa`'s mask."""
-    if attention_mask is None:
+    unpadded sequence: causal); else `sdpa`'s mask. A sliding-window layer (`local_size`, transformers' argument for
+    it) always gets `sdpa`'s mask (none while the row fits the window): without one, an unpadded sequence longer
+    than the window would attend past it (Gemma 3 called without an attention mask)."""
+    if attention_mask is None and kwargs.get("local_size") is None:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 

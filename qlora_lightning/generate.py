@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-from .data.templates import format_prompt
+from .data.templates import end_of_turn_id, format_prompt
 from .data.tokenize import encode_prompt
 from .model import load_for_inference
 from .specs import QuantSpec
@@ -64,8 +64,10 @@ def left_pad(
 
 
 def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models end a turn with the latter)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    """The tokenizer's EOS, its chat template's end-of-turn token (`templates.end_of_turn_id`: what a `chat`
+    target ends with, e.g. Llama 3's `<|eot_id|>` beside a base tokenizer's `<|end_of_text|>`) and the model's
+    generation-config EOS ids (chat models end a turn with the latter)."""
+    ids = [i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None]
     extra = getattr(model.generation_config, "eos_token_id", None)
     ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
     if not ids:
@@ -155,7 +157,8 @@ def generate(
             are the paper's for Guanaco's generations.
         seed: the random seed of each batch's sampling, for reproducible answers (`seeded`: the caller's random
             streams are left as they were).
-        eos_token_id: ids that end a generation; None: the tokenizer's EOS and the model's (`stop_ids`).
+        eos_token_id: ids that end a generation; None: the tokenizer's EOS, its chat template's end of turn and the
+            model's (`stop_ids`).
         streamer: a transformers streamer (e.g. `TextStreamer`) fed as tokens come; batch size 1 only.
     """
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)

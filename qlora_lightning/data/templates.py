@@ -4,7 +4,10 @@
   "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful,
   detailed, and polite answers to the user's questions.\\n### Human: {question} ### Assistant:"
 - `alpaca`: Stanford Alpaca's prompt (with and without an input section).
-- `chat`: the tokenizer's own chat template (`apply_chat_template` with the generation prompt).
+- `chat`: the tokenizer's own chat template (`apply_chat_template` with the generation prompt); the target
+  ends with the token the template writes after an assistant's reply (`end_of_turn_id`: Llama 3's `<|eot_id|>`,
+  Qwen's `<|im_end|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`, Mistral's `</s>`), not the tokenizer's EOS,
+  which for a base model's tokenizer is another token (`<|end_of_text|>`, `<|endoftext|>`, `<eos>`).
 
 An example's `system` text, when not empty, replaces the template's default system sentence. The target
 is the response, preceded by the template's `response_separator` (see `tokenize.py` for when it is
@@ -16,11 +19,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from .formats import Example
 
-__all__ = ["Template", "TEMPLATES", "QLORA_SYSTEM", "get_template", "render_source", "format_prompt"]
+__all__ = [
+    "Template",
+    "TEMPLATES",
+    "QLORA_SYSTEM",
+    "get_template",
+    "render_source",
+    "format_prompt",
+    "end_of_turn_id",
+    "target_end_id",
+]
 
 QLORA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -76,7 +89,40 @@ def _render_chat(example: Example, tokenizer: PreTrainedTokenizerBase | None) ->
     for user, reply in example.history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     messages.append({"role": "user", "content": _question(example)})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # e.g. Gemma 2's "System role not supported"
+        hint = " (this example has a system text: leave it out, or use data.template qlora)" if example.system else ""
+        raise ValueError(
+            f"data.template chat: the chat template of tokenizer {tokenizer.name_or_path!r} refused an example: "
+            f"{e}{hint}; question: {_question(example)[:80]!r}"
+        ) from e
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the tokenizer's chat template writes right after an assistant's reply (its end of turn),
+    or None without a chat template or where the template writes no special token there.
+
+    Found by rendering a user turn and a reply and reading what follows the reply, so that any family's template
+    is read the same way, whatever it calls its token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    reply = "\U000f0001"  # a private-use character: no template writes it
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = rendered[rendered.index(reply) + len(reply) :] if reply in rendered else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in specials else None
+
+
+def target_end_id(tokenizer: PreTrainedTokenizerBase, template: str) -> int | None:
+    """The token that ends every training target under `template`: the chat template's end of turn under `chat`
+    (the model learns to end its turn as the template's conversations do, and generation stops there), the
+    tokenizer's EOS otherwise and where the template writes no special token after a reply."""
+    if get_template(template).renders_special_tokens and (found := end_of_turn_id(tokenizer)) is not None:
+        return found
+    return tokenizer.eos_token_id
 
 
 TEMPLATES: dict[str, Template] = {

@@ -1,7 +1,8 @@
 """Tokens and batches: source/target encoding with the QLoRA limits, and the collator (padded or packed rows).
 
 Layout of one example (as in qlora.py): `[BOS?] source[:384] | target[:128]` where the target is the
-response followed by EOS. The source gets the special prefix the tokenizer itself adds to text (BOS for
+response followed by EOS (under the `chat` template: by the template's end-of-turn token,
+`templates.target_end_id`). The source gets the special prefix the tokenizer itself adds to text (BOS for
 LLaMA, nothing for SmolLM2), never twice; chat templates write their own. EOS is part of the target's
 128 tokens: a response cut by the limit loses its EOS, so the model is never taught to stop mid-answer.
 Labels are -100 on the source (unless `train_on_source`) and on padding; padding is masked by position,
@@ -25,7 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .formats import Example
-from .templates import Template, format_prompt, get_template
+from .templates import Template, format_prompt, get_template, target_end_id
 
 __all__ = [
     "IGNORE_INDEX",
@@ -199,6 +200,7 @@ class ExampleEncoder:
         self.target_max_len = target_max_len
         self.source_truncation = source_truncation
         self.separator = _separator(tokenizer, self.template)
+        self.end_id = target_end_id(tokenizer, template)
         self.template.render(Example(prompt="?", response="!"), tokenizer)  # fail now, not per record
 
     def _truncate_source(self, ids: list[int]) -> list[int]:
@@ -218,7 +220,7 @@ class ExampleEncoder:
         tgt_ids = encode_text(tok, [self.separator + ex.response for ex in examples])
         out: dict[str, list] = {"input_ids": [], "n_source": [], "source_cut": [], "target_cut": []}
         for s, t in zip(src_ids, tgt_ids):
-            t = t + [tok.eos_token_id]
+            t = t + [self.end_id]
             out["source_cut"].append(max(0, len(self.prefix) + len(s) - self.source_max_len))
             out["target_cut"].append(max(0, len(t) - self.target_max_len))
             s = self._truncate_source(s)

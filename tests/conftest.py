@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random Llama checkpoints, the real SmolLM2 and MMLU, an adapter; the hub is off in every
-test. Helpers that are not fixtures live in qlora_testing.py."""
+"""Shared fixtures: tiny random Llama checkpoints, tiny models of each family with its real tokenizer, the real
+SmolLM2 and MMLU, an adapter; the hub is off in every test. Helpers that are not fixtures live in qlora_testing.py
+and family_models.py."""
 
 from __future__ import annotations
 
@@ -50,6 +51,25 @@ def smollm2_tokenizer():
 def tiny_chat_llama_dir(tmp_path_factory, smollm2_tokenizer):
     """A 2-layer random Llama with SmolLM2's real tokenizer saved beside it (for data + training tests)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_chat_llama"), tokenizer=smollm2_tokenizer, shard="2MB")
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory):
+    """`family_model_dir(family)`: the folder of `family`'s tiny random model with its real tokenizer
+    (`family_models.make_family_model`; families in `family_models.FAMILIES`), built once per session. The test
+    skips, naming the package, where the family's tokenizer package (the dev extra) is not installed."""
+    from family_models import make_family_model, missing_tokenizer
+
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if reason := missing_tokenizer(family):
+            pytest.skip(reason)
+        if family not in built:
+            built[family] = make_family_model(family, tmp_path_factory.mktemp(f"family_{family}"))
+        return built[family]
+
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from .atomic import write_text
 from .checkpoint_files import CheckpointTensors
 from .gguf_model import (
     LORA_TYPES,
+    Target,
     add_model_metadata,
     checked_file_type,
     extra_tensors,
@@ -82,6 +83,7 @@ def model_name(base: str, source_dir: Path) -> str:
 def _write_model(
     name: str,
     source_dir: Path,
+    target: Target,
     adapter: Adapter | None,
     output: Path,
     *,
@@ -94,7 +96,6 @@ def _write_model(
 ) -> Path:
     """The model (`adapter` merged in, or the base alone) as one GGUF file with `chat` as its chat template,
     streamed tensor by tensor."""
-    target = gguf_target(source_dir)
     writer = new_writer(name, checked_file_type(gguf_type), "model", target)
     add_model_metadata(writer, target)
     add_tokenizer(writer, vocabulary(source_dir, target.config.vocab_size), tokenizer, chat)
@@ -141,12 +142,14 @@ def save_gguf(
     modelfile = output.parent / MODELFILE
     checked_file_type(gguf_type)
     _check_outputs([output, modelfile], overwrite)
+    target = gguf_target(source_dir)
     tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
     quantized = quantized_linears(source_dir, quant) if from_quantized else None
     _write_model(
         model_name(base, source_dir),
         source_dir,
+        target,
         adapter,
         output,
         gguf_type=gguf_type,
@@ -198,14 +201,15 @@ def save_gguf_lora(
     base_path = output.with_name(f"{output.stem}.base.gguf") if base_gguf is None else None
     modelfile = output.parent / MODELFILE
     _check_outputs([output, modelfile] + ([base_path] if base_path else []), overwrite)
+    target = gguf_target(source_dir)
     tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
-    target = gguf_target(source_dir)
     tensors = lora_plan(adapter, CheckpointTensors(source_dir).shapes, target, gguf_type)
     if base_path is not None:
         _write_model(
             model_name(base, source_dir),
             source_dir,
+            target,
             None,
             base_path,
             gguf_type=gguf_type,

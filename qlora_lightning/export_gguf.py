@@ -160,7 +160,7 @@ def save_gguf(
         device=torch.device(device),
     )
     text = ollama_modelfile(
-        model=modelfile_path(output, output.parent), template=template, stops=stop_strings(template, tokenizer)
+        model=modelfile_path(output, output.parent), template=template, stops=stop_strings(template, tokenizer, chat)
     )
     write_text(modelfile, text)
     return output
@@ -225,7 +225,7 @@ def save_gguf_lora(
     text = ollama_modelfile(
         model=model,
         template=template,
-        stops=stop_strings(template, tokenizer),
+        stops=stop_strings(template, tokenizer, chat),
         adapter=modelfile_path(output, output.parent),
     )
     write_text(modelfile, text)

@@ -189,6 +189,12 @@ def test_metadata_and_conventions_are_the_family_s(exported):
     } | family_keys(exported.family, config)
     kv, tensors = read_keys(exported.model, [*expected, f"{arch}.rope.freq_base"])
     assert {key: kv.get(key) for key in expected} == expected
+    # Ollama stops at EOS and at the family's end of turn
+    stops = [
+        line for line in (exported.model.parent / "Modelfile").read_text().splitlines() if "PARAMETER stop" in line
+    ]
+    turn = {FAMILY_SPECS[exported.family].end_of_turn, tokenizer.eos_token}
+    assert sorted(stops) == sorted(f"PARAMETER stop {json.dumps(token)}" for token in turn)
     theta = config.rope_parameters.get("full_attention", config.rope_parameters)["rope_theta"]
     assert kv[f"{arch}.rope.freq_base"] == pytest.approx(theta)
     # a tied head is the embedding: llama.cpp then has no output.weight
@@ -202,10 +208,9 @@ def test_metadata_and_conventions_are_the_family_s(exported):
     if exported.family in ("qwen3", "gemma3"):
         assert {"attn_q_norm.weight", "attn_k_norm.weight"} <= first
     if exported.family.startswith("gemma"):  # Gemma's RMSNorm scales by 1 + w; llama.cpp's by w
-        from safetensors import safe_open
+        from qlora_lightning.checkpoint_files import CheckpointTensors
 
-        with safe_open(str(exported.merged / "model.safetensors"), framework="pt") as f:
-            norm = f.get_tensor("model.layers.0.input_layernorm.weight").float().numpy()
+        norm = CheckpointTensors(exported.merged)("model.layers.0.input_layernorm.weight").float().numpy()
         assert np.allclose(tensors["blk.0.attn_norm.weight"].data, norm + 1, atol=1e-6)
     if exported.family == "llama3":
         assert np.allclose(tensors["rope_freqs.weight"].data, llama3_rope_factors(config), rtol=1e-5)
@@ -227,7 +232,7 @@ def converter_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
 def test_gguf_lora_has_the_family_s_tensor_names_and_applies_as_the_merge_does(exported):
     """The adapter's tensors are named after the family's base tensors (llama.cpp matches them by name and checks
     a is r x in, b out x r), and base + alpha/r * b @ a is the merged file's matrix, in llama.cpp's row order."""
-    from safetensors import safe_open
+    from qlora_lightning.checkpoint_files import CheckpointTensors
 
     kv, lora = read_gguf(exported.lora)
     _, model = read_keys(exported.model, [])
@@ -241,19 +246,19 @@ def test_gguf_lora_has_the_family_s_tensor_names_and_applies_as_the_merge_does(e
     scale = adapter_config["lora_alpha"] / r
     arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     gguf_names = gguf.TensorNameMap(arch_id, config.num_hidden_layers)  # llama.cpp's names
-    with safe_open(str(exported.base / "model.safetensors"), framework="pt") as f:
-        base = {gguf_names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in f.keys()}
-        for name in sorted(names):
-            a, b, merged = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"], model[name]
-            assert list(a.shape) == [merged.shape[0], r] and list(b.shape) == [r, merged.shape[1]]  # ne order
-            weight = f.get_tensor(base[name]).float().numpy()
-            if arch == "llama" and ".attn_q." in name:
-                weight = converter_permute(weight, config.num_attention_heads)
-            if arch == "llama" and ".attn_k." in name:
-                weight = converter_permute(weight, config.num_key_value_heads)
-            delta = scale * (b.data.astype(np.float32) @ a.data.astype(np.float32))
-            err = np.abs(weight + delta - merged.data.astype(np.float32)).max()
-            assert err <= 2**-7 * np.abs(weight + delta).max() < np.abs(delta).max() / 4, name  # bf16 rounding
+    checkpoint = CheckpointTensors(exported.base)
+    base = {gguf_names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in checkpoint.shapes}
+    for name in sorted(names):
+        a, b, merged = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"], model[name]
+        assert list(a.shape) == [merged.shape[0], r] and list(b.shape) == [r, merged.shape[1]]  # ne order
+        weight = checkpoint(base[name]).float().numpy()
+        if arch == "llama" and ".attn_q." in name:
+            weight = converter_permute(weight, config.num_attention_heads)
+        if arch == "llama" and ".attn_k." in name:
+            weight = converter_permute(weight, config.num_key_value_heads)
+        delta = scale * (b.data.astype(np.float32) @ a.data.astype(np.float32))
+        err = np.abs(weight + delta - merged.data.astype(np.float32)).max()
+        assert err <= 2**-7 * np.abs(weight + delta).max() < np.abs(delta).max() / 4, name  # bf16 rounding
 
 
 # ------------------------------------------------------------------------------------------ refusals

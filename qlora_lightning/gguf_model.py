@@ -186,7 +186,8 @@ FAMILIES: dict[str, Family] = {
 #: What to do instead, for architectures of these families that the export does not write.
 _INSTEAD = {
     "Gemma3ForConditionalGeneration": "this is Gemma 3 with its vision tower; export its text model "
-    "(Gemma3ForCausalLM) or convert the merged folder with llama.cpp's convert_hf_to_gguf.py (and --mmproj)",
+    "(Gemma3ForCausalLM), or export with --format hf and convert that folder with llama.cpp's convert_hf_to_gguf.py "
+    "(--mmproj for the vision tower)",
 }
 
 
@@ -201,14 +202,17 @@ class Target:
 
     @property
     def head_count(self) -> int:
+        """Query heads."""
         return self.config.num_attention_heads
 
     @property
     def head_count_kv(self) -> int:
+        """Key/value heads (as many as query heads without grouped-query attention)."""
         return getattr(self.config, "num_key_value_heads", None) or self.head_count
 
     @property
     def head_dim(self) -> int:
+        """Width of a head (Qwen 3 and Gemma set it apart from hidden_size / heads)."""
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.head_count
 
     @property
@@ -234,9 +238,10 @@ class Target:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
 
-def _refuse(target_or_where: Path, label: str, reason: str) -> ValueError:
+def _refuse(where: Path, label: str, reason: str) -> ValueError:
+    """The error for a `label` model whose config.json (`where`) llama.cpp would run differently, for `reason`."""
     return ValueError(
-        f"{target_or_where}: this {label} model cannot be exported to GGUF: {reason}. Export it with --format hf "
+        f"{where}: this {label} model cannot be exported to GGUF: {reason}. Export it with --format hf "
         "instead (and convert that folder with llama.cpp's convert_hf_to_gguf.py where llama.cpp supports it)"
     )
 

@@ -5,13 +5,14 @@ as one GGUF file with the architecture's metadata, the tokenizer, its special to
 adapter was trained with. `save_gguf_lora` writes the adapter alone as a GGUF LoRA (llama.cpp's `--lora`, Ollama's
 ADAPTER where Ollama still accepts it: `ollama.OLLAMA_ADAPTER_NOTE`). Each also writes an Ollama `Modelfile` beside
 the file; `general.name` is the model's published name (`model_name`). This module checks the outputs and puts the
-pieces together: `gguf_model` (LLaMA metadata and tensors, streamed), `gguf_vocab` (the tokenizer and chat
+pieces together: `gguf_model` (each family's metadata and tensors, streamed), `gguf_vocab` (the tokenizer and chat
 template as metadata) and `ollama` (the Modelfile).
 """
 
 from __future__ import annotations
 
 import os
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -23,14 +24,16 @@ from .atomic import write_text
 from .checkpoint_files import CheckpointTensors
 from .gguf_model import (
     LORA_TYPES,
-    add_llama_metadata,
+    Target,
+    add_model_metadata,
     checked_file_type,
-    llama_shape,
+    extra_tensors,
+    gguf_target,
     lora_plan,
     model_plan,
     new_lora_writer,
     new_writer,
-    to_llama_layout,
+    to_gguf_layout,
     write_gguf,
 )
 from .gguf_vocab import add_tokenizer, chat_template, vocabulary
@@ -80,6 +83,7 @@ def model_name(base: str, source_dir: Path) -> str:
 def _write_model(
     name: str,
     source_dir: Path,
+    target: Target,
     adapter: Adapter | None,
     output: Path,
     *,
@@ -92,19 +96,18 @@ def _write_model(
 ) -> Path:
     """The model (`adapter` merged in, or the base alone) as one GGUF file with `chat` as its chat template,
     streamed tensor by tensor."""
-    shape = llama_shape(source_dir)
-    writer = new_writer(name, checked_file_type(gguf_type), "model")
-    add_llama_metadata(writer, shape)
-    add_tokenizer(writer, vocabulary(source_dir, shape.vocab_size), tokenizer, chat)
+    writer = new_writer(name, checked_file_type(gguf_type), "model", target)
+    add_model_metadata(writer, target)
+    add_tokenizer(writer, vocabulary(source_dir, target.config.vocab_size), tokenizer, chat)
     factors = lora_factors(adapter) if adapter is not None else {}
     checkpoint = CheckpointTensors(source_dir)
     check_adapted_modules(source_dir, factors, checkpoint.shapes)
-    plan = model_plan(source_dir, checkpoint.shapes, shape, gguf_type)
+    extra, plan = extra_tensors(target), model_plan(checkpoint.shapes, target, gguf_type)
     merged = merged_tensors(
         source_dir, factors, [p.key for p in plan], checkpoint, quantized=quantized, quant=quant, device=device
     )
-    tensors = (to_llama_layout(p.name, tensor, shape) for p, (_, tensor) in zip(plan, merged))
-    return write_gguf(output, writer, plan, tensors)
+    tensors = (to_gguf_layout(p.name, tensor, target) for p, (_, tensor) in zip(plan, merged))
+    return write_gguf(output, writer, [p for p, _ in extra] + plan, chain((t for _, t in extra), tensors))
 
 
 def save_gguf(
@@ -139,12 +142,14 @@ def save_gguf(
     modelfile = output.parent / MODELFILE
     checked_file_type(gguf_type)
     _check_outputs([output, modelfile], overwrite)
+    target = gguf_target(source_dir)
     tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
     quantized = quantized_linears(source_dir, quant) if from_quantized else None
     _write_model(
         model_name(base, source_dir),
         source_dir,
+        target,
         adapter,
         output,
         gguf_type=gguf_type,
@@ -155,7 +160,7 @@ def save_gguf(
         device=torch.device(device),
     )
     text = ollama_modelfile(
-        model=modelfile_path(output, output.parent), template=template, stops=stop_strings(template, tokenizer)
+        model=modelfile_path(output, output.parent), template=template, stops=stop_strings(template, tokenizer, chat)
     )
     write_text(modelfile, text)
     return output
@@ -196,14 +201,15 @@ def save_gguf_lora(
     base_path = output.with_name(f"{output.stem}.base.gguf") if base_gguf is None else None
     modelfile = output.parent / MODELFILE
     _check_outputs([output, modelfile] + ([base_path] if base_path else []), overwrite)
+    target = gguf_target(source_dir)
     tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
-    shape = llama_shape(source_dir)
-    tensors = lora_plan(source_dir, adapter, CheckpointTensors(source_dir).shapes, shape, gguf_type)
+    tensors = lora_plan(adapter, CheckpointTensors(source_dir).shapes, target, gguf_type)
     if base_path is not None:
         _write_model(
             model_name(base, source_dir),
             source_dir,
+            target,
             None,
             base_path,
             gguf_type=gguf_type,
@@ -213,13 +219,13 @@ def save_gguf_lora(
             quant=QuantSpec(),
             device=torch.device("cpu"),
         )
-    writer = new_lora_writer(model_name(base, source_dir), file_type, float(adapter.config["lora_alpha"]))
+    writer = new_lora_writer(model_name(base, source_dir), file_type, float(adapter.config["lora_alpha"]), target)
     write_gguf(output, writer, [p for p, _ in tensors], (t for _, t in tensors))
     model = modelfile_path(base_path, output.parent) if base_path is not None else base_gguf
     text = ollama_modelfile(
         model=model,
         template=template,
-        stops=stop_strings(template, tokenizer),
+        stops=stop_strings(template, tokenizer, chat),
         adapter=modelfile_path(output, output.parent),
     )
     write_text(modelfile, text)

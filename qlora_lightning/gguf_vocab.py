@@ -21,7 +21,7 @@ from .data.templates import QLORA_SYSTEM
 from .data.tokenize import special_prefix
 from .merge import GGUFTemplate
 
-__all__ = ["Vocabulary", "vocabulary", "add_tokenizer", "chat_template"]
+__all__ = ["Vocabulary", "vocabulary", "add_tokenizer", "end_of_turn", "chat_template"]
 
 #: The special tokens a GGUF records, as the export has always written them (SpecialVocab would add sep, cls, mask).
 SPECIAL_TOKEN_TYPES = ("bos", "eos", "unk", "pad")
@@ -53,36 +53,54 @@ def _parts(spec: dict | None) -> list[dict]:
 
 
 def _pre_tokenizer_steps(spec: dict | None) -> tuple:
-    """A byte-level tokenizer's pre-tokenizer as a tuple of steps that can be compared with known ones."""
+    """A byte-level tokenizer's pre-tokenizer as a tuple of steps that can be compared with known ones (a Split by
+    its expression and behaviour; a ByteLevel without its own expression adds no step)."""
     steps = []
     for part in _parts(spec):
         if part["type"] == "ByteLevel":
             steps += ["gpt2-regex"] if part.get("use_regex", True) else []
         elif part["type"] == "Digits":
             steps.append(("digits", bool(part.get("individual_digits"))))
+        elif part["type"] == "Split" and "Regex" in part["pattern"]:
+            steps.append(("split", part["pattern"]["Regex"], part.get("behavior"), bool(part.get("invert"))))
         else:
             steps.append(json.dumps(part, sort_keys=True))
     return tuple(steps)
 
 
-#: llama.cpp's name for each byte-level pre-tokenizer the export recognises (its `tokenizer.ggml.pre`); llama.cpp
-#: splits the text with the same expressions before merging, so a file and the folder's tokenizer agree.
+#: The expressions Llama 3 and Qwen 2/2.5/3 split text with before merging (their tokenizer.json's Split step);
+#: they differ in digits: up to three at a time, or one.
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+#: llama.cpp's name for each byte-level pre-tokenizer the export recognises (its `tokenizer.ggml.pre`, the name its
+#: converter finds by hashing a test text's tokens); llama.cpp splits the text with the same expressions before
+#: merging, so a file and the folder's tokenizer agree.
 _BYTE_LEVEL_PRE = {
     ("gpt2-regex",): "gpt-2",  # GPT-2's expression alone (SmolLM2 as transformers rebuilds it from GGUF)
     (("digits", True), "gpt2-regex"): "smollm",  # each digit apart first (SmolLM2 and StarCoder as published)
+    (("split", _LLAMA3_SPLIT, "Isolated", False),): "llama-bpe",  # Llama 3, 3.1, 3.2
+    (("split", _QWEN2_SPLIT, "Isolated", False),): "qwen2",  # Qwen 2, 2.5, 3
 }
+#: Normalizers llama.cpp does not apply but that change no text already in their form, by pre-tokenizer name: Qwen's
+#: NFC (text in NFC, as nearly all text is, tokenizes the same; decomposed accents may not).
+_HARMLESS_NORMALIZERS = {"qwen2": ({"type": "NFC"},)}
 
 
 def _byte_level_pre(tokenizer_json: dict, where: Path) -> str:
     """llama.cpp's pre-tokenizer name for a byte-level tokenizer.json, or an error when llama.cpp has none that
     splits text as it does (the file would load and tokenize differently)."""
     steps = _pre_tokenizer_steps(tokenizer_json.get("pre_tokenizer"))
-    if tokenizer_json.get("normalizer") is not None or steps not in _BYTE_LEVEL_PRE:
+    pre = _BYTE_LEVEL_PRE.get(steps)
+    normalizer = tokenizer_json.get("normalizer")
+    if pre is None or (normalizer is not None and normalizer not in _HARMLESS_NORMALIZERS.get(pre, ())):
         raise ValueError(
-            f"{where}: this byte-level tokenizer's normalizer/pre-tokenizer ({steps}) is not one the GGUF export "
-            f"recognises (GPT-2's, or SmolLM2's digits + GPT-2); llama.cpp would split text differently"
+            f"{where}: this byte-level tokenizer's normalizer/pre-tokenizer ({normalizer}, {steps}) is not one the "
+            f"GGUF export recognises ({', '.join(sorted(_BYTE_LEVEL_PRE.values()))}); llama.cpp would split text "
+            "differently"
         )
-    return _BYTE_LEVEL_PRE[steps]
+    return pre
 
 
 def _adds_space_prefix(tokenizer_json: dict) -> bool:
@@ -187,8 +205,34 @@ def add_tokenizer(writer: gguf.GGUFWriter, vocab: Vocabulary, tokenizer: PreTrai
         "bos": special_prefix(tokenizer) == [tokenizer.bos_token_id],
         "eos": full[-1:] == eos and plain[-1:] != eos,
     }
+    if (eot := end_of_turn(tokenizer, chat)) not in (None, tokenizer.eos_token_id):
+        vocab.special.special_token_ids["eot"] = eot
     vocab.special.chat_template = chat
     vocab.special.add_to_gguf(writer, quiet=True)
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase, chat: str) -> int | None:
+    """The special token that ends an answer under the chat template `chat` (Llama 3's `<|eot_id|>`, Qwen's
+    `<|im_end|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>`; EOS itself under "qlora"), or None if it ends with none.
+
+    Found as chat clients find it: the first special token the template writes after a placeholder answer. The GGUF
+    records it as `tokenizer.ggml.eot_token_id` when it is not EOS, so llama.cpp stops there whatever its own list of
+    end-of-turn texts holds.
+    """
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PLACEHOLDER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat, tokenize=False)
+    except Exception as e:  # jinja2's errors, and the template's own raise_exception
+        raise ValueError(
+            f"{tokenizer.name_or_path}: the chat template cannot render a user turn and an answer ({e})"
+        ) from e
+    after = text.split(_PLACEHOLDER, 1)[-1]
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
+#: The answer `end_of_turn` renders: text no template writes by itself.
+_PLACEHOLDER = "PLACEHOLDER-ANSWER-7f3c"
 
 
 # -------------------------------------------------------------------------------------- chat template

@@ -52,10 +52,16 @@ def ollama_modelfile(*, model: str, template: GGUFTemplate, stops: list[str], ad
     return "\n".join(lines) + "\n"
 
 
-def stop_strings(template: GGUFTemplate, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Where an answer ends: the EOS token training appends, and for "qlora" the next "### Human:" turn."""
+def stop_strings(template: GGUFTemplate, tokenizer: PreTrainedTokenizerBase, chat: str) -> list[str]:
+    """Where an answer ends: the EOS token training appends, the end-of-turn token of the chat template `chat` where
+    that is another (Llama 3's `<|eot_id|>`, Qwen's `<|im_end|>`, Gemma's `<end_of_turn>`: `gguf_vocab.end_of_turn`),
+    and for "qlora" the next "### Human:" turn."""
+    from .gguf_vocab import end_of_turn
+
     eos = [tokenizer.eos_token] if tokenizer.eos_token else []
-    return eos + (["### Human:"] if template == "qlora" else [])
+    eot = end_of_turn(tokenizer, chat)
+    turn = [tokenizer.convert_ids_to_tokens(eot)] if eot is not None and eot != tokenizer.eos_token_id else []
+    return eos + turn + (["### Human:"] if template == "qlora" else [])
 
 
 def modelfile_path(path: Path, folder: Path) -> str:

@@ -329,17 +329,11 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(tiny_chat_llama_dir, cha
         chat_adapter, tmp_path / "other_base", "adapter_config.json", base_model_name_or_path="org/llama-7b"
     )
     refused(ValueError, "trained on 'org/llama-7b'", adapter=other_base)
-    mistral = _edited_copy(
-        tiny_chat_llama_dir,
-        tmp_path / "mistral",
-        "config.json",
-        architectures=["MistralForCausalLM"],
-        model_type="mistral",
-    )
+    neox = _edited_copy(tiny_chat_llama_dir, tmp_path / "neox", "config.json", architectures=["GPTNeoXForCausalLM"])
     refused(
         ValueError,
-        "'MistralForCausalLM' cannot be exported to GGUF; supported: LlamaForCausalLM",
-        base=mistral,
+        r"'GPTNeoXForCausalLM' cannot be exported to GGUF; supported: LlamaForCausalLM \(Llama\), Mistral",
+        base=neox,
         allow_other_base=True,
     )
     refused(ValueError, "gguf_type 'q5_k' is not one a GGUF (model|LoRA) is written in", gguf_type="q5_k")

@@ -195,3 +195,14 @@ def randomize_adapters(model: torch.nn.Module, seed: int, scale: float = 0.05) -
             if name.endswith((".lora_A", ".lora_B")):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def outputs_and_gradients(layer, fn, x):
+    """fn(x) and the gradients of x and of the LoRA layer's A and B under one fixed output gradient, with the
+    dropout mask seeded alike for every `fn` (the layer itself or a reference computation)."""
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    torch.manual_seed(123)
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out).to(out.dtype))
+    return out.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()

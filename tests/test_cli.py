@@ -223,10 +223,9 @@ def test_no_advice_to_install_a_package_that_fetches_code_from_a_hub(tmp_path):
     assert "kernels" not in done.stderr + done.stdout
 
 
-def test_a_setting_that_trains_nothing_is_refused_on_the_command_line(tiny_chat_llama_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as refused:
+def test_a_setting_that_trains_nothing_is_refused_on_the_command_line(tiny_chat_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="lora.alpha must be a positive number"):
         main(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=1, every=1, model__lora__alpha=0)[2:])
-    assert refused.value.code != 0 and "lora.alpha must be a positive number" in capsys.readouterr().err
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 

@@ -19,18 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def make_tiny_llama(
-    path, *, hidden=64, layers=2, intermediate=128, vocab=256, shard="40KB", tie=False, seed=0, tokenizer=None
-):
-    """Save a random Llama (bf16, several safetensors shards) to `path`; with `tokenizer`, save it beside
-    and size the vocabulary to it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(*, hidden=64, layers=2, intermediate=128, vocab=256, tie=False, **extra):
+    """The tests' tiny Llama: 2 layers of width 64, grouped-query attention (4 heads, 2 KV heads, as Llama-3 and
+    Mistral), small enough to train on a CPU in seconds; `extra` sets any other `LlamaConfig` field."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    if tokenizer is not None:
-        vocab = len(tokenizer)
-        tokenizer.save_pretrained(path)
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -39,12 +33,25 @@ def make_tiny_llama(
         vocab_size=vocab,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
+        **{"bos_token_id": 1, "eos_token_id": 2, **extra},
     )
+
+
+def tiny_llama(*, seed=0, **config):
+    """A random tiny Llama (fp32, in memory) of `tiny_llama_config(**config)`, the same weights for the same seed."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**config))
+
+
+def make_tiny_llama(path, *, shard="40KB", seed=0, tokenizer=None, **config):
+    """Save a random tiny Llama (bf16, several safetensors shards) to `path`; with `tokenizer`, save it beside
+    and size the vocabulary and special tokens to it."""
     if tokenizer is not None:
-        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+        tokenizer.save_pretrained(path)
+        config.update(vocab=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = tiny_llama(seed=seed, **config).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size=shard)
     return path
 
@@ -195,3 +202,14 @@ def randomize_adapters(model: torch.nn.Module, seed: int, scale: float = 0.05) -
             if name.endswith((".lora_A", ".lora_B")):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def outputs_and_gradients(layer, fn, x):
+    """fn(x) and the gradients of x and of the LoRA layer's A and B under one fixed output gradient, with the
+    dropout mask seeded alike for every `fn` (the layer itself or a reference computation)."""
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    torch.manual_seed(123)
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out).to(out.dtype))
+    return out.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()

@@ -66,6 +66,31 @@ def test_round_trip_through_peft_is_exact(tiny_llama_dir, tmp_path):
     assert len(get_peft_model_state_dict(peft_model)) == len(a)
 
 
+def test_peft_adapter_on_some_modules_loads_for_continued_training(tiny_chat_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path / "qv")
+    loaded = load_model(str(tiny_chat_llama_dir), lora=None, adapter=str(tmp_path / "qv"))
+    model = loaded.model
+    assert model.training and sorted({n.rsplit(".", 1)[-1] for n in lora_layers(loaded.model)}) == ["q_proj", "v_proj"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 2 * 2 and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    layer = model.model.layers[1].self_attn.v_proj
+    assert layer.r == 4 and layer.scaling == 2.0
+    expected = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    peft_b = expected["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]  # PEFT's fp32
+    assert torch.equal(layer.lora_B, peft_b.to(torch.bfloat16))  # held in bf16, as the paper's adapters
+    model(input_ids=torch.randint(0, 1000, (1, 8)), labels=torch.randint(0, 1000, (1, 8))).loss.backward()
+    assert layer.lora_A.grad is not None
+
+
 def test_import_mismatches_are_clear_errors(tiny_llama_dir, tmp_path):
     ours = trained_like(tiny_llama_dir)
     folder = export_adapter(ours, tmp_path / "a", base_model=str(tiny_llama_dir))

@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qlora_testing import requires_cuda
-from transformers import LlamaConfig, LlamaForCausalLM
+from qlora_testing import requires_cuda, tiny_llama
 
 from qlora_lightning.attention import ATTENTION, use_varlen_attention
 from qlora_lightning.data.tokenize import sequence_boundaries
 
 LENGTHS = [5, 9, 3, 12]
-
-
-def tiny_llama(device: str, dtype: torch.dtype, **config) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as Llama-3 and Mistral
-        vocab_size=256,
-        **config,
-    )
-    return LlamaForCausalLM(config).to(device, dtype)
 
 
 def examples(device: str) -> list[torch.Tensor]:
@@ -57,7 +42,7 @@ def packed(model, rows: list[torch.Tensor], *, boundaries: bool = True, max_leng
 
 
 def test_padded_batches_are_computed_exactly_as_by_sdpa():
-    model = tiny_llama("cpu", torch.float32)
+    model = tiny_llama()
     rows = examples("cpu")
     with torch.no_grad():
         before = padded(model, rows)
@@ -66,7 +51,7 @@ def test_padded_batches_are_computed_exactly_as_by_sdpa():
 
 
 def test_packed_rows_with_boundaries_give_the_padded_logits_and_gradients_on_the_cpu():
-    model = tiny_llama("cpu", torch.float32)
+    model = tiny_llama()
     use_varlen_attention(model)
     rows = examples("cpu")
     results = []
@@ -82,14 +67,14 @@ def test_packed_rows_with_boundaries_give_the_padded_logits_and_gradients_on_the
 
 
 def test_a_model_on_another_attention_is_left_alone():
-    model = tiny_llama("cpu", torch.float32)
+    model = tiny_llama()
     model.config._attn_implementation = "eager"
     assert not use_varlen_attention(model)
     assert model.config._attn_implementation == "eager"
 
 
 def test_packed_rows_refuse_what_the_kernel_cannot_do():
-    model = tiny_llama("cpu", torch.float32)
+    model = tiny_llama()
     use_varlen_attention(model)
     model.config.sliding_window = 4  # read by attention modules that pass sliding_window on (Mistral, Qwen2)
     attention = model.model.layers[0].self_attn
@@ -108,7 +93,7 @@ def test_packed_rows_refuse_what_the_kernel_cannot_do():
 def test_on_cuda_the_varlen_kernel_gives_the_padded_logits_and_gradients(max_length):
     """torch's varlen_attn (bf16) against padded sdpa; `max_length` above the longest example (the data module's
     constant bound) changes nothing."""
-    model = tiny_llama("cuda", torch.bfloat16)
+    model = tiny_llama().to("cuda", torch.bfloat16)
     use_varlen_attention(model)
     rows = examples("cuda")
     results = []

@@ -20,6 +20,7 @@ from qlora_lightning.tokenizer import load_tokenizer
 BUILTIN = "builtin:smollm2-135m-instruct"
 
 
+@pytest.mark.slow  # the real SmolLM2's conversion (135M parameters); the tiny GGUF's is checked below
 def test_the_converted_tokenizer_has_the_gguf_files_special_tokens(smollm2_dir):
     ids = builtin.gguf_special_token_ids(builtin.smollm2_gguf())
     assert ids == {"bos_token": 1, "eos_token": 2, "unk_token": 0, "pad_token": 2}  # SmolLM2's metadata

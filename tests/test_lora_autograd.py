@@ -1,13 +1,13 @@
-"""The fused LoRA autograd function against the plain autograd composition it replaces."""
+"""The fused LoRA autograd function: dropout on the LoRA input only, no dense weight saved for backward, the same mask
+when recomputed, FSDP's plain packed tensor, a trainable bias refused (its formula: tests/test_lora.py)."""
 
-import bitsandbytes as bnb
 import pytest
 import torch
-from qlora_testing import requires_cuda
+from qlora_testing import outputs_and_gradients, requires_cuda
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit, lora_delta
+from qlora_lightning.lora import LoraLinear4bit, LoraLinear16bit
 from qlora_lightning.lora_autograd import lora_linear
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -23,41 +23,6 @@ def make_layer(kind: str, device: str, dtype: torch.dtype, dropout: float, quant
     layer = cls.from_weight(weight, device=device, lora=LoraSpec(r=8, alpha=16, dropout=dropout), quant=quant)
     nn.init.normal_(layer.lora_B, std=0.1)  # a fresh B is zero, which would hide errors in grad A and grad x
     return layer.train()
-
-
-def reference(layer, x: torch.Tensor, p: float) -> torch.Tensor:
-    """bitsandbytes' matmul_4bit (or nn.Linear) plus the LoRA delta, under plain autograd."""
-    if isinstance(layer, LoraLinear4bit):
-        w = layer.base_layer.weight
-        base = bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state)
-    else:
-        base = layer.base_layer(x)
-    drop = (lambda t: torch.native_dropout(t, p, True)[0]) if p > 0 else nn.Identity()
-    return base + lora_delta(x, layer.lora_A, layer.lora_B, drop, layer.scaling)
-
-
-def grads(layer, fn, x):
-    x = x.detach().clone().requires_grad_(True)
-    layer.zero_grad()
-    torch.manual_seed(123)
-    out = fn(x)
-    out.backward(torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out).to(out.dtype))
-    return out.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["nf4", "16bit"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_output_and_gradients_equal_the_plain_composition(device, kind, dtype, tol, p):
-    layer = make_layer(kind, device, dtype, p)
-    x = torch.randn(3, 5, 64, device=device, dtype=dtype)
-    fused = grads(layer, layer, x)
-    plain = grads(layer, lambda t: reference(layer, t, p), x)
-    for name, a, b in zip(["output", "grad x", "grad A", "grad B"], fused, plain):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        err = (a.float() - b.float()).norm() / b.float().norm()
-        assert err < tol, f"{name}: relative error {err:.2e}"
 
 
 def test_dropout_drops_the_lora_input_only():
@@ -87,8 +52,8 @@ def test_the_dense_weight_is_never_saved_for_backward():
 def test_under_checkpointing_the_recomputed_dropout_mask_is_the_same():
     layer = make_layer("nf4", "cpu", torch.float32, 0.3)
     x = torch.randn(6, 64)
-    direct = grads(layer, layer, x)
-    recomputed = grads(layer, lambda t: checkpoint(layer, t, use_reentrant=False), x)
+    direct = outputs_and_gradients(layer, layer, x)
+    recomputed = outputs_and_gradients(layer, lambda t: checkpoint(layer, t, use_reentrant=False), x)
     for a, b in zip(direct, recomputed):
         assert torch.equal(a, b)
 
@@ -98,10 +63,10 @@ def test_a_plain_packed_tensor_with_the_quant_state_on_the_module_works(device):
     """What FSDP does: the packed bytes (bf16 storage, as FSDP needs) become a plain parameter."""
     layer = make_layer("nf4", device, torch.bfloat16, 0.0, quant_storage="bfloat16")
     x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
-    before = grads(layer, layer, x)
+    before = outputs_and_gradients(layer, layer, x)
     layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.data.clone(), requires_grad=False)
     assert getattr(layer.base_layer.weight, "quant_state", None) is None
-    after = grads(layer, layer, x)
+    after = outputs_and_gradients(layer, layer, x)
     for a, b in zip(before, after):
         assert torch.equal(a, b)
 

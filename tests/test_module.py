@@ -297,10 +297,17 @@ def test_validate_then_fit_on_the_same_module(tiny_chat_llama_dir, tmp_path):
     left the loss metric's state as inference-mode tensors, which cannot be updated outside it."""
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
     (before,) = cpu_trainer(tmp_path / "before", max_steps=2).validate(module, data)
+    validated = {name: p.detach().clone() for name, p in module.model.named_parameters()}
     t = cpu_trainer(tmp_path / "fit", max_steps=2, inference_mode=False)
     t.fit(module, data)
+    fit_loss = float(t.callback_metrics["val/loss"])  # fit's own validation, at its last step
     (after,) = t.validate(module, data)
-    assert after["val/loss"] != before["val/loss"]
+    params = dict(module.model.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    changed = {name for name, p in params.items() if not torch.equal(p.detach(), validated[name])}
+    assert len(trainable) == 2 * 7 * 2 and all(name.endswith((".lora_A", ".lora_B")) for name in trainable)
+    assert changed == trainable  # every LoRA factor trained, no frozen weight touched
+    assert after["val/loss"] == pytest.approx(fit_loss, rel=1e-6) and after["val/loss"] != before["val/loss"]
 
 
 def test_bf16_validation_loss_is_summed_in_float32(tiny_chat_llama_dir, tmp_path):

@@ -28,6 +28,15 @@ def fit(base, root, max_steps, every=2, *extra, **options):
     main(cli_args(base, root, max_steps, every, **options)[2:] + list(extra))
 
 
+@pytest.fixture(scope="module")
+def two_step_run(tiny_chat_llama_dir, tmp_path_factory) -> Path:
+    """The root of one `train.py fit` of 2 steps (its checkpoints in `<root>/checkpoints`), shared by the tests
+    that read or edit its checkpoint; a test that trains on in it works on a copy."""
+    root = tmp_path_factory.mktemp("two_step_run")
+    fit(tiny_chat_llama_dir, root, 2)
+    return root
+
+
 def test_the_readme_resume_line_with_default_folders_continues_the_run(tiny_chat_llama_dir, tmp_path, capsys):
     """Without a fixed checkpoint folder each run gets a new `lightning_logs/version_<N>`: `last` must be found
     in the earlier one, not looked up in the new one (which trained from step 0 with exit code 0)."""
@@ -119,55 +128,25 @@ def test_the_final_step_is_saved_like_a_periodic_one(tiny_chat_llama_dir, tmp_pa
     assert progress["completed"] == progress["processed"] - 1  # taken inside the step, as a periodic save
 
 
-def test_an_edited_checkpoint_cannot_switch_on_remote_code(tiny_chat_llama_dir, tmp_path):
+def test_an_edited_checkpoint_cannot_switch_on_remote_code(tiny_chat_llama_dir, two_step_run, tmp_path):
     """A checkpoint whose hyper_parameters say trust_remote_code and name a base whose config ships code: the
     command line says no, so the code must never run (LightningCLI used to merge those over the command line)."""
-    fit(tiny_chat_llama_dir, tmp_path / "run", 2)
-    evil = tmp_path / "evil_base"
-    shutil.copytree(tiny_chat_llama_dir, evil)
-    marker = tmp_path / "code_ran"
-    (evil / "evil.py").write_text(
-        textwrap.dedent(f"""
-        import pathlib
-        pathlib.Path({str(marker)!r}).write_text("ran")
-        from transformers import LlamaConfig
-        class EvilConfig(LlamaConfig):
-            pass
-    """)
-    )
-    config = json.loads((evil / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
-    (evil / "config.json").write_text(json.dumps(config))
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    checkpoint["hyper_parameters"].update(trust_remote_code=True, base_model=str(evil))
-    torch.save(checkpoint, tmp_path / "edited.ckpt")
-
-    fit(
-        tiny_chat_llama_dir,
-        tmp_path / "run",
-        3,
-        2,
-        "--ckpt_path",
-        str(tmp_path / "edited.ckpt"),
-        "--model.trust_remote_code",
-        "false",
-    )
+    edited, marker = edited_checkpoint_asking_for_remote_code(tiny_chat_llama_dir, two_step_run, tmp_path)
+    fit(tiny_chat_llama_dir, tmp_path / "run", 3, 2, "--ckpt_path", str(edited), "--model.trust_remote_code", "false")
     assert not marker.exists()
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3  # resumed our base
 
 
-def test_a_lora_flag_that_contradicts_the_checkpoint_is_a_clear_error(tiny_chat_llama_dir, tmp_path):
+def test_a_lora_flag_that_contradicts_the_checkpoint_is_a_clear_error(tiny_chat_llama_dir, two_step_run, tmp_path):
     """`--model.lora.r 16` on an r 8 checkpoint used to train r 8 without a word."""
-    fit(tiny_chat_llama_dir, tmp_path, 2)
+    run = shutil.copytree(two_step_run, tmp_path / "run")
     with pytest.raises(SystemExit, match="model.lora.r: checkpoint 8, this run 16"):
-        fit(tiny_chat_llama_dir, tmp_path, 4, 2, "--ckpt_path", "last", "--model.lora.r", "16")
-    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+        fit(tiny_chat_llama_dir, run, 4, 2, "--ckpt_path", "last", "--model.lora.r", "16")
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
-def test_resume_checks_the_base_weights_not_their_name(tiny_chat_llama_dir, tmp_path, smollm2_tokenizer):
-    module, data = tiny_module_and_data(tiny_chat_llama_dir)
-    cpu_trainer(tmp_path / "run", max_steps=2).fit(module, data)
-    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+def test_resume_checks_the_base_weights_not_their_name(tiny_chat_llama_dir, two_step_run, tmp_path, smollm2_tokenizer):
+    checkpoint = read_checkpoint(two_step_run / "checkpoints" / "last.ckpt")
 
     same_weights = shutil.copytree(tiny_chat_llama_dir, tmp_path / "renamed")
     QLoRAModule(str(same_weights), quant=FP32, lora=LoraSpec(r=8)).on_load_checkpoint(checkpoint)
@@ -190,11 +169,9 @@ def test_a_damaged_checkpoint_is_named_before_the_model_loads(tiny_chat_llama_di
         fit(tiny_chat_llama_dir, tmp_path, 2, 2, "--ckpt_path", str(bad))
 
 
-def edited_checkpoint_asking_for_remote_code(base, tmp_path):
-    """A checkpoint of a real run whose `hyper_parameters` were edited to say `trust_remote_code: true` and to name
-    a copy of the base whose config maps AutoConfig to a .py that writes the returned marker file when it runs."""
-    module, data = tiny_module_and_data(base)
-    cpu_trainer(tmp_path / "run", max_steps=2).fit(module, data)
+def edited_checkpoint_asking_for_remote_code(base, run: Path, tmp_path):
+    """`run`'s last checkpoint with its `hyper_parameters` edited to say `trust_remote_code: true` and to name a
+    copy of the base whose config maps AutoConfig to a .py that writes the returned marker file when it runs."""
     evil = shutil.copytree(base, tmp_path / "evil_base")
     marker = tmp_path / "code_ran"
     (evil / "evil.py").write_text(
@@ -209,17 +186,19 @@ def edited_checkpoint_asking_for_remote_code(base, tmp_path):
     config = json.loads((evil / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
     (evil / "config.json").write_text(json.dumps(config))
-    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    checkpoint = read_checkpoint(run / "checkpoints" / "last.ckpt")
     checkpoint["hyper_parameters"].update(trust_remote_code=True, base_model=str(evil))
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     return tmp_path / "edited.ckpt", marker
 
 
-def test_load_from_checkpoint_takes_trust_remote_code_from_the_caller_only(tiny_chat_llama_dir, tmp_path, monkeypatch):
+def test_load_from_checkpoint_takes_trust_remote_code_from_the_caller_only(
+    tiny_chat_llama_dir, two_step_run, tmp_path, monkeypatch
+):
     """`QLoRAModule.load_from_checkpoint(ckpt)`, Lightning's API that research scripts use, applied the stored
     `trust_remote_code`: the edited checkpoint's code ran. Only the caller may switch it on (shown last, so that
     the marker is known to work)."""
-    edited, marker = edited_checkpoint_asking_for_remote_code(tiny_chat_llama_dir, tmp_path)
+    edited, marker = edited_checkpoint_asking_for_remote_code(tiny_chat_llama_dir, two_step_run, tmp_path)
     module = QLoRAModule.load_from_checkpoint(edited)
     assert not marker.exists() and module.trust_remote_code is False
     assert module.base_model.endswith("evil_base")  # the checkpoint's base, loaded without its code

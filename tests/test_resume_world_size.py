@@ -1,8 +1,8 @@
 """Resume across a change of device count, end to end: save under 2-process DDP, resume on 1 process.
 
 The global batch stays 4 (micro-batch 2 × 2 processes, then micro-batch 2 × 2 accumulation on one), and every
-optimizer step must see the examples it sees in an uninterrupted 1-process run. The CLI runs in subprocesses
-(as `tests/test_cli.py` does) with `StepRecorder`, imported from this file, writing what each step saw.
+optimizer step must see the examples it sees in an uninterrupted 1-process run. The CLI runs (DDP in a
+subprocess) with `StepRecorder`, imported from this file, writing what each step saw.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from qlora_testing import cli_args
+
+from qlora_lightning.cli import main
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,14 +39,19 @@ class StepRecorder(L.Callback):
 
 def train(base, root: Path, max_steps: int, *extra: str, **overrides) -> tuple[list[list], list[int]]:
     """Run `train.py fit` in `root` (16 examples, global batch 4: 4 steps per epoch); return the examples of
-    each optimizer step (all ranks together, sorted) and the micro-batches each step took per rank."""
+    each optimizer step (all ranks together, sorted) and the micro-batches each step took per rank. One process
+    runs in this one (`cli.main`, what train.py runs); DDP, which starts its other ranks by running the command
+    line again, in a subprocess."""
     recorder = {"class_path": "test_resume_world_size.StepRecorder", "init_args": {"out_dir": str(root / "seen")}}
     args = cli_args(base, root, max_steps=max_steps, every=3, data__max_examples=16, **overrides)
     args += [f"--trainer.callbacks+={json.dumps(recorder)}", *extra]
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(args, capture_output=True, text=True, cwd=root, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if "trainer__devices" in overrides:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(args, capture_output=True, text=True, cwd=root, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        main(args[2:])
     steps: dict[int, list] = {}
     micro_batches: dict[tuple[int, int], int] = {}
     for rank_file in sorted((root / "seen").glob("rank*.jsonl")):

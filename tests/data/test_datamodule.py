@@ -4,6 +4,7 @@ the bad settings, the truncation report, and exact resume in Lightning. The sour
 from __future__ import annotations
 
 import functools
+import json
 from types import SimpleNamespace
 
 import lightning as L
@@ -217,24 +218,43 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+def _dm_maker(folder, records, tokenizer):
+    """make(**kw) -> a data module on 70 records (64 to train) written to `folder`, caching there too."""
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    args = dict(
+        tokenizer=tokenizer,
+        dataset=str(data),
+        max_examples=None,
+        val_size=6,
+        batch_size=4,
+        eval_batch_size=8,
+        num_workers=0,
+        cache_dir=str(folder / "cache"),
+    )
+    return lambda **kw: InstructionDataModule(**{**args, **kw})
+
+
 @pytest.fixture
-def make_dm(tmp_path, write_jsonl, orca_records, smollm2_tokenizer):
-    data = write_jsonl(orca_records(70))
+def make_dm(tmp_path, orca_records, smollm2_tokenizer):
+    return _dm_maker(tmp_path, orca_records(70), smollm2_tokenizer)
 
-    def make(**kw):
-        args = dict(
-            tokenizer=smollm2_tokenizer,
-            dataset=str(data),
-            max_examples=None,
-            val_size=6,
-            batch_size=4,
-            eval_batch_size=8,
-            num_workers=0,
-            cache_dir=str(tmp_path / "cache"),
-        )
-        return InstructionDataModule(**{**args, **kw})
 
-    return make
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, orca_records, smollm2_tokenizer):
+    """uninterrupted(max_steps, accumulate=1, dm={...}, **trainer_kw) -> (model, trainer) of an uninterrupted run
+    without workers on `make_dm`'s data: the reference the resume tests compare with, trained once per setting."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    make = _dm_maker(root, orca_records(70), smollm2_tokenizer)
+    runs = {}
+
+    def run(max_steps, accumulate=1, dm=None, **trainer_kw):
+        key = repr((max_steps, accumulate, sorted((dm or {}).items()), sorted(trainer_kw.items())))
+        if key not in runs:
+            runs[key] = _train(make(**(dm or {})), root, f"run{len(runs)}", max_steps, accumulate, **trainer_kw)
+        return runs[key]
+
+    return run
 
 
 def _train(dm, tmp_path, name, max_steps, accumulate=1, ckpt_path=None, callbacks=(), **trainer_kw):
@@ -273,11 +293,11 @@ def _steps(model):
     ids=["mid-epoch1", "accumulate2-epoch0", "accumulate2-epoch1-workers", "epoch-boundary", "padding-free"],
 )
 def test_resume_sees_exactly_the_remaining_batches(
-    make_dm, tmp_path, accumulate, save_every, resume_step, num_workers, padding_free
+    make_dm, uninterrupted, tmp_path, accumulate, save_every, resume_step, num_workers, padding_free
 ):
     make_dm = functools.partial(make_dm, padding_free=padding_free)
     total_steps = 40 // accumulate  # 40 batches: 2.5 epochs
-    full = _fit(make_dm(num_workers=num_workers), tmp_path, "full", total_steps, accumulate)
+    full = uninterrupted(total_steps, accumulate, dm=dict(padding_free=padding_free))[0].seen
     assert len(full) == 40 * 4 and len(set(full[:64])) == 64  # every example once per epoch
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=save_every, save_top_k=-1)
@@ -296,13 +316,13 @@ def test_resume_sees_exactly_the_remaining_batches(
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_validation_and_epoch_end_checkpoints(make_dm, tmp_path, num_workers):
+def test_resume_from_validation_and_epoch_end_checkpoints(make_dm, uninterrupted, tmp_path, num_workers):
     """Checkpoints written after validation (mid-epoch) and at epoch end restore the data position, also
     when a resumed run is interrupted and resumed again. (Resuming from an epoch-end checkpoint, Lightning
     2.6 asks the finished epoch for one more batch and calls set_epoch one ahead: both handled.)"""
     make = functools.partial(make_dm, num_workers=num_workers)
     kw = dict(val_check_interval=6, limit_val_batches=1)
-    full = _fit(make(), tmp_path, "full", 40, **kw)
+    full = uninterrupted(40, **kw)[0].seen
     on_val = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="val-{step}", save_top_k=-1, monitor="val_loss")
     on_epoch_end = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", filename="end-{step}", save_top_k=-1, save_on_train_epoch_end=True

@@ -295,22 +295,13 @@ def test_packed_batch_gives_each_example_the_padded_batch_logits_and_loss(smollm
     """Through a real (tiny, random) Llama: every example's logits in the packed row are those of its padded row
     (no example sees another or the padding), and transformers' loss is the same: with transformers' attention
     (which ignores the boundaries and masks by positions) and with ours (`attention.varlen_attention`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from qlora_testing import tiny_llama
 
     from qlora_lightning.attention import use_varlen_attention
 
     tok = smollm2_tokenizer
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa" if attn_implementation == "varlen" else attn_implementation,
-    )
-    model = LlamaForCausalLM(config).double().eval()
+    attention = "sdpa" if attn_implementation == "varlen" else attn_implementation
+    model = tiny_llama(hidden=32, intermediate=64, vocab=len(tok), attn_implementation=attention).double().eval()
     if attn_implementation == "varlen":
         assert use_varlen_attention(model)
     examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]

@@ -26,6 +26,7 @@ from .adapters import adapter_config, is_adapter_key, save_adapter, to_peft_keys
 from .callbacks import NonFiniteGuard, TrainingRngStream
 from .checkpoint import AtomicCheckpointIO
 from .fsdp import QLoRAFSDPStrategy, sharding_strategy
+from .fsdp2 import QLoRAFSDP2Strategy
 from .held_out import LabelledLossSum
 from .lora import lora_layers
 from .model import load_model
@@ -395,9 +396,9 @@ class QLoRAModule(LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as configured (the paper: global norm 0.3); under FSDP the strategy clips across the ranks' shards
-        (`QLoRAFSDPStrategy.clip_gradients`)."""
+        (`QLoRAFSDPStrategy.clip_gradients`, `QLoRAFSDP2Strategy.clip_gradients`)."""
         strategy = self.trainer.strategy
-        if isinstance(strategy, QLoRAFSDPStrategy) and gradient_clip_val:
+        if isinstance(strategy, (QLoRAFSDPStrategy, QLoRAFSDP2Strategy)) and gradient_clip_val:
             strategy.clip_gradients(gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -38,24 +38,77 @@ def test_policy_wraps_decoder_layers_and_frozen_bases_apart(tiny_llama_dir):
     assert decoder_layer_policy(model, recurse=True, nonwrapped_numel=0)  # always look inside
 
 
-def _fsdp_rank(rank: int, folder: str, port: int, results, forward_prefetch: bool) -> None:
+def _wrap_fsdp1(deferred, forward_prefetch: bool, cpu_offload: bool):
+    """FSDP1 around a meta-device model loaded unit by unit: (model, gather, load, whole gradients, frozen
+    parameters that got gradient buffers, shard units)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = FSDP(
+        deferred.model,
+        auto_wrap_policy=decoder_layer_policy,
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        param_init_fn=deferred.materialize,
+        forward_prefetch=forward_prefetch,
+    )
+
+    def grads():
+        with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
+            return {
+                k.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                for k, p in wrapped.named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
+
+    def frozen_with_grads():
+        return [
+            n
+            for n, m in wrapped.named_modules()
+            if isinstance(m, FSDP)
+            and m._handle is not None
+            and not m._handle.flat_param.requires_grad
+            and m._handle.flat_param.grad is not None
+        ]
+
+    units = sum(isinstance(m, FSDP) for m in wrapped.modules())
+    return wrapped, gather_adapters, load_adapters, grads, frozen_with_grads, units
+
+
+def _wrap_fsdp2(deferred, forward_prefetch: bool, cpu_offload: bool):
+    """FSDP2 (`fsdp2.shard_model`) around a meta-device model, as `_wrap_fsdp1`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from qlora_lightning import fsdp2
+
+    model = deferred.model
+    fsdp2.shard_model(model, deferred.materialize, cpu_offload=cpu_offload, forward_prefetch=forward_prefetch)
+
+    def grads():
+        return {k: p.grad.full_tensor() for k, p in model.named_parameters() if p.grad is not None}
+
+    def frozen_with_grads():
+        return [k for k, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    return model, fsdp2.gather_adapters, fsdp2.load_adapters, grads, frozen_with_grads, units
+
+
+WRAPS = {"fsdp1": _wrap_fsdp1, "fsdp2": _wrap_fsdp2}
+
+
+def _fsdp_rank(rank: int, folder: str, port: int, results, strategy: str, forward_prefetch: bool, cpu_offload: bool):
     """One of 2 CPU processes: FSDP (FULL_SHARD, gloo) against the unwrapped model on the same batch."""
     import os
 
     import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from qlora_lightning.adapters import adapter_state_dict
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = load_model(
-        folder,
-        quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
-        lora=LoraSpec(r=4, dropout=0.0),
-        with_tokenizer=False,
-    ).model
+    quant = QuantSpec(compute_dtype="float32", quant_storage="float32")
+    model = load_model(folder, quant=quant, lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False).model
     for name, p in model.named_parameters():
         if name.endswith("lora_B"):
             torch.nn.init.normal_(p, std=0.1)
@@ -66,42 +119,17 @@ def _fsdp_rank(rank: int, folder: str, port: int, results, forward_prefetch: boo
     ref = adapter_state_dict(model)
 
     # The production path: the model left on the meta device and loaded unit by unit as FSDP shards it.
-    deferred = load_model(
-        folder,
-        quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
-        lora=LoraSpec(r=4, dropout=0.0),
-        with_tokenizer=False,
-        materialize=False,
-    )
-    wrapped = FSDP(
-        deferred.model,
-        auto_wrap_policy=decoder_layer_policy,
-        use_orig_params=True,
-        device_id=torch.device("cpu"),
-        param_init_fn=deferred.materialize,
-        forward_prefetch=forward_prefetch,
-    )
-    load_adapters(wrapped, ref)
+    deferred = load_model(folder, quant=quant, lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False, materialize=False)
+    wrapped, gather, load, grads, frozen_with_grads, units = WRAPS[strategy](deferred, forward_prefetch, cpu_offload)
+    load(wrapped, ref)
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
-    frozen_units_with_grads = [
-        n
-        for n, m in wrapped.named_modules()
-        if isinstance(m, FSDP)
-        and m._handle is not None
-        and not m._handle.flat_param.requires_grad
-        and m._handle.flat_param.grad is not None
-    ]
-    gathered = gather_adapters(wrapped, rank)
+    frozen_units_with_grads = frozen_with_grads()
+    gathered = gather(wrapped, rank)
     fresh = {k: torch.full_like(v, 0.5) for k, v in ref.items()}
-    load_adapters(wrapped, fresh)
-    reloaded = gather_adapters(wrapped, rank)
-    with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
-        grads_close = all(
-            torch.allclose(p.grad, ref_grads[k.replace("_fsdp_wrapped_module.", "")], atol=1e-6)
-            for k, p in wrapped.named_parameters()
-            if p.requires_grad and p.grad is not None
-        )
+    load(wrapped, fresh)
+    reloaded = gather(wrapped, rank)
+    got = grads()
     if rank == 0:
         results.put(
             {
@@ -109,27 +137,44 @@ def _fsdp_rank(rank: int, folder: str, port: int, results, forward_prefetch: boo
                 "frozen_units_with_grads": frozen_units_with_grads,
                 "gathered": gathered.keys() == ref.keys() and all(torch.equal(gathered[k], ref[k]) for k in ref),
                 "reloaded": reloaded.keys() == ref.keys() and all(torch.equal(reloaded[k], fresh[k]) for k in ref),
-                "grads_close": grads_close,
-                "frozen_units": sum(isinstance(m, FSDP) for m in wrapped.modules()),
+                "grads_close": got.keys() == ref_grads.keys()
+                and all(torch.allclose(got[k], ref_grads[k], atol=1e-6) for k in got),
+                "units": units,
             }
         )
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("forward_prefetch", [False, True])
-def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_llama_dir, forward_prefetch):
+@pytest.mark.parametrize(
+    "strategy, forward_prefetch, cpu_offload, units",
+    [
+        ("fsdp1", False, False, 1 + 2 + 2 * 7),  # the root, 2 decoder layers, each layer's 7 frozen bases
+        ("fsdp1", True, False, 1 + 2 + 2 * 7),
+        ("fsdp2", False, False, 1 + 2),  # the root and one unit per decoder layer
+        ("fsdp2", True, False, 1 + 2),
+        ("fsdp2", True, True, 1 + 2),
+    ],
+    ids=["fsdp1", "fsdp1-prefetch", "fsdp2", "fsdp2-prefetch", "fsdp2-prefetch-offload"],
+)
+def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(
+    tiny_llama_dir, strategy, forward_prefetch, cpu_offload, units
+):
     """Sharded (2 gloo ranks), loaded unit by unit from the meta device: same loss and gradients as the
     model loaded whole and unwrapped, no gradient buffers for frozen units, and the adapters gathered on
-    rank 0 and loaded back into the shards exactly; with and without forward prefetch (the strategy's default)."""
+    rank 0 and loaded back into the shards exactly; with and without forward prefetch (the strategies' default),
+    and FSDP2 with its CPU offload."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = 29517 + forward_prefetch
+    port = 29517 + 2 * forward_prefetch + (strategy == "fsdp2") + 4 * cpu_offload
     torch.multiprocessing.start_processes(
-        _fsdp_rank, args=(str(tiny_llama_dir), port, results, forward_prefetch), nprocs=2, start_method="spawn"
+        _fsdp_rank,
+        args=(str(tiny_llama_dir), port, results, strategy, forward_prefetch, cpu_offload),
+        nprocs=2,
+        start_method="spawn",
     )
     r = results.get(timeout=10)
     assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-6)
-    assert r["frozen_units"] > 2 * 7 and r["frozen_units_with_grads"] == []
+    assert r["units"] == units and r["frozen_units_with_grads"] == []
     assert r["gathered"] and r["reloaded"] and r["grads_close"]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from torch.distributed.tensor import DTensor
 
 __all__ = ["NonFiniteGuard", "PeakMemory", "TokensPerSecond", "TrainingRngStream", "training_monitors"]
 
@@ -91,6 +92,8 @@ class NonFiniteGuard(Callback):
     ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
+        if isinstance(norm, DTensor):  # FSDP2's sharded gradients: their norm over every rank
+            norm = norm.full_tensor()
         bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
         self._loss_finite = None
         if trainer.world_size > 1:

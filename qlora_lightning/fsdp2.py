@@ -36,9 +36,11 @@ process):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -199,17 +201,20 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
             for GPUs too small for their shards; slower steps. Off by default, as in `QLoRAFSDPStrategy`.
         forward_prefetch: all-gather the next decoder layer as this one's forward starts (FSDP2 prefetches in
             the backward by itself). On by default: it overlaps the gathers with compute, as under FSDP1.
-        kwargs: `ModelParallelStrategy`'s `process_group_backend` and `timeout`.
+        process_group_backend, timeout: as `ModelParallelStrategy` (its data- and tensor-parallel sizes are fixed:
+            every process is a data-parallel rank; its checkpoints are single files).
     """
 
-    def __init__(self, cpu_offload: bool = False, forward_prefetch: bool = True, **kwargs: Any) -> None:
-        for key in ("data_parallel_size", "tensor_parallel_size", "save_distributed_checkpoint"):
-            if key in kwargs:
-                raise ValueError(
-                    f"QLoRAFSDP2Strategy shards over every process and writes adapter-only single-file checkpoints: "
-                    f"{key} cannot be set"
-                )
-        super().__init__(save_distributed_checkpoint=False, **kwargs)
+    def __init__(
+        self,
+        cpu_offload: bool = False,
+        forward_prefetch: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=False, process_group_backend=process_group_backend, timeout=timeout
+        )
         self.cpu_offload, self.forward_prefetch = cpu_offload, forward_prefetch
         self._materialize: Callable[[nn.Module], None] | None = None
         self._shards: list[_LocalShards] = []
@@ -317,13 +322,17 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
         torch's `state_dict` is taken, not bitsandbytes' (which nests its moments), as `QLoRAFSDPStrategy` does."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         shards = next(s for s in self._shards if s.optimizer is optimizer)
-        state = Optimizer.state_dict(optimizer)
-        for index, (local, p) in enumerate(shards.pairs):
-            entry = state["state"].get(index, {})
-            for name, value in sorted(entry.items()):
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == local.shape:
-                    entry[name] = gather_shard(value, p).to("cpu", copy=True)
-        return state if self.global_rank == 0 else {}
+        state = Optimizer.state_dict(optimizer)  # its entries are the optimizer's own dicts: copied, not changed
+        whole = {}
+        for index, entry in state["state"].items():
+            local, p = shards.pairs[index]
+            whole[index] = {
+                name: gather_shard(value, p).to("cpu", copy=True)
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == local.shape
+                else value
+                for name, value in sorted(entry.items())
+            }
+        return {"state": whole, "param_groups": state["param_groups"]} if self.global_rank == 0 else {}
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load an adapter-only checkpoint into the shards, and its optimizer state when fitting (every rank

@@ -235,26 +235,28 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     check_optimizer(optimizer)  # what FSDP can checkpoint
 
 
-def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
-    """FSDP on 2 processes to step 4 (checkpoints every 2), then resume `last` on 1 process at the same global
-    batch (micro-batch 2 × accumulation 2) to step 6; checks the files and the adapters along the way."""
-    fsdp = dict(config=REPO / "configs" / "fsdp.yaml", **device)
+def fsdp_save_then_resume(base, tmp_path, script, config: str, first: int = 2, then: int = 1, **device) -> None:
+    """FSDP (`configs/<config>`) on `first` processes to step 4 (checkpoints every 2), then resume `last` on `then`
+    processes at the same global batch (4: micro-batch 2 × accumulation 4 / processes) to step 6; checks the files
+    and the adapters along the way."""
+    fsdp = dict(config=REPO / "configs" / config, **device)
 
-    def args(**extra):
-        return [sys.executable, str(script)] + cli_args(base, tmp_path, **extra, **fsdp)[2:]
+    def args(processes, **extra):
+        accumulate = {"trainer__accumulate_grad_batches": 2 // processes}
+        return [sys.executable, str(script)] + cli_args(
+            base, tmp_path, **extra, trainer__devices=processes, **accumulate, **fsdp
+        )[2:]
 
-    two = subprocess.run(
-        args(max_steps=4, every=2, trainer__devices=2), capture_output=True, text=True, cwd=tmp_path, timeout=600
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    done = subprocess.run(args(first, max_steps=4, every=2), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["state_dict"] and all(is_adapter_key(k) for k in state["state_dict"])
     # paged AdamW's moments, gathered whole: one per adapter tensor element (bitsandbytes hides them from FSDP)
     optimizer_state = state["optimizer_states"][0]["state"]
-    moments = [v["state1"] for v in optimizer_state.values()]
-    assert sum(m.numel() for m in moments) == sum(v.numel() for v in state["state_dict"].values()) > 0
+    moments = [optimizer_state[i]["state1"] for i in sorted(optimizer_state)]
+    assert [m.shape for m in moments] == [v.shape for v in state["state_dict"].values()]
     assert sorted(optimizer_state) == list(range(len(state["state_dict"])))  # the optimizer's own order, as DDP's
     assert not any(torch.equal(v["state1"], v["state2"]) for v in optimizer_state.values())  # two moments, not one
     last_adapter = load_file(tmp_path / "checkpoints" / "last" / "adapter_model.safetensors")
@@ -263,20 +265,22 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     assert final_adapter.keys() == last_adapter.keys()
     assert all(torch.equal(final_adapter[k], last_adapter[k]) for k in last_adapter)
 
-    one = subprocess.run(
-        args(max_steps=6, every=2, trainer__devices=1, trainer__accumulate_grad_batches=2) + ["--ckpt_path", "last"],
+    resumed_run = subprocess.run(
+        args(then, max_steps=6, every=2) + ["--ckpt_path", "last"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=600,
     )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "Restored all states" in one.stderr + one.stdout
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    assert "Restored all states" in resumed_run.stderr + resumed_run.stdout
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
     moved = [k for k in state["state_dict"] if not torch.equal(state["state_dict"][k], resumed["state_dict"][k])]
     assert moved, "the adapters did not train after the resume"
     assert all(torch.isfinite(v).all() for v in resumed["state_dict"].values())
+    moments = resumed["optimizer_states"][0]["state"]
+    assert [moments[i]["state1"].shape for i in sorted(moments)] == [v.shape for v in resumed["state_dict"].values()]
 
 
 @pytest.mark.slow
@@ -316,20 +320,38 @@ def test_an_optimizer_fsdp_cannot_checkpoint_is_a_clear_error_before_training(
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
-    fsdp_save_on_two_resume_on_one(
-        tiny_chat_llama_dir, tmp_path, REPO / "tests" / "fsdp_cpu_train.py", model__quant__quant_storage="float32"
+@pytest.mark.parametrize(
+    "config, first, then, offload",
+    [("fsdp.yaml", 2, 1, {}), ("fsdp2.yaml", 2, 1, {}), ("fsdp2.yaml", 1, 2, {"cpu_offload": True})],
+    ids=["fsdp1-2-to-1", "fsdp2-2-to-1", "fsdp2-offload-1-to-2"],
+)
+def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(
+    tiny_chat_llama_dir, tmp_path, config, first, then, offload
+):
+    """FSDP1 and FSDP2 through the CLI on CPU processes: saved on 2 and resumed on 1, and FSDP2 (with its CPU
+    offload) saved on 1 and resumed on 2."""
+    fsdp_save_then_resume(
+        tiny_chat_llama_dir,
+        tmp_path,
+        REPO / "tests" / "fsdp_cpu_train.py",
+        config,
+        first,
+        then,
+        model__quant__quant_storage="float32",
+        **{f"trainer__strategy__init_args__{k}": v for k, v in offload.items()},
     )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("config", ["fsdp.yaml", "fsdp2.yaml"])
 @pytest.mark.parametrize("cpu_offload", [False, True])
-def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path, cpu_offload):
-    fsdp_save_on_two_resume_on_one(
+def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path, config, cpu_offload):
+    fsdp_save_then_resume(
         tiny_chat_llama_dir,
         tmp_path,
         REPO / "train.py",
+        config,
         trainer__accelerator="cuda",
         trainer__precision="bf16-true",
         model__quant__compute_dtype="bfloat16",

@@ -91,9 +91,8 @@ class NonFiniteGuard(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # FSDP2: this rank's shards
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
-        if isinstance(norm, DTensor):  # FSDP2's sharded gradients: their norm over every rank
-            norm = norm.full_tensor()
         bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
         self._loss_finite = None
         if trainer.world_size > 1:

@@ -303,12 +303,19 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
         return out
 
     def clip_gradients(self, max_norm: float, algorithm: str | None) -> None:
-        """Clip the gradients to their global norm (each rank holds shards of them: torch's clipping of the
-        DTensor gradients takes the norm across ranks)."""
+        """Clip the gradients to their global norm, as `torch.nn.utils.clip_grad_norm_` on the whole model: each
+        rank holds shards of them, so the squared norms of the shards are summed over the ranks (on the GPU: with
+        `cpu_offload` the shards are in host memory, which NCCL does not reduce)."""
         if algorithm not in (None, "norm"):
             raise ValueError(f"under FSDP2 only norm clipping is supported, got {algorithm!r}")
-        grads = [p for shards in self._shards for _, p in shards.pairs if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        grads = [local.grad for shards in self._shards for local, _ in shards.pairs if local.grad is not None]
+        squares = sum(
+            (g.float().square().sum().to(self.root_device) for g in grads), torch.zeros((), device=self.root_device)
+        )
+        norm = self.reduce(squares, reduce_op="sum").sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.device, g.dtype))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:

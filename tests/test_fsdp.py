@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from qlora_testing import REPO, cli_args
 from safetensors.torch import load_file
 
@@ -22,6 +22,7 @@ from qlora_lightning.fsdp import (
     load_adapters,
     sharding_strategy,
 )
+from qlora_lightning.fsdp2 import QLoRAFSDP2Strategy
 from qlora_lightning.model import load_model
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -70,8 +71,11 @@ def _wrap_fsdp1(deferred, forward_prefetch: bool, cpu_offload: bool):
             and m._handle.flat_param.grad is not None
         ]
 
+    def step():
+        _adamw([p for p in wrapped.parameters() if p.requires_grad]).step()
+
     units = sum(isinstance(m, FSDP) for m in wrapped.modules())
-    return wrapped, gather_adapters, load_adapters, grads, frozen_with_grads, units
+    return wrapped, gather_adapters, load_adapters, grads, frozen_with_grads, step, units
 
 
 def _wrap_fsdp2(deferred, forward_prefetch: bool, cpu_offload: bool):
@@ -89,11 +93,23 @@ def _wrap_fsdp2(deferred, forward_prefetch: bool, cpu_offload: bool):
     def frozen_with_grads():
         return [k for k, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
 
+    def step():  # as QLoRAFSDP2Strategy runs it: the optimizer steps each rank's shards as plain tensors
+        optimizer = _adamw([p for p in model.parameters() if p.requires_grad])
+        fsdp2._LocalShards(optimizer).bind_grads()
+        optimizer.step()
+
     units = sum(isinstance(m, FSDPModule) for m in model.modules())
-    return model, fsdp2.gather_adapters, fsdp2.load_adapters, grads, frozen_with_grads, units
+    return model, fsdp2.gather_adapters, fsdp2.load_adapters, grads, frozen_with_grads, step, units
 
 
 WRAPS = {"fsdp1": _wrap_fsdp1, "fsdp2": _wrap_fsdp2}
+
+
+def _adamw(params):
+    """The recipe's optimizer (bitsandbytes' paged AdamW 32-bit), with a step large enough to compare."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW32bit(params, lr=1e-2)
 
 
 def _fsdp_rank(rank: int, folder: str, port: int, results, strategy: str, forward_prefetch: bool, cpu_offload: bool):
@@ -116,26 +132,32 @@ def _fsdp_rank(rank: int, folder: str, port: int, results, strategy: str, forwar
     ref_loss = model(input_ids=ids, labels=ids).loss
     ref_loss.backward()
     ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-    ref = adapter_state_dict(model)
+    ref = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    _adamw([p for p in model.parameters() if p.requires_grad]).step()
+    ref_stepped = adapter_state_dict(model)
 
     # The production path: the model left on the meta device and loaded unit by unit as FSDP shards it.
     deferred = load_model(folder, quant=quant, lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False, materialize=False)
-    wrapped, gather, load, grads, frozen_with_grads, units = WRAPS[strategy](deferred, forward_prefetch, cpu_offload)
+    wrapped, gather, load, grads, frozen_with_grads, step, units = WRAPS[strategy](
+        deferred, forward_prefetch, cpu_offload
+    )
     load(wrapped, ref)
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
     frozen_units_with_grads = frozen_with_grads()
-    gathered = gather(wrapped, rank)
+    got = grads()
+    step()
+    stepped = gather(wrapped, rank)
     fresh = {k: torch.full_like(v, 0.5) for k, v in ref.items()}
     load(wrapped, fresh)
     reloaded = gather(wrapped, rank)
-    got = grads()
     if rank == 0:
         results.put(
             {
                 "loss": (loss.item(), ref_loss.item()),
                 "frozen_units_with_grads": frozen_units_with_grads,
-                "gathered": gathered.keys() == ref.keys() and all(torch.equal(gathered[k], ref[k]) for k in ref),
+                "stepped": stepped.keys() == ref.keys()
+                and all(torch.allclose(stepped[k], ref_stepped[k], atol=1e-5) for k in ref),
                 "reloaded": reloaded.keys() == ref.keys() and all(torch.equal(reloaded[k], fresh[k]) for k in ref),
                 "grads_close": got.keys() == ref_grads.keys()
                 and all(torch.allclose(got[k], ref_grads[k], atol=1e-6) for k in got),
@@ -160,8 +182,8 @@ def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(
     tiny_llama_dir, strategy, forward_prefetch, cpu_offload, units
 ):
     """Sharded (2 gloo ranks), loaded unit by unit from the meta device: same loss and gradients as the
-    model loaded whole and unwrapped, no gradient buffers for frozen units, and the adapters gathered on
-    rank 0 and loaded back into the shards exactly; with and without forward prefetch (the strategies' default),
+    model loaded whole and unwrapped, no gradient buffers for frozen units, the same adapters after a step of
+    the recipe's optimizer (gathered on rank 0), and adapters loaded into the shards exactly; with and without forward prefetch (the strategies' default),
     and FSDP2 with its CPU offload."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
@@ -175,7 +197,7 @@ def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(
     r = results.get(timeout=10)
     assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-6)
     assert r["units"] == units and r["frozen_units_with_grads"] == []
-    assert r["gathered"] and r["reloaded"] and r["grads_close"]
+    assert r["grads_close"] and r["stepped"] and r["reloaded"]
 
 
 def test_packed_weights_must_be_stored_in_the_compute_dtype():
@@ -191,8 +213,10 @@ def test_packed_weights_must_be_stored_in_the_compute_dtype():
         (FSDPStrategy(), {}, "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP"),
         (QLoRAFSDPStrategy(), {"compile_layers": True}, "model.compile_layers and model.offload_activations"),
         (QLoRAFSDPStrategy(), {"offload_activations": True}, "model.compile_layers and model.offload_activations"),
+        (ModelParallelStrategy(), {}, "use qlora_lightning.fsdp2.QLoRAFSDP2Strategy for FSDP2"),
+        (QLoRAFSDP2Strategy(), {"offload_activations": True}, "model.offload_activations is not supported under FSDP2"),
     ],
-    ids=["lightnings-own-fsdp", "compiled", "offloaded"],
+    ids=["lightnings-own-fsdp", "compiled", "offloaded", "lightnings-own-model-parallel", "fsdp2-offloaded"],
 )
 def test_settings_fsdp_cannot_shard_are_refused_before_the_model_loads(strategy, settings, message):
     shardable = QuantSpec(quant_storage="bfloat16")
@@ -233,6 +257,29 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
     assert not optimizer.states_on_host and optimizer.defaults["lr"] == 1e-4
     check_optimizer(optimizer)  # what FSDP can checkpoint
+
+
+def test_fsdp2_overlay_parses_into_the_strategy(tmp_path):
+    cli = run_lightning_cli(
+        [
+            "--config",
+            str(REPO / "configs" / "70b.yaml"),
+            "--config",
+            str(REPO / "configs" / "fsdp2.yaml"),
+            "--model.optimizer.init_args.states_on_host",
+            "false",  # the config's FSDP line: 70b.yaml keeps the states on the host for one GPU
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, QLoRAFSDP2Strategy) and not strategy.cpu_offload and strategy.forward_prefetch
+    assert not cli.model.offload_activations
+    assert cli.model.lora.r == 64 and cli.model.quant == QuantSpec()  # the 70B recipe itself is untouched
+    check_optimizer(cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))]))  # what FSDP2 can checkpoint
 
 
 def fsdp_save_then_resume(base, tmp_path, script, config: str, first: int = 2, then: int = 1, **device) -> None:

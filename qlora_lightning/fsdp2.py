@@ -221,7 +221,8 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
 
     def check_settings(self, *, compile_layers: bool, offload_activations: bool) -> QLoRAFSDP2Strategy:
         """This strategy, once the module's settings are checked to run under it (before the model loads):
-        offloaded activations are refused."""
+        offloaded activations are refused. Compiled decoder layers run: each is compiled before it is sharded,
+        and FSDP2's hooks run eagerly around its graph (torch 2.13 marks them `torch._dynamo.disable`)."""
         if offload_activations:
             raise ValueError(
                 "model.offload_activations is not supported under FSDP2 (its checkpointing function runs inside "

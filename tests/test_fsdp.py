@@ -368,15 +368,19 @@ def test_an_optimizer_fsdp_cannot_checkpoint_is_a_clear_error_before_training(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config, first, then, offload",
-    [("fsdp.yaml", 2, 1, {}), ("fsdp2.yaml", 2, 1, {}), ("fsdp2.yaml", 1, 2, {"cpu_offload": True})],
-    ids=["fsdp1-2-to-1", "fsdp2-2-to-1", "fsdp2-offload-1-to-2"],
+    "config, first, then, settings",
+    [
+        ("fsdp.yaml", 2, 1, {}),
+        ("fsdp2.yaml", 2, 1, {"model__compile_layers": "true"}),
+        ("fsdp2.yaml", 1, 2, {"trainer__strategy__init_args__cpu_offload": "true"}),
+    ],
+    ids=["fsdp1-2-to-1", "fsdp2-compiled-2-to-1", "fsdp2-offload-1-to-2"],
 )
 def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(
-    tiny_chat_llama_dir, tmp_path, config, first, then, offload
+    tiny_chat_llama_dir, tmp_path, config, first, then, settings
 ):
-    """FSDP1 and FSDP2 through the CLI on CPU processes: saved on 2 and resumed on 1, and FSDP2 (with its CPU
-    offload) saved on 1 and resumed on 2."""
+    """FSDP1 and FSDP2 through the CLI on CPU processes: saved on 2 and resumed on 1 (FSDP2 with compiled decoder
+    layers), and FSDP2 with its CPU offload saved on 1 and resumed on 2."""
     fsdp_save_then_resume(
         tiny_chat_llama_dir,
         tmp_path,
@@ -385,7 +389,7 @@ def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(
         first,
         then,
         model__quant__quant_storage="float32",
-        **{f"trainer__strategy__init_args__{k}": v for k, v in offload.items()},
+        **settings,
     )
 
 

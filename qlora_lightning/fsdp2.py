@@ -27,6 +27,8 @@ process):
   Lightning's forward redirection so that FSDP2's root hooks see every step;
 - the optimizer steps this rank's shards as plain tensors (`_LocalShards`), so bitsandbytes' paged AdamW (the
   recipe's), which knows no DTensor, works unchanged; gradients are clipped by their global norm;
+- compiled decoder layers (`compile_layers`) run: each is compiled before it is sharded, and FSDP2's hooks run
+  eagerly around its graph; offloaded activations are refused (`check_settings`);
 - checkpoints hold the adapters and the whole optimizer state, gathered on rank 0 and keyed by parameter
   order as under FSDP1 and on one device, so a run resumes on any number of processes (and across the two
   FSDP strategies); loading takes each rank's rows of them.

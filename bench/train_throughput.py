@@ -11,6 +11,8 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
         --accumulate 8 --warmup 8 --steps 16 --device-memory     # 70B on one card: memory with the paged states
     python bench/train_throughput.py --shape 70b --stacks ours --batch 4 --devices 2 --strategy fsdp \
         --device-memory                                         # add --no-forward-prefetch for the plain path
+    python bench/train_throughput.py --shape 70b --stacks ours --batch 4 --devices 2 --strategy one,fsdp,fsdp2 \
+        --device-memory                         # one GPU, FSDP1 and FSDP2 on 2 GPUs, the same micro-batch per GPU
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
@@ -38,8 +40,9 @@ last min(`--target`, length - 1) tokens of each labelled; the table then adds no
 examples/s. A `-packed` stack of ours gets the same examples end to end in one row instead: `position_ids` restart at 0
 with each example, no attention_mask, no padding.
 
-With `--devices N` ours runs on N GPUs (DDP or FSDP, each rank its own micro-batch, so a step moves N times
-the tokens) and the peak is the largest of the ranks'. Warm-up steps are excluded; rates are the median of the
+With `--devices N` ours runs on N GPUs (DDP, FSDP1 or FSDP2, each rank its own micro-batch, so a step moves N
+times the tokens) and the peak is the largest of the ranks'. `--strategy` may list several (`one` is one GPU):
+each of ours' stacks then runs under each, and each row is printed as it finishes. Warm-up steps are excluded; rates are the median of the
 timed steps' rates (with fixed lengths and an odd step count: tokens per step / the median step time). Each row
 is compared with the peer's and Unsloth's (non-padding tokens/s, peak memory, first-step loss). Results are
 printed as a table and, with --record, appended to BENCHMARKS.md.
@@ -69,6 +72,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry ru
 # compile_layers, offload_activations, padding-free batches, qlora_lightning.optim.PagedAdamW32bitOneSync, and the
 # same with states_on_host
 OURS_OPTIONS = ("compiled", "offload", "packed", "onesync", "hoststates")
+
+
+#: `--strategy` values: Lightning's names, our two FSDP strategies, and one GPU
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "one")
 
 
 def ours_options(stack: str) -> set[str] | None:
@@ -328,6 +335,7 @@ def run_ours(
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
     from qlora_lightning.fsdp import QLoRAFSDPStrategy
+    from qlora_lightning.fsdp2 import QLoRAFSDP2Strategy
     from qlora_lightning.optim import PagedAdamW32bitOneSync
     from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -335,13 +343,13 @@ def run_ours(
         return PagedAdamW32bitOneSync(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, states_on_host=hoststates)
 
     quant = QuantSpec(quant_storage="bfloat16") if args.strategy == "fsdp" else QuantSpec()
-    strategy = (
-        QLoRAFSDPStrategy(
-            sharding_strategy="FULL_SHARD", cpu_offload=args.cpu_offload, forward_prefetch=not args.no_forward_prefetch
-        )
-        if args.strategy == "fsdp"
-        else args.strategy
-    )
+    prefetch = not args.no_forward_prefetch
+    strategy = {
+        "fsdp": lambda: QLoRAFSDPStrategy(
+            sharding_strategy="FULL_SHARD", cpu_offload=args.cpu_offload, forward_prefetch=prefetch
+        ),
+        "fsdp2": lambda: QLoRAFSDP2Strategy(cpu_offload=args.cpu_offload, forward_prefetch=prefetch),
+    }.get(args.strategy, lambda: "auto" if args.strategy == "one" else args.strategy)()
     module = QLoRAModule(
         args.model,
         quant=quant,
@@ -679,12 +687,19 @@ def main() -> None:
         "batches), peer, unsloth (peer and unsloth load a checkpoint from disk)",
     )
     p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer and Unsloth always run on one)")
-    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto", help="Lightning strategy for ours")
-    p.add_argument("--cpu-offload", action="store_true", help="with --strategy fsdp: keep the shards in host memory")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        help="Lightning strategy for ours, or a comma list of them, each run in turn: auto, ddp, fsdp (FSDP1), fsdp2, "
+        "one (one GPU whatever --devices says)",
+    )
+    p.add_argument(
+        "--cpu-offload", action="store_true", help="with --strategy fsdp or fsdp2: keep the shards in host memory"
+    )
     p.add_argument(
         "--no-forward-prefetch",
         action="store_true",
-        help="with --strategy fsdp: turn off QLoRAFSDPStrategy's forward_prefetch (the next unit's all-gather "
+        help="with --strategy fsdp or fsdp2: turn off the strategy's forward_prefetch (the next unit's all-gather "
         "during this one's forward), to measure the plain path",
     )
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
@@ -717,6 +732,9 @@ def main() -> None:
     if args.lengths == "orca" and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
+    strategies = args.strategy.split(",")
+    if unknown := sorted(set(strategies) - set(STRATEGIES)):
+        raise SystemExit(f"--strategy: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     if unknown := sorted(s for s in stacks if s not in FROM_DISK and ours_options(s) is None):
         raise SystemExit(
             f"--stacks: unknown {unknown}; choose from peer, unsloth, unsloth-packed, "
@@ -730,16 +748,18 @@ def main() -> None:
         else:
             args.model = f"/tmp/random-{args.shape}"
             write_random_checkpoint(args.shape, Path(args.model))
-    options = ["--model", args.model, "--lengths", args.lengths, "--strategy", args.strategy]
-    for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "devices", "accumulate"):
+    options = ["--model", args.model, "--lengths", args.lengths]
+    for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "accumulate"):
         options += [f"--{name}", str(getattr(args, name))]
     options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
     options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
     rows, failed = [], []
-    for stack in stacks:
+    runs = [(stack, strategy) for stack in stacks for strategy in (strategies if stack not in FROM_DISK else ["one"])]
+    for stack, strategy in runs:
+        devices = 1 if strategy == "one" else args.devices
         out = subprocess.run(
-            [sys.executable, __file__, "--only", stack, *options],
+            [sys.executable, __file__, "--only", stack, "--strategy", strategy, "--devices", str(devices), *options],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
@@ -748,15 +768,15 @@ def main() -> None:
         if out.returncode != 0 or not results:
             # The other stacks still run: one call on a lent GPU should not lose every row to one failure.
             print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
-            print(f"{stack} failed (exit {out.returncode})", file=sys.stderr, flush=True)
-            failed.append(stack)
+            print(f"{stack} ({strategy}) failed (exit {out.returncode})", file=sys.stderr, flush=True)
+            failed.append(f"{stack} ({strategy})")
             continue
         rows.append(summary(results, args.accumulate))
         if rows[-1].get("profile"):
             print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
             print("by class (ms):", json.dumps({k: round(v, 1) for k, v in rows[-1]["kernel_ms"].items()}))
         # The table so far after every stack: a run stopped by a time limit still leaves its finished rows.
-        print(f"after {stack}:{record(rows, args)}", flush=True)
+        print(f"after {stack} ({strategy}):{record(rows, args)}", flush=True)
     table = record(rows, args) if rows else ""
     for r in rows:
         if r.get("allocated_at_start_gib") is not None:

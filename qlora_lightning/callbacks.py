@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from torch.distributed.tensor import DTensor
 
 __all__ = ["NonFiniteGuard", "PeakMemory", "TokensPerSecond", "TrainingRngStream", "training_monitors"]
 
@@ -90,6 +91,7 @@ class NonFiniteGuard(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # FSDP2: this rank's shards
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
         bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
         self._loss_finite = None

@@ -23,10 +23,10 @@ trainable parameter a gradient buffer as large as the unit. So:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, OptimStateKeyType, StateDictType
@@ -38,6 +38,9 @@ from .adapters import is_adapter_key, validate
 from .lora import FrozenLinear, LoraLinear, lora_layers
 from .resume import read_checkpoint
 from .specs import QuantSpec
+
+if TYPE_CHECKING:
+    from .fsdp2 import QLoRAFSDP2Strategy
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -238,10 +241,19 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
 def sharding_strategy(
     strategy: Strategy | None, quant: QuantSpec, *, compile_layers: bool, offload_activations: bool
-) -> QLoRAFSDPStrategy | None:
+) -> "QLoRAFSDPStrategy | QLoRAFSDP2Strategy | None":
     """`strategy` when it shards the model (None when it does not), once the module's settings are checked to be
-    shardable: Lightning's own `FSDPStrategy`, packed weights in another dtype than the compute dtype, compiled
-    layers and offloaded activations are refused before the model loads."""
+    shardable: Lightning's own `FSDPStrategy` and `ModelParallelStrategy`, and under FSDP1 packed weights in another
+    dtype than the compute dtype, compiled layers and offloaded activations, are refused before the model loads."""
+    from .fsdp2 import QLoRAFSDP2Strategy  # fsdp2 builds on this module
+
+    if isinstance(strategy, QLoRAFSDP2Strategy):
+        return strategy.check_settings(compile_layers=compile_layers, offload_activations=offload_activations)
+    if isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            "use qlora_lightning.fsdp2.QLoRAFSDP2Strategy for FSDP2 (configs/fsdp2.yaml): Lightning's own "
+            "ModelParallelStrategy leaves sharding to the module, and QLoRAModule's model would train unsharded"
+        )
     if not isinstance(strategy, FSDPStrategy):
         return None
     if not isinstance(strategy, QLoRAFSDPStrategy):

@@ -77,8 +77,71 @@ class FrozenLinear:
         raise NotImplementedError
 
 
+#: Byte alignment of each tensor in a `PackedQuantWeight` blob, so that every part can be viewed in its own dtype.
+PACK_ALIGNMENT = 16
+
+
+class PackedQuantWeight:
+    """The layout of one flat byte tensor holding a 4-bit weight and every tensor of its quantization state.
+
+    Per-parameter sharding (FSDP2, `fsdp2.py`) splits each parameter along its first dimension and all-gathers
+    it whole before the layer runs. Packed this way, a frozen 4-bit linear is one plain `uint8` parameter: it is
+    sharded with its absmax (and double-quantization) constants, needs no tensor subclass, and is never cast by
+    mixed precision (integers are not). The non-tensor fields (shape, dtype, blocksize, type) stay here.
+    """
+
+    def __init__(self, data: torch.Tensor, state: bnb_F.QuantState) -> None:
+        self.state = state  # the template for the non-tensor fields
+        self.parts: list[tuple[int, torch.dtype, torch.Size]] = []  # (byte offset, dtype, shape) of each tensor
+        size = 0
+        for t in self._tensors(data, state):
+            self.parts.append((size, t.dtype, t.shape))
+            size += -(-t.numel() * t.element_size() // PACK_ALIGNMENT) * PACK_ALIGNMENT
+        self.size = size
+
+    @staticmethod
+    def _tensors(data: torch.Tensor, state: bnb_F.QuantState) -> list[torch.Tensor]:
+        nested = [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
+        return [data, state.absmax, state.code, *nested]
+
+    def pack(self, data: torch.Tensor, state: bnb_F.QuantState) -> torch.Tensor:
+        """The weight and its state as one `uint8` tensor of `size` bytes."""
+        flat = torch.zeros(self.size, dtype=torch.uint8, device=data.device)
+        for (start, _, _), t in zip(self.parts, self._tensors(data, state)):
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            flat[start : start + raw.numel()] = raw
+        return flat
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, bnb_F.QuantState]:
+        """(packed weight, quantization state) as views of `flat`, as bitsandbytes' kernels take them."""
+        views = []
+        for start, dtype, shape in self.parts:
+            nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+            views.append(flat[start : start + nbytes].view(dtype).view(shape))
+        data, absmax, code, *nested = views
+        s = self.state
+        state2 = None
+        if nested:
+            offset, absmax2, code2 = nested
+            state2 = bnb_F.QuantState(absmax2, code=code2, blocksize=s.state2.blocksize, dtype=s.state2.dtype)
+        state = bnb_F.QuantState(
+            absmax,
+            shape=s.shape,
+            code=code,
+            blocksize=s.blocksize,
+            quant_type=s.quant_type,
+            dtype=s.dtype,
+            offset=offset if nested else None,
+            state2=state2,
+        )
+        return data, state
+
+
 class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
     """A frozen bitsandbytes 4-bit linear layer (NF4/FP4) that also runs the fused LoRA path."""
+
+    #: set by `pack_for_sharding`: `weight` is then one byte tensor holding the 4-bit weight and its state
+    packing: PackedQuantWeight | None = None
 
     def weight_quant_state(self) -> bnb_F.QuantState:
         """The weight's quantization state. FSDP replaces the weight by a plain tensor of the packed bytes,
@@ -86,8 +149,23 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
         state = getattr(self.weight, "quant_state", None)
         return state if state is not None else self.quant_state
 
+    def quantized(self) -> tuple[torch.Tensor, bnb_F.QuantState]:
+        """(packed 4-bit weight, quantization state), read from `weight` as it is now (under FSDP2: gathered)."""
+        if self.packing is not None:
+            return self.packing.unpack(self.weight)
+        return self.weight.data, self.weight_quant_state()
+
+    @torch.no_grad()
+    def pack_for_sharding(self) -> None:
+        """Make `weight` one frozen `uint8` parameter holding the 4-bit weight and its whole quantization state
+        (`PackedQuantWeight`), for per-parameter sharding (`fsdp2.py`); the layer computes the same after."""
+        data, state = self.quantized()
+        self.packing = PackedQuantWeight(data, state)
+        self.weight = nn.Parameter(self.packing.pack(data, state), requires_grad=False)
+        self.quant_state = None
+
     def dense_weight(self) -> torch.Tensor:
-        return bnb_F.dequantize_4bit(self.weight.data, self.weight_quant_state()).to(self.compute_dtype)
+        return bnb_F.dequantize_4bit(*self.quantized()).to(self.compute_dtype)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, *, bias: bool, quant: QuantSpec) -> "FrozenLinear4bit":
@@ -125,9 +203,8 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
         # bitsandbytes' kernels (a 4-bit GEMV for single tokens), called directly: `Linear4bit.forward`
         # would re-wrap a plain (FSDP) weight in a new parameter object behind FSDP's back.
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        out = bnb.matmul_4bit(
-            x.to(self.compute_dtype), self.weight.t(), bias=bias, quant_state=self.weight_quant_state()
-        )
+        data, state = self.quantized()
+        out = bnb.matmul_4bit(x.to(self.compute_dtype), data.t(), bias=bias, quant_state=state)
         return out.to(x.dtype)
 
 

@@ -27,6 +27,7 @@ from .adapters import adapter_config, is_adapter_key, validate
 from .callbacks import NonFiniteGuard, TrainingRngStream
 from .checkpoint import save_final_adapter, warn_unless_atomic
 from .fsdp import QLoRAFSDPStrategy, sharding_strategy
+from .fsdp2 import QLoRAFSDP2Strategy
 from .generate import answer_batch
 from .held_out import LabelledLossSum, log_held_out
 from .lora import lora_layers
@@ -297,9 +298,10 @@ class QLoRAModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip as configured (the paper: norm 0.3); under FSDP across the shards (`QLoRAFSDPStrategy.clip_gradients`)."""
-        if isinstance(self.trainer.strategy, QLoRAFSDPStrategy) and gradient_clip_val:
-            return self.trainer.strategy.clip_gradients(gradient_clip_val, gradient_clip_algorithm)
+        """Clip as configured (the paper: norm 0.3); a sharded strategy clips across the ranks' shards."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, (QLoRAFSDPStrategy, QLoRAFSDP2Strategy)) and gradient_clip_val:
+            return strategy.clip_gradients(gradient_clip_val, gradient_clip_algorithm)
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def adapter_config(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from qlora_testing import REPO, cli_args
 from safetensors.torch import load_file
 
@@ -22,6 +22,7 @@ from qlora_lightning.fsdp import (
     load_adapters,
     sharding_strategy,
 )
+from qlora_lightning.fsdp2 import QLoRAFSDP2Strategy
 from qlora_lightning.model import load_model
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -38,41 +39,11 @@ def test_policy_wraps_decoder_layers_and_frozen_bases_apart(tiny_llama_dir):
     assert decoder_layer_policy(model, recurse=True, nonwrapped_numel=0)  # always look inside
 
 
-def _fsdp_rank(rank: int, folder: str, port: int, results, forward_prefetch: bool) -> None:
-    """One of 2 CPU processes: FSDP (FULL_SHARD, gloo) against the unwrapped model on the same batch."""
-    import os
-
-    import torch.distributed as dist
+def _wrap_fsdp1(deferred, forward_prefetch: bool, cpu_offload: bool):
+    """FSDP1 around a meta-device model loaded unit by unit: (model, gather, load, whole gradients, frozen
+    parameters that got gradient buffers, shard units)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from qlora_lightning.adapters import adapter_state_dict
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = load_model(
-        folder,
-        quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
-        lora=LoraSpec(r=4, dropout=0.0),
-        with_tokenizer=False,
-    ).model
-    for name, p in model.named_parameters():
-        if name.endswith("lora_B"):
-            torch.nn.init.normal_(p, std=0.1)
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    ref_loss = model(input_ids=ids, labels=ids).loss
-    ref_loss.backward()
-    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-    ref = adapter_state_dict(model)
-
-    # The production path: the model left on the meta device and loaded unit by unit as FSDP shards it.
-    deferred = load_model(
-        folder,
-        quant=QuantSpec(compute_dtype="float32", quant_storage="float32"),
-        lora=LoraSpec(r=4, dropout=0.0),
-        with_tokenizer=False,
-        materialize=False,
-    )
     wrapped = FSDP(
         deferred.model,
         auto_wrap_policy=decoder_layer_policy,
@@ -81,56 +52,152 @@ def _fsdp_rank(rank: int, folder: str, port: int, results, forward_prefetch: boo
         param_init_fn=deferred.materialize,
         forward_prefetch=forward_prefetch,
     )
-    load_adapters(wrapped, ref)
+
+    def grads():
+        with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
+            return {
+                k.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                for k, p in wrapped.named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
+
+    def frozen_with_grads():
+        return [
+            n
+            for n, m in wrapped.named_modules()
+            if isinstance(m, FSDP)
+            and m._handle is not None
+            and not m._handle.flat_param.requires_grad
+            and m._handle.flat_param.grad is not None
+        ]
+
+    def step():
+        _adamw([p for p in wrapped.parameters() if p.requires_grad]).step()
+
+    units = sum(isinstance(m, FSDP) for m in wrapped.modules())
+    return wrapped, gather_adapters, load_adapters, grads, frozen_with_grads, step, units
+
+
+def _wrap_fsdp2(deferred, forward_prefetch: bool, cpu_offload: bool):
+    """FSDP2 (`fsdp2.shard_model`) around a meta-device model, as `_wrap_fsdp1`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from qlora_lightning import fsdp2
+
+    model = deferred.model
+    fsdp2.shard_model(model, deferred.materialize, cpu_offload=cpu_offload, forward_prefetch=forward_prefetch)
+
+    def grads():
+        return {k: p.grad.full_tensor() for k, p in model.named_parameters() if p.grad is not None}
+
+    def frozen_with_grads():
+        return [k for k, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+
+    def step():  # as QLoRAFSDP2Strategy runs it: the optimizer steps each rank's shards as plain tensors
+        optimizer = _adamw([p for p in model.parameters() if p.requires_grad])
+        fsdp2._LocalShards(optimizer).bind_grads()
+        optimizer.step()
+
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    return model, fsdp2.gather_adapters, fsdp2.load_adapters, grads, frozen_with_grads, step, units
+
+
+WRAPS = {"fsdp1": _wrap_fsdp1, "fsdp2": _wrap_fsdp2}
+
+
+def _adamw(params):
+    """The recipe's optimizer (bitsandbytes' paged AdamW 32-bit), with a step large enough to compare."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW32bit(params, lr=1e-2)
+
+
+def _fsdp_rank(rank: int, folder: str, port: int, results, strategy: str, forward_prefetch: bool, cpu_offload: bool):
+    """One of 2 CPU processes: FSDP (FULL_SHARD, gloo) against the unwrapped model on the same batch."""
+    import os
+
+    import torch.distributed as dist
+
+    from qlora_lightning.adapters import adapter_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    quant = QuantSpec(compute_dtype="float32", quant_storage="float32")
+    model = load_model(folder, quant=quant, lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False).model
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref_loss = model(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    ref = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    _adamw([p for p in model.parameters() if p.requires_grad]).step()
+    ref_stepped = adapter_state_dict(model)
+
+    # The production path: the model left on the meta device and loaded unit by unit as FSDP shards it.
+    deferred = load_model(folder, quant=quant, lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False, materialize=False)
+    wrapped, gather, load, grads, frozen_with_grads, step, units = WRAPS[strategy](
+        deferred, forward_prefetch, cpu_offload
+    )
+    load(wrapped, ref)
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
-    frozen_units_with_grads = [
-        n
-        for n, m in wrapped.named_modules()
-        if isinstance(m, FSDP)
-        and m._handle is not None
-        and not m._handle.flat_param.requires_grad
-        and m._handle.flat_param.grad is not None
-    ]
-    gathered = gather_adapters(wrapped, rank)
+    frozen_units_with_grads = frozen_with_grads()
+    got = grads()
+    step()
+    stepped = gather(wrapped, rank)
     fresh = {k: torch.full_like(v, 0.5) for k, v in ref.items()}
-    load_adapters(wrapped, fresh)
-    reloaded = gather_adapters(wrapped, rank)
-    with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
-        grads_close = all(
-            torch.allclose(p.grad, ref_grads[k.replace("_fsdp_wrapped_module.", "")], atol=1e-6)
-            for k, p in wrapped.named_parameters()
-            if p.requires_grad and p.grad is not None
-        )
+    load(wrapped, fresh)
+    reloaded = gather(wrapped, rank)
     if rank == 0:
         results.put(
             {
                 "loss": (loss.item(), ref_loss.item()),
                 "frozen_units_with_grads": frozen_units_with_grads,
-                "gathered": gathered.keys() == ref.keys() and all(torch.equal(gathered[k], ref[k]) for k in ref),
+                "stepped": stepped.keys() == ref.keys()
+                and all(torch.allclose(stepped[k], ref_stepped[k], atol=1e-5) for k in ref),
                 "reloaded": reloaded.keys() == ref.keys() and all(torch.equal(reloaded[k], fresh[k]) for k in ref),
-                "grads_close": grads_close,
-                "frozen_units": sum(isinstance(m, FSDP) for m in wrapped.modules()),
+                "grads_close": got.keys() == ref_grads.keys()
+                and all(torch.allclose(got[k], ref_grads[k], atol=1e-6) for k in got),
+                "units": units,
             }
         )
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("forward_prefetch", [False, True])
-def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(tiny_llama_dir, forward_prefetch):
+@pytest.mark.parametrize(
+    "strategy, forward_prefetch, cpu_offload, units",
+    [
+        ("fsdp1", False, False, 1 + 2 + 2 * 7),  # the root, 2 decoder layers, each layer's 7 frozen bases
+        ("fsdp1", True, False, 1 + 2 + 2 * 7),
+        ("fsdp2", False, False, 1 + 2),  # the root and one unit per decoder layer
+        ("fsdp2", True, False, 1 + 2),
+        ("fsdp2", True, True, 1 + 2),
+    ],
+    ids=["fsdp1", "fsdp1-prefetch", "fsdp2", "fsdp2-prefetch", "fsdp2-prefetch-offload"],
+)
+def test_fsdp_on_two_cpu_processes_trains_and_moves_adapters_in_and_out(
+    tiny_llama_dir, strategy, forward_prefetch, cpu_offload, units
+):
     """Sharded (2 gloo ranks), loaded unit by unit from the meta device: same loss and gradients as the
-    model loaded whole and unwrapped, no gradient buffers for frozen units, and the adapters gathered on
-    rank 0 and loaded back into the shards exactly; with and without forward prefetch (the strategy's default)."""
+    model loaded whole and unwrapped, no gradient buffers for frozen units, the same adapters after a step of
+    the recipe's optimizer (gathered on rank 0), and adapters loaded into the shards exactly; with and without forward prefetch (the strategies' default),
+    and FSDP2 with its CPU offload."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = 29517 + forward_prefetch
+    port = 29517 + 2 * forward_prefetch + (strategy == "fsdp2") + 4 * cpu_offload
     torch.multiprocessing.start_processes(
-        _fsdp_rank, args=(str(tiny_llama_dir), port, results, forward_prefetch), nprocs=2, start_method="spawn"
+        _fsdp_rank,
+        args=(str(tiny_llama_dir), port, results, strategy, forward_prefetch, cpu_offload),
+        nprocs=2,
+        start_method="spawn",
     )
     r = results.get(timeout=10)
     assert r["loss"][0] == pytest.approx(r["loss"][1], rel=1e-6)
-    assert r["frozen_units"] > 2 * 7 and r["frozen_units_with_grads"] == []
-    assert r["gathered"] and r["reloaded"] and r["grads_close"]
+    assert r["units"] == units and r["frozen_units_with_grads"] == []
+    assert r["grads_close"] and r["stepped"] and r["reloaded"]
 
 
 def test_packed_weights_must_be_stored_in_the_compute_dtype():
@@ -146,8 +213,10 @@ def test_packed_weights_must_be_stored_in_the_compute_dtype():
         (FSDPStrategy(), {}, "use qlora_lightning.fsdp.QLoRAFSDPStrategy for FSDP"),
         (QLoRAFSDPStrategy(), {"compile_layers": True}, "model.compile_layers and model.offload_activations"),
         (QLoRAFSDPStrategy(), {"offload_activations": True}, "model.compile_layers and model.offload_activations"),
+        (ModelParallelStrategy(), {}, "use qlora_lightning.fsdp2.QLoRAFSDP2Strategy for FSDP2"),
+        (QLoRAFSDP2Strategy(), {"offload_activations": True}, "model.offload_activations is not supported under FSDP2"),
     ],
-    ids=["lightnings-own-fsdp", "compiled", "offloaded"],
+    ids=["lightnings-own-fsdp", "compiled", "offloaded", "lightnings-own-model-parallel", "fsdp2-offloaded"],
 )
 def test_settings_fsdp_cannot_shard_are_refused_before_the_model_loads(strategy, settings, message):
     shardable = QuantSpec(quant_storage="bfloat16")
@@ -190,18 +259,43 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     check_optimizer(optimizer)  # what FSDP can checkpoint
 
 
-def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
-    """FSDP on 2 processes to step 4 (checkpoints every 2), then resume `last` on 1 process at the same global
-    batch (micro-batch 2 × accumulation 2) to step 6; checks the files and the adapters along the way."""
-    fsdp = dict(config=REPO / "configs" / "fsdp.yaml", **device)
-
-    def args(**extra):
-        return [sys.executable, str(script)] + cli_args(base, tmp_path, **extra, **fsdp)[2:]
-
-    two = subprocess.run(
-        args(max_steps=4, every=2, trainer__devices=2), capture_output=True, text=True, cwd=tmp_path, timeout=600
+def test_fsdp2_overlay_parses_into_the_strategy(tmp_path):
+    cli = run_lightning_cli(
+        [
+            "--config",
+            str(REPO / "configs" / "70b.yaml"),
+            "--config",
+            str(REPO / "configs" / "fsdp2.yaml"),
+            "--model.optimizer.init_args.states_on_host",
+            "false",  # the config's FSDP line: 70b.yaml keeps the states on the host for one GPU
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
     )
-    assert two.returncode == 0, two.stderr[-3000:]
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, QLoRAFSDP2Strategy) and not strategy.cpu_offload and strategy.forward_prefetch
+    assert not cli.model.offload_activations
+    assert cli.model.lora.r == 64 and cli.model.quant == QuantSpec()  # the 70B recipe itself is untouched
+    check_optimizer(cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))]))  # what FSDP2 can checkpoint
+
+
+def fsdp_save_then_resume(base, tmp_path, script, config: str, first: int = 2, then: int = 1, **device) -> None:
+    """FSDP (`configs/<config>`) on `first` processes to step 4 (checkpoints every 2), then resume `last` on `then`
+    processes at the same global batch (4: micro-batch 2 × accumulation 4 / processes) to step 6; checks the files
+    and the adapters along the way."""
+    fsdp = dict(config=REPO / "configs" / config, **device)
+
+    def args(processes, **extra):
+        accumulate = {"trainer__accumulate_grad_batches": 2 // processes}
+        return [sys.executable, str(script)] + cli_args(
+            base, tmp_path, **extra, trainer__devices=processes, **accumulate, **fsdp
+        )[2:]
+
+    done = subprocess.run(args(first, max_steps=4, every=2), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["last", "last.ckpt", "step=2", "step=2.ckpt", "step=4", "step=4.ckpt"]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -209,7 +303,7 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     # paged AdamW's moments, gathered whole: one per adapter tensor element (bitsandbytes hides them from FSDP)
     optimizer_state = state["optimizer_states"][0]["state"]
     moments = [v["state1"] for v in optimizer_state.values()]
-    assert sum(m.numel() for m in moments) == sum(v.numel() for v in state["state_dict"].values()) > 0
+    assert sorted(m.shape for m in moments) == sorted(v.shape for v in state["state_dict"].values())
     assert sorted(optimizer_state) == list(range(len(state["state_dict"])))  # the optimizer's own order, as DDP's
     assert not any(torch.equal(v["state1"], v["state2"]) for v in optimizer_state.values())  # two moments, not one
     last_adapter = load_file(tmp_path / "checkpoints" / "last" / "adapter_model.safetensors")
@@ -218,20 +312,22 @@ def fsdp_save_on_two_resume_on_one(base, tmp_path, script, **device) -> None:
     assert final_adapter.keys() == last_adapter.keys()
     assert all(torch.equal(final_adapter[k], last_adapter[k]) for k in last_adapter)
 
-    one = subprocess.run(
-        args(max_steps=6, every=2, trainer__devices=1, trainer__accumulate_grad_batches=2) + ["--ckpt_path", "last"],
+    resumed_run = subprocess.run(
+        args(then, max_steps=6, every=2) + ["--ckpt_path", "last"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=600,
     )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "Restored all states" in one.stderr + one.stdout
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    assert "Restored all states" in resumed_run.stderr + resumed_run.stdout
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
     moved = [k for k in state["state_dict"] if not torch.equal(state["state_dict"][k], resumed["state_dict"][k])]
     assert moved, "the adapters did not train after the resume"
     assert all(torch.isfinite(v).all() for v in resumed["state_dict"].values())
+    moments = resumed["optimizer_states"][0]["state"].values()
+    assert sorted(m["state1"].shape for m in moments) == sorted(v.shape for v in resumed["state_dict"].values())
 
 
 @pytest.mark.slow
@@ -271,20 +367,42 @@ def test_an_optimizer_fsdp_cannot_checkpoint_is_a_clear_error_before_training(
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path):
-    fsdp_save_on_two_resume_on_one(
-        tiny_chat_llama_dir, tmp_path, REPO / "tests" / "fsdp_cpu_train.py", model__quant__quant_storage="float32"
+@pytest.mark.parametrize(
+    "config, first, then, settings",
+    [
+        ("fsdp.yaml", 2, 1, {}),
+        ("fsdp2.yaml", 2, 1, {"model__compile_layers": "true"}),
+        ("fsdp2.yaml", 1, 2, {"trainer__strategy__init_args__cpu_offload": "true"}),
+    ],
+    ids=["fsdp1-2-to-1", "fsdp2-compiled-2-to-1", "fsdp2-offload-1-to-2"],
+)
+def test_fsdp_on_two_cpu_processes_saves_adapters_once_and_resumes_on_one(
+    tiny_chat_llama_dir, tmp_path, config, first, then, settings
+):
+    """FSDP1 and FSDP2 through the CLI on CPU processes: saved on 2 and resumed on 1 (FSDP2 with compiled decoder
+    layers), and FSDP2 with its CPU offload saved on 1 and resumed on 2."""
+    fsdp_save_then_resume(
+        tiny_chat_llama_dir,
+        tmp_path,
+        REPO / "tests" / "fsdp_cpu_train.py",
+        config,
+        first,
+        then,
+        model__quant__quant_storage="float32",
+        **settings,
     )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("config", ["fsdp.yaml", "fsdp2.yaml"])
 @pytest.mark.parametrize("cpu_offload", [False, True])
-def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path, cpu_offload):
-    fsdp_save_on_two_resume_on_one(
+def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama_dir, tmp_path, config, cpu_offload):
+    fsdp_save_then_resume(
         tiny_chat_llama_dir,
         tmp_path,
         REPO / "train.py",
+        config,
         trainer__accelerator="cuda",
         trainer__precision="bf16-true",
         model__quant__compute_dtype="bfloat16",

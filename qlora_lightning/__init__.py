@@ -25,6 +25,7 @@ _EXPORTS = {
     "export_adapter": "adapters",
     "read_adapter": "adapters",
     "QLoRAFSDPStrategy": "fsdp",
+    "QLoRAFSDP2Strategy": "fsdp2",
     "ResumableCheckpoint": "resume",
     "find_last_checkpoint": "resume",
 }

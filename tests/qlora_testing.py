@@ -3,6 +3,7 @@ command lines."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -213,3 +214,11 @@ def outputs_and_gradients(layer, fn, x):
     out = fn(x)
     out.backward(torch.linspace(-1, 1, out.numel(), device=x.device).view_as(out).to(out.dtype))
     return out.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a process group's rendezvous: fixed ports collide when two test runs
+    (or two parametrized cases) start process groups at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

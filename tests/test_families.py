@@ -240,15 +240,13 @@ def test_family_compiled_and_offloaded_layers_give_the_plain_loss_and_gradients(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_fsdp_units_are_its_decoder_layers_and_load_streaming(family_model_dir, family):
+def test_family_fsdp_units_are_its_decoder_layers_and_load_streaming(family_model_dir, family, monkeypatch):
     """FSDP's units are the family's own decoder-layer class (transformers' `_no_split_modules`, found from the model,
     not named anywhere in fsdp.py) and each frozen 4-bit base; the model left on the meta device and loaded unit by
     unit as FSDP wraps it (one CPU process, gloo) gives the unwrapped model's loss, tied embeddings still tied."""
-    import os
-    import socket
-
     import torch.distributed as dist
     from family_models import family_tokenizer
+    from qlora_testing import free_port
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from qlora_lightning.fsdp import decoder_layer_policy
@@ -267,10 +265,8 @@ def test_family_fsdp_units_are_its_decoder_layers_and_load_streaming(family_mode
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids).loss
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         deferred = load_model(

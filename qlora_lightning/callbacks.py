@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
-from torch.distributed.tensor import DTensor
+
+from .fsdp2 import local_gradients
 
 __all__ = ["NonFiniteGuard", "PeakMemory", "TokensPerSecond", "TrainingRngStream", "training_monitors"]
 
@@ -90,8 +91,7 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # FSDP2: this rank's shards
+        grads = local_gradients(pl_module)  # under FSDP2, this rank's shards
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
         bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
         self._loss_finite = None

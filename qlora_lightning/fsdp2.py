@@ -58,6 +58,13 @@ from .lora import FrozenLinear4bit, lora_layers
 from .resume import read_checkpoint
 
 
+def local_gradients(module: nn.Module) -> list[torch.Tensor]:
+    """This rank's part of each gradient of `module`: under FSDP2 a gradient is a DTensor whose local shard is what
+    the rank holds (the non-finite guard checks those, then agrees across ranks); other gradients as they are."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of any transformers model (the modules transformers marks as
     `GradientCheckpointingLayer`), outermost first: FSDP2's shard units."""

@@ -21,30 +21,6 @@ HELLO_WORLD = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_fixture_is_the_family_with_its_real_tokenizer(family_model_dir, family):
-    """Each fixture folder holds the family's architecture and a tokenizer of that family: its encodings, its chat
-    template ending the assistant's turn with the family's end-of-turn token."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    folder = family_model_dir(family)
-    spec = FAMILY_SPECS[family]
-    config = AutoConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert config.model_type == spec.model_type
-    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (2, 64, len(tokenizer))
-    assert config.tie_word_embeddings == spec.tie
-    if family in HELLO_WORLD:
-        assert tokenizer("Hello world").input_ids == HELLO_WORLD[family]
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert f"Hello{spec.end_of_turn}" in rendered, rendered
-    end = tokenizer.convert_tokens_to_ids(spec.end_of_turn)
-    assert end != tokenizer.unk_token_id and end in tokenizer(rendered, add_special_tokens=False).input_ids
-    saved = json.loads((folder / "tokenizer_config.json").read_text())
-    assert saved.get("chat_template") or (folder / "chat_template.jinja").is_file()
-
-
 def _orca_sample(tmp_path, family):
     """The bundled OpenOrca sample; without its system prompts for Gemma 2, whose published template refuses a
     system message (`test_gemma2_chat_template_refusing_a_system_prompt_is_a_clear_error`)."""
@@ -72,23 +48,36 @@ def _first_batch(folder, dataset, template):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_targets_end_with_the_family_end_of_turn_inside_the_loss(family_model_dir, family, tmp_path):
-    """Under `template: chat` every target ends with the family's end-of-turn token, labelled (in the loss), and the
-    source is the family's template; under `template: qlora` the target ends with the tokenizer's EOS."""
+    """The fixture is the family (its architecture; its real tokenizer's encodings and chat template, as saved) and,
+    through the data module, under `template: chat` every target ends with the family's end-of-turn token, labelled
+    (in the loss), after a source in the family's template; under `template: qlora` a target ends with the
+    tokenizer's EOS (for a base model's tokenizer another token)."""
+    from transformers import AutoConfig
+
+    from qlora_lightning.data.formats import Example
+    from qlora_lightning.data.tokenize import ExampleEncoder
+
     folder = family_model_dir(family)
-    dataset = _orca_sample(tmp_path, family)
-    data, batch = _first_batch(folder, dataset, "chat")
-    tokenizer = data.tokenizer
-    end = tokenizer.convert_tokens_to_ids(FAMILY_SPECS[family].end_of_turn)
+    spec = FAMILY_SPECS[family]
+    data, batch = _first_batch(folder, _orca_sample(tmp_path, family), "chat")
+    tokenizer = data.tokenizer  # as the data module loads it from the folder
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.model_type, config.tie_word_embeddings) == (spec.model_type, spec.tie)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (2, 64, len(tokenizer))
+    if family in HELLO_WORLD:
+        assert tokenizer("Hello world").input_ids == HELLO_WORLD[family]
+    end = tokenizer.convert_tokens_to_ids(spec.end_of_turn)
+    assert end not in (tokenizer.unk_token_id, None)
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
         labelled = [i for i, label in zip(ids, labels) if label != -100]
         assert labelled[-1] == end, tokenizer.decode(labelled)
         first = labels.index(labelled[0])  # the source before it is not learnt, and is the family's template
         source = tokenizer.decode(ids[:first])
         assert tokenizer.decode(labelled[:-1]).strip(), source  # the response
-        assert FAMILY_SPECS[family].end_of_turn in source or source.endswith("[/INST]"), source  # Mistral: [/INST]
-    _, plain = _first_batch(folder, dataset, "qlora")
-    for ids, labels in zip(plain["input_ids"].tolist(), plain["labels"].tolist()):
-        assert [i for i, label in zip(ids, labels) if label != -100][-1] == tokenizer.eos_token_id
+        assert spec.end_of_turn in source or source.endswith("[/INST]"), source  # Mistral: [/INST]
+    plain = ExampleEncoder(tokenizer, "qlora").encode([Example(prompt="What is 2 + 2?", response="4")])
+    assert plain["input_ids"][0][-1] == tokenizer.eos_token_id
+    assert (tokenizer.eos_token_id == end) == (family == "mistral")
 
 
 def test_gemma2_chat_template_refusing_a_system_prompt_is_a_clear_error(family_model_dir):

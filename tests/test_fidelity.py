@@ -537,6 +537,22 @@ def test_an_unknown_reference_arm_is_a_clear_error(tmp_path):
         load_experiment(bad)
 
 
+@pytest.mark.parametrize("entry", ["qlora - lora8", "qlora - qlora", "qlora lora16", "qlora - nf4 - fp4"])
+def test_a_comparison_that_is_not_two_different_arms_is_a_clear_error(entry, tmp_path):
+    bad = tmp_path / "tasks.yaml"
+    bad.write_text(TASKS.read_text().replace("  - nf4 - qlora ", f"  - {entry} "))
+    with pytest.raises(ValueError, match=f"{bad}: comparisons entry '{entry}' must be '<arm> - <other arm>'"):
+        load_experiment(bad)
+
+
+def test_comparisons_default_to_every_arm_against_the_reference_arm(tmp_path):
+    text = TASKS.read_text()
+    plain = tmp_path / "tasks.yaml"
+    plain.write_text(text[: text.index("comparisons:")] + text[text.index("overlays:") :])
+    assert load_experiment(plain)["comparisons"] == [["qlora", "lora16"], ["nf4", "lora16"], ["fp4", "lora16"]]
+    assert ["fp4", "qlora"] in load_experiment(TASKS)["comparisons"]
+
+
 def _task_run(arm: str, seed: int, exact: float, loss: float) -> dict:
     quantize, dq = {"lora16": ("none", None), "nf4": ("nf4", False), "fp4": ("fp4", True)}[arm]
     return {
@@ -550,7 +566,8 @@ def _task_run(arm: str, seed: int, exact: float, loss: float) -> dict:
 
 def test_task_report_pairs_each_arm_with_the_reference_seed_by_seed(tmp_path):
     meta = {
-        "note": "task", "task": {"train": 4000, "held_out": 500, "seed": 0}, "reference_arm": "lora16",
+        "note": "task", "task": {"train": 4000, "held_out": 500, "seed": 0},
+        "comparisons": [["nf4", "lora16"], ["fp4", "lora16"], ["fp4", "nf4"], ["lora8", "lora16"]],
         "experiment_file": "configs/fidelity/tasks.yaml", "base_model": "builtin:smollm2-135m-instruct",
         "records": {"train": 4000, "held_out": 500}, "arms": {"lora16": [], "nf4": [], "fp4": []},
         "device_name": "NVIDIA H200", "date": "2026-12-01",
@@ -564,17 +581,20 @@ def test_task_report_pairs_each_arm_with_the_reference_seed_by_seed(tmp_path):
             (tmp_path / f"run_{arm}_seed{seed}.json").write_text(json.dumps(run))
     report = build_report(tmp_path)
     assert report["arms"]["lora16"]["exact_match_after"]["mean"] == pytest.approx(0.60)
-    fp4, nf4 = report["paired"]["fp4"]["exact_match_after"], report["paired"]["nf4"]["exact_match_after"]
+    paired = report["paired"]
+    assert list(paired) == ["nf4 - lora16", "fp4 - lora16", "fp4 - nf4"]  # lora8 has no runs: no row
+    fp4, nf4 = paired["fp4 - lora16"]["exact_match_after"], paired["nf4 - lora16"]["exact_match_after"]
     assert fp4["differences"] == pytest.approx([-0.10, -0.09, -0.11]) and fp4["std"] == pytest.approx(0.01)
     half = 4.303 * 0.01 / 3**0.5  # Student's t, 2 degrees of freedom
     assert fp4["ci95"] == pytest.approx([-0.10 - half, -0.10 + half]) and fp4["resolved"]
     assert nf4["differences"] == pytest.approx([-0.01, 0.0, -0.02]) and not nf4["resolved"]  # the interval holds 0
-    assert report["paired"]["fp4"]["eval_loss_after"]["mean"] == pytest.approx(0.1)
-    assert report["paired"]["fp4"]["same_adapter_init_per_seed"] and "lora16" not in report["paired"]
+    assert paired["fp4 - nf4"]["exact_match_after"]["differences"] == pytest.approx([-0.09, -0.09, -0.09])
+    assert paired["fp4 - lora16"]["eval_loss_after"]["mean"] == pytest.approx(0.1)
+    assert paired["fp4 - lora16"]["same_adapter_init_per_seed"]
     table = (tmp_path / "fidelity.md").read_text()
     assert "| lora16 | bfloat16 (16-bit LoRA) | 3 | 250 × 16 | 2.0 % | 60.0 % ± 2.0 |" in table
-    assert "| fp4 | 3 | -10.0, -9.0, -11.0 | -10.0 ± 1.0 | [-12.5, -7.5] * |" in table
-    assert "| nf4 | 3 | -1.0, +0.0, -2.0 | -1.0 ± 1.0 | [-3.5, +1.5] |" in table
+    assert "| fp4 - lora16 | 3 | -10.0, -9.0, -11.0 | -10.0 ± 1.0 | [-12.5, -7.5] * |" in table
+    assert "| nf4 - lora16 | 3 | -1.0, +0.0, -2.0 | -1.0 ± 1.0 | [-3.5, +1.5] |" in table
     assert (tmp_path / "exact_match.png").stat().st_size > 0
     assert json.loads((tmp_path / "fidelity.json").read_text())["paired"] == report["paired"]
 
@@ -604,9 +624,9 @@ def test_the_task_smoke_run_trains_every_arm_from_the_same_start_and_reports_exa
         assert run["exact_match_examples"] == 16 and 0 <= run["exact_match_after"] <= 1 and run["steps"] == 4
         assert run["eval_loss_after"] < run["eval_loss_before"]  # four steps moved the adapters
     report = json.loads((out / "fidelity.json").read_text())
-    assert set(report["paired"]) == {"qlora", "nf4", "fp4"}
+    assert list(report["paired"]) == ["qlora - lora16", "nf4 - lora16", "fp4 - lora16", "fp4 - qlora", "nf4 - qlora"]
     assert all(p["exact_match_after"]["seeds"] == [0, 1] and p["same_adapter_init_per_seed"] for p in
                report["paired"].values())  # fmt: skip
     table = (out / "fidelity.md").read_text()
-    assert "| arm − lora16 |" in table and "| fp4 | FP4 + double quant, float32 compute | 2 | 4 × 4 |" in table
+    assert "| fp4 - qlora | 2 |" in table and "| fp4 | FP4 + double quant, float32 compute | 2 | 4 × 4 |" in table
     assert (out / "exact_match.png").is_file()

@@ -44,8 +44,21 @@ def load_experiment(path: str | Path) -> dict:
         reference = spec.setdefault("reference_arm", next(iter(spec["arms"])))
         if reference not in spec["arms"]:
             raise ValueError(f"{path}: reference_arm {reference!r} is none of the arms {sorted(spec['arms'])}")
+        spec["comparisons"] = [_comparison(c, spec["arms"], path) for c in spec.get("comparisons") or []] or [
+            [arm, reference] for arm in spec["arms"] if arm != reference
+        ]
     spec["file"] = str(path)
     return spec
+
+
+def _comparison(text: str, arms: dict, path: Path) -> list[str]:
+    """One `comparisons` entry, "<arm> - <other arm>", as [arm, other]: the report's paired per-seed difference."""
+    pair = [part.strip() for part in str(text).split(" - ")]
+    if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(arms):
+        raise ValueError(
+            f"{path}: comparisons entry {text!r} must be '<arm> - <other arm>', two different arms of {sorted(arms)}"
+        )
+    return pair
 
 
 def is_task(spec: dict) -> bool:

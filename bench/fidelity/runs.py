@@ -127,7 +127,7 @@ def run(args) -> None:
     if is_task(spec):  # no MMLU there: the runs measure held-out exact match themselves
         stages &= {"arms"}
         counts = write_task_records(spec["task"], records)
-        data = {"note": TASK_NOTE, "task": spec["task"], "reference_arm": spec["reference_arm"]}
+        data = {"note": TASK_NOTE, "task": spec["task"], "comparisons": spec["comparisons"]}
         said = f"records: {counts['train']} training, {counts['held_out']} held out (generated task); base {base}"
     else:
         counts, data, said = _mmlu_records(spec, records, base)

@@ -1,5 +1,5 @@
 """The task experiment's report (configs/fidelity/tasks.yaml): held-out exact match and loss per arm (mean ± sd
-over seeds), each arm's paired per-seed difference from the reference arm with a 95 % interval, fidelity.json,
+over seeds), the paired per-seed differences the experiment's `comparisons` name, with a 95 % interval, fidelity.json,
 fidelity.md and a plot of the exact match per arm and seed."""
 
 from __future__ import annotations
@@ -45,20 +45,19 @@ def build_task_report(out: Path, meta: dict) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("run_*_seed*.json"))]
     by_arm = {arm: sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"]) for arm in meta["arms"]}
     arms = {arm: _arm_summary(mine) for arm, mine in by_arm.items()}
-    reference = meta["reference_arm"]
     comparison = {
-        arm: {
-            **{key: paired_difference(mine, by_arm.get(reference, []), key) for key in PAIRED},
+        f"{arm} - {other}": {
+            **{key: paired_difference(by_arm.get(arm, []), by_arm.get(other, []), key) for key in PAIRED},
             "same_adapter_init_per_seed": all(
-                arms[arm]["adapter_init_fingerprints"].get(s) == arms[reference]["adapter_init_fingerprints"].get(s)
+                arms[arm]["adapter_init_fingerprints"].get(s) == arms[other]["adapter_init_fingerprints"].get(s)
                 for s in arms[arm]["seeds"]
-                if s in arms[reference]["seeds"]
+                if s in arms[other]["seeds"]
             ),
         }
-        for arm, mine in by_arm.items()
-        if arm != reference and reference in arms
+        for arm, other in meta["comparisons"]
+        if arm in arms and other in arms
     }
-    report = {"note": meta["note"], "experiment": meta, "arms": arms, "reference_arm": reference, "paired": comparison}
+    report = {"note": meta["note"], "experiment": meta, "arms": arms, "paired": comparison}
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "fidelity.md").write_text(task_markdown(report))
     if any(a["seeds"] for a in arms.values()):
@@ -86,8 +85,8 @@ def _arm_summary(mine: list[dict]) -> dict:
 
 
 def task_markdown(report: dict) -> str:
-    """The two tables: each arm's numbers, then each arm against the reference arm seed by seed."""
-    meta, arms, reference = report["experiment"], report["arms"], report["reference_arm"]
+    """The two tables: each arm's numbers, then each comparison ("arm - other arm") seed by seed."""
+    meta, arms = report["experiment"], report["arms"]
     pct = dict(digits=1, scale=100, suffix=" %")
     task = meta["task"]
     lines = [
@@ -118,7 +117,7 @@ def task_markdown(report: dict) -> str:
         "Mean ± standard deviation over seeds; exact match: greedy answers to the held-out questions "
         "(`DemoReport`, `exact_match`); eval loss: mean over the answer tokens of the held-out records.",
         "",
-        f"| arm − {reference} | seeds | exact match after, per seed (points) | mean ± sd | 95 % interval | "
+        "| difference | seeds | exact match after, per seed (points) | mean ± sd | 95 % interval | "
         "eval loss after, mean ± sd | 95 % interval | same initial adapters |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -131,8 +130,9 @@ def task_markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Paired per seed (same seed, data order and initial adapters in every arm). An interval that leaves out 0 "
-        "(marked *) is a difference these seeds resolve; one that holds 0 is not.",
+        "Paired per seed (same seed, data order and initial adapters in every arm): a positive exact-match "
+        "difference or a negative loss difference favours the first arm. An interval that leaves out 0 (marked *) "
+        "is a difference these seeds resolve; one that holds 0 is not.",
     ]
     return "\n".join(lines) + "\n"
 

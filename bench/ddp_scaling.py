@@ -98,14 +98,14 @@ def main() -> None:
     many = run(model, work / f"n{args.devices}", args.devices, args.micro_batch, args.steps)
     print("| step | loss, 1 GPU | loss, %d GPUs |" % args.devices)
     print("|---|---|---|")
-    for a, b in zip(one, many):
+    for a, b in zip(one, many, strict=True):
         print(f"| {a['step']} | {float(a['train/loss']):.4f} | {float(b['train/loss']):.4f} |")
     tps = [statistics.median(float(r["train/tokens_per_s"]) for r in rows[len(rows) // 3 :]) for rows in (one, many)]
     print(
         f"\ntokens/s: 1 GPU {tps[0]:,.0f}; {args.devices} GPUs {tps[1]:,.0f}; "
         f"scaling efficiency {tps[1] / (args.devices * tps[0]):.2f}"
     )
-    deltas = [abs(float(a["train/loss"]) - float(b["train/loss"])) for a, b in zip(one, many)]
+    deltas = [abs(float(a["train/loss"]) - float(b["train/loss"])) for a, b in zip(one, many, strict=True)]
     print(f"mean |loss difference| over {len(deltas)} logged steps: {statistics.mean(deltas):.4f}")
 
 

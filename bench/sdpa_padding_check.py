@@ -72,7 +72,9 @@ def main() -> None:
             model.eval()
             with torch.no_grad():
                 logits = {name: run(model, b, input_ids=ids, attention_mask=mask) for name, b in BACKENDS.items()}
-                alone = torch.cat([model(input_ids=row[keep][None]).logits.float()[0] for row, keep in zip(ids, real)])
+                alone = torch.cat(
+                    [model(input_ids=row[keep][None]).logits.float()[0] for row, keep in zip(ids, real, strict=True)]
+                )
             reference = logits["math"][real]
             worst = {name: round(float((v[real] - reference).abs().max()), 4) for name, v in logits.items()}
             worst["rows alone"] = round(float((alone - reference).abs().max()), 4)

@@ -591,7 +591,7 @@ def summary(ranks: list[dict], accumulate: int = 1) -> dict:
     if accumulate > 1:
         rates = [sum(c[k] for c in counts) / sum(steps) for k in range(3)]
     else:
-        rates = [statistics.median(c[k] / t for c, t in zip(counts, steps)) for k in range(3)]
+        rates = [statistics.median(c[k] / t for c, t in zip(counts, steps, strict=True)) for k in range(3)]
     return {
         **r,
         "median_step_s": statistics.median(steps) if accumulate == 1 else statistics.mean(steps),

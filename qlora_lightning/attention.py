@@ -20,6 +20,7 @@ soft-capping, say) are left as they are, and transformers' own packed path serve
 from __future__ import annotations
 
 import inspect
+from itertools import pairwise
 
 import torch
 from torch.nn import functional as F
@@ -47,7 +48,7 @@ def _per_example(q, k, v, bounds: list[int], scaling: float | None, groups: int)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in pairwise(bounds):
         if end > start:
             part = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
             out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True, scale=scaling)[0].transpose(0, 1)

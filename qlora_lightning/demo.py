@@ -69,7 +69,7 @@ class DemoReport(Callback):
             model, tokenizer, prompts, template=None, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
         )
         model.train(was_training)
-        hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
+        hits = [exact_match(a, e.response) for a, e in zip(answers, examples, strict=True)]
         return {
             "loss": loss,
             "exact_match": sum(hits) / len(hits),

@@ -106,7 +106,7 @@ def _write_model(
     merged = merged_tensors(
         source_dir, factors, [p.key for p in plan], checkpoint, quantized=quantized, quant=quant, device=device
     )
-    tensors = (to_gguf_layout(p.name, tensor, target) for p, (_, tensor) in zip(plan, merged))
+    tensors = (to_gguf_layout(p.name, tensor, target) for p, (_, tensor) in zip(plan, merged, strict=True))
     return write_gguf(output, writer, [p for p, _ in extra] + plan, chain((t for _, t in extra), tensors))
 
 

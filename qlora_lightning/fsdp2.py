@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ def shard_model(
     _load_and_pack(root, materialize)
     fully_shard(root, mesh=mesh, **offload)
     if forward_prefetch:
-        for layer, after in zip(layers, layers[1:]):
+        for layer, after in pairwise(layers):
             layer.set_modules_to_forward_prefetch([after])
 
 

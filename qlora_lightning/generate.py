@@ -204,7 +204,7 @@ def answer_batch(
     Compiled layers would recompile for every cache length while generating token by token: they run eagerly here.
     """
     rows = []
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         labelled = (labels != -100).nonzero()
         if len(labelled) == 0 or labelled[0].item() == 0:
             raise ValueError("predict needs prompts without labels: set data.train_on_source false")
@@ -213,7 +213,7 @@ def answer_batch(
         rows.append((prompt, tokenizer.decode(ids[labels != -100], skip_special_tokens=True)))
     with torch.compiler.set_stance("force_eager"):
         answers = generate(model, tokenizer, [p for p, _ in rows], template=None, max_new_tokens=max_new_tokens)
-    return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers)]
+    return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers, strict=True)]
 
 
 def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, **kwargs) -> Iterator[str]:
@@ -292,6 +292,6 @@ def generate_cli(
             answers.append("".join(pieces))
     else:
         answers = generate(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size, **kwargs)
-        for p, a in zip(prompts, answers):
+        for p, a in zip(prompts, answers, strict=True):
             print(f"### {p}\n{a}", file=sys.stdout, flush=True)
     return answers

@@ -107,7 +107,7 @@ class PackedQuantWeight:
     def pack(self, data: torch.Tensor, state: bnb_F.QuantState) -> torch.Tensor:
         """The weight and its state as one `uint8` tensor of `size` bytes."""
         flat = torch.zeros(self.size, dtype=torch.uint8, device=data.device)
-        for (start, _, _), t in zip(self.parts, self._tensors(data, state)):
+        for (start, _, _), t in zip(self.parts, self._tensors(data, state), strict=True):
             raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
             flat[start : start + raw.numel()] = raw
         return flat

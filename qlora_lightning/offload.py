@@ -123,7 +123,9 @@ class _OffloadedLayer(torch.autograd.Function):
                 outputs = ctx.function(hidden_states, *ctx.args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [
-            (o, g) for o, g in zip(outputs, grad_outputs) if torch.is_tensor(o) and o.requires_grad and g is not None
+            (o, g)
+            for o, g in zip(outputs, grad_outputs, strict=True)
+            if torch.is_tensor(o) and o.requires_grad and g is not None
         ]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, hidden_states.grad, *([None] * len(ctx.args)))

@@ -104,11 +104,11 @@ def plot_loss(log_dir: list[str] | str, output: str | None = None, labels: list[
     fig = _agg_figure(figsize=(8, 4.5) if several else (7, 4))
     ax = fig.add_subplot()
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (name, curves) in enumerate(zip(names, runs)):
+    for k, (name, curves) in enumerate(zip(names, runs, strict=True)):
         for key, points in curves.items():
             if not points:
                 continue
-            steps, values = zip(*points)
+            steps, values = zip(*points, strict=True)
             style = {"marker": "o", "linestyle": "--" if several else "-"} if key == "val/loss" else {}
             if several:
                 style["color"] = colors[k % len(colors)]

@@ -62,7 +62,7 @@ def test_packed_rows_with_boundaries_give_the_padded_logits_and_gradients_on_the
         results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
     (ref, ref_grads), (out, out_grads) = results
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(ref_grads, out_grads):
+    for a, b in zip(ref_grads, out_grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
@@ -104,5 +104,5 @@ def test_on_cuda_the_varlen_kernel_gives_the_padded_logits_and_gradients(max_len
         results.append((logits.detach(), [p.grad.float() for p in model.parameters()]))
     (ref, ref_grads), (out, out_grads) = results
     assert (out - ref).norm() <= 2e-2 * ref.norm()
-    for a, b in zip(ref_grads, out_grads):
+    for a, b in zip(ref_grads, out_grads, strict=True):
         assert (b - a).norm() <= 5e-2 * a.norm() + 1e-6

@@ -68,8 +68,8 @@ def test_chat_targets_end_with_the_family_end_of_turn_inside_the_loss(family_mod
         assert tokenizer("Hello world").input_ids == HELLO_WORLD[family]
     end = tokenizer.convert_tokens_to_ids(spec.end_of_turn)
     assert end not in (tokenizer.unk_token_id, None)
-    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        labelled = [i for i, label in zip(ids, labels) if label != -100]
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        labelled = [i for i, label in zip(ids, labels, strict=True) if label != -100]
         assert labelled[-1] == end, tokenizer.decode(labelled)
         first = labels.index(labelled[0])  # the source before it is not learnt, and is the family's template
         source = tokenizer.decode(ids[:first])
@@ -224,7 +224,7 @@ def test_family_compiled_and_offloaded_layers_give_the_plain_loss_and_gradients(
     assert counters["stats"]["unique_graphs"] >= 1  # the layers did run compiled
     plain = _loss_and_grads(folder, ids)
     torch.testing.assert_close(compiled[0], plain[0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(compiled[1], plain[1]):
+    for a, b in zip(compiled[1], plain[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 

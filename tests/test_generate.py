@@ -171,10 +171,10 @@ def test_device_cuda_without_cuda_names_the_flag(tiny_chat_llama_dir, chat_adapt
 
 def right_padded_batch(tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> dict[str, torch.Tensor]:
     """A training batch as the collator makes it: rows right-padded, labels on the answers only."""
-    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
     input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
     labels = torch.full((len(prompts), width), -100)
-    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
         input_ids[i, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         labels[i, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
     return {"input_ids": input_ids, "labels": labels}

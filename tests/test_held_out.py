@@ -23,11 +23,14 @@ def test_the_held_out_loss_weighs_batches_by_their_labelled_tokens_in_float64():
         i = int(batch["labels"][0, 0])
         return losses[i], counts[i]
 
-    exact = sum(Fraction(float(loss)) * int(n) for loss, n in zip(losses, counts)) / sum(int(n) for n in counts)
+    exact = sum(Fraction(float(loss)) * int(n) for loss, n in zip(losses, counts, strict=True)) / sum(
+        int(n) for n in counts
+    )
     assert held_out_loss(loss_on, batches, "cpu") == pytest.approx(float(exact), rel=1e-15)
     assert len(seen) == 300 and all(d.type == "cpu" for d in seen)
     in_bf16 = sum(
-        (loss * n.to(torch.bfloat16) for loss, n in zip(losses, counts)), torch.tensor(0.0, dtype=torch.bfloat16)
+        (loss * n.to(torch.bfloat16) for loss, n in zip(losses, counts, strict=True)),
+        torch.tensor(0.0, dtype=torch.bfloat16),
     )
     assert abs(float(in_bf16) / sum(int(n) for n in counts) - float(exact)) > 0.01  # what float64 avoids
 

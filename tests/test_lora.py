@@ -140,7 +140,7 @@ def test_the_layer_computes_w_x_plus_scaled_b_a_x(device, cls, dtype, tol, p):
     x = torch.randn(3, 5, 64, device=device, dtype=dtype)
     got = outputs_and_gradients(layer.train(), layer, x)
     want = outputs_and_gradients(layer, lambda t: textbook(layer, t, p), x)
-    for name, a, b in zip(["output", "grad x", "grad A", "grad B"], got, want):
+    for name, a, b in zip(["output", "grad x", "grad A", "grad B"], got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         err = (a.float() - b.float()).norm() / b.float().norm()
         assert err < tol, f"{name}: relative error {err:.2e}"

@@ -54,7 +54,7 @@ def test_under_checkpointing_the_recomputed_dropout_mask_is_the_same():
     x = torch.randn(6, 64)
     direct = outputs_and_gradients(layer, layer, x)
     recomputed = outputs_and_gradients(layer, lambda t: checkpoint(layer, t, use_reentrant=False), x)
-    for a, b in zip(direct, recomputed):
+    for a, b in zip(direct, recomputed, strict=True):
         assert torch.equal(a, b)
 
 
@@ -67,7 +67,7 @@ def test_a_plain_packed_tensor_with_the_quant_state_on_the_module_works(device):
     layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.data.clone(), requires_grad=False)
     assert getattr(layer.base_layer.weight, "quant_state", None) is None
     after = outputs_and_gradients(layer, layer, x)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
 
 

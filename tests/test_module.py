@@ -167,7 +167,7 @@ def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_
     # fp32 on CPU: summation order only; bf16 on CUDA: fused kernels round once where eager rounds per op.
     tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(loss_b, loss_a, **tol)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         assert (b.float() - a.float()).norm() <= (5e-5 if device == "cpu" else 3e-2) * a.float().norm()
     torch._dynamo.reset()
 
@@ -202,11 +202,13 @@ def test_compiled_dropout_is_redrawn_identically_when_checkpointing_recomputes(t
     torch._dynamo.reset()
 
     def grad_gap(a, b):
-        return max(((y.float() - x.float()).norm() / x.float().norm()).item() for x, y in zip(a[1], b[1]))
+        return max(((y.float() - x.float()).norm() / x.float().norm()).item() for x, y in zip(a[1], b[1], strict=True))
 
     assert grad_gap(kept, other_masks) > 0.1  # what redrawing other masks would do
     if device == "cpu":
-        assert torch.equal(kept[0], recomputed[0]) and all(torch.equal(a, b) for a, b in zip(kept[1], recomputed[1]))
+        assert torch.equal(kept[0], recomputed[0]) and all(
+            torch.equal(a, b) for a, b in zip(kept[1], recomputed[1], strict=True)
+        )
     else:  # with and without checkpointing Inductor fuses differently, and bf16 rounds accordingly
         torch.testing.assert_close(recomputed[0], kept[0], rtol=1e-3, atol=0)
         assert grad_gap(kept, recomputed) <= 3e-2
@@ -288,7 +290,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, 
     assert padded_n == packed_n
     tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on CUDA: other summation orders in attention
     torch.testing.assert_close(packed_loss, padded_loss, rtol=tol, atol=0)
-    assert all((b - a).norm() <= tol * 10 * a.norm() for a, b in zip(padded_grads, packed_grads))
+    assert all((b - a).norm() <= tol * 10 * a.norm() for a, b in zip(padded_grads, packed_grads, strict=True))
 
 
 def test_validate_then_fit_on_the_same_module(tiny_chat_llama_dir, tmp_path):

@@ -43,7 +43,7 @@ def launch_two_nodes(base, shared, tmp_path, max_steps: int, *extra: str) -> lis
             subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     outputs = [p.communicate(timeout=900)[0] for p in procs]
-    for node, (p, out) in enumerate(zip(procs, outputs)):
+    for node, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"node {node} failed:\n{out[-4000:]}"
     return outputs
 

@@ -44,7 +44,9 @@ def test_offloaded_checkpointing_gives_the_plain_loss_and_gradients_bitwise(tiny
     plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=dropout)
     offloaded = loss_and_grads(tiny_chat_llama_dir, offload=True, dropout=dropout)
     assert torch.equal(plain[0], offloaded[0])
-    assert all(torch.equal(a, b) for a, b in zip(plain[1], offloaded[1]))  # the recomputation redrew the same masks
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain[1], offloaded[1], strict=True)
+    )  # the recomputation redrew the same masks
 
 
 @requires_cuda
@@ -52,7 +54,7 @@ def test_on_the_gpu_the_layer_inputs_leave_it_and_the_gradients_stay(tiny_chat_l
     plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=0.1, device="cuda", seq=512)
     offloaded = loss_and_grads(tiny_chat_llama_dir, offload=True, dropout=0.1, device="cuda", seq=512)
     torch.testing.assert_close(offloaded[0], plain[0], rtol=1e-3, atol=0)
-    for a, b in zip(plain[1], offloaded[1]):
+    for a, b in zip(plain[1], offloaded[1], strict=True):
         assert (b.float() - a.float()).norm() <= 1e-2 * a.float().norm()
     # (batch × seq × hidden) bf16: what plain checkpointing keeps on the GPU for each of the 2 layers. The first
     # layer's input stays there either way: it is the embedding output, which transformers makes a leaf that

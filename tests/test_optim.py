@@ -38,11 +38,11 @@ def _steps(optimizer_class, device: str, steps: int = 3):
 def test_the_updates_are_bitwise_bitsandbytes(device):
     theirs, their_optimizer = _steps(bnb.optim.PagedAdamW32bit, device)
     ours, our_optimizer = _steps(PagedAdamW32bitOneSync, device)
-    for a, b in zip(theirs, ours):
+    for a, b in zip(theirs, ours, strict=True):
         assert torch.equal(a, b)
-    moved = [(p != p0.to(device)).float().mean() for p, p0 in zip(ours, _adapters("cpu"))]
+    moved = [(p != p0.to(device)).float().mean() for p, p0 in zip(ours, _adapters("cpu"), strict=True)]
     assert all(m > 0.9 for m in moved[:-1]) and moved[-1] == 0  # the updates compared, and none without a gradient
-    for a, b in zip(theirs[:-1], ours[:-1]):
+    for a, b in zip(theirs[:-1], ours[:-1], strict=True):
         mine, bnb_state = our_optimizer.state[b], their_optimizer.state[a]
         assert mine["step"] == bnb_state["step"] == 3
         assert torch.equal(mine["state1"], bnb_state["state1"]) and torch.equal(mine["state2"], bnb_state["state2"])
@@ -54,7 +54,7 @@ def _third_step(params, optimizer) -> None:
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params[:-1]]
-    for p, grad in zip(params[:-1], grads):
+    for p, grad in zip(params[:-1], grads, strict=True):
         p.grad = grad
     optimizer.step()
 
@@ -72,8 +72,8 @@ def test_a_checkpoint_of_either_loads_into_the_other(first, second):
     resumed = second(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
     resumed.load_state_dict(saved.state_dict())
     _third_step(params, resumed)
-    assert all(torch.equal(a, b) for a, b in zip(straight, params))
-    for a, b in zip(straight[:-1], params[:-1]):
+    assert all(torch.equal(a, b) for a, b in zip(straight, params, strict=True))
+    for a, b in zip(straight[:-1], params[:-1], strict=True):
         want, got = straight_optimizer.state[a], resumed.state[b]
         assert got["step"] == want["step"] == 3
         assert torch.equal(got["state1"], want["state1"]) and torch.equal(got["state2"], want["state2"])
@@ -91,11 +91,11 @@ def test_the_update_is_adamws(weight_decay):
     start = [p.detach().clone() for p in ours]
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=g) for p in ours]
-        for group, optimizer in zip((ours, reference), optimizers):
-            for p, grad in zip(group, grads):
+        for group, optimizer in zip((ours, reference), optimizers, strict=True):
+            for p, grad in zip(group, grads, strict=True):
                 p.grad = grad.clone()
             optimizer.step()
-    for p, want, p0 in zip(ours, reference, start):
+    for p, want, p0 in zip(ours, reference, start, strict=True):
         assert (p - p0).abs().min() > 0  # every weight moved (lr 1e-2: ~3e-2 in three steps)
         torch.testing.assert_close(p.detach(), want.detach(), rtol=0, atol=1e-6)
 
@@ -149,7 +149,7 @@ def test_a_config_selects_it_with_its_own_and_bitsandbytes_arguments(tmp_path):
 def test_states_on_host_changes_no_update(device):
     theirs, _ = _steps(bnb.optim.PagedAdamW32bit, device)
     ours, _ = _steps(lambda params, **kw: PagedAdamW32bitOneSync(params, states_on_host=True, **kw), device)
-    assert all(torch.equal(a, b) for a, b in zip(theirs, ours))
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
 
 
 @requires_cuda
@@ -193,5 +193,5 @@ def test_host_states_resume_from_a_checkpoint_as_an_uninterrupted_run():
     resumed = host_adamw(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
     resumed.load_state_dict(saved)
     _third_step(params, resumed)
-    assert all(torch.equal(a, b) for a, b in zip(straight, params))
+    assert all(torch.equal(a, b) for a, b in zip(straight, params, strict=True))
     assert all(resumed.state[p]["state1"].device.type == "cpu" for p in params[:-1])

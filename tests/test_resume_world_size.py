@@ -31,7 +31,9 @@ class StepRecorder(L.Callback):
         self.out_dir = Path(out_dir)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        examples = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        examples = [
+            ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps([trainer.global_step, examples]) + "\n")

@@ -12,7 +12,7 @@ LETTERS = ("A", "B", "C", "D")
 def instruction_record(q) -> dict:
     """An MMLU question as an `alpaca` record: the question and choices → "<letter>. <choice text>"."""
     subject = q.subject.replace("_", " ")
-    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))
+    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
     return {
         "instruction": (
             f"Answer the following multiple choice question about {subject} with the letter of the correct "
@@ -41,7 +41,7 @@ def write_task_records(task: dict, paths: dict[str, Path]) -> dict[str, int]:
     from qlora_lightning.data.sample import generate_tasks
 
     parts = generate_tasks(task["train"], task["held_out"], task.get("seed", 0))
-    return {name: _write_jsonl(rows, paths[name]) for name, rows in zip(("train", "held_out"), parts)}
+    return {name: _write_jsonl(rows, paths[name]) for name, rows in zip(("train", "held_out"), parts, strict=True)}
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> int:

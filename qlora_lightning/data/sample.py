@@ -226,7 +226,7 @@ def _lookups(rng: random.Random) -> tuple[str, str, str]:
     keys = rng.sample(TASK_WORDS, 4)
     if rng.random() < 0.5:
         values = [rng.randint(1, 99) for _ in keys]
-        table = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+        table = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
         i = rng.randrange(len(keys))
         return "lookup_value", f"Given {table}: what is the value of {keys[i]}?", str(values[i])
     i = rng.randrange(len(keys))

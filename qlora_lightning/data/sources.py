@@ -499,7 +499,7 @@ def _encode_batch(
     else:
         records = batch["text"]
     examples, owners, errors = [], [], {}
-    for j, (i, record) in enumerate(zip(indices, records)):
+    for j, (i, record) in enumerate(zip(indices, records, strict=True)):
         row = int(rows[i])
         where = _where(parts, row)
         try:

@@ -118,7 +118,7 @@ def _encode_chat_source(
     whole; one that marks only a text's first word (SentencePiece's "first" prefix scheme) gives the piece after each
     template token a word marker that the whole text would not have."""
     found = sorted({m.group() for text in _texts(example) for m in specials.finditer(text)})
-    stand_ins = dict(zip(found, _unused_characters(_texts(example), len(found))))
+    stand_ins = dict(zip(found, _unused_characters(_texts(example), len(found)), strict=True))
     originals = {c: s for s, c in stand_ins.items()}
     show = re.compile("|".join(originals))
     rendered = template.render(
@@ -219,7 +219,7 @@ class ExampleEncoder:
         src_ids = encode_sources(tok, self.template, examples)
         tgt_ids = encode_text(tok, [self.separator + ex.response for ex in examples])
         out: dict[str, list] = {"input_ids": [], "n_source": [], "source_cut": [], "target_cut": []}
-        for s, t in zip(src_ids, tgt_ids):
+        for s, t in zip(src_ids, tgt_ids, strict=True):
             t = t + [self.end_id]
             out["source_cut"].append(max(0, len(self.prefix) + len(s) - self.source_max_len))
             out["target_cut"].append(max(0, len(t) - self.target_max_len))

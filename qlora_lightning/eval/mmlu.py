@@ -74,7 +74,7 @@ def encode_questions(
         texts = [build_prompt(data.questions[indices[j]], pools[j][: ks[j]]) for j in todo]
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         again = []
-        for j, ids in zip(todo, encoded):
+        for j, ids in zip(todo, encoded, strict=True):
             ids = prefix + ids
             if len(ids) <= max_length:
                 out[j] = EncodedQuestion(ids, ks[j], False)
@@ -207,12 +207,14 @@ def score(
                 torch.tensor([subject_index[q.subject] for q in questions], device=metric.device),
                 logits.argmax(-1).to(metric.device),
                 torch.tensor([q.answer for q in questions], device=metric.device),
-                torch.tensor([encoded[j].n_shots < a for j, a in zip(batch, available)], device=metric.device),
+                torch.tensor(
+                    [encoded[j].n_shots < a for j, a in zip(batch, available, strict=True)], device=metric.device
+                ),
                 torch.tensor([encoded[j].truncated for j in batch], device=metric.device),
                 torch.tensor([encoded[j].n_shots for j in batch], device=metric.device),
                 torch.tensor([a < shots for a in available], device=metric.device),
             )
-            logits_by_index.update({indices[j]: row for j, row in zip(batch, logits)})
+            logits_by_index.update({indices[j]: row for j, row in zip(batch, logits, strict=True)})
             bar.update(len(batch))
     return logits_by_index
 

@@ -101,7 +101,11 @@ def prompt_header(subject: str) -> str:
 
 def format_question(q: Question, with_answer: bool) -> str:
     """ "question\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer:" plus " X\\n\\n" for a solved example."""
-    text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices)) + "\nAnswer:"
+    text = (
+        q.question
+        + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
+        + "\nAnswer:"
+    )
     return text + f" {LETTERS[q.answer]}\n\n" if with_answer else text
 
 

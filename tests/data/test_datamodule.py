@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from itertools import pairwise
 from types import SimpleNamespace
 
 import lightning as L
@@ -23,10 +24,13 @@ def examples_of(batch) -> list[tuple[int, ...]]:
     """The token ids of each example of a batch: a padded row's unmasked ids, or a packed row's sequences (split where
     the positions restart at 0; the padding after the last example is left out)."""
     if "attention_mask" in batch:
-        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        return [
+            tuple(ids[mask.bool()].tolist())
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
     ids = batch["input_ids"][0].tolist()
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [len(ids)]
-    return [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])][: int(batch["num_examples"])]
+    return [tuple(ids[a:b]) for a, b in pairwise(starts)][: int(batch["num_examples"])]
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -281,7 +285,7 @@ def _fit(*args, **kwargs):
 def _steps(model):
     """The examples of each optimizer step (sorted: the split into micro-batches may order them otherwise)."""
     steps: dict[int, list] = {}
-    for step, example in zip(model.step_of, model.seen):
+    for step, example in zip(model.step_of, model.seen, strict=True):
         steps.setdefault(step, []).append(example)
     return [sorted(steps[k]) for k in sorted(steps)]
 

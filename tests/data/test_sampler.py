@@ -60,7 +60,7 @@ def test_ranks_share_each_epoch_equally_and_disjointly():
     assert len(set(together)) == len(together) == len(LENGTHS) // 12 * 12
     # a step's batches on the three ranks are consecutive slices of one length-sorted global batch
     single = list(LengthGroupedSampler(LENGTHS, 12, num_replicas=1))
-    assert [i for step in zip(*(batches(r, 4) for r in ranks)) for b in step for i in b] == single
+    assert [i for step in zip(*(batches(r, 4) for r in ranks), strict=True) for b in step for i in b] == single
     with pytest.raises(ValueError, match="rank"):
         LengthGroupedSampler(LENGTHS, 4, num_replicas=2, rank=2)
 

@@ -231,7 +231,9 @@ def test_a_file_size_limit_hit_while_caching_is_named_as_a_write_failure(tmp_pat
     advice = "MiB free there); free disk space, raise the file-size limit (ulimit -f), or set data.cache_dir"
     failures = done.stdout.splitlines()
     assert len(failures) == 2 and all(advice in line for line in failures), done.stdout
-    for line, (folder, during) in zip(failures, [(cache, "reading"), (cache / "qlora_lightning", "tokenizing")]):
+    for line, (folder, during) in zip(
+        failures, [(cache, "reading"), (cache / "qlora_lightning", "tokenizing")], strict=True
+    ):
         assert line.startswith(
             f"CacheWriteError cannot write the data cache in {folder} while {during} {data}: File too large ("
         )

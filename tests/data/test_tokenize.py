@@ -31,7 +31,7 @@ def test_exact_layout_with_smollm2(smollm2_tokenizer):
     examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
     out = ExampleEncoder(tok).encode(examples)
     rows = []
-    for ex, input_ids, n_source in zip(examples, out["input_ids"], out["n_source"]):
+    for ex, input_ids, n_source in zip(examples, out["input_ids"], out["n_source"], strict=True):
         source = ids(tok, render_source(ex, "qlora"))  # SmolLM2 adds no BOS
         target = ids(tok, " " + ex.response) + [tok.eos_token_id]
         assert input_ids == source + target and n_source == len(source)
@@ -75,7 +75,7 @@ def test_limits_384_and_128(smollm2_tokenizer, bos_tokenizer):
     out = ExampleEncoder(smollm2_tokenizer, source_max_len=20, target_max_len=5).encode(
         [Example(long_q, long_a), Example("Hi", "Yo")]
     )
-    assert [len(x) - s for x, s in zip(out["input_ids"], out["n_source"])] == [5, 3]  # " Yo" + EOS
+    assert [len(x) - s for x, s in zip(out["input_ids"], out["n_source"], strict=True)] == [5, 3]  # " Yo" + EOS
     assert out["n_source"][0] == 20
     assert out["target_cut"] == [len(ids(smollm2_tokenizer, " " + long_a)) + 1 - 5, 0]
     assert out["source_cut"][1] == len(ids(smollm2_tokenizer, render_source(Example("Hi", "Yo"), "qlora"))) - 20
@@ -138,7 +138,7 @@ def test_records_without_special_token_strings_encode_as_the_whole_rendered_text
     for tok in (smollm2_tokenizer, bos_tokenizer) if template != "chat" else (smollm2_tokenizer,):
         encoder = ExampleEncoder(tok, template)
         out = encoder.encode(bundled_examples)
-        for i, (ex, input_ids) in enumerate(zip(bundled_examples, out["input_ids"])):
+        for i, (ex, input_ids) in enumerate(zip(bundled_examples, out["input_ids"], strict=True)):
             source = encoder.prefix + ids(tok, render_source(ex, template, tok))
             assert input_ids == source + ids(tok, encoder.separator + ex.response) + [tok.eos_token_id]
             if i < 50:
@@ -238,7 +238,7 @@ def test_packed_batch_is_the_padded_batch_without_padding(smollm2_tokenizer, tra
     examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
     examples.append(Example("Count to three.", "One, two, three."))
     out = ExampleEncoder(tok).encode(examples)
-    rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"])]
+    rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"], strict=True)]
     padded = InstructionCollator(tok.pad_token_id, train_on_source, pad_to_multiple_of=None)(rows)
     packed = InstructionCollator(tok.pad_token_id, train_on_source, pad_to_multiple_of=None, padding_free=True)(rows)
 
@@ -306,7 +306,7 @@ def test_packed_batch_gives_each_example_the_padded_batch_logits_and_loss(smollm
         assert use_varlen_attention(model)
     examples = [Example("What is 2 + 2?", "4"), Example("Name a colour.", "Blue, like the sky.", system="Be brief.")]
     out = ExampleEncoder(tok).encode(examples)
-    rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"])]
+    rows = [{"input_ids": i, "n_source": s} for i, s in zip(out["input_ids"], out["n_source"], strict=True)]
     for train_on_source in (False, True):
         padded = InstructionCollator(tok.pad_token_id, train_on_source)(rows)
         packed = InstructionCollator(tok.pad_token_id, train_on_source, padding_free=True)(rows)

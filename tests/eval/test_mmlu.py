@@ -176,7 +176,7 @@ def test_long_prompts_drop_shots_first_then_keep_their_end(smollm2_tokenizer, kh
     limit = sorted(len(e.ids) for e in full)[1] - 1  # forces shots out of at least three prompts
     cut = encode_questions(smollm2_tokenizer, data, range(4), shots=5, max_length=limit)
     assert all(len(e.ids) <= limit for e in cut) and sum(e.n_shots < 5 for e in cut) >= 3
-    for e, i in zip(cut, range(4)):
+    for e, i in zip(cut, range(4), strict=True):
         assert smollm2_tokenizer.decode(e.ids) == build_prompt(data.questions[i], data.shots_for(i, e.n_shots))
     tiny = encode_questions(smollm2_tokenizer, data, range(4), shots=5, max_length=12)
     assert all(e.truncated and e.n_shots == 0 and len(e.ids) == 12 for e in tiny)

@@ -96,7 +96,7 @@ def main() -> None:
         make_model(model, args.tokenizer, args.hidden, args.layers)
     one = run(model, work / "one", 1, args.micro_batch * args.devices, args.steps)
     many = run(model, work / f"n{args.devices}", args.devices, args.micro_batch, args.steps)
-    print("| step | loss, 1 GPU | loss, %d GPUs |" % args.devices)
+    print(f"| step | loss, 1 GPU | loss, {args.devices} GPUs |")
     print("|---|---|---|")
     for a, b in zip(one, many, strict=True):
         print(f"| {a['step']} | {float(a['train/loss']):.4f} | {float(b['train/loss']):.4f} |")

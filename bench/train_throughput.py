@@ -781,7 +781,7 @@ def main() -> None:
     for r in rows:
         if r.get("allocated_at_start_gib") is not None:
             print(
-                f"{r['stack']}: per-GPU peaks {['%.1f' % g for g in r['peak_gib_per_rank']]} GiB; rank 0 holds "
+                f"{r['stack']}: per-GPU peaks {[f'{g:.1f}' for g in r['peak_gib_per_rank']]} GiB; rank 0 holds "
                 f"{r['allocated_at_start_gib']:.1f} GiB at the first step, "
                 f"{r['parameter_gib']:.1f} GiB of it parameters; "
                 f"loading and set-up peaked at {r['setup_peak_gib']:.1f} GiB on the GPU, "

@@ -31,7 +31,7 @@ def _process_settings() -> None:
 
 _process_settings()
 
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402

@@ -241,7 +241,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
 
 def sharding_strategy(
     strategy: Strategy | None, quant: QuantSpec, *, compile_layers: bool, offload_activations: bool
-) -> "QLoRAFSDPStrategy | QLoRAFSDP2Strategy | None":
+) -> QLoRAFSDPStrategy | QLoRAFSDP2Strategy | None:
     """`strategy` when it shards the model (None when it does not), once the module's settings are checked to be
     shardable: Lightning's own `FSDPStrategy` and `ModelParallelStrategy`, and under FSDP1 packed weights in another
     dtype than the compute dtype, compiled layers and offloaded activations, are refused before the model loads."""

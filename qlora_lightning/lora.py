@@ -48,7 +48,7 @@ class FrozenLinear:
 
     compute_dtype: torch.dtype
 
-    def forward(self, x: torch.Tensor, lora: "LoraLinear | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraLinear | None = None) -> torch.Tensor:
         if lora is None:
             return self.frozen_forward(x)
         p = lora.lora_dropout.p if lora.training and isinstance(lora.lora_dropout, nn.Dropout) else 0.0
@@ -168,7 +168,7 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
         return bnb_F.dequantize_4bit(*self.quantized()).to(self.compute_dtype)
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, *, bias: bool, quant: QuantSpec) -> "FrozenLinear4bit":
+    def empty(cls, in_features: int, out_features: int, *, bias: bool, quant: QuantSpec) -> FrozenLinear4bit:
         """The layer on the meta device, to be given its weight by `load_dense`. The one place where a
         `QuantSpec` becomes bitsandbytes' settings (quant_type, compress_statistics, quant_storage)."""
         if quant.quantize == "none":
@@ -288,7 +288,7 @@ class LoraLinear(nn.Module):
         lora: LoraSpec = LoraSpec(),
         quant: QuantSpec = QuantSpec(),
         device: torch.device | str | None = None,
-    ) -> "LoraLinear":
+    ) -> LoraLinear:
         """The layer around a dense (out × in) weight, quantized (or copied) on `device` (default: the weight's),
         with fresh adapters."""
         device = torch.device(device) if device is not None else weight.device

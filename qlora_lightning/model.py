@@ -38,7 +38,7 @@ class LoadedModel(NamedTuple):
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
-    materialize: "ModuleMaterializer"
+    materialize: ModuleMaterializer
     fingerprint: str
 
 

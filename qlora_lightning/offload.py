@@ -45,12 +45,12 @@ class _HostCopies:
     # its compiled `forward` (transformers >= 5.2x checkpoints `forward`, not `__call__`), and dynamo turned
     # `weakref.ref(saved)` into `saved` itself, so backward found no weak reference to call (torch 2.13).
     @torch.compiler.disable
-    def push(self, saved: "_Offloaded") -> None:
+    def push(self, saved: _Offloaded) -> None:
         self.pending = [ref for ref in self.pending if ref() is not None]
         self.pending.append(weakref.ref(saved))
 
     @torch.compiler.disable
-    def pop_and_prefetch_previous(self, saved: "_Offloaded") -> None:
+    def pop_and_prefetch_previous(self, saved: _Offloaded) -> None:
         """Forget `saved` and start bringing back the input saved just before it (the next backward's)."""
         live = [ref() for ref in self.pending]
         if saved in live:

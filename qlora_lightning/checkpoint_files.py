@@ -79,7 +79,7 @@ class CheckpointTensors:
         self.shapes: dict[str, tuple[int, ...]] = {}
         for shard in safetensors_shards(checkpoint_dir):
             with open_safetensors(shard) as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safetensors' safe_open has keys() but is not iterable)
                     if expected is not None and key not in expected:
                         raise KeyError(
                             f"{shard}: tensor {key!r} has no place in {model_name} "

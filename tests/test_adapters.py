@@ -23,7 +23,7 @@ def trained_like(path, seed=1, **lora):
     model = load_model(str(path), lora=LoraSpec(r=8, alpha=16, **lora), with_tokenizer=False).model.eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model

@@ -90,9 +90,11 @@ def test_an_existing_folder_is_replaced_only_when_asked_and_only_once_complete(t
 def test_a_file_is_never_replaced_by_a_folder(tmp_path):
     """A mistyped output (`m.gguf` for a folder export) must not lose the file, even with overwrite."""
     (tmp_path / "m.gguf").write_bytes(b"GGUF a model")
-    with pytest.raises(FileExistsError, match=r"m\.gguf is a file; a folder is written here"):
-        with atomic_folder(tmp_path / "m.gguf", overwrite=True) as folder:
-            (folder / "config.json").write_text("{}")
+    with (
+        pytest.raises(FileExistsError, match=r"m\.gguf is a file; a folder is written here"),
+        atomic_folder(tmp_path / "m.gguf", overwrite=True) as folder,
+    ):
+        (folder / "config.json").write_text("{}")
     assert (tmp_path / "m.gguf").read_bytes() == b"GGUF a model" and os.listdir(tmp_path) == ["m.gguf"]
 
 

@@ -209,7 +209,7 @@ def markdown(report: dict) -> str:
         "| model | questions | all subjects | held-out half | training half (trained on these questions) |",
         "|---|---|---|---|---|",
     ]
-    for name, a in arms.items():
+    for a in arms.values():
         full = a["full_mmlu_before"]
         if full:
             lines.append(

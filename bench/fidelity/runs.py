@@ -190,10 +190,14 @@ def run(args) -> None:
                 longest = max(longest, timings[f"{arm}_seed{seed}"])
                 build_report(out)
                 archive()
-    if "reference" in stages and spec["reference_check"].get("questions_per_subject", 0) != 0:
-        if deadline is not None and deadline - time.monotonic() < 90:
-            print("== reference check: skipped, less than 90 s left before the deadline (run it with --only reference)")
-            stages.discard("reference")
+    if (
+        "reference" in stages
+        and spec["reference_check"].get("questions_per_subject", 0) != 0
+        and deadline is not None
+        and deadline - time.monotonic() < 90
+    ):
+        print("== reference check: skipped, less than 90 s left before the deadline (run it with --only reference)")
+        stages.discard("reference")
     if "reference" in stages and spec["reference_check"].get("questions_per_subject", 0) != 0:
         t = time.perf_counter()
         reference_check(base, spec, out, deadline)

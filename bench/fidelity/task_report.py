@@ -157,7 +157,7 @@ def plot_exact_match(by_arm: dict[str, list[dict]], path: Path) -> None:
 
     fig = Figure(figsize=(1.6 * max(len(by_arm), 2) + 1, 3.5))
     ax = fig.subplots()
-    for x, (arm, mine) in enumerate(by_arm.items()):
+    for x, mine in enumerate(by_arm.values()):
         values = [r["exact_match_after"] * 100 for r in mine]
         if values:
             ax.scatter([x] * len(values), values, color="C0", zorder=3)

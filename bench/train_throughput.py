@@ -663,6 +663,30 @@ def record(rows: list[dict], args) -> str:
 
 def main() -> None:
     """Parse the options; run each stack in a subprocess (or, with --only, this one stack) and print the table."""
+    p = _parser()
+    args = p.parse_args()
+    if args.only:  # a subprocess of the run below, given every option (Unsloth must come before transformers)
+        print("RESULT " + json.dumps(run_stack(args)))
+        return
+    stacks, strategies = _checked_stacks(p, args)
+    if args.model is None:
+        if not FROM_DISK & set(stacks):
+            args.model = f"random:{args.shape}"
+        else:
+            args.model = f"/tmp/random-{args.shape}"
+            write_random_checkpoint(args.shape, Path(args.model))
+    rows, failed = _run_stacks(stacks, strategies, args)
+    table = record(rows, args) if rows else ""
+    _print_memory(rows)
+    if args.record and rows:
+        with open(REPO / "BENCHMARKS.md", "a") as f:
+            f.write(table)
+    if failed:
+        raise SystemExit(f"failed stacks: {', '.join(failed)}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--shape", choices=["tiny", "7b", "13b", "70b"], help="LLaMA-2 shape with random weights (tiny: CPU)"
@@ -717,10 +741,12 @@ def main() -> None:
     )
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--only", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.only:  # a subprocess of the run below, given every option (Unsloth must come before transformers)
-        print("RESULT " + json.dumps(run_stack(args)))
-        return
+    return p
+
+
+def _checked_stacks(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The stacks `--stacks` and the strategies `--strategy` name, after the options are checked against each other
+    (`--vocab` filled in)."""
     if args.vocab is None:
         from qlora_lightning.model import RANDOM_SHAPES
 
@@ -742,42 +768,61 @@ def main() -> None:
         )
     if args.devices > 1 and FROM_DISK & set(stacks):
         raise SystemExit("--devices applies to ours only: run the peer and Unsloth in a single-device call")
-    if args.model is None:
-        if not FROM_DISK & set(stacks):
-            args.model = f"random:{args.shape}"
-        else:
-            args.model = f"/tmp/random-{args.shape}"
-            write_random_checkpoint(args.shape, Path(args.model))
+    return stacks, strategies
+
+
+def _child_options(args: argparse.Namespace) -> list[str]:
+    """The options each stack's subprocess is given: every measurement option of this call."""
     options = ["--model", args.model, "--lengths", args.lengths]
     for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "accumulate"):
         options += [f"--{name}", str(getattr(args, name))]
     options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
     options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
+    return options
+
+
+def _run_stacks(stacks: list[str], strategies: list[str], args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Each stack under each strategy (the peer and Unsloth on one GPU) in its own process: the rows measured and
+    the runs that failed. The other stacks still run after a failure: one call on a lent GPU should not lose every
+    row to one failure. The table so far is printed after every stack: a run stopped by a time limit still leaves
+    its finished rows."""
+    options = _child_options(args)
     rows, failed = [], []
     runs = [(stack, strategy) for stack in stacks for strategy in (strategies if stack not in FROM_DISK else ["one"])]
     for stack, strategy in runs:
         devices = 1 if strategy == "one" else args.devices
-        out = subprocess.run(
-            [sys.executable, __file__, "--only", stack, "--strategy", strategy, "--devices", str(devices), *options],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
-        )
-        results = [json.loads(line[len("RESULT ") :]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not results:
-            # The other stacks still run: one call on a lent GPU should not lose every row to one failure.
-            print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
-            print(f"{stack} ({strategy}) failed (exit {out.returncode})", file=sys.stderr, flush=True)
+        row = _run_in_subprocess(stack, strategy, devices, options, args.accumulate)
+        if row is None:
             failed.append(f"{stack} ({strategy})")
             continue
-        rows.append(summary(results, args.accumulate))
-        if rows[-1].get("profile"):
-            print(f"CUDA kernels of one step, {rows[-1]['stack']}:\n{rows[-1].pop('profile')}")
-            print("by class (ms):", json.dumps({k: round(v, 1) for k, v in rows[-1]["kernel_ms"].items()}))
-        # The table so far after every stack: a run stopped by a time limit still leaves its finished rows.
+        rows.append(row)
+        if row.get("profile"):
+            print(f"CUDA kernels of one step, {row['stack']}:\n{row.pop('profile')}")
+            print("by class (ms):", json.dumps({k: round(v, 1) for k, v in row["kernel_ms"].items()}))
         print(f"after {stack} ({strategy}):{record(rows, args)}", flush=True)
-    table = record(rows, args) if rows else ""
+    return rows, failed
+
+
+def _run_in_subprocess(stack: str, strategy: str, devices: int, options: list[str], accumulate: int) -> dict | None:
+    """One stack under one strategy measured in its own process (`--only`), its ranks' results summarised; None,
+    after printing its output, when it failed."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--only", stack, "--strategy", strategy, "--devices", str(devices), *options],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
+    results = [json.loads(line[len("RESULT ") :]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not results:
+        print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
+        print(f"{stack} ({strategy}) failed (exit {out.returncode})", file=sys.stderr, flush=True)
+        return None
+    return summary(results, accumulate)
+
+
+def _print_memory(rows: list[dict]) -> None:
+    """Where each multi-GPU stack's memory went (per-GPU peaks, parameters, set-up and host peaks)."""
     for r in rows:
         if r.get("allocated_at_start_gib") is not None:
             print(
@@ -788,11 +833,6 @@ def main() -> None:
                 f"{r['host_peak_gib']:.1f} GiB of host memory (rank 0's process)"
                 + (f"; {r['graphs_compiled']} graphs compiled over all steps" if "graphs_compiled" in r else "")
             )
-    if args.record and rows:
-        with open(REPO / "BENCHMARKS.md", "a") as f:
-            f.write(table)
-    if failed:
-        raise SystemExit(f"failed stacks: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

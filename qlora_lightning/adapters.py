@@ -214,6 +214,7 @@ def export_adapter(
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json, checked: a plain LoRA adapter with a positive r and lora_alpha."""
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
@@ -223,6 +224,19 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged or incomplete") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    _check_plain_lora(config, path)
+    config.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not (isinstance(config.get("r"), int) and config["r"] > 0):
+        raise ValueError(f"{path}: r must be a positive integer, got {config.get('r')!r}")
+    alpha = config["lora_alpha"]
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+    return config
+
+
+def _check_plain_lora(config: dict[str, Any], path: Path) -> None:
+    """Refuse the PEFT variants `LoraLinear4bit` does not compute (other PEFT types, DoRA, rsLoRA, per-module
+    ranks), rather than load them as plain LoRA with a different result."""
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; expected 'LORA'")
     for key in ("use_dora", "use_rslora"):
@@ -231,13 +245,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise ValueError(f"{path}: per-module {key} is not supported; all adapters share r and alpha")
-    config.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
-    if not (isinstance(config.get("r"), int) and config["r"] > 0):
-        raise ValueError(f"{path}: r must be a positive integer, got {config.get('r')!r}")
-    alpha = config["lora_alpha"]
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
-    return config
 
 
 def check_ranks(state: dict[str, torch.Tensor], r: int, *, weights: Path, config: Path) -> None:

@@ -117,6 +117,22 @@ def _adds_space_prefix(tokenizer_json: dict) -> bool:
     )
 
 
+def _tokens_and_types(tokenizer_json: dict, where: Path, n_vocab: int) -> tuple[list[str], dict[int, gguf.TokenType]]:
+    """One token per embedding row and its type: the BPE vocabulary NORMAL, added tokens CONTROL (special) or
+    USER_DEFINED, the ids the tokenizer lacks UNUSED `[PAD<id>]`."""
+    by_id = {index: token for token, index in tokenizer_json["model"]["vocab"].items()}
+    types = {index: gguf.TokenType.NORMAL for index in by_id}
+    for added in tokenizer_json.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if max(by_id) >= n_vocab:
+        raise ValueError(f"{where}: token id {max(by_id)} is beyond the model's {n_vocab} embedding rows")
+    for index in range(n_vocab):
+        if index not in by_id:
+            by_id[index], types[index] = f"[PAD{index}]", gguf.TokenType.UNUSED
+    return [by_id[index] for index in range(n_vocab)], types
+
+
 def vocabulary(source_dir: Path, n_vocab: int) -> Vocabulary:
     """The tokenizer of a checkpoint folder (its `tokenizer.json`) as GGUF metadata for a model of `n_vocab`
     embedding rows.
@@ -136,20 +152,9 @@ def vocabulary(source_dir: Path, n_vocab: int) -> Vocabulary:
     model = tokenizer_json["model"]
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: tokenizer model {model.get('type')!r} is not supported (BPE tokenizers only)")
-    byte_fallback = bool(model.get("byte_fallback"))
-    by_id = {index: token for token, index in model["vocab"].items()}
-    types = {index: gguf.TokenType.NORMAL for index in by_id}
-    for added in tokenizer_json.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    if max(by_id) >= n_vocab:
-        raise ValueError(f"{where}: token id {max(by_id)} is beyond the model's {n_vocab} embedding rows")
-    for index in range(n_vocab):
-        if index not in by_id:
-            by_id[index], types[index] = f"[PAD{index}]", gguf.TokenType.UNUSED
-    tokens = [by_id[index] for index in range(n_vocab)]
+    tokens, types = _tokens_and_types(tokenizer_json, where, n_vocab)
     special = gguf.SpecialVocab(source_dir, load_merges=True, special_token_types=SPECIAL_TOKEN_TYPES, n_vocab=n_vocab)
-    if not byte_fallback:
+    if not model.get("byte_fallback"):
         return Vocabulary(
             "gpt2",
             _byte_level_pre(tokenizer_json, where),

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from . import adapters, hub
 from .attention import use_varlen_attention
@@ -263,23 +270,7 @@ def load_model(
     """
     device = torch.device(device)
     dtype = torch_dtype(quant.compute_dtype)
-    if name_or_path.startswith(RANDOM_PREFIX):
-        from transformers import LlamaConfig
-
-        shape = name_or_path[len(RANDOM_PREFIX) :]
-        if shape not in RANDOM_SHAPES:
-            raise ValueError(f"unknown random shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
-        config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
-        checkpoint_dir, with_tokenizer, fingerprint = None, False, name_or_path
-    else:
-        checkpoint_dir = hub.checkpoint_dir(name_or_path, revision=revision)
-        fingerprint = weights_fingerprint(checkpoint_dir)
-        config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
-        if getattr(config, "quantization_config", None) is not None:
-            raise ValueError(
-                f"{name_or_path} is already quantized ({config.quantization_config}); "
-                "QLoRA needs a 16/32-bit checkpoint to quantize"
-            )
+    config, checkpoint_dir, fingerprint = _base_config(name_or_path, revision, trust_remote_code)
     found = adapters.read_adapter(adapter) if adapter is not None else None
     if found is not None and lora is None:
         lora = adapters.lora_spec(found.config, str(found.folder / adapters.ADAPTER_CONFIG))
@@ -302,17 +293,46 @@ def load_model(
     if missing := materializer.missing(model):
         raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
 
-    model.config.use_cache = not gradient_checkpointing
-    if offload_activations and not gradient_checkpointing:
-        raise ValueError("offload_activations offloads the inputs that gradient checkpointing keeps: turn on both")
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model, offload=offload_activations)
-    model.train(train_mode)
+    _set_mode(model, gradient_checkpointing=gradient_checkpointing, offload=offload_activations, train=train_mode)
     if materialize:
         for module in model.modules():
             materializer(module)
+    with_tokenizer = with_tokenizer and checkpoint_dir is not None  # random weights come without a tokenizer
     tokenizer = load_tokenizer(str(checkpoint_dir), trust_remote_code=trust_remote_code) if with_tokenizer else None
     return LoadedModel(model, tokenizer, materializer, fingerprint)
+
+
+def _set_mode(model: PreTrainedModel, *, gradient_checkpointing: bool, offload: bool, train: bool) -> None:
+    """Training's mode (checkpointing, optionally offloaded; no KV cache) or generation's (the KV cache on)."""
+    model.config.use_cache = not gradient_checkpointing
+    if offload and not gradient_checkpointing:
+        raise ValueError("offload_activations offloads the inputs that gradient checkpointing keeps: turn on both")
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, offload=offload)
+    model.train(train)
+
+
+def _base_config(
+    name_or_path: str, revision: str | None, trust_remote_code: bool
+) -> tuple[PretrainedConfig, Path | None, str]:
+    """(config, checkpoint folder, weights fingerprint) of the base: a `random:<shape>` has no folder and its
+    name as fingerprint; a checkpoint that is already quantized is refused (QLoRA quantizes a 16/32-bit one)."""
+    if name_or_path.startswith(RANDOM_PREFIX):
+        from transformers import LlamaConfig
+
+        shape = name_or_path[len(RANDOM_PREFIX) :]
+        if shape not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
+        return LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5), None, name_or_path
+    checkpoint_dir = hub.checkpoint_dir(name_or_path, revision=revision)
+    fingerprint = weights_fingerprint(checkpoint_dir)
+    config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{name_or_path} is already quantized ({config.quantization_config}); "
+            "QLoRA needs a 16/32-bit checkpoint to quantize"
+        )
+    return config, checkpoint_dir, fingerprint
 
 
 def load_for_inference(

@@ -96,20 +96,9 @@ def run_sharing_the_device(
 
 
 def run(args) -> None:
-    import lightning
-    import torch
-    import transformers
-
+    """The experiment `args` names, stage after stage (`--only` picks some), its results and report in `--out`."""
     started = time.monotonic()
-    spec = load_experiment(smoke_of(args.experiment) if args.smoke else args.experiment)
-    if args.seeds:
-        spec["seeds"] = args.seeds
-    if args.arms:
-        unknown = sorted(set(args.arms) - set(spec["arms"]))
-        if unknown:
-            raise SystemExit(f"unknown arms {unknown}; the experiment has {sorted(spec['arms'])}")
-        spec["arms"] = {a: spec["arms"][a] for a in args.arms}
-    spec["overlays"] += [str(repo_path(c)) for c in args.config]
+    spec = _experiment(args)
     deadline_s = args.deadline_s if args.deadline_s is not None else spec["deadline_s"]
     deadline = started + deadline_s if deadline_s else None
     arm_args = shlex.split(args.arm_args)
@@ -132,6 +121,57 @@ def run(args) -> None:
     else:
         counts, data, said = _mmlu_records(spec, records, base)
     meta_file = out / "experiment.json"
+    meta = _updated_meta(meta_file, args, spec, data, counts, arm_args)
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    print(said, flush=True)
+    timings = {}
+
+    def archive() -> None:
+        if args.archive:
+            write_archive(out, Path(args.archive))
+
+    def finished() -> None:  # after each stage and each run: a call stopped at its limit keeps what it did
+        build_report(out)
+        archive()
+
+    if "base" in stages:
+        timings.update(_base_mmlu(spec, base, arm_args, work, out))
+        archive()
+    if "arms" in stages and args.jobs > 1:
+        timings.update(run_sharing_the_device(args, spec, deadline, deadline_s, work, finished))
+    elif "arms" in stages:
+        timings.update(_runs_in_turn(args, spec, base, records, arm_args, deadline, deadline_s, finished))
+    if "reference" in stages:
+        timings.update(_reference(base, spec, out, deadline))
+    meta["timings_s"] = {**meta.get("timings_s", {}), **timings, "total": round(time.monotonic() - started, 1)}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    build_report(out)
+    archive()
+    print((out / "fidelity.md").read_text())
+    print(f"results in {out} ({time.monotonic() - started:.0f} s)")
+
+
+def _experiment(args) -> dict:
+    """The experiment file (or its smoke variant) with the command line's `--seeds`, `--arms` and `--config`."""
+    spec = load_experiment(smoke_of(args.experiment) if args.smoke else args.experiment)
+    if args.seeds:
+        spec["seeds"] = args.seeds
+    if args.arms:
+        unknown = sorted(set(args.arms) - set(spec["arms"]))
+        if unknown:
+            raise SystemExit(f"unknown arms {unknown}; the experiment has {sorted(spec['arms'])}")
+        spec["arms"] = {a: spec["arms"][a] for a in args.arms}
+    spec["overlays"] += [str(repo_path(c)) for c in args.config]
+    return spec
+
+
+def _updated_meta(meta_file: Path, args, spec: dict, data: dict, counts: dict, arm_args: list[str]) -> dict:
+    """experiment.json's contents with this call added: a run of some arms or seeds (--arms, --seeds) adds to
+    those already in `out`; the card, versions, date and command line are this call's."""
+    import lightning
+    import torch
+    import transformers
+
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update(
         {
@@ -139,7 +179,6 @@ def run(args) -> None:
             "experiment_file": shown(spec["file"]),
             "base_model": args.base or spec["base_model"],
             "records": counts,
-            # A run of some arms or seeds (--arms, --seeds) adds to those already in `out`.
             "arms": {**meta.get("arms", {}), **{a: [shown(c) for c in files] for a, files in spec["arms"].items()}},
             "overlays": [shown(c) for c in spec["overlays"]],
             "arm_args": arm_args,
@@ -155,59 +194,54 @@ def run(args) -> None:
             "commands": [*meta.get("commands", []), " ".join(shlex.quote(a) for a in sys.argv)],
         }
     )
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-    print(said, flush=True)
+    return meta
+
+
+def _base_mmlu(spec: dict, base: str, arm_args: list[str], work: Path, out: Path) -> dict:
+    """The base's MMLU as each arm stores it (the "before" of each arm); returns each evaluation's wall time."""
     timings = {}
-
-    def archive() -> None:
-        if args.archive:
-            write_archive(out, Path(args.archive))
-
-    if "base" in stages:
-        for arm in spec["arms"]:
-            t = time.perf_counter()
-            print(f"== MMLU of the base as the {arm} arm stores it", flush=True)
-            quant = arm_quant(arm, spec, base, arm_args, work)
-            evaluate(base, None, quant, spec, out / f"mmlu_{arm}_base.json", work / "mmlu.log")
-            timings[f"mmlu_{arm}_base"] = round(time.perf_counter() - t, 1)
-        archive()
-    if "arms" in stages and args.jobs > 1:
-        timings.update(
-            run_sharing_the_device(args, spec, deadline, deadline_s, work, lambda: (build_report(out), archive()))
-        )
-    elif "arms" in stages:
-        longest = 0.0  # the longest run so far estimates the next one
-        for seed in spec["seeds"]:
-            for arm in spec["arms"]:
-                if already_done(args, arm, seed):
-                    continue
-                if deadline is not None and time.monotonic() + longest > deadline:
-                    print(f"== {arm}, seed {seed}: skipped, the deadline ({deadline_s} s) would pass", flush=True)
-                    continue
-                t = time.monotonic()
-                train_arm(arm, seed, spec, base, records, work, out, arm_args)
-                timings[f"{arm}_seed{seed}"] = round(time.monotonic() - t, 1)
-                longest = max(longest, timings[f"{arm}_seed{seed}"])
-                build_report(out)
-                archive()
-    if (
-        "reference" in stages
-        and spec["reference_check"].get("questions_per_subject", 0) != 0
-        and deadline is not None
-        and deadline - time.monotonic() < 90
-    ):
-        print("== reference check: skipped, less than 90 s left before the deadline (run it with --only reference)")
-        stages.discard("reference")
-    if "reference" in stages and spec["reference_check"].get("questions_per_subject", 0) != 0:
+    for arm in spec["arms"]:
         t = time.perf_counter()
-        reference_check(base, spec, out, deadline)
-        timings["reference_check"] = round(time.perf_counter() - t, 1)
-    meta["timings_s"] = {**meta.get("timings_s", {}), **timings, "total": round(time.monotonic() - started, 1)}
-    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-    build_report(out)
-    archive()
-    print((out / "fidelity.md").read_text())
-    print(f"results in {out} ({time.monotonic() - started:.0f} s)")
+        print(f"== MMLU of the base as the {arm} arm stores it", flush=True)
+        quant = arm_quant(arm, spec, base, arm_args, work)
+        evaluate(base, None, quant, spec, out / f"mmlu_{arm}_base.json", work / "mmlu.log")
+        timings[f"mmlu_{arm}_base"] = round(time.perf_counter() - t, 1)
+    return timings
+
+
+def _runs_in_turn(
+    args, spec: dict, base: str, records: dict, arm_args: list[str], deadline, deadline_s, finished
+) -> dict:
+    """Every (seed, arm) run one after another in this process, skipping those the deadline would cut (the
+    longest run so far estimates the next one); `finished()` after each. Returns each run's wall time."""
+    out, work = Path(args.out), Path(args.work)
+    timings, longest = {}, 0.0
+    for seed in spec["seeds"]:
+        for arm in spec["arms"]:
+            if already_done(args, arm, seed):
+                continue
+            if deadline is not None and time.monotonic() + longest > deadline:
+                print(f"== {arm}, seed {seed}: skipped, the deadline ({deadline_s} s) would pass", flush=True)
+                continue
+            t = time.monotonic()
+            train_arm(arm, seed, spec, base, records, work, out, arm_args)
+            timings[f"{arm}_seed{seed}"] = round(time.monotonic() - t, 1)
+            longest = max(longest, timings[f"{arm}_seed{seed}"])
+            finished()
+    return timings
+
+
+def _reference(base: str, spec: dict, out: Path, deadline: float | None) -> dict:
+    """The scorer check against the independent scorer, unless the experiment turns it off or less than 90 s are
+    left before the deadline; returns its wall time."""
+    if spec["reference_check"].get("questions_per_subject", 0) == 0:
+        return {}
+    if deadline is not None and deadline - time.monotonic() < 90:
+        print("== reference check: skipped, less than 90 s left before the deadline (run it with --only reference)")
+        return {}
+    t = time.perf_counter()
+    reference_check(base, spec, out, deadline)
+    return {"reference_check": round(time.perf_counter() - t, 1)}
 
 
 def _mmlu_records(spec: dict, records: dict[str, Path], base: str) -> tuple[dict, dict, str]:

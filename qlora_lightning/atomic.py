@@ -93,7 +93,7 @@ def _failure(path: Path, error: BaseException, kept: str) -> WriteError:
     return WriteError(f"cannot write {path}: {error}{free}; {kept}")
 
 
-def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call `write(temporary_path)`, flush it to disk, then rename it onto `path`.
 
     Raises `WriteError` (naming `path`) if anything fails; the previous `path`, if any, is left as it was.

@@ -50,8 +50,10 @@ def _per_example(q, k, v, bounds: list[int], scaling: float | None, groups: int)
     out = torch.empty_like(q)
     for start, end in pairwise(bounds):
         if end > start:
-            part = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
-            out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True, scale=scaling)[0].transpose(0, 1)
+            q_, k_, v_ = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
+            out[start:end] = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scaling)[0].transpose(
+                0, 1
+            )
     return out
 
 
@@ -115,7 +117,7 @@ def _mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     than the window would attend past it (Gemma 3 called without an attention mask)."""
     if attention_mask is None and kwargs.get("local_size") is None:
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]  # mypy cannot count `args`
 
 
 def use_varlen_attention(model: PreTrainedModel) -> bool:

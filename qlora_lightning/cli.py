@@ -32,6 +32,7 @@ def _process_settings() -> None:
 _process_settings()
 
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
@@ -108,7 +109,7 @@ def resume_from(config: Namespace) -> None:
     init_args = getattr(config["trainer"].get("logger"), "init_args", None) or {}
     root = init_args.get("save_dir") or config["trainer"].get("default_root_dir") or "."
     path = resolve_ckpt_path(config["ckpt_path"], root, config["checkpoint"].get("dirpath"))
-    if config["ckpt_path"] == "last":
+    if config["ckpt_path"] == "last" and isinstance(path, Path):  # `last` resolves to a file
         config["checkpoint"]["dirpath"] = str(path.parent)
     config["ckpt_path"] = str(path)
 
@@ -116,9 +117,10 @@ def resume_from(config: Namespace) -> None:
 def add_training_monitors(trainer: Trainer) -> None:
     """Log the learning rate, tokens per second and peak memory of every run (`callbacks.training_monitors`),
     each unless the config lists a callback of its type already."""
-    present = {type(c) for c in trainer.callbacks}
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector, undeclared
+    present = {type(c) for c in callbacks}
     monitors = training_monitors(with_logger=bool(trainer.loggers))
-    trainer.callbacks[:0] = [c for c in monitors if type(c) not in present]
+    callbacks[:0] = [c for c in monitors if type(c) not in present]
 
 
 def available_cores() -> int:

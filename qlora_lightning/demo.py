@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -46,7 +47,7 @@ class DemoReport(Callback):
 
     def _held_out(self, trainer: Trainer) -> list:
         """The first `examples` records of the validation file (bundled name or local .jsonl)."""
-        data = trainer.datamodule
+        data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, undeclared
         name = data.hparams.val_dataset
         if not name:
             raise ValueError("DemoReport needs data.val_dataset (a bundled name or a .jsonl file)")
@@ -56,10 +57,12 @@ class DemoReport(Callback):
 
     @torch.no_grad()
     def _measure(self, trainer: Trainer, module: LightningModule) -> dict:
-        model, tokenizer = module.model, module.tokenizer
+        qlora: Any = module  # a QLoRAModule (module.py sits above this file): `model`, `tokenizer`, `loss_on`
+        model, tokenizer = qlora.model, qlora.tokenizer
         was_training = model.training
         model.eval()
-        loss = held_out_loss(module.loss_on, trainer.datamodule.val_dataloader(), module.device)
+        data = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector, undeclared
+        loss = held_out_loss(qlora.loss_on, data.val_dataloader(), module.device)
         examples = self._held_out(trainer)
         prompts = [
             format_prompt(e.prompt, self.template, system=e.system, context=e.context, tokenizer=tokenizer)

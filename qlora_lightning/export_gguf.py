@@ -198,14 +198,14 @@ def save_gguf_lora(
     """
     source_dir, output = hub.checkpoint_dir(base), Path(output)
     file_type = checked_file_type(gguf_type, "a GGUF LoRA", LORA_TYPES)
-    base_path = output.with_name(f"{output.stem}.base.gguf") if base_gguf is None else None
+    base_path = output.with_name(f"{output.stem}.base.gguf")  # written when no `base_gguf` is given
     modelfile = output.parent / MODELFILE
-    _check_outputs([output, modelfile] + ([base_path] if base_path else []), overwrite)
+    _check_outputs([output, modelfile] + ([base_path] if base_gguf is None else []), overwrite)
     target = gguf_target(source_dir)
     tokenizer = read_tokenizer(str(source_dir))
     chat = chat_template(template, tokenizer)
     tensors = lora_plan(adapter, CheckpointTensors(source_dir).shapes, target, gguf_type)
-    if base_path is not None:
+    if base_gguf is None:
         _write_model(
             model_name(base, source_dir),
             source_dir,
@@ -221,7 +221,7 @@ def save_gguf_lora(
         )
     writer = new_lora_writer(model_name(base, source_dir), file_type, float(adapter.config["lora_alpha"]), target)
     write_gguf(output, writer, [p for p, _ in tensors], (t for _, t in tensors))
-    model = modelfile_path(base_path, output.parent) if base_path is not None else base_gguf
+    model = modelfile_path(base_path, output.parent) if base_gguf is None else base_gguf
     text = ollama_modelfile(
         model=model,
         template=template,

@@ -23,7 +23,7 @@ trainable parameter a gradient buffer as large as the unit. So:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
@@ -114,7 +114,7 @@ def _owned_adapters(prefix: str, unit: FSDP) -> Iterator[tuple[str, nn.Parameter
         stack += [(f"{path}{n}.", c) for n, c in module.named_children() if not isinstance(c, FSDP)]
 
 
-def _adapter_units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
+def _adapter_units(model: FSDP) -> Iterator[tuple[str, FSDP]]:
     """(key prefix, unit) of the units that hold LoRA tensors themselves, once FSDP has set up the root."""
     _init_root(model)
     for prefix, unit in _units(model):
@@ -122,11 +122,11 @@ def _adapter_units(model: nn.Module) -> Iterator[tuple[str, FSDP]]:
             yield prefix, unit
 
 
-def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+def gather_adapters(model: FSDP, rank: int) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a FSDP model on rank 0 (CPU), gathered one unit at a time; `{}` on other ranks.
 
     A collective: every rank must call it."""
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for prefix, unit in _adapter_units(model):
         with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True):
             if rank == 0:
@@ -135,7 +135,7 @@ def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_adapters(model: FSDP, state: dict[str, torch.Tensor]) -> None:
     """Copy LoRA tensors (full, on every rank, checked by `adapters.validate`) into a FSDP model's shards, one
     unit at a time. A collective."""
     for prefix, unit in _adapter_units(model):
@@ -181,12 +181,17 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             )
         super().__init__(*args, **kwargs)
 
+    @property
+    def _root(self) -> FSDP:
+        """The model as Lightning's set-up wrapped it: the root FSDP unit (`Strategy.model` is typed loosely)."""
+        return cast(FSDP, self.model)
+
     def clip_gradients(self, max_norm: float, algorithm: str | None) -> None:
         """Clip the gradients to a global norm: each rank holds a shard of them, so FSDP's own `clip_grad_norm_`
         takes the norm across ranks (Lightning's FSDP precision plugin refuses norm clipping)."""
         if algorithm not in (None, "norm"):
             raise ValueError(f"under FSDP only norm clipping is supported, got {algorithm!r}")
-        self.model.clip_grad_norm_(max_norm)
+        self._root.clip_grad_norm_(max_norm)
 
     def setup_optimizers(self, trainer) -> None:
         """Lightning's set-up, then `check_optimizer` on each: a setting FSDP cannot checkpoint fails before the
@@ -209,33 +214,34 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         merge across ranks; torch's own `state_dict` of the same optimizer shows them as the per-shard
         tensors FSDP knows how to gather (`check_optimizer` refused at set-up what it cannot).
         """
-        with _full_state_dict_type(self.model, rank0_only=True, device=self.root_device):
-            state = FSDP.optim_state_dict(self.model, optimizer, optim_state_dict=Optimizer.state_dict(optimizer))
+        with _full_state_dict_type(self._root, rank0_only=True, device=self.root_device):
+            state = FSDP.optim_state_dict(self._root, optimizer, optim_state_dict=Optimizer.state_dict(optimizer))
             if self.global_rank == 0:
-                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer)
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self._root, optim=optimizer)
         return state
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The adapters only, gathered on rank 0 (Lightning's would gather every 4-bit weight too)."""
-        return gather_adapters(self.model, self.global_rank)
+        return gather_adapters(self._root, self.global_rank)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load an adapter-only checkpoint into the shards, and its optimizer state when fitting."""
         path = self.broadcast(checkpoint_path)
         checkpoint = read_checkpoint(path, mmap=True)
         state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
-        validate(unwrapped_lora_layers(self.model), state, source=str(path))
-        load_adapters(self.model, state)
+        validate(unwrapped_lora_layers(self._root), state, source=str(path))
+        load_adapters(self._root, state)
         states = checkpoint.get("optimizer_states")
-        if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+        module = self.lightning_module
+        if states is not None and module is not None and module.trainer.state.fn == TrainerFn.FITTING:
             # Saved by rank 0 keyed by parameter order; every rank takes its own shard of it.
-            with _full_state_dict_type(self.model, rank0_only=False, device=self.root_device):
+            with _full_state_dict_type(self._root, rank0_only=False, device=self.root_device):
                 for optimizer, state in zip(self.optimizers, states, strict=True):
                     if isinstance(next(iter(state["state"]), None), int):
                         state = FSDP.rekey_optim_state_dict(
-                            state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer
+                            state, OptimStateKeyType.PARAM_NAME, self._root, optim=optimizer
                         )
-                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
+                    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self._root, optimizer, state))
         return checkpoint
 
 

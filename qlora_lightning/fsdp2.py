@@ -40,15 +40,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from itertools import pairwise
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -95,16 +96,16 @@ def shard_model(
     `root` is the module whose forward runs every step. `cpu_offload` keeps the shards (and the optimizer's
     work) in host memory; `forward_prefetch` starts the next layer's all-gather as this one's forward starts.
     """
-    offload = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if cpu_offload else {}
-    layers = decoder_layers(root)
-    for layer in layers:
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    units = []
+    for layer in decoder_layers(root):
         _load_and_pack(layer, materialize)
-        fully_shard(layer, mesh=mesh, **offload)
+        units.append(fully_shard(layer, mesh=mesh, offload_policy=offload))
     _load_and_pack(root, materialize)
-    fully_shard(root, mesh=mesh, **offload)
+    fully_shard(root, mesh=mesh, offload_policy=offload)
     if forward_prefetch:
-        for layer, after in pairwise(layers):
-            layer.set_modules_to_forward_prefetch([after])
+        for unit, after in pairwise(units):
+            unit.set_modules_to_forward_prefetch([after])
 
 
 def _load_and_pack(module: nn.Module, materialize: Callable[[nn.Module], None]) -> None:
@@ -141,15 +142,19 @@ def shard_of(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
     return sharded.to_local()
 
 
-def _adapters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """(key, parameter) of the LoRA tensors, in the same order on every rank."""
-    return ((k, p) for k, p in model.named_parameters() if is_adapter_key(k))
+def _adapters(model: nn.Module) -> Iterator[tuple[str, DTensor]]:
+    """(key, parameter) of the LoRA tensors, in the same order on every rank; each a DTensor once sharded."""
+    for key, p in model.named_parameters():
+        if is_adapter_key(key):
+            if not isinstance(p, DTensor):
+                raise TypeError(f"{key}: expected a parameter sharded by `shard_model`, got a {type(p).__name__}")
+            yield key, p
 
 
 def gather_adapters(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a sharded model on rank 0 (CPU), gathered one at a time; `{}` on other ranks.
     A collective: every rank must call it."""
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for key, p in _adapters(model):
         whole = gather_shard(p.to_local(), p)
         if rank == 0:
@@ -192,7 +197,7 @@ class _LocalShards:
         shard itself as it is now (FSDP2 may have re-padded it at its first forward)."""
         for local, p in self.pairs:
             local.data = p.to_local()
-            local.grad = None if p.grad is None else p.grad.to_local()
+            local.grad = None if p.grad is None else cast(DTensor, p.grad).to_local()  # a DTensor's is one too
 
     @torch.no_grad()
     def drop_grads(self) -> None:
@@ -251,9 +256,17 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
         decoder layer at a time as `setup` shards it, so no rank ever holds the whole model."""
         self._materialize = materialize
 
+    @property
+    def _module(self) -> LightningModule:
+        """The LightningModule (the root `shard_model` shards), which the trainer connects before any hook here."""
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("QLoRAFSDP2Strategy has no LightningModule: a trainer connects it before set-up")
+        return module
+
     def setup(self, trainer) -> None:
         """Shard the module's model (`shard_model`, the LightningModule as root), then Lightning's set-up."""
-        module = self.lightning_module
+        module = self._module
         if self._materialize is None:
             raise RuntimeError("QLoRAFSDP2Strategy shards a QLoRAModule: its configure_model did not run")
         if not isinstance(module, FSDPModule):
@@ -282,7 +295,9 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
     def _through_root(self, step: str, *args: Any, **kwargs: Any) -> Any:
         """Run the LightningModule's `step` as its forward, so that FSDP2's root hooks (lazy set-up, gathering
         the root's parameters, the backward's final wait) run around every step."""
-        return self._forward_redirection(self.model, self.lightning_module, step, *args, **kwargs)
+        model = self.model
+        assert model is not None, "Lightning's set-up gives the strategy its model before the first step"
+        return self._forward_redirection(model, self._module, step, *args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.train_step_context():
@@ -331,7 +346,7 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
     # ------------------------------------------------------------------------------------ checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The adapters only, gathered on rank 0 (Lightning's would gather every 4-bit weight too)."""
-        return gather_adapters(self.lightning_module, self.global_rank)
+        return gather_adapters(self._module, self.global_rank)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The whole optimizer state on rank 0 (`{}` elsewhere), keyed by the optimizer's parameter order as a
@@ -358,10 +373,10 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
         path = self.broadcast(checkpoint_path)
         checkpoint = read_checkpoint(path, mmap=True)
         state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
-        validate(lora_layers(self.lightning_module), state, source=str(path))
-        load_adapters(self.lightning_module, state)
+        validate(lora_layers(self._module), state, source=str(path))
+        load_adapters(self._module, state)
         states = checkpoint.get("optimizer_states")
-        if states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+        if states is not None and self._module.trainer.state.fn == TrainerFn.FITTING:
             for shards, saved in zip(self._shards, states, strict=True):
                 shards.optimizer.load_state_dict(_local_optimizer_state(saved, shards))
         return checkpoint

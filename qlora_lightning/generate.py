@@ -15,9 +15,16 @@ import math
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TextIteratorStreamer,
+)
 
 from .data.templates import end_of_turn_id, format_prompt
 from .data.tokenize import encode_prompt
@@ -185,11 +192,11 @@ def generate(
             rows = encoded[start : start + batch_size]
             input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, device)
             with seeded(seed, device):
-                out = model.generate(
+                out = cast(GenerationMixin, model).generate(  # a causal LM's class mixes it in
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=config, streamer=streamer
                 )
             for row in out[:, input_ids.shape[1] :].tolist():
-                answers.append(tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True))
+                answers.append(cast(str, tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True)))
     return answers
 
 
@@ -209,8 +216,8 @@ def answer_batch(
         if len(labelled) == 0 or labelled[0].item() == 0:
             raise ValueError("predict needs prompts without labels: set data.train_on_source false")
         start = labelled[0].item()
-        prompt = tokenizer.decode(ids[:start], skip_special_tokens=True)
-        rows.append((prompt, tokenizer.decode(ids[labels != -100], skip_special_tokens=True)))
+        prompt = cast(str, tokenizer.decode(ids[:start], skip_special_tokens=True))  # one row in, one text out
+        rows.append((prompt, cast(str, tokenizer.decode(ids[labels != -100], skip_special_tokens=True))))
     with torch.compiler.set_stance("force_eager"):
         answers = generate(model, tokenizer, [p for p, _ in rows], template=None, max_new_tokens=max_new_tokens)
     return [{"prompt": p, "answer": a, "reference": r} for (p, r), a in zip(rows, answers, strict=True)]
@@ -277,7 +284,8 @@ def generate_cli(
     check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     loaded = load_for_inference(base, adapter, quant=quant, device=device, allow_other_base=allow_other_base)
-    kwargs = dict(
+    tokenizer = loaded.text_tokenizer()
+    kwargs: dict[str, Any] = dict(
         template=template, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed
     )
     answers = []
@@ -285,13 +293,13 @@ def generate_cli(
         for p in prompts:
             print(f"### {p}", flush=True)
             pieces = []
-            for piece in stream(loaded.model, loaded.tokenizer, p, **kwargs):
+            for piece in stream(loaded.model, tokenizer, p, **kwargs):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
             print(flush=True)
             answers.append("".join(pieces))
     else:
-        answers = generate(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size, **kwargs)
+        answers = generate(loaded.model, tokenizer, prompts, batch_size=batch_size, **kwargs)
         for p, a in zip(prompts, answers, strict=True):
             print(f"### {p}\n{a}", file=sys.stdout, flush=True)
     return answers

@@ -267,8 +267,8 @@ def gguf_target(source_dir: Path) -> Target:
             f"RoPE scaling {rope_type!r} is not one the export writes for it ({', '.join(target.family.rope_types)})"
         )
         raise _refuse(where, target.family.label, reason)
-    if reason := target.family.refusal(config):
-        raise _refuse(where, target.family.label, reason)
+    if refusal := target.family.refusal(config):
+        raise _refuse(where, target.family.label, refusal)
     return target
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import gguf
 from transformers import PreTrainedTokenizerBase
@@ -55,7 +55,7 @@ def _parts(spec: dict | None) -> list[dict]:
 def _pre_tokenizer_steps(spec: dict | None) -> tuple:
     """A byte-level tokenizer's pre-tokenizer as a tuple of steps that can be compared with known ones (a Split by
     its expression and behaviour; a ByteLevel without its own expression adds no step)."""
-    steps = []
+    steps: list[str | tuple] = []
     for part in _parts(spec):
         if part["type"] == "ByteLevel":
             steps += ["gpt2-regex"] if part.get("use_regex", True) else []
@@ -169,7 +169,7 @@ def vocabulary(source_dir: Path, n_vocab: int) -> Vocabulary:
             types[index] = gguf.TokenType.BYTE
         elif token == model.get("unk_token"):
             types[index] = gguf.TokenType.UNKNOWN
-    rank = {}
+    rank: dict[str, int] = {}
     for position, merge in enumerate(special.merges):
         rank.setdefault(merge.replace(" ", ""), position)
     scores = [-float(rank.get(token, 0)) for token in tokens]
@@ -226,7 +226,7 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase, chat: str) -> int | None:
     """
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PLACEHOLDER}]
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=chat, tokenize=False)
+        text = cast(str, tokenizer.apply_chat_template(messages, chat_template=chat, tokenize=False))  # as text
     except Exception as e:  # jinja2's errors, and the template's own raise_exception
         raise ValueError(
             f"{tokenizer.name_or_path}: the chat template cannot render a user turn and an answer ({e})"

@@ -40,7 +40,7 @@ class LabelledLossSum:
 
     def sums(self) -> torch.Tensor:
         """[weighted loss sum, labelled tokens] (float64): sum these over ranks, then divide."""
-        if self.total is None:
+        if self.total is None or self.count is None:  # set together by `add`
             return torch.zeros(2, dtype=torch.float64)
         return torch.stack([self.total, self.count])
 

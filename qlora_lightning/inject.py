@@ -55,7 +55,8 @@ def inject_lora(
     built from real weights are quantized (default: each weight's own). Returns the LoRA layers' names; raises
     `ValueError` naming the model's linear layers when the targets match none.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings = getattr(model, "get_output_embeddings", None)  # a transformers model's; None on others
+    head = output_embeddings() if output_embeddings is not None else None
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FrozenLinear)}
     targets = sorted(n for n in linears if lora is not None and matches_target(n, lora))
     if lora is not None and not targets:
@@ -68,6 +69,7 @@ def inject_lora(
     layer_cls = LoraLinear16bit if quant.quantize == "none" else LoraLinear4bit
     for name, linear in linears.items():
         bias = linear.bias is not None
+        layer: LoraLinear | FrozenLinear4bit
         if name in targets:
             layer = layer_cls(linear.in_features, linear.out_features, bias, lora=lora, quant=quant, device="meta")
         elif quant.quantize != "none" and linear is not head:
@@ -81,7 +83,7 @@ def inject_lora(
     return targets
 
 
-def _give_weights(layer: nn.Module, linear: nn.Linear, device: torch.device) -> None:
+def _give_weights(layer: LoraLinear | FrozenLinear4bit, linear: nn.Linear, device: torch.device) -> None:
     """A meta-device QLoRA layer made real from the linear it replaces: base quantized, fresh adapters."""
     base = layer.base_layer if isinstance(layer, LoraLinear) else layer
     base.load_dense(linear.weight, linear.bias, device)

@@ -47,6 +47,11 @@ class FrozenLinear:
     """
 
     compute_dtype: torch.dtype
+    # The linear class's own attributes, declared for the type checker: this mixin reads them.
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+    bias: nn.Parameter  # None where the layer has no bias (torch declares it so)
 
     def forward(self, x: torch.Tensor, lora: LoraLinear | None = None) -> torch.Tensor:
         if lora is None:
@@ -140,6 +145,8 @@ class PackedQuantWeight:
 class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
     """A frozen bitsandbytes 4-bit linear layer (NF4/FP4) that also runs the fused LoRA path."""
 
+    # bitsandbytes' own parameter class (`nn.Linear` declares a plain tensor); a plain byte parameter once packed
+    weight: bnb.nn.Params4bit | nn.Parameter
     #: set by `pack_for_sharding`: `weight` is then one byte tensor holding the 4-bit weight and its state
     packing: PackedQuantWeight | None = None
 
@@ -187,7 +194,9 @@ class FrozenLinear4bit(FrozenLinear, bnb.nn.Linear4bit):
     def load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device | str) -> None:
         # Cast to the compute dtype first, as transformers' own 4-bit loading does, so both give the same bytes.
         spec = self.weight
-        self.weight = bnb.nn.Params4bit(
+        if not isinstance(spec, bnb.nn.Params4bit):
+            raise RuntimeError("load_dense needs the layer as built: after pack_for_sharding its weight is bytes")
+        self.weight = bnb.nn.Params4bit(  # type: ignore[misc]  # bitsandbytes annotates Params4bit.to as Module.to
             weight.detach().to(self.compute_dtype),
             requires_grad=False,
             blocksize=NF4_BLOCKSIZE,
@@ -212,7 +221,7 @@ class FrozenLinear16bit(FrozenLinear, nn.Linear):
     """A frozen plain linear layer (the 16-bit LoRA baseline's base) that also runs the fused LoRA path."""
 
     @property
-    def compute_dtype(self) -> torch.dtype:
+    def compute_dtype(self) -> torch.dtype:  # type: ignore[override]  # the 4-bit class stores it, this one reads it
         return self.weight.dtype
 
     def dense_weight(self) -> torch.Tensor:
@@ -228,7 +237,9 @@ class FrozenLinear16bit(FrozenLinear, nn.Linear):
         return nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
 
 
-def frozen_linear(in_features: int, out_features: int, *, bias: bool, quant: QuantSpec) -> FrozenLinear:
+def frozen_linear(
+    in_features: int, out_features: int, *, bias: bool, quant: QuantSpec
+) -> FrozenLinear4bit | FrozenLinear16bit:
     """The frozen base a `quant` setting asks for, on the meta device: 4-bit, or 16-bit with quantize 'none'."""
     if quant.quantize == "none":
         return FrozenLinear16bit(
@@ -255,6 +266,8 @@ class LoraLinear(nn.Module):
     PEFT's adapter format. Built on `device` ("meta" for a model that is given its tensors later, see
     `model.ModuleMaterializer`); `from_weight` builds one around a real weight.
     """
+
+    base_layer: FrozenLinear4bit | FrozenLinear16bit
 
     def __init__(
         self,

@@ -78,7 +78,7 @@ def merged_tensors(
         weight = tensors(key)
         if attr == "weight" and quantized is not None and module in quantized:
             layer = quantize_linear(weight, device=device, quant=quant)
-            weight = bnb_F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).cpu()
+            weight = bnb_F.dequantize_4bit(*layer.quantized()).cpu()
         if attr == "weight" and module in factors:
             delta = delta_weight(*factors[module])
             if delta.shape != weight.shape:

@@ -48,6 +48,14 @@ class LoadedModel(NamedTuple):
     materialize: ModuleMaterializer
     fingerprint: str
 
+    def text_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, for the commands that read and write text; a `random:<shape>` base has none."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.fingerprint}: random weights come without a tokenizer; give a checkpoint folder or hub id"
+            )
+        return self.tokenizer
+
 
 def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model with every parameter on the meta device (no memory) and buffers (RoPE) real, on the CPU."""
@@ -155,7 +163,7 @@ class ModuleMaterializer:
 
     def missing(self, model: nn.Module) -> list[str]:
         """The checkpoint keys the model needs and the source lacks (one per tied group)."""
-        needed = set()
+        needed: set[str] = set()
         for name, module in model.named_modules():
             if isinstance(module, LoraLinear):
                 continue  # its factors are not in the checkpoint; its base is a module of its own
@@ -277,6 +285,7 @@ def load_model(
     model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
     use_varlen_attention(model)  # packed rows attend per example, without a dense mask; padded batches as sdpa
     model.tie_weights()
+    tensors: RandomTensors | CheckpointTensors
     if checkpoint_dir is None:
         tensors = RandomTensors(device, dtype)
     else:
@@ -374,4 +383,5 @@ def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = Fal
     if offload:
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False):
-                module._gradient_checkpointing_func = offloaded_checkpoint
+                # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
+                module._gradient_checkpointing_func = offloaded_checkpoint  # type: ignore[assignment]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import bitsandbytes as bnb
 import torch
@@ -43,6 +43,9 @@ from .resume import (
 from .run_lock import RunLock
 from .specs import LoraSpec, QuantSpec
 from .tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: The batch entries the model reads: a padded batch's first two, or a packed row's positions and boundaries (see
 #: `data.tokenize.InstructionCollator` and `attention.varlen_attention`).
@@ -80,7 +83,7 @@ def attached_trainer(module: LightningModule):
         return None
 
 
-def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> None:
+def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> None:
     """`torch.compile` each decoder layer of `model` into one graph (the module's `compile_layers`).
 
     Under DDP each layer's calls run with dynamo's DDPOptimizer switched off (for those calls only, where each
@@ -92,7 +95,7 @@ def compile_decoder_layers(model: torch.nn.Module, *, data_parallel: bool) -> No
     ("Recomputed values ... have different metadata": the README's DDP line with configs/7b.yaml on 2 H200s).
     The split only helps whole-model graphs overlap communication; per-layer graphs get that from DDP's hooks.
     """
-    for layer in model.get_decoder().layers:
+    for layer in cast(torch.nn.ModuleList, model.get_decoder().layers):
         if data_parallel:
             layer.forward = _without_ddp_optimizer(torch.compile(layer.forward))
         else:
@@ -178,9 +181,9 @@ class QLoRAModule(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.predict_max_new_tokens = predict_max_new_tokens
-        self.model = None
+        self.model: Any = None  # the PreTrainedModel, built by `configure_model`
         self.base_fingerprint: str | None = None  # of the loaded base's weights (`model.weights_fingerprint`)
-        self._tokenizer = None
+        self._tokenizer: Any = None  # a PreTrainedTokenizerBase once loaded
         self._adapter_config: dict[str, Any] | None = None
         self.strict_loading = False  # checkpoints hold the adapters only, not the frozen base
         self._held_out = LabelledLossSum()  # this validation or test epoch's losses
@@ -194,7 +197,8 @@ class QLoRAModule(LightningModule):
     def configure_callbacks(self) -> list:
         """What every trainer needs unless it has it: a `RunLock` taking the log folder now, the first hook of a `fit`
         (run_lock.py), the `NonFiniteGuard` and the `TrainingRngStream` (callbacks.py)."""
-        present = {type(c) for c in self.trainer.callbacks}
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector, undeclared
+        present = {type(c) for c in callbacks}
         every_run = (RunLock.of(self.trainer), NonFiniteGuard(), TrainingRngStream())
         return [c for c in every_run if type(c) not in present]
 
@@ -306,6 +310,8 @@ class QLoRAModule(LightningModule):
 
     def adapter_config(self) -> dict[str, Any]:
         """The PEFT adapter_config.json of this module's adapters (read from the layers when the model loaded)."""
+        if self._adapter_config is None:
+            raise RuntimeError("the model is not loaded yet: `configure_model` reads its adapters' config")
         return self._adapter_config
 
     def run_record(self) -> dict[str, Any]:

@@ -96,10 +96,13 @@ class _Offloaded:
         if self.device.type != "cuda":
             return self.host
         self.prefetch()
+        tensor, ready = self.on_device, self.ready
+        assert tensor is not None and ready is not None, "prefetch set both"
         current = torch.cuda.current_stream(self.device)
-        current.wait_event(self.ready)
-        self.on_device.record_stream(current)
-        tensor, self.on_device, self.host = self.on_device, None, None
+        current.wait_event(ready)
+        tensor.record_stream(current)
+        self.on_device = None
+        del self.host  # the pinned copy is released
         return tensor
 
 

@@ -13,7 +13,7 @@ import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .atomic import write_file
 
@@ -109,7 +109,7 @@ def plot_loss(log_dir: list[str] | str, output: str | None = None, labels: list[
             if not points:
                 continue
             steps, values = zip(*points, strict=True)
-            style = {"marker": "o", "linestyle": "--" if several else "-"} if key == "val/loss" else {}
+            style: dict[str, Any] = {"marker": "o", "linestyle": "--" if several else "-"} if key == "val/loss" else {}
             if several:
                 style["color"] = colors[k % len(colors)]
             ax.plot(steps, values, label=f"{name} {key}" if several else key, **style)

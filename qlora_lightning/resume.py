@@ -118,13 +118,21 @@ def resolve_ckpt_path(ckpt_path: str, root: str | os.PathLike, dirpath: str | os
 
 #: Checkpoints written before their hyperparameters became plain data hold the two spec dataclasses under their
 #: old module path; they are plain data too, so they may be read, under exactly those names.
-EARLIER_CLASSES = [(QuantSpec, "qlora_lightning.model.QuantSpec"), (LoraSpec, "qlora_lightning.model.LoraSpec")]
+EARLIER_CLASSES: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+    (QuantSpec, "qlora_lightning.model.QuantSpec"),
+    (LoraSpec, "qlora_lightning.model.LoraSpec"),
+]
 
 
 def plain_hyperparameters(hparams: Any) -> dict[str, Any]:
     """A module's hyperparameters as plain data (dataclasses as dicts), for a checkpoint that loads with
     `weights_only=True` and needs nothing registered."""
-    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in dict(hparams).items()}
+    return {k: _as_plain_data(v) for k, v in dict(hparams).items()}
+
+
+def _as_plain_data(value: Any) -> Any:
+    """A dataclass instance as a dict; anything else as it is."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -228,8 +236,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         # The checkpoint I/O that writes adapter folders (`AtomicCheckpointIO`, a layer above) repairs them.
         repair = getattr(trainer.strategy.checkpoint_io, "repair_adapter_folders", None)
-        if stage == "fit" and repair is not None and trainer.is_global_zero and Path(self.dirpath).is_dir():
-            for note in repair(self.dirpath):
+        folder = self.dirpath  # resolved by `super().setup`
+        if stage == "fit" and repair is not None and trainer.is_global_zero and folder and Path(folder).is_dir():
+            for note in repair(folder):
                 print(note, file=sys.stderr)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -306,7 +315,7 @@ _MUST_MATCH = {"lora": ("r", "alpha", "target_modules", "exclude"), "quant": ("q
 _MAY_CHANGE = {"lora": ("dropout",), "quant": ("compute_dtype", "quant_storage")}
 
 
-def run_record(base_model: str, base_fingerprint: str, lora: Any, quant: Any) -> dict[str, Any]:
+def run_record(base_model: str, base_fingerprint: str | None, lora: Any, quant: Any) -> dict[str, Any]:
     """The identity of a run's adapters: the base (name and `model.weights_fingerprint`) and the LoRA and
     quantization specs, as plain data."""
     return {
@@ -321,7 +330,8 @@ def check_run_matches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     """Compare a checkpoint's `run_record` with this run's: raise `CheckpointError` listing every setting the
     adapters cannot be resumed across (another base's weights, rank, scale, targets, 4-bit type); return a
     note for each setting the command line changes harmlessly (dropout, compute dtype), to be shown."""
-    conflicts, notes = [], []
+    conflicts: list[str] = []
+    notes: list[str] = []
     if saved["base_fingerprint"] != current["base_fingerprint"]:
         conflicts.append(
             f"model.base_model: the checkpoint trained on {saved['base_model']!r} (weights "
@@ -463,7 +473,10 @@ def data_position(trainer: Trainer) -> tuple[int, int]:
     count would be wrong, as Lightning and DataLoader workers fetch batches ahead.
     """
     loop = trainer.fit_loop
-    return max(loop.epoch_progress.current.started - 1, 0), loop.epoch_loop.batch_progress.current.processed
+    # `_ProcessedTracker`s, which Lightning declares as their base class (without `started` and `processed`)
+    epoch: Any = loop.epoch_progress.current
+    batches: Any = loop.epoch_loop.batch_progress.current
+    return max(epoch.started - 1, 0), batches.processed
 
 
 def convert_batch_progress(
@@ -486,7 +499,8 @@ def convert_batch_progress(
     if old_micro_step == new_micro_step:
         return
     progress = trainer.fit_loop.epoch_loop.batch_progress
-    current, total = progress.current, progress.total
+    current: Any = progress.current  # `_ProcessedTracker`s, as in `data_position`
+    total: Any = progress.total
     processed = min(consumed, epoch_size) // new_micro_step  # this epoch's position, in new micro-batches
     earlier = (total.processed - current.processed) * old_micro_step // new_micro_step
     shifts = ((current, processed - current.processed), (total, earlier + processed - total.processed))

@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -139,7 +139,7 @@ class _Lock:
         os.close(self.fd)  # closing the last descriptor releases the flock
 
 
-def _numbered_version(logger: Any) -> bool:
+def _numbered_version(logger: Any) -> TypeGuard[CSVLogger | TensorBoardLogger]:
     """Whether the logger's version is a number (`version_<N>`): the one rank 0 took, given to every rank."""
     return isinstance(logger, (CSVLogger, TensorBoardLogger)) and isinstance(logger.version, int)
 
@@ -203,7 +203,8 @@ class RunLock(Callback):
     def of(cls, trainer: Trainer) -> RunLock:
         """The trainer's `RunLock` (a new one when it has none), holding the log folder of a starting `fit` from now
         on (`claim_log_folder`): what `QLoRAModule.configure_callbacks` adds to every trainer."""
-        lock = next((c for c in trainer.callbacks if isinstance(c, cls)), None) or cls()
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector, undeclared
+        lock = next((c for c in callbacks if isinstance(c, cls)), None) or cls()
         lock.claim_log_folder(trainer)
         return lock
 
@@ -242,8 +243,9 @@ class RunLock(Callback):
         error, version = trainer.strategy.broadcast((error, version))
         if error is not None:
             raise RunFolderError(error)
-        if version is not None:  # every rank's logger: the checkpoint callbacks take their folder from it
-            _use_version(trainer.loggers[0], version)
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if version is not None and isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            _use_version(logger, version)  # every rank's logger: the checkpoint callbacks take their folder from it
 
     def _lock_checkpoint_folders(self, trainer: Trainer) -> int | None:
         """Lock every checkpoint callback's folder; return the log version this run holds (None when the logger
@@ -252,7 +254,7 @@ class RunLock(Callback):
             if isinstance(callback, ModelCheckpoint):
                 self._lock(_checkpoint_folder(trainer, callback), "checkpoint.dirpath")
         logger = trainer.loggers[0] if trainer.loggers else None
-        return logger.version if _numbered_version(logger) else None
+        return int(logger.version) if _numbered_version(logger) else None
 
     def _lock(self, folder: Path, key: str) -> None:
         folder = folder.resolve()

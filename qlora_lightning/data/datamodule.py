@@ -15,12 +15,13 @@ counters when a run resumes on another split of the global batch are resume.py's
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.parsing import AttributeDict
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -119,14 +120,21 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
         if (max_examples is not None and max_examples < 1) or val_size < 0 or batch_size < 1 or eval_batch_size < 1:
             raise ValueError("max_examples, batch_size and eval_batch_size must be positive and val_size >= 0")
-        self._tokenizer = None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = (
+            None if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        )
         self.save_hyperparameters(ignore=["tokenizer"])
         self.hparams["tokenizer"] = tokenizer if self._tokenizer is None else self._tokenizer.name_or_path
-        self.train_data = None
-        self.val_data = None
+        self.train_data: Any = None  # datasets.Dataset once built (the datasets package ships no types)
+        self.val_data: Any = None
         self.truncation: dict[str, Truncation] = {}  # "train"/"val" → what the length limits cut (set by setup)
         self._train_sampler: LengthGroupedSampler | None = None
         self._resume_state: dict | None = None
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved settings (`save_hyperparameters` in `__init__`), read as attributes (`hparams.batch_size`)."""
+        return cast(AttributeDict, super().hparams)  # Lightning types it as a plain mapping too; here it never is
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -216,7 +224,7 @@ class InstructionDataModule(L.LightningDataModule):
             rank=rank,
             seed=h.seed,
             group_by_length=h.group_by_length,
-            epoch_source=(lambda: self.trainer.current_epoch) if self.trainer is not None else None,
+            epoch_source=(lambda: trainer.current_epoch) if (trainer := self.trainer) is not None else None,
         )
         state, self._resume_state = self._resume_state, None
         restore_data_position(self.trainer, sampler, state)

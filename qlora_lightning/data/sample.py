@@ -249,7 +249,8 @@ def generate_tasks(n_train: int = 4000, n_val: int = 500, seed: int = 0) -> tupl
     if n_train < 1 or n_val < 1:
         raise ValueError(f"generate_tasks needs at least one record per part, got n_train={n_train}, n_val={n_val}")
     rng = random.Random(seed)
-    drawn, seen = [], set()
+    drawn: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
     while len(drawn) < n_train + n_val:
         task, question, answer = TASK_FAMILIES[len(drawn) % len(TASK_FAMILIES)](rng)
         if question not in seen:

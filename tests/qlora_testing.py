@@ -1,5 +1,5 @@
 """Test helpers shared across test files: tiny random Llama checkpoints, the CUDA skip mark, `train.py`
-command lines."""
+command lines, free ports and FSDP around a model loaded unit by unit."""
 
 from __future__ import annotations
 
@@ -222,3 +222,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wrap_fsdp1(deferred, forward_prefetch: bool = False):
+    """FSDP1 as `fsdp.QLoRAFSDPStrategy` wraps on the CPU: one unit per decoder layer and per frozen 4-bit base, the
+    model left on the meta device by `load_model(..., materialize=False)` (`deferred`) and loaded unit by unit."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from qlora_lightning.fsdp import decoder_layer_policy
+
+    return FSDP(
+        deferred.model,
+        auto_wrap_policy=decoder_layer_policy,
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        param_init_fn=deferred.materialize,
+        forward_prefetch=forward_prefetch,
+    )

@@ -29,6 +29,7 @@ def test_the_converted_tokenizer_has_the_gguf_files_special_tokens(smollm2_dir):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
 
 
+@pytest.mark.slow  # reads the real SmolLM2 GGUF's 49k-token vocabulary (about 30 s on 2 cores)
 def test_a_wrong_eos_from_transformers_converter_is_corrected(monkeypatch):
     """transformers 5.17 (the GPU image's) built SmolLM2's tokenizer with `<|im_start|>` as EOS: every training
     target ended with it, and the GPU demo's held-out loss started at 6.17 where the CPU's (5.24) was 4.68."""

@@ -240,7 +240,7 @@ def test_family_fsdp_units_are_its_decoder_layers_and_load_streaming(family_mode
     unit as FSDP wraps it (one CPU process, gloo) gives the unwrapped model's loss, tied embeddings still tied."""
     import torch.distributed as dist
     from family_models import family_tokenizer
-    from qlora_testing import free_port
+    from qlora_testing import free_port, wrap_fsdp1
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from qlora_lightning.fsdp import decoder_layer_policy
@@ -266,13 +266,7 @@ def test_family_fsdp_units_are_its_decoder_layers_and_load_streaming(family_mode
         deferred = load_model(
             str(folder), quant=quant, lora=LoraSpec(r=4, dropout=0.0), with_tokenizer=False, materialize=False
         )
-        wrapped = FSDP(
-            deferred.model,
-            auto_wrap_policy=decoder_layer_policy,
-            use_orig_params=True,
-            device_id=torch.device("cpu"),
-            param_init_fn=deferred.materialize,
-        )
+        wrapped = wrap_fsdp1(deferred)
         with torch.no_grad():
             loss = wrapped(input_ids=ids, labels=ids).loss
         if FAMILY_SPECS[family].tie:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from qlora_testing import REPO, cli_args, free_port
+from qlora_testing import REPO, cli_args, free_port, wrap_fsdp1
 from safetensors.torch import load_file
 
 from qlora_lightning.adapters import is_adapter_key
@@ -44,14 +44,7 @@ def _wrap_fsdp1(deferred, forward_prefetch: bool, cpu_offload: bool):
     parameters that got gradient buffers, shard units)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    wrapped = FSDP(
-        deferred.model,
-        auto_wrap_policy=decoder_layer_policy,
-        use_orig_params=True,
-        device_id=torch.device("cpu"),
-        param_init_fn=deferred.materialize,
-        forward_prefetch=forward_prefetch,
-    )
+    wrapped = wrap_fsdp1(deferred, forward_prefetch)
 
     def grads():
         with FSDP.summon_full_params(wrapped, writeback=False, with_grads=True):
@@ -227,26 +220,23 @@ def test_settings_fsdp_cannot_shard_are_refused_before_the_model_loads(strategy,
     assert sharding_strategy(None, QuantSpec(), compile_layers=True, offload_activations=True) is None
 
 
+def _70b_with(overlay: str, tmp_path):
+    """The README's FSDP line parsed (not run): 70b.yaml with the `overlay` strategy config, the optimizer states on
+    the GPUs (70b.yaml keeps them on the host for one GPU)."""
+    configs = ["--config", str(REPO / "configs" / "70b.yaml"), "--config", str(REPO / "configs" / overlay)]
+    return run_lightning_cli(
+        [*configs, "--model.optimizer.init_args.states_on_host", "false", "--trainer.accelerator", "cpu"]
+        + ["--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )
+
+
 def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
     from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
     # Lightning refuses FSDP without a GPU when the trainer is built; this test only checks the parse.
     monkeypatch.setattr(_AcceleratorConnector, "_check_strategy_and_fallback", lambda self: None)
-    cli = run_lightning_cli(
-        [
-            "--config",
-            str(REPO / "configs" / "70b.yaml"),
-            "--config",
-            str(REPO / "configs" / "fsdp.yaml"),
-            "--model.optimizer.init_args.states_on_host",
-            "false",  # the README's FSDP line: 70b.yaml keeps the states on the host for one GPU
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ],
-        run=False,
-    )
+    cli = _70b_with("fsdp.yaml", tmp_path)
     strategy = cli.trainer.strategy
     assert isinstance(strategy, QLoRAFSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"] is decoder_layer_policy and strategy.kwargs["use_orig_params"]
@@ -260,21 +250,7 @@ def test_fsdp_overlay_parses_into_the_strategy(tmp_path, monkeypatch):
 
 
 def test_fsdp2_overlay_parses_into_the_strategy(tmp_path):
-    cli = run_lightning_cli(
-        [
-            "--config",
-            str(REPO / "configs" / "70b.yaml"),
-            "--config",
-            str(REPO / "configs" / "fsdp2.yaml"),
-            "--model.optimizer.init_args.states_on_host",
-            "false",  # the config's FSDP line: 70b.yaml keeps the states on the host for one GPU
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ],
-        run=False,
-    )
+    cli = _70b_with("fsdp2.yaml", tmp_path)
     strategy = cli.trainer.strategy
     assert isinstance(strategy, QLoRAFSDP2Strategy) and not strategy.cpu_offload and strategy.forward_prefetch
     assert not cli.model.offload_activations

@@ -32,6 +32,7 @@ from torch import nn
 from . import builtin
 from .atomic import write_file, write_text
 from .lora import LoraLinear, lora_layers
+from .resume import read_checkpoint
 from .specs import LoraSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -333,6 +334,16 @@ def check_adapter_base(adapter: Adapter, *, base_model: str, base_fingerprint: s
 
     if trained_on and name(trained_on) != name(base_model):
         raise ValueError(f"{adapter.folder}: adapter was trained on {trained_on!r}, not on {base_model!r}. {hint}")
+
+
+def read_checkpoint_adapters(path: str | os.PathLike, layers: dict[str, LoraLinear]) -> tuple[dict, dict]:
+    """(adapter tensors, the rest) of the Lightning checkpoint at `path`, read safely and memory-mapped
+    (`resume.read_checkpoint`), its adapter tensors checked against `layers` (`validate`): what a sharded strategy
+    loads into its shards, and the optimizer state and loop counters Lightning restores."""
+    checkpoint = read_checkpoint(path, mmap=True)
+    state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
+    validate(layers, state, source=str(path))
+    return state, checkpoint
 
 
 def validate(

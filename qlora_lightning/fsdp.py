@@ -34,9 +34,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.optim import Optimizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .adapters import is_adapter_key, validate
+from .adapters import is_adapter_key, read_checkpoint_adapters
 from .lora import FrozenLinear, LoraLinear, lora_layers
-from .resume import read_checkpoint
 from .specs import QuantSpec
 
 if TYPE_CHECKING:
@@ -227,9 +226,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load an adapter-only checkpoint into the shards, and its optimizer state when fitting."""
         path = self.broadcast(checkpoint_path)
-        checkpoint = read_checkpoint(path, mmap=True)
-        state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
-        validate(unwrapped_lora_layers(self._root), state, source=str(path))
+        state, checkpoint = read_checkpoint_adapters(path, unwrapped_lora_layers(self._root))
         load_adapters(self._root, state)
         states = checkpoint.get("optimizer_states")
         module = self.lightning_module

@@ -54,10 +54,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .adapters import is_adapter_key, validate
+from .adapters import is_adapter_key, read_checkpoint_adapters
 from .fsdp import check_optimizer
 from .lora import FrozenLinear4bit, lora_layers
-from .resume import read_checkpoint
 
 
 def local_gradients(module: nn.Module) -> list[torch.Tensor]:
@@ -371,9 +370,7 @@ class QLoRAFSDP2Strategy(ModelParallelStrategy):
         """Load an adapter-only checkpoint into the shards, and its optimizer state when fitting (every rank
         reads the file and takes its own rows)."""
         path = self.broadcast(checkpoint_path)
-        checkpoint = read_checkpoint(path, mmap=True)
-        state = {k: v for k, v in checkpoint.pop("state_dict").items() if is_adapter_key(k)}
-        validate(lora_layers(self._module), state, source=str(path))
+        state, checkpoint = read_checkpoint_adapters(path, lora_layers(self._module))
         load_adapters(self._module, state)
         states = checkpoint.get("optimizer_states")
         if states is not None and self._module.trainer.state.fn == TrainerFn.FITTING:

@@ -223,6 +223,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # One `last.ckpt`, replaced (atomically, by the checkpoint I/O) by every later save, a resumed run's included:
+        # Lightning's version counter would write `last-v1.ckpt` beside one that a run of an older release left
+        # without a record of it, and `--ckpt_path last` takes `last.ckpt`.
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
         self.every_n_steps = kwargs.get("every_n_train_steps") or 0
         self._final_step_saved: int | None = None
@@ -282,9 +286,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self.every_n_steps and step % self.every_n_steps == 0:
             return  # the periodic save has just written this step
         metrics = {"step": torch.tensor(step), "epoch": torch.tensor(trainer.current_epoch)}
+        last = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        if self.save_last:  # recorded in both files, as Lightning's own save records it: a resume replaces it
+            self.last_model_path = last
         trainer.save_checkpoint(self.format_checkpoint_name(metrics))
         if self.save_last:
-            trainer.save_checkpoint(self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST))
+            trainer.save_checkpoint(last)
 
     def _sigterm_on_any_rank(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether any process got SIGTERM; all ranks take the same decision at the same step."""

@@ -289,9 +289,10 @@ class ResumableCheckpoint(ModelCheckpoint):
         last = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
         if self.save_last:  # recorded in both files, as Lightning's own save records it: a resume replaces it
             self.last_model_path = last
-        trainer.save_checkpoint(self.format_checkpoint_name(metrics))
+        # weights_only=False: the whole training state, as a periodic save writes it (said, so Lightning logs nothing)
+        trainer.save_checkpoint(self.format_checkpoint_name(metrics), weights_only=False)
         if self.save_last:
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)
 
     def _sigterm_on_any_rank(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether any process got SIGTERM; all ranks take the same decision at the same step."""

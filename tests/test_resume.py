@@ -80,19 +80,25 @@ def test_a_finished_run_extended_equals_the_straight_run_bitwise(tiny_chat_llama
     assert all(torch.equal(straight[k], extended[k]) for k in straight)
 
 
+@pytest.mark.parametrize("folders", ["absolute", "relative-default"])
 def test_a_run_whose_first_save_is_its_own_keeps_one_last_checkpoint_for_every_later_resume(
-    tiny_chat_llama_dir, tmp_path
+    tiny_chat_llama_dir, tmp_path, monkeypatch, folders
 ):
     """A run's first save was its final step (or a SIGTERM) before any periodic save: `last.ckpt` recorded no last
     checkpoint, so the resumed run wrote `last-v1.ckpt` beside it and a later `--ckpt_path last` went back to the
-    first run's step (seen with the demo: SIGTERM at step 14, resumed to 40, `last.ckpt` still at step 14)."""
-    fit(tiny_chat_llama_dir, tmp_path, 3, 5)  # step 3 is no periodic step: its save is `ResumableCheckpoint`'s own
-    fit(tiny_chat_llama_dir, tmp_path, 6, 5, "--ckpt_path", "last")  # a periodic save at 5, the final one at 6
-    folder = tmp_path / "checkpoints"
+    first run's step (seen with the demo: SIGTERM at step 14, resumed to 40, `last.ckpt` still at step 14). With the
+    demo's relative `default_root_dir` and default checkpoint folder, Lightning did not reload the record at all (the
+    folder reads back absolute)."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path if folders == "absolute" else Path("run")
+    options = {} if folders == "absolute" else {"checkpoint_dir": False}
+    fit(tiny_chat_llama_dir, root, 3, 5, **options)  # step 3 is no periodic step: its save is our own
+    fit(tiny_chat_llama_dir, root, 6, 5, "--ckpt_path", "last", **options)  # periodic at 5, the final save at 6
+    (folder,) = {p.parent for p in tmp_path.glob("**/step=6.ckpt")}
     assert sorted(p.name for p in folder.glob("last*")) == ["last", "last.ckpt"]
-    assert read_checkpoint(find_last_checkpoint(tmp_path, folder))["global_step"] == 6
+    assert read_checkpoint(find_last_checkpoint(tmp_path / root, folder))["global_step"] == 6
     assert read_adapter(folder / "last").metadata[STEP_KEY] == "6"  # its adapter folder too
-    fit(tiny_chat_llama_dir, tmp_path, 7, 5, "--ckpt_path", "last")
+    fit(tiny_chat_llama_dir, root, 7, 5, "--ckpt_path", "last", **options)
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == 7 and not list(folder.glob("last-v*"))
 
 

@@ -60,7 +60,6 @@ class QLoRACLI(LightningCLI):
             {
                 "checkpoint.filename": "{step}",  # step=500.ckpt (+ its PEFT folder step=500/)
                 "checkpoint.save_last": True,  # last.ckpt: what `--ckpt_path last` resumes
-                "checkpoint.enable_version_counter": False,  # one last.ckpt, replaced: never a last-v1.ckpt beside it
                 "checkpoint.save_top_k": -1,  # keep every periodic save (adapters are small)
                 "checkpoint.every_n_train_steps": 500,  # ~20 saves over the 10000-step 7B run
             }

@@ -222,12 +222,13 @@ class ResumableCheckpoint(ModelCheckpoint):
       from it (the checkpoint I/O's `repair_adapter_folders`: `checkpoint.AtomicCheckpointIO`).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # One `last.ckpt`, replaced (atomically, by the checkpoint I/O) by every later save, a resumed run's included:
-        # Lightning's version counter would write `last-v1.ckpt` beside one that a run of an older release left
-        # without a record of it, and `--ckpt_path last` takes `last.ckpt`.
-        kwargs.setdefault("enable_version_counter", False)
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        # Default off: one `last.ckpt`, replaced (atomically, by the checkpoint I/O) by every later save, a resumed
+        # run's included. Lightning's counter writes `last-v1.ckpt` beside a `last.ckpt` its reloaded state does not
+        # name (a relative run folder reads back absolute), and `--ckpt_path last` takes `last.ckpt`.
+        # jsonargparse reads ModelCheckpoint's other arguments from this exact call form (mypy cannot see that `args`
+        # never holds it: LightningCLI and our callers pass keywords)
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)  # type: ignore[misc]
         self.every_n_steps = kwargs.get("every_n_train_steps") or 0
         self._final_step_saved: int | None = None
         self._sigterm = False

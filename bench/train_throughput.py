@@ -319,6 +319,27 @@ def kernel_classes(prof) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def step_profiler(args) -> torch.profiler.profile:
+    """The profiler of one of our steps (`--profile`): the GPU's kernels (the CPU's operators in a dry run), and with
+    `--trace` the host's side too, for a trace of what the GPU waits for (bench/idle_gaps.py reads it)."""
+    activities = {torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU}
+    if args.trace:
+        activities.add(torch.profiler.ProfilerActivity.CPU)
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+    return torch.profiler.profile(activities=list(activities), with_stack=args.trace_stack)
+
+
+def profile_results(args, prof: torch.profiler.profile, step_s: float) -> dict:
+    """Stop `prof` (`step_profiler`); its kernel table and kernel classes, with its trace written out (`--trace`)."""
+    prof.__exit__(None, None, None)
+    if args.trace:
+        prof.export_chrome_trace(str(Path(args.trace) / f"{args.only}.json.gz"))
+    return {
+        "profile": prof.key_averages().table(sort_by="cuda_time_total", row_limit=30),
+        "kernel_ms": {"step (wall)": step_s * 1e3, **kernel_classes(prof)},
+    }
+
+
 def run_ours(
     args,
     sampler: DeviceMemorySampler,
@@ -379,10 +400,7 @@ def run_ours(
 
         def on_train_batch_start(self, trainer, pl_module, batch, i):
             if args.profile and i == args.warmup:  # one profiled step, then timing as usual
-                activity = (
-                    torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
-                )
-                self.prof = torch.profiler.profile(activities=[activity])
+                self.prof = step_profiler(args)
                 self.prof.__enter__()
             sync()
             self.t = time.perf_counter()
@@ -393,9 +411,7 @@ def run_ours(
             losses.append(outputs["loss"].item() * args.accumulate)  # Lightning hands over the loss ÷ accumulation
             counts.append(batch_counts(batch))
             if self.prof is not None and i == args.warmup:
-                self.prof.__exit__(None, None, None)
-                extra["profile"] = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-                extra["kernel_ms"] = {"step (wall)": times[-1] * 1e3, **kernel_classes(self.prof)}
+                extra.update(profile_results(args, self.prof, times[-1]))
 
     data = batches(args, args.vocab, "cpu", packed=packed)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -728,6 +744,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", action="store_true", help="print the CUDA kernels of one of our steps (after warm-up)")
     p.add_argument(
+        "--trace",
+        help="with --profile: write the profiled step of each of ours' stacks (host and GPU) as a Chrome trace to "
+        "this folder (STACK.json.gz); bench/idle_gaps.py reads it",
+    )
+    p.add_argument(
+        "--trace-stack", action="store_true", help="with --trace: record the host's Python stacks too (slows the host)"
+    )
+    p.add_argument(
         "--accumulate",
         type=int,
         default=1,
@@ -755,6 +779,8 @@ def _checked_stacks(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         p.error("give --shape or --model")
     if args.accumulate > 1 and (args.warmup % args.accumulate or args.steps % args.accumulate or args.profile):
         p.error(f"--accumulate {args.accumulate}: --warmup and --steps must be multiples of it, without --profile")
+    if (args.trace and not args.profile) or (args.trace_stack and not args.trace):
+        p.error("--trace needs --profile, and --trace-stack needs --trace")
     if args.lengths == "orca" and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
@@ -777,6 +803,7 @@ def _child_options(args: argparse.Namespace) -> list[str]:
     for name in ("batch", "seq", "target", "steps", "vocab", "warmup", "accumulate"):
         options += [f"--{name}", str(getattr(args, name))]
     options += (["--profile"] if args.profile else []) + (["--cpu-offload"] if args.cpu_offload else [])
+    options += (["--trace", args.trace] if args.trace else []) + (["--trace-stack"] if args.trace_stack else [])
     options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
     return options

@@ -1,4 +1,5 @@
-"""PagedAdamW32bitOneSync: bitwise bitsandbytes' PagedAdamW32bit, with one device synchronization per step."""
+"""PagedAdamW32bitOneSync: bitwise bitsandbytes' PagedAdamW32bit, with one launch per parameter group and one device
+synchronization per step."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from qlora_testing import requires_cuda
 
+from qlora_lightning import optim
 from qlora_lightning.optim import PagedAdamW32bitOneSync
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
@@ -47,6 +49,70 @@ def test_the_updates_are_bitwise_bitsandbytes(device):
         assert mine["step"] == bnb_state["step"] == 3
         assert torch.equal(mine["state1"], bnb_state["state1"]) and torch.equal(mine["state2"], bnb_state["state2"])
     assert not our_optimizer.state[ours[-1]]  # no gradient, no state
+
+
+def _launches(monkeypatch) -> list[int]:
+    """The element count of every bitsandbytes 32-bit update launched from now on (ours and bitsandbytes' own)."""
+    counts: list[int] = []
+    real = bnb.functional.optimizer_update_32bit
+    monkeypatch.setattr(
+        bnb.functional,
+        "optimizer_update_32bit",
+        lambda name, g, *a, **k: (counts.append(g.numel()), real(name, g, *a, **k)),
+    )
+    return counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_updates_every_parameter_of_a_group(device, monkeypatch):
+    counts = _launches(monkeypatch)
+    _steps(bnb.optim.PagedAdamW32bit, device, steps=1)
+    assert counts == [512, 512, 1024, 512]  # bitsandbytes: one per parameter with a gradient
+    counts.clear()
+    params, optimizer = _steps(PagedAdamW32bitOneSync, device, steps=2)
+    assert counts == [2560, 2560]  # ours: one per step for all four
+    state1 = [optimizer.state[p]["state1"] for p in params[:-1]]
+    assert len({s.untyped_storage().data_ptr() for s in state1}) == 1  # views of one buffer
+    assert all(s.shape == p.shape for s, p in zip(state1, params[:-1], strict=True))
+
+
+def test_a_group_larger_than_one_launch_is_updated_in_parts_bitwise_the_same(monkeypatch):
+    counts = _launches(monkeypatch)
+    monkeypatch.setattr(optim, "LAUNCH_ELEMENTS", 1000)
+    theirs, _ = _steps(bnb.optim.PagedAdamW32bit, "cpu")
+    counts.clear()
+    ours, _ = _steps(PagedAdamW32bitOneSync, "cpu")
+    assert counts == [1000, 1000, 560] * 3
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_parameter_without_a_gradient_at_one_step_is_updated_as_bitsandbytes_updates_it(device, monkeypatch):
+    """Parameter 0 gets no gradient at the second of four steps: that step updates the other three in one launch
+    (over new flat states); after it the step counts differ, and the group is updated one parameter at a time."""
+    counts = _launches(monkeypatch)
+
+    def run(optimizer_class):
+        params = _adapters(device)
+        optimizer = optimizer_class(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for i, p in enumerate(params[:-1]):
+                grad = torch.randn(p.shape, generator=g).to(device, p.dtype)
+                p.grad = None if (step == 1 and i == 0) else grad
+            optimizer.step()
+            optimizer.zero_grad()
+        return params, optimizer
+
+    theirs, their_optimizer = run(bnb.optim.PagedAdamW32bit)
+    counts.clear()
+    ours, our_optimizer = run(PagedAdamW32bitOneSync)
+    assert counts == [2560, 2048, 512, 512, 1024, 512, 512, 512, 1024, 512]  # one launch while the counts agree
+    assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+    for a, b in zip(theirs[:-1], ours[:-1], strict=True):
+        assert our_optimizer.state[b]["step"] == their_optimizer.state[a]["step"]
+        assert torch.equal(our_optimizer.state[b]["state1"], their_optimizer.state[a]["state1"])
+        assert torch.equal(our_optimizer.state[b]["state2"], their_optimizer.state[a]["state2"])
 
 
 def _third_step(params, optimizer) -> None:

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from qlora_testing import REPO, cli_args, make_tiny_llama
 from safetensors.torch import load_file
 
 from qlora_lightning.cli import main, run_lightning_cli
+from qlora_lightning.optim import PagedAdamW32bitOneSync
 
 PAPER = {  # size: (base model, lr, dropout, steps, micro-batch × accumulation)
     "7b": ("meta-llama/Llama-2-7b-hf", 2e-4, 0.1, 10000, 16),
@@ -44,7 +44,7 @@ def test_paper_configs_parse_into_the_recipe(size, tmp_path):
     assert (data.hparams.source_max_len, data.hparams.target_max_len) == (384, 128)
     assert data.hparams.max_examples == 240000 and not data.hparams.train_on_source
     optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
-    assert isinstance(optimizer, bnb.optim.PagedAdamW32bit)
+    assert isinstance(optimizer, PagedAdamW32bitOneSync)  # bitsandbytes' paged AdamW, one launch a step
     assert optimizer.defaults["lr"] == lr and optimizer.defaults["betas"] == (0.9, 0.999)
     # 70B keeps the Adam states in host memory to fit 42 GiB of a 48 GB card (measured at 70B only)
     assert getattr(optimizer, "states_on_host", False) == (size == "70b")

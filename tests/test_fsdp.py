@@ -99,10 +99,11 @@ WRAPS = {"fsdp1": _wrap_fsdp1, "fsdp2": _wrap_fsdp2}
 
 
 def _adamw(params):
-    """The recipe's optimizer (bitsandbytes' paged AdamW 32-bit), with a step large enough to compare."""
-    import bitsandbytes as bnb
+    """The recipe's optimizer (bitsandbytes' paged AdamW 32-bit, one launch a step), with a step large enough to
+    compare."""
+    from qlora_lightning.optim import PagedAdamW32bitOneSync
 
-    return bnb.optim.PagedAdamW32bit(params, lr=1e-2)
+    return PagedAdamW32bitOneSync(params, lr=1e-2)
 
 
 def _fsdp_rank(rank: int, folder: str, port: int, results, strategy: str, forward_prefetch: bool, cpu_offload: bool):

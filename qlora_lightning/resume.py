@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -49,6 +50,9 @@ from .specs import LoraSpec, QuantSpec
 __all__ = ["CheckpointError", "Preempted", "find_last_checkpoint", "read_checkpoint", "ResumableCheckpoint"]
 
 LAST = "last.ckpt"
+#: Lightning's name for a last checkpoint written beside an existing `last.ckpt` by its version counter (`last-v1.ckpt`);
+#: runs of versions before the counter was switched off (`ResumableCheckpoint`) can hold one newer than `last.ckpt`.
+VERSIONED_LAST = re.compile(r"last-v\d+\.ckpt")
 
 
 class CheckpointError(ValueError):
@@ -63,18 +67,20 @@ def checkpoint_folders(root: str | os.PathLike) -> list[Path]:
 
 
 def _resume_point(folder: Path) -> Path | None:
-    """The checkpoint a run resumes from in `folder`: `last.ckpt`, else the newest other `.ckpt` (a save that
-    failed before `last.ckpt` was written, a full disk at the first save say); None when there is none."""
-    if (folder / LAST).is_file():
-        return folder / LAST
+    """The checkpoint a run resumes from in `folder`: the newest of `last.ckpt` and any `last-vN.ckpt` (normally
+    `last.ckpt` alone), else the newest other `.ckpt` (a save that failed before `last.ckpt` was written, a full disk
+    at the first save say); None when there is none."""
     found = [p for p in folder.glob("*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    lasts = [p for p in found if p.name == LAST or VERSIONED_LAST.fullmatch(p.name)]
+    return max(lasts or found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | None = None) -> Path:
     """The checkpoint `--ckpt_path last` resumes: the `last.ckpt` in `dirpath` when the run names its checkpoint
     folder, else the most recently written one of the runs under `root` (the run's default_root_dir). A run
-    folder without `last.ckpt` offers its newest other checkpoint instead, and the choice is said on stderr.
+    folder without `last.ckpt` offers its newest other checkpoint instead; one whose `last-vN.ckpt` is newer than
+    its `last.ckpt` (resumed by a version that kept Lightning's version counter) offers that; either choice is said
+    on stderr.
 
     Raises `CheckpointError` naming where it looked when there is none: asked to resume, training from
     scratch instead would silently throw the earlier run away.
@@ -93,7 +99,9 @@ def find_last_checkpoint(root: str | os.PathLike, dirpath: str | os.PathLike | N
             "path of its .ckpt file"
         )
     path = max(found, key=lambda p: p.stat().st_mtime_ns)
-    if path.name != LAST:
+    if VERSIONED_LAST.fullmatch(path.name):
+        print(f"--ckpt_path last: taking {path}, written after {LAST} beside it", file=sys.stderr)
+    elif path.name != LAST:
         print(
             f"--ckpt_path last: {path.parent} holds no {LAST}; taking its newest checkpoint, {path.name}",
             file=sys.stderr,

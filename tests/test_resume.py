@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -56,6 +57,26 @@ def test_resume_with_nothing_to_resume_fails_loudly(tiny_chat_llama_dir, tmp_pat
     assert not list(tmp_path.glob("**/*.ckpt"))
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         find_last_checkpoint(tmp_path, tmp_path / "checkpoints")
+
+
+def test_last_resumes_a_newer_versioned_last_that_an_earlier_version_wrote(tmp_path, capsys):
+    """A folder resumed by a version that kept Lightning's version counter has `last.ckpt` at the first run's step and
+    the resumed run's later saves in `last-v1.ckpt`: `--ckpt_path last` takes the newer one, and says so."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for age, name in enumerate(["last-v1.ckpt", "last.ckpt", "step=10.ckpt"]):  # last-v1 newest, step=10 oldest
+        (folder / name).write_bytes(b"")
+        os.utime(folder / name, ns=(10**18 - age * 10**9, 10**18 - age * 10**9))
+    assert find_last_checkpoint(tmp_path, folder) == folder / "last-v1.ckpt"
+    assert f"taking {folder / 'last-v1.ckpt'}, written after last.ckpt" in capsys.readouterr().err
+    os.utime(folder / "last.ckpt")  # now last.ckpt is the newest: the usual case, said nothing of
+    assert find_last_checkpoint(tmp_path, folder) == folder / "last.ckpt"
+    assert capsys.readouterr().err == ""
+    (folder / "last.ckpt").unlink()
+    (folder / "last-v1.ckpt").unlink()
+    os.utime(folder / "step=10.ckpt")
+    (folder / "last-v1.ckpt.tmp").write_bytes(b"")  # not a checkpoint name
+    assert find_last_checkpoint(tmp_path, folder) == folder / "step=10.ckpt"
 
 
 @pytest.mark.parametrize("max_examples", [48, 16], ids=["mid-epoch", "epoch-end"])

@@ -385,3 +385,14 @@ def test_fsdp_on_two_gpus_saves_adapters_once_and_resumes_on_one(tiny_chat_llama
         model__quant__compute_dtype="bfloat16",
         trainer__strategy__init_args__cpu_offload=cpu_offload,
     )
+
+
+def test_gathering_adapters_of_a_model_fsdp2_did_not_shard_names_the_parameter():
+    """`fsdp2.gather_adapters` on a model `shard_model` did not shard (research code calling it on the wrong model)
+    names the first adapter and what it expected, before any collective is started."""
+    from qlora_lightning import fsdp2
+    from qlora_lightning.lora import LoraLinear4bit
+
+    model = torch.nn.Sequential(LoraLinear4bit.from_weight(torch.randn(16, 16, dtype=torch.bfloat16), device="cpu"))
+    with pytest.raises(TypeError, match=r"0\.lora_A: expected a parameter sharded by `shard_model`, got a Parameter"):
+        fsdp2.gather_adapters(model, rank=0)

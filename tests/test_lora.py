@@ -149,3 +149,15 @@ def test_the_layer_computes_w_x_plus_scaled_b_a_x(device, cls, dtype, tol, p):
     with torch.no_grad():
         out, expected = layer.eval()(x).float(), nn.functional.linear(x.float(), merged, layer.bias.float())
     assert (out - expected).norm() / expected.norm() < max(tol, 1e-4)  # eval runs bitsandbytes' own kernels
+
+
+def test_a_weight_packed_for_sharding_cannot_be_loaded_again_as_dense():
+    """After `pack_for_sharding` the 4-bit layer's weight is one byte tensor with its quantization state inside:
+    `load_dense` (which needs bitsandbytes' parameter as built) says so instead of quantizing into the wrong layout."""
+    layer = LoraLinear4bit.from_weight(torch.randn(64, 32, dtype=torch.bfloat16), device="cpu")
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    before = layer.base_layer(x)
+    layer.base_layer.pack_for_sharding()
+    assert layer.base_layer.weight.dtype == torch.uint8 and torch.equal(layer.base_layer(x), before)  # same layer
+    with pytest.raises(RuntimeError, match="load_dense needs the layer as built: after pack_for_sharding"):
+        layer.base_layer.load_dense(torch.randn(64, 32), None, "cpu")

@@ -25,16 +25,13 @@ def tiny_llama_config(*, hidden=64, layers=2, intermediate=128, vocab=256, tie=F
     Mistral), small enough to train on a CPU in seconds; `extra` sets any other `LlamaConfig` field."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
+    from qlora_lightning.model import RANDOM_SHAPES
+
+    shape = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers, "vocab_size": vocab}
+    return LlamaConfig(  # the shape `random:tiny` and the benches use, unless the arguments change it
+        **{**RANDOM_SHAPES["tiny"], **shape, "bos_token_id": 1, "eos_token_id": 2, **extra},
         max_position_embeddings=256,
         tie_word_embeddings=tie,
-        **{"bos_token_id": 1, "eos_token_id": 2, **extra},
     )
 
 

@@ -17,6 +17,7 @@ def tiny_base(folder: Path) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from qlora_lightning import builtin
+    from qlora_lightning.model import RANDOM_SHAPES
 
     converted = builtin.cache_root() / builtin.SMOLLM2
     if builtin.converted(converted):
@@ -25,12 +26,7 @@ def tiny_base(folder: Path) -> str:
         tokenizer = builtin.gguf_tokenizer(builtin.smollm2_gguf())
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
+        **{**RANDOM_SHAPES["tiny"], "vocab_size": len(tokenizer)},  # the tests' and the throughput bench's tiny shape
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

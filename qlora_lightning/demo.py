@@ -1,4 +1,5 @@
-"""`DemoReport`: what a fine-tuning run changed, measured on held-out examples before and after `fit`.
+"""`DemoReport`: what a fine-tuning run changed, measured on held-out examples before and after `fit` (a resumed run:
+at the step it resumed from and after, each column named by its step).
 
 The CPU demo (`configs/demo.yaml`) trains SmolLM2-135M on the bundled OpenOrca-format sample, whose
 answers can be checked; this callback prints the held-out loss and exact-match accuracy before and
@@ -86,19 +87,28 @@ class DemoReport(Callback):
         if trainer.is_global_zero and self.before is None:
             self.before = self._measure(trainer, pl_module)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A resumed run's adapters are restored before `on_fit_start` (measured there), its step count only after:
+        # the step they were measured at is known here (0 for a new run).
+        if self.before is not None:
+            self.before.setdefault("step", trainer.global_step)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero or self.before is None:
             return
-        after = self._measure(trainer, pl_module)
+        after = {"step": trainer.global_step, **self._measure(trainer, pl_module)}
         b = self.before
-        print(f"\n{'held-out (bundled sample)':<30}{'before':>10}{'after':>10}")
+        b.setdefault("step", after["step"])  # no training started (a finished run fitted again): nothing changed
+        # A resumed run starts from its checkpoint's adapters, not the base model's: its columns say their steps.
+        first, last = ("before", "after") if b["step"] == 0 else (f"step {b['step']}", f"step {after['step']}")
+        print(f"\n{'held-out (bundled sample)':<30}{first:>10}{last:>10}")
         print(f"{'loss on answers':<30}{b['loss']:>10.3f}{after['loss']:>10.3f}")
         print(
             f"{'exact match (' + str(b['n']) + ' questions)':<30}{b['exact_match']:>10.1%}{after['exact_match']:>10.1%}"
         )
         print(
             f"\nQ: {after['question']}\nreference: {after['reference']}\n"
-            f"before:    {b['answer']!r}\nafter:     {after['answer']!r}\n"
+            f"{first + ':':<11}{b['answer']!r}\n{last + ':':<11}{after['answer']!r}\n"
         )
         write_text(Path(log_dir) / "demo_report.json", json.dumps({"before": b, "after": after}, indent=2) + "\n")

@@ -44,6 +44,28 @@ def test_report_measures_before_and_after(fitted):
     assert "exact match (4 questions)" in printed
 
 
+def test_a_resumed_run_reports_the_step_it_resumed_from_not_before(fitted, tiny_chat_llama_dir):
+    """Extended from its checkpoint, a run starts from trained adapters: its first column is named by that step
+    (a "before" there would pass the checkpoint's numbers off as the base model's)."""
+    t, _, _, _ = fitted
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    resumed = cpu_trainer(t.default_root_dir, max_steps=3)
+    resumed.callbacks.append(DemoReport(examples=4, max_new_tokens=3))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        resumed.fit(module, data, ckpt_path=str(Path(t.default_root_dir) / "checkpoints" / "last.ckpt"))
+    report = json.loads((Path(resumed.log_dir) / "demo_report.json").read_text())
+    assert (report["before"]["step"], report["after"]["step"]) == (2, 3)
+    first = json.loads((Path(t.log_dir) / "demo_report.json").read_text())
+    assert report["before"]["loss"] == pytest.approx(first["after"]["loss"])  # the checkpoint's adapters
+    lines = printed.getvalue().splitlines()
+    assert any(
+        line.startswith("held-out (bundled sample)") and line.split()[-4:] == ["step", "2", "step", "3"]
+        for line in lines
+    )
+    assert any(line.startswith("step 2:") for line in lines) and not any(line.startswith("before:") for line in lines)
+
+
 def test_the_generation_batch_size_changes_no_answer(fitted, monkeypatch):
     """A GPU run of 500 examples generates in batches of 64: left padding must not change a greedy answer."""
     import qlora_lightning.demo as demo

@@ -32,6 +32,8 @@ Host states are updated one parameter at a time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import bitsandbytes as bnb
 import torch
 from bitsandbytes import functional as bnb_F
@@ -69,12 +71,12 @@ class _GroupStates:
         )
 
 
-def _as_paged_like(view: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+def _as_paged_like(view: torch.Tensor, flat: Any) -> torch.Tensor:
     """`view` of `flat`, marked paged as `flat` is, so bitsandbytes treats it as paged memory (its device checks,
     `prefetch_state`, `to_gpu`): the mark is an attribute of the tensor object, which a view does not inherit."""
     if getattr(flat, "is_paged", False):
-        view.is_paged = True
-        view.page_deviceid = flat.page_deviceid
+        marked: Any = view  # bitsandbytes' marks are plain Python attributes, which torch's stubs do not declare
+        marked.is_paged, marked.page_deviceid = True, flat.page_deviceid
     return view
 
 
@@ -124,11 +126,12 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
         dtype throughout, no per-parameter overrides, 32-bit states without update-norm clipping, states on the
         device (not `states_on_host`)."""
         overridden = self.mng.index2config or any(id(p) in self.mng.pid2config for p in params)
+        args: Any = self.args  # bitsandbytes' MockArgs, its attributes set from a dict
         return (
             not self.states_on_host
             and not overridden
-            and self.args.optim_bits == 32
-            and self.args.max_unorm == 0.0
+            and args.optim_bits == 32
+            and args.max_unorm == 0.0
             and len({self.state[p].get("step", 0) for p in params}) == 1
             and len({(p.device, p.dtype) for p in params}) == 1
         )
@@ -154,7 +157,7 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
         step = self.state[params[0]]["step"] + 1
         for p in params:
             self.state[p]["step"] = step
-        grads = torch.cat([p.grad.reshape(-1) for p in params])
+        grads = torch.cat([g.reshape(-1) for p in params if (g := p.grad) is not None])  # every one has a gradient
         values = torch.cat([p.detach().reshape(-1) for p in params])
         for flat in (states.state1, states.state2):
             if getattr(flat, "is_paged", False):

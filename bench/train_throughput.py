@@ -16,8 +16,10 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
-(padding-free batches, below), `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync`) and `-hoststates` (the
-same with `states_on_host`: the optimizer states wait in host memory between steps), e.g.
+(padding-free batches, below), `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync` named explicitly: the
+module's default optimizer since 2026-12-02, so the same steps as without; earlier rows without it used bitsandbytes'
+`PagedAdamW32bit`) and `-hoststates` (the same with `states_on_host`: the optimizer states wait in host memory
+between steps), e.g.
 `ours-compiled-offload`; `peer` (the model
 card's transformers + PEFT + bitsandbytes), `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
 kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`) and `unsloth-packed` (the same

@@ -261,3 +261,43 @@ def test_host_states_resume_from_a_checkpoint_as_an_uninterrupted_run():
     _third_step(params, resumed)
     assert all(torch.equal(a, b) for a, b in zip(straight, params, strict=True))
     assert all(resumed.state[p]["state1"].device.type == "cpu" for p in params[:-1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_state_dict_saved_and_loaded_goes_into_flat_states_and_on_bitwise(device):
+    """Adapters large enough to be paged on a GPU (64 × 4096 twice): three straight steps against two, the state dict
+    through torch.save and a weights-only load (as a checkpoint goes) into a new optimizer, and the third. The loaded
+    states, which arrive as plain tensors on the parameters' device, are copied into new flat (on a GPU: paged)
+    buffers."""
+    import io
+
+    def run(steps: range, params, state=None):
+        optimizer = PagedAdamW32bitOneSync(params, lr=LR)
+        if state is not None:
+            optimizer.load_state_dict(state)
+        g = torch.Generator().manual_seed(1)
+        for i in range(3):
+            grads = [torch.randn(p.shape, generator=g).to(device, p.dtype) for p in params]
+            if i in steps:
+                for p, grad in zip(params, grads, strict=True):
+                    p.grad = grad
+                optimizer.step()
+        return optimizer
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g).to(device, torch.bfloat16) for s in [(64, 4096), (4096, 64)]]
+    straight = [torch.nn.Parameter(t.clone()) for t in start]
+    straight_optimizer = run(range(3), straight)
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    first = run(range(2), params)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = run(range(2, 3), params, torch.load(buffer, weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(straight, params, strict=True))
+    assert not torch.equal(params[0], start[0])
+    for a, b in zip(straight, params, strict=True):
+        want, got = straight_optimizer.state[a], resumed.state[b]
+        assert got["step"] == want["step"] == 3
+        assert torch.equal(got["state1"], want["state1"]) and torch.equal(got["state2"], want["state2"])
+        assert getattr(got["state1"], "is_paged", False) == (device == "cuda")

@@ -40,7 +40,11 @@ holds `--batch` examples of OpenOrca-shaped lengths (bench/orca_shapes.py, cut t
 and `--target` target tokens), right-padded to the longest (attention_mask 0 and labels -100 on padding), the
 last min(`--target`, length - 1) tokens of each labelled; the table then adds non-padding tokens/s and
 examples/s. A `-packed` stack of ours gets the same examples end to end in one row instead: `position_ids` restart at 0
-with each example, no attention_mask, no padding.
+with each example, no attention_mask, no padding. `--lengths orca` batches the examples in random order, as a trainer
+without length grouping does (HF's and TRL's default): about 30 % of a padded batch is padding. `--lengths
+orca-grouped` batches them as the recipe's `group_by_length` does (the data module's sampler), where padding is about
+1 %: the warm-up steps take the largest micro-batches, the timed ones a micro-batch at each of `--steps` quantiles of
+the sizes, and rates are pooled over the timed steps (total ÷ time) instead of the median of per-step rates.
 
 With `--devices N` ours runs on N GPUs (DDP, FSDP1 or FSDP2, each rank its own micro-batch, so a step moves N
 times the tokens) and the peak is the largest of the ranks'. `--strategy` may list several (`one` is one GPU):
@@ -66,6 +70,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from orca_shapes import example_lengths
 
@@ -102,11 +107,33 @@ UNSLOTH_ENV = {
 }
 
 
+#: OpenOrca-shaped examples the `orca-grouped` micro-batches are drawn from: 4 mega-batches of 50 batches of 16, the
+#: fewest the sampler groups in full mega-batches (its cap is a quarter of the examples).
+GROUPED_POOL = 4 * 50 * 16
+
+
 def step_lengths(args) -> list[list[int]]:
-    """The example lengths of every step's micro-batch: `--batch` × `--seq`, or OpenOrca-shaped (`--lengths orca`)."""
+    """The example lengths of every step's micro-batch: `--batch` × `--seq`; OpenOrca-shaped (`--lengths orca`: in
+    random order, as a trainer without length grouping batches them); or `orca-grouped`: micro-batches of the
+    recipe's `group_by_length` order (the data module's `LengthGroupedSampler` over a pool of examples): the
+    warm-up steps take the largest, the timed steps one micro-batch at each of `--steps` evenly spaced quantiles of
+    their sizes, shuffled, so that a few timed steps stand for the whole epoch's mix."""
     n = args.warmup + args.steps
+    source_max = args.seq - args.target
     if args.lengths == "orca":
-        lengths = example_lengths(n * args.batch, source_max=args.seq - args.target, target_max=args.target)
+        lengths = example_lengths(n * args.batch, source_max=source_max, target_max=args.target)
+    elif args.lengths == "orca-grouped":
+        from qlora_lightning.data.sampler import LengthGroupedSampler
+
+        pool = example_lengths(max(GROUPED_POOL, n * args.batch), source_max=source_max, target_max=args.target)
+        batches = [
+            [pool[i] for i in b]
+            for b in LengthGroupedSampler(pool, args.batch, seed=0).indices(0).reshape(-1, args.batch)
+        ]
+        by_size = sorted(batches, key=sum)
+        timed = [by_size[int((i + 0.5) * len(by_size) / args.steps)] for i in range(args.steps)]  # size quantiles
+        np.random.default_rng(0).shuffle(timed)
+        return by_size[::-1][: args.warmup] + timed  # warm-up on the largest: compilation and peak memory at once
     else:
         lengths = [args.seq] * (n * args.batch)
     return [lengths[i * args.batch : (i + 1) * args.batch] for i in range(n)]
@@ -598,21 +625,22 @@ def run_stack(args) -> dict:
     )
 
 
-def summary(ranks: list[dict], accumulate: int = 1) -> dict:
+def summary(ranks: list[dict], accumulate: int = 1, pooled: bool = False) -> dict:
     """Rank 0's step times; each step's tokens, non-padding tokens and examples summed over the ranks (each its own
-    micro-batch); rates are the median of the steps' rates, or with `accumulate` > 1 the timed micro-batches' sums
-    over their time (whole accumulation windows, so each optimizer step counts once per window, as in training);
-    the peak is the largest rank's."""
+    micro-batch); rates are the median of the steps' rates, or with `accumulate` > 1 or `pooled` the timed
+    micro-batches' sums over their time (whole accumulation windows, so each optimizer step counts once per window,
+    as in training; `pooled` for micro-batches of very different sizes, `--lengths orca-grouped`, whose median rate
+    would favour the short ones); the peak is the largest rank's."""
     r = min(ranks, key=lambda x: x.get("rank", 0))
     steps = r["step_s"]
     counts = [[sum(x["counts"][i][k] for x in ranks) for k in range(3)] for i in range(len(steps))]
-    if accumulate > 1:
+    if accumulate > 1 or pooled:
         rates = [sum(c[k] for c in counts) / sum(steps) for k in range(3)]
     else:
         rates = [statistics.median(c[k] / t for c, t in zip(counts, steps, strict=True)) for k in range(3)]
     return {
         **r,
-        "median_step_s": statistics.median(steps) if accumulate == 1 else statistics.mean(steps),
+        "median_step_s": statistics.median(steps) if accumulate == 1 and not pooled else statistics.mean(steps),
         "tokens_per_s": rates[0],
         "real_tokens_per_s": rates[1],
         "examples_per_s": rates[2],
@@ -628,17 +656,19 @@ def record(rows: list[dict], args) -> str:
     import peft
     import transformers
 
-    orca = args.lengths == "orca"
+    orca = args.lengths.startswith("orca")
     if orca:
         lengths = [n for step in step_lengths(args) for n in step]
+        order = "length-grouped (group_by_length)" if args.lengths == "orca-grouped" else "in random order"
         shape = (
-            f"micro-batch {args.batch} OpenOrca-shaped examples ({statistics.mean(lengths):.0f} tokens on average, "
-            f"at most {args.seq}, the last {args.target} labelled) per GPU, right-padded"
+            f"micro-batch {args.batch} OpenOrca-shaped examples {order} ({statistics.mean(lengths):.0f} tokens on "
+            f"average, at most {args.seq}, the last {args.target} labelled) per GPU, right-padded"
         ) + (" (ours, packed: one row)" if any("packed" in r["stack"] for r in rows) else "")
     else:
         shape = f"micro-batch {args.batch} × {args.seq} tokens per GPU"
     refs = {name: r for name in REFERENCES for r in rows if r["stack"] == name}
-    header = ["stack", "s/step (median)" if args.accumulate == 1 else "s/micro-batch (mean)", "tokens/s (all GPUs)"]
+    mean = args.accumulate > 1 or args.lengths == "orca-grouped"
+    header = ["stack", "s/micro-batch (mean)" if mean else "s/step (median)", "tokens/s (all GPUs)"]
     header += ["non-padding tokens/s", "examples/s"] if orca else []
     header += ["peak GiB (largest GPU)"] + (["card's peak GiB in use (sampled)"] if args.device_memory else [])
     header += ["time to first step s", "first-step loss"]
@@ -715,9 +745,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=128, help="labelled tokens at the end of each row (example)")
     p.add_argument(
         "--lengths",
-        choices=["fixed", "orca"],
+        choices=["fixed", "orca", "orca-grouped"],
         default="fixed",
-        help="fixed: every row --seq tokens; orca: OpenOrca-shaped example lengths, rows padded to the longest",
+        help="fixed: every row --seq tokens; orca: OpenOrca-shaped example lengths in random order, rows padded to "
+        "the longest; orca-grouped: the same in the recipe's group_by_length batches",
     )
     p.add_argument("--vocab", type=int, help="token ids are drawn below this (default: the shape's, else 32000)")
     p.add_argument("--steps", type=int, default=5)
@@ -783,7 +814,7 @@ def _checked_stacks(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         p.error(f"--accumulate {args.accumulate}: --warmup and --steps must be multiples of it, without --profile")
     if (args.trace and not args.profile) or (args.trace_stack and not args.trace):
         p.error("--trace needs --profile, and --trace-stack needs --trace")
-    if args.lengths == "orca" and args.target >= args.seq:
+    if args.lengths.startswith("orca") and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
     strategies = args.strategy.split(",")
@@ -821,7 +852,7 @@ def _run_stacks(stacks: list[str], strategies: list[str], args: argparse.Namespa
     runs = [(stack, strategy) for stack in stacks for strategy in (strategies if stack not in FROM_DISK else ["one"])]
     for stack, strategy in runs:
         devices = 1 if strategy == "one" else args.devices
-        row = _run_in_subprocess(stack, strategy, devices, options, args.accumulate)
+        row = _run_in_subprocess(stack, strategy, devices, options, args)
         if row is None:
             failed.append(f"{stack} ({strategy})")
             continue
@@ -833,7 +864,9 @@ def _run_stacks(stacks: list[str], strategies: list[str], args: argparse.Namespa
     return rows, failed
 
 
-def _run_in_subprocess(stack: str, strategy: str, devices: int, options: list[str], accumulate: int) -> dict | None:
+def _run_in_subprocess(
+    stack: str, strategy: str, devices: int, options: list[str], args: argparse.Namespace
+) -> dict | None:
     """One stack under one strategy measured in its own process (`--only`), its ranks' results summarised; None,
     after printing its output, when it failed."""
     out = subprocess.run(
@@ -847,7 +880,7 @@ def _run_in_subprocess(stack: str, strategy: str, devices: int, options: list[st
         print(out.stdout[-3000:], out.stderr[-5000:], file=sys.stderr)
         print(f"{stack} ({strategy}) failed (exit {out.returncode})", file=sys.stderr, flush=True)
         return None
-    return summary(results, accumulate)
+    return summary(results, args.accumulate, pooled=args.lengths == "orca-grouped")
 
 
 def _print_memory(rows: list[dict]) -> None:

@@ -70,12 +70,17 @@ class InstructionDataModule(L.LightningDataModule):
             full optimizer steps of batch_size × accumulate_grad_batches × devices examples: fewer than one such
             global batch is left out of each epoch, other examples each epoch (see `sampler.py`).
         eval_batch_size: validation micro-batch per device; no gradients, so it can match or exceed training's.
-        group_by_length: batch examples of similar length (less padding, the paper's setting).
+        group_by_length: batch examples of similar length (the paper's setting). On OpenOrca-shaped lengths a
+            padded batch is then 1.0 % padding instead of 29.4 % in random order (240,000 examples through this
+            module's sampler). With `padding_free` there is no padding to save: grouping then only keeps the
+            paper's batch composition (and its saw-tooth training loss), and makes the largest packed rows larger
+            (8,192 tokens at batch 16 against 7,186 in random order), which sets the peak memory.
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores); None
             pads to the longest sequence only. With `padding_free` it rounds up the packed row's total length.
         padding_free: put each micro-batch's examples end to end in one row, with `position_ids` restarting at 0
-            for each and no `attention_mask` (see `InstructionCollator`), so no compute goes to padding. False by
-            default: the padded batch is what every other tool produces and what PEFT/transformers' loss expects;
+            for each and no `attention_mask` (see `InstructionCollator`), so no compute goes to padding, whatever
+            the batch order (with `group_by_length` a padded batch wastes about 1 %, in random order about 30 %).
+            False by default: the padded batch is what every other tool produces and what PEFT/transformers' loss expects;
             padding-free needs a model that reads `position_ids` (`QLoRAModule` does). Training, validation and
             test batches take this layout; predict stays padded (it generates from one prompt per row).
         num_workers: DataLoader worker processes; 2 keeps collation off the training loop, which needs little.

@@ -658,7 +658,7 @@ def record(rows: list[dict], args) -> str:
 
     orca = args.lengths.startswith("orca")
     if orca:
-        lengths = [n for step in step_lengths(args) for n in step]
+        lengths = [n for step in step_lengths(args)[args.warmup :] for n in step]  # the timed steps'
         order = "length-grouped (group_by_length)" if args.lengths == "orca-grouped" else "in random order"
         shape = (
             f"micro-batch {args.batch} OpenOrca-shaped examples {order} ({statistics.mean(lengths):.0f} tokens on "

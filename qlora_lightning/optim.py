@@ -123,7 +123,7 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
 
     def _one_launch_serves(self, params: list[torch.Tensor]) -> bool:
         """Whether one launch computes what bitsandbytes' per-parameter updates would: same step count, device and
-        dtype throughout, no per-parameter overrides, 32-bit states without update-norm clipping, states on the
+        dtype throughout (gradients in their parameters' dtype), no per-parameter overrides, 32-bit states without update-norm clipping, states on the
         device (not `states_on_host`)."""
         overridden = self.mng.index2config or any(id(p) in self.mng.pid2config for p in params)
         args: Any = self.args  # bitsandbytes' MockArgs, its attributes set from a dict
@@ -134,6 +134,7 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
             and args.max_unorm == 0.0
             and len({self.state[p].get("step", 0) for p in params}) == 1
             and len({(p.device, p.dtype) for p in params}) == 1
+            and all(g is not None and g.dtype == p.dtype for p in params for g in [p.grad])  # one kernel dtype
         )
 
     def _update_each(self, group, gindex: int) -> None:

@@ -59,6 +59,32 @@ def test_resume_with_nothing_to_resume_fails_loudly(tiny_chat_llama_dir, tmp_pat
         find_last_checkpoint(tmp_path, tmp_path / "checkpoints")
 
 
+def test_a_run_saved_with_bitsandbytes_optimizer_goes_on_bitwise_under_today_s_default(tiny_chat_llama_dir, tmp_path):
+    """Checkpoints written before `PagedAdamW32bitOneSync` became the default optimizer hold the state of
+    bitsandbytes' `PagedAdamW32bit` (the configs named it): extended under today's default, the run ends with the
+    adapters of a straight run."""
+    import bitsandbytes as bnb
+
+    L.seed_everything(0)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    cpu_trainer(tmp_path / "straight", max_steps=4, every=500).fit(module, data)
+    straight = adapter_state_dict(module.model)
+
+    L.seed_everything(0)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    module.optimizer_factory = lambda params: bnb.optim.PagedAdamW32bit(
+        params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0
+    )  # what configs/*.yaml named before
+    cpu_trainer(tmp_path / "cut", max_steps=2, every=500).fit(module, data)
+    L.seed_everything(123)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    trainer = cpu_trainer(tmp_path / "cut", max_steps=4, every=500)
+    trainer.fit(module, data, ckpt_path=find_last_checkpoint(tmp_path / "cut", tmp_path / "cut" / "checkpoints"))
+    assert type(trainer.optimizers[0]).__name__ == "PagedAdamW32bitOneSync"
+    extended = adapter_state_dict(module.model)
+    assert all(torch.equal(straight[k], extended[k]) for k in straight)  # Adam's moments came from the checkpoint
+
+
 def test_last_resumes_a_newer_versioned_last_that_an_earlier_version_wrote(tmp_path, capsys):
     """A folder resumed by a version that kept Lightning's version counter has `last.ckpt` at the first run's step and
     the resumed run's later saves in `last-v1.ckpt`: `--ckpt_path last` takes the newer one, and says so."""

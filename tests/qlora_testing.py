@@ -192,6 +192,17 @@ def cpu_trainer(root, max_steps, every=2, **kwargs):
     )
 
 
+def straight_run_adapters(base, root, max_steps, *, max_examples=48, **trainer_kwargs) -> dict[str, torch.Tensor]:
+    """The adapters after an uninterrupted `cpu_trainer` run of `tiny_module_and_data(base)` from seed 0: what a
+    cut and resumed run of the same settings must end with, bit for bit."""
+    from qlora_lightning.adapters import adapter_state_dict
+
+    L.seed_everything(0)
+    module, data = tiny_module_and_data(base, max_examples=max_examples)
+    cpu_trainer(root, max_steps=max_steps, **trainer_kwargs).fit(module, data)
+    return adapter_state_dict(module.model)
+
+
 def randomize_adapters(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
     """Give every LoRA A/B random N(0, scale²) values, as after training (fresh B = 0 would hide bugs)."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from qlora_testing import cli_args, cpu_trainer, tiny_module_and_data
+from qlora_testing import cli_args, cpu_trainer, straight_run_adapters, tiny_module_and_data
 
 from qlora_lightning import cli
 from qlora_lightning.adapters import adapter_state_dict
@@ -28,10 +28,7 @@ def test_a_plain_trainer_gets_the_guard_and_the_rng_stream_without_listing_them(
 def test_a_checkpoint_with_the_rng_state_at_its_top_level_resumes_bitwise(tiny_chat_llama_dir, tmp_path):
     """Checkpoints written before `TrainingRngStream` keep the stream's state as `rng_state` at their top level: a
     resume from one draws the masks the uninterrupted run drew."""
-    L.seed_everything(0)
-    module, data = tiny_module_and_data(tiny_chat_llama_dir)
-    cpu_trainer(tmp_path / "straight", max_steps=4, every=2).fit(module, data)
-    straight = adapter_state_dict(module.model)
+    straight = straight_run_adapters(tiny_chat_llama_dir, tmp_path / "straight", 4, every=2)
 
     L.seed_everything(0)
     module, data = tiny_module_and_data(tiny_chat_llama_dir)

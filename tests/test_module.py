@@ -14,6 +14,7 @@ from qlora_testing import (
     assert_bnb_cpu_repacking_off,
     cpu_trainer,
     requires_cuda,
+    straight_run_adapters,
     tiny_module_and_data,
     transformers_4bit,
 )
@@ -80,10 +81,9 @@ def test_trained_adapter_in_peft_gives_our_logits(tiny_chat_llama_dir, tmp_path)
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tiny_chat_llama_dir, tmp_path, accumulate):
     """N steps + resume to 2N gives exactly the adapters of 2N straight (dropout on, same data order)."""
-    L.seed_everything(0)
-    module, data = tiny_module_and_data(tiny_chat_llama_dir)
-    cpu_trainer(tmp_path / "straight", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(module, data)
-    straight = adapter_state_dict(module.model)
+    straight = straight_run_adapters(
+        tiny_chat_llama_dir, tmp_path / "straight", 6, every=3, accumulate_grad_batches=accumulate
+    )
 
     L.seed_everything(0)
     module, data = tiny_module_and_data(tiny_chat_llama_dir)

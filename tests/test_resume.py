@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from qlora_testing import FP32, cli_args, cpu_trainer, make_tiny_llama, tiny_module_and_data
+from qlora_testing import FP32, cli_args, cpu_trainer, make_tiny_llama, straight_run_adapters, tiny_module_and_data
 
 from qlora_lightning import QLoRAModule
 from qlora_lightning.adapters import STEP_KEY, adapter_state_dict, read_adapter
@@ -65,10 +65,7 @@ def test_a_run_saved_with_bitsandbytes_optimizer_goes_on_bitwise_under_today_s_d
     adapters of a straight run."""
     import bitsandbytes as bnb
 
-    L.seed_everything(0)
-    module, data = tiny_module_and_data(tiny_chat_llama_dir)
-    cpu_trainer(tmp_path / "straight", max_steps=4, every=500).fit(module, data)
-    straight = adapter_state_dict(module.model)
+    straight = straight_run_adapters(tiny_chat_llama_dir, tmp_path / "straight", 4, every=500)
 
     L.seed_everything(0)
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
@@ -110,10 +107,9 @@ def test_a_finished_run_extended_equals_the_straight_run_bitwise(tiny_chat_llama
     """Train 4 steps to the end, extend `last` to 8: the adapters of 8 straight. The final step is no periodic
     save here (every 500), so `last.ckpt` is the end-of-training save. With 16 examples the 4 steps are one
     whole epoch, validated at its end."""
-    L.seed_everything(0)
-    module, data = tiny_module_and_data(tiny_chat_llama_dir, max_examples=max_examples)
-    cpu_trainer(tmp_path / "straight", max_steps=8, every=500, val_check_interval=1.0).fit(module, data)
-    straight = adapter_state_dict(module.model)
+    straight = straight_run_adapters(
+        tiny_chat_llama_dir, tmp_path / "straight", 8, max_examples=max_examples, every=500, val_check_interval=1.0
+    )
 
     L.seed_everything(0)
     module, data = tiny_module_and_data(tiny_chat_llama_dir, max_examples=max_examples)

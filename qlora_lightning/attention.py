@@ -43,6 +43,9 @@ def _cuda_varlen_attn():
     return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
+# Not traced by dynamo: traced (compiled layers with offloaded checkpointing), its loop over the row's boundaries
+# specialised the graph on them, so every new packed row recompiled it until dynamo's recompile limit (torch 2.13).
+@torch.compiler.disable
 def _per_example(q, k, v, bounds: list[int], scaling: float | None, groups: int) -> torch.Tensor:
     """(tokens, heads, dim) attention of each example alone, causal: the fallback off CUDA."""
     if groups > 1:

@@ -172,6 +172,36 @@ def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("device", "padding_free"),
+    [("cpu", False), pytest.param("cuda", False, marks=requires_cuda), pytest.param("cuda", True, marks=requires_cuda)],
+    ids=["cpu-padded", "cuda-padded", "cuda-packed"],
+)
+def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_dir, device, padding_free):
+    """Grouped or packed batches change length every step. Compiled layers may specialise on the first lengths
+    they see, but must then cover every length with one dynamic graph: recompiling per step would cost seconds a
+    step and, past dynamo's recompile limit, fall back to eager layers. (Packed rows on the CPU are not compiled:
+    their per-example attention breaks the graph inside the checkpointed layer, so dynamo runs it eagerly.)"""
+    from torch._dynamo.utils import counters
+
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, batch_size=4)
+    module.compile_layers, data.hparams.padding_free = True, padding_free
+    module.to(device).configure_model()
+    data.setup("fit")
+    batches = list(data.train_dataloader())[:9]
+    assert len({b["input_ids"].shape[-1] for b in batches[3:]}) >= 4  # the checked steps change length
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for batch in batches:
+        loss, _ = module.loss_on(move_data_to_device(batch, device))
+        loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] >= 1 and graphs[3:] == [graphs[2]] * 6, graphs
+
+
 def test_compiling_layers_for_ddp_leaves_dynamos_process_wide_settings_alone(tiny_chat_llama_dir, monkeypatch):
     """Dynamo's DDPOptimizer is switched off for the compiled layers' calls only: research code that compiles
     something else in the same process keeps torch's default."""

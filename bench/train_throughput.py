@@ -115,17 +115,18 @@ GROUPED_POOL = 4 * 50 * 16
 def step_lengths(args) -> list[list[int]]:
     """The example lengths of every step's micro-batch: `--batch` × `--seq`; OpenOrca-shaped (`--lengths orca`: in
     random order, as a trainer without length grouping batches them); or `orca-grouped`: micro-batches of the
-    recipe's `group_by_length` order (the data module's `LengthGroupedSampler` over a pool of examples): the
-    warm-up steps take the largest, the timed steps one micro-batch at each of `--steps` evenly spaced quantiles of
-    their sizes, shuffled, so that a few timed steps stand for the whole epoch's mix."""
-    n = args.warmup + args.steps
+    recipe's `group_by_length` order (the data module's `LengthGroupedSampler` over a pool of examples), the timed
+    steps one micro-batch at each of `--steps` evenly spaced quantiles of their sizes, shuffled, so that a few timed
+    steps stand for the whole epoch's mix. With OpenOrca-shaped lengths the warm-up runs the timed shapes first
+    (`warmup_batches`)."""
     source_max = args.seq - args.target
     if args.lengths == "orca":
-        lengths = example_lengths(n * args.batch, source_max=source_max, target_max=args.target)
+        lengths = example_lengths(args.steps * args.batch, source_max=source_max, target_max=args.target)
+        timed = [lengths[i * args.batch : (i + 1) * args.batch] for i in range(args.steps)]
     elif args.lengths == "orca-grouped":
         from qlora_lightning.data.sampler import LengthGroupedSampler
 
-        pool = example_lengths(max(GROUPED_POOL, n * args.batch), source_max=source_max, target_max=args.target)
+        pool = example_lengths(GROUPED_POOL, source_max=source_max, target_max=args.target)
         batches = [
             [pool[i] for i in b]
             for b in LengthGroupedSampler(pool, args.batch, seed=0).indices(0).reshape(-1, args.batch)
@@ -133,19 +134,21 @@ def step_lengths(args) -> list[list[int]]:
         by_size = sorted(batches, key=sum)
         timed = [by_size[int((i + 0.5) * len(by_size) / args.steps)] for i in range(args.steps)]  # size quantiles
         np.random.default_rng(0).shuffle(timed)
-        return warmup_batches(by_size, args.warmup) + timed
+        return warmup_batches(timed, args.warmup, largest=by_size[-1]) + timed  # the epoch's largest sets the peak
     else:
-        lengths = [args.seq] * (n * args.batch)
-    return [lengths[i * args.batch : (i + 1) * args.batch] for i in range(n)]
+        return [[args.seq] * args.batch for _ in range(args.warmup + args.steps)]
+    return warmup_batches(timed, args.warmup) + timed
 
 
-def warmup_batches(by_size: list[list[int]], n: int) -> list[list[int]]:
-    """`n` warm-up micro-batches of a grouped run: the largest first (the peak memory at once), then sizes spread
-    from the smallest up. Compiled layers specialise on the first shapes they see and turn the sequence length
-    dynamic after a few distinct ones (two or three with torch 2.11-2.13), as a real run does in its first steps;
-    warming up on one size only would leave those compilations inside the timed steps."""
-    spread = [by_size[int(i * (len(by_size) - 1) / max(n - 1, 1))] for i in range(n - 1)]
-    return [by_size[-1], *spread][:n]
+def warmup_batches(timed: list[list[int]], n: int, largest: list[int] | None = None) -> list[list[int]]:
+    """`n` warm-up micro-batches for timed steps of varying shapes: `largest` (default: the largest timed one) first,
+    for the peak memory at once, then the timed ones in order, repeated as needed. Every stack pays for a shape it has not seen: compiled layers
+    specialise and recompile (ours, Unsloth's compiled parts), pinned and device memory pools grow. A long run has
+    seen them all after its first steps, so with `--warmup` above `--steps` the timed steps measure that steady
+    state; warming up on one shape left those costs inside the timed steps (Unsloth 22.4 against 27.5 examples/s
+    at 7B, 2026-12-02)."""
+    largest = largest or max(timed, key=sum)
+    return ([largest] + [timed[i % len(timed)] for i in range(n - 1)])[:n]
 
 
 def step_examples(args, vocab: int) -> list[list[torch.Tensor]]:
@@ -764,7 +767,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vocab", type=int, help="token ids are drawn below this (default: the shape's, else 32000)")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed micro-batches first; with OpenOrca-shaped lengths give more than --steps, so that every timed "
+        "shape has been seen (warmup_batches)",
+    )
     p.add_argument(
         "--stacks",
         default="ours,peer",

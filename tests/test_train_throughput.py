@@ -1,0 +1,29 @@
+"""bench/train_throughput.py: the micro-batches a timed run is fed (the GPU measurement itself runs on a GPU only)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import train_throughput  # noqa: E402
+
+
+@pytest.mark.parametrize("lengths", ["orca", "orca-grouped"])
+def test_the_warm_up_runs_every_timed_shape_and_the_largest_micro_batch_first(lengths):
+    args = argparse.Namespace(lengths=lengths, seq=512, target=128, batch=16, warmup=8, steps=7)
+    batches = train_throughput.step_lengths(args)
+    warmup, timed = batches[:8], batches[8:]
+    assert len(timed) == 7 and all(len(b) == 16 for b in batches)
+    assert all(b in warmup for b in timed)  # no shape is new when timing starts
+    assert sum(warmup[0]) == max(sum(b) for b in batches)  # the peak memory is reached before timing
+    assert len({sum(b) for b in timed}) == 7  # the timed steps vary in size, as the data does
+
+
+def test_grouped_timed_steps_span_the_sizes_of_the_recipe_s_batches():
+    args = argparse.Namespace(lengths="orca-grouped", seq=512, target=128, batch=16, warmup=1, steps=7)
+    sizes = sorted(sum(b) for b in train_throughput.step_lengths(args)[1:])
+    assert sizes[0] < 0.5 * 16 * 512 and sizes[-1] > 0.9 * 16 * 512

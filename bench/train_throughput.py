@@ -142,11 +142,11 @@ def step_lengths(args) -> list[list[int]]:
 
 def warmup_batches(timed: list[list[int]], n: int, largest: list[int] | None = None) -> list[list[int]]:
     """`n` warm-up micro-batches for timed steps of varying shapes: `largest` (default: the largest timed one) first,
-    for the peak memory at once, then the timed ones in order, repeated as needed. Every stack pays for a shape it has not seen: compiled layers
-    specialise and recompile (ours, Unsloth's compiled parts), pinned and device memory pools grow. A long run has
-    seen them all after its first steps, so with `--warmup` above `--steps` the timed steps measure that steady
-    state; warming up on one shape left those costs inside the timed steps (Unsloth 22.4 against 27.5 examples/s
-    at 7B, 2026-12-02)."""
+    for the peak memory at once, then the timed ones in order, repeated as needed. Every stack pays for a shape it
+    has not seen: compiled layers specialise and recompile (ours, Unsloth's compiled parts), pinned and device memory
+    pools grow. A long run has seen them all after its first steps, so with `--warmup` above `--steps` the timed
+    steps measure that steady state; warming up on one shape left those costs inside the timed steps (Unsloth 22.4
+    against 27.5 examples/s at 7B, 2026-12-02)."""
     largest = largest or max(timed, key=sum)
     return ([largest] + [timed[i % len(timed)] for i in range(n - 1)])[:n]
 

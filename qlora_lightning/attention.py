@@ -77,8 +77,8 @@ def varlen_attention(
     without it, transformers' `sdpa` attention runs as it would have.
 
     `max_length_q` may exceed the longest example (the data module passes its length limit, the same every
-    step, so that compiled layers see one constant); sliding windows are honoured; soft-capping and attention
-    dropout are not supported and raise.
+    step, so that compiled layers see one constant); sliding windows are honoured; soft-capping, attention
+    dropout and float32 on CUDA (the kernel takes 16-bit floats only) are not supported and raise.
     """
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(
@@ -100,6 +100,11 @@ def varlen_attention(
             raise ValueError("sliding-window attention over packed rows needs CUDA (torch's varlen_attn)")
         out = _per_example(q, k, v, cu_seq_lens_q.tolist(), scaling, groups)
     else:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"packed rows on CUDA run through torch's varlen_attn, which takes float16 or bfloat16, not {q.dtype}: "
+                "set model.quant.compute_dtype bfloat16 (the recipe's) or data.padding_free false"
+            )
         varlen_attn, takes_gqa = found
         if groups > 1 and not takes_gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -106,3 +106,12 @@ def test_on_cuda_the_varlen_kernel_gives_the_padded_logits_and_gradients(max_len
     assert (out - ref).norm() <= 2e-2 * ref.norm()
     for a, b in zip(ref_grads, out_grads, strict=True):
         assert (b - a).norm() <= 5e-2 * a.norm() + 1e-6
+
+
+@requires_cuda
+def test_on_cuda_float32_packed_rows_are_refused_by_name():
+    """varlen_attn takes 16-bit floats only: a float32 packed row says which setting to change."""
+    model = tiny_llama().to("cuda")
+    use_varlen_attention(model)
+    with pytest.raises(ValueError, match="compute_dtype bfloat16"):
+        packed(model, examples("cuda"))

@@ -187,6 +187,8 @@ def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_di
 
     module, data = tiny_module_and_data(tiny_chat_llama_dir, batch_size=4)
     module.compile_layers, data.hparams.padding_free = True, padding_free
+    if device == "cuda":
+        module.quant = QuantSpec(compute_dtype="bfloat16")  # the GPU recipe's; varlen_attn takes 16-bit floats only
     module.to(device).configure_model()
     data.setup("fit")
     batches = list(data.train_dataloader())[:9]
@@ -320,7 +322,8 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, 
     assert padded_n == packed_n
     tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on CUDA: other summation orders in attention
     torch.testing.assert_close(packed_loss, padded_loss, rtol=tol, atol=0)
-    assert all((b - a).norm() <= tol * 10 * a.norm() for a, b in zip(padded_grads, packed_grads, strict=True))
+    gaps = [((b - a).norm() / a.norm()).item() for a, b in zip(padded_grads, packed_grads, strict=True)]
+    assert max(gaps) <= tol * 10, gaps
 
 
 def test_validate_then_fit_on_the_same_module(tiny_chat_llama_dir, tmp_path):

@@ -180,9 +180,11 @@ def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_
 )
 def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_dir, device, padding_free):
     """Grouped or packed batches change length every step. Compiled layers may specialise on the first lengths
-    they see, but must then cover every length with one dynamic graph: recompiling per step would cost seconds a
-    step and, past dynamo's recompile limit, fall back to eager layers. (Packed rows on the CPU are not compiled:
-    their per-example attention breaks the graph inside the checkpointed layer, so dynamo runs it eagerly.)"""
+    they see, but must then cover every new length without compiling again: recompiling per step would cost seconds
+    a step and, past dynamo's recompile limit, fall back to eager layers. (Packed rows on the CPU are not compiled:
+    their per-example attention breaks the graph inside the checkpointed layer, so dynamo runs it eagerly.) Seen:
+    CPU padded, graphs [1, 2, 2, ...]; CUDA bf16 padded, [1, 2, 2, 2, 3, 3, ...], the third graph at the first
+    length that is a multiple of 16 (48), likely an alignment guard of the GPU's matmuls (not traced)."""
     from torch._dynamo.utils import counters
 
     module, data = tiny_module_and_data(tiny_chat_llama_dir, batch_size=4)
@@ -192,7 +194,8 @@ def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_di
     module.to(device).configure_model()
     data.setup("fit")
     batches = list(data.train_dataloader())[:9]
-    assert len({b["input_ids"].shape[-1] for b in batches[3:]}) >= 4  # the checked steps change length
+    lengths = [b["input_ids"].shape[-1] for b in batches]
+    assert len(set(lengths[5:]) - set(lengths[:5])) >= 3  # the checked steps bring lengths not seen before
     torch._dynamo.reset()
     counters.clear()
     graphs = []
@@ -201,7 +204,7 @@ def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_di
         loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
-    assert graphs[0] >= 1 and graphs[3:] == [graphs[2]] * 6, graphs
+    assert graphs[0] >= 1 and graphs[5:] == [graphs[4]] * 4 and graphs[-1] <= 3, (lengths, graphs)
 
 
 def test_compiling_layers_for_ddp_leaves_dynamos_process_wide_settings_alone(tiny_chat_llama_dir, monkeypatch):

@@ -153,9 +153,9 @@ def assert_bnb_cpu_repacking_off(model):
 FP32 = QuantSpec(compute_dtype="float32")
 
 
-def tiny_module_and_data(base, *, r=8, dropout=0.1, batch_size=4, max_examples=48):
+def tiny_module_and_data(base, *, r=8, dropout=0.1, batch_size=4, max_examples=48, padding_free=False):
     """A `QLoRAModule` (fp32 compute, r 8) and an `InstructionDataModule` on the bundled sample (48 training
-    records), for short CPU runs."""
+    records; packed rows with `padding_free`), for short CPU runs."""
     module = QLoRAModule(str(base), quant=FP32, lora=LoraSpec(r=r, alpha=16, dropout=dropout))
     data = InstructionDataModule(
         str(base),
@@ -166,6 +166,7 @@ def tiny_module_and_data(base, *, r=8, dropout=0.1, batch_size=4, max_examples=4
         eval_batch_size=8,
         num_workers=0,
         pad_to_multiple_of=None,
+        padding_free=padding_free,
     )
     return module, data
 
@@ -192,13 +193,15 @@ def cpu_trainer(root, max_steps, every=2, **kwargs):
     )
 
 
-def straight_run_adapters(base, root, max_steps, *, max_examples=48, **trainer_kwargs) -> dict[str, torch.Tensor]:
+def straight_run_adapters(
+    base, root, max_steps, *, max_examples=48, padding_free=False, **trainer_kwargs
+) -> dict[str, torch.Tensor]:
     """The adapters after an uninterrupted `cpu_trainer` run of `tiny_module_and_data(base)` from seed 0: what a
     cut and resumed run of the same settings must end with, bit for bit."""
     from qlora_lightning.adapters import adapter_state_dict
 
     L.seed_everything(0)
-    module, data = tiny_module_and_data(base, max_examples=max_examples)
+    module, data = tiny_module_and_data(base, max_examples=max_examples, padding_free=padding_free)
     cpu_trainer(root, max_steps=max_steps, **trainer_kwargs).fit(module, data)
     return adapter_state_dict(module.model)
 

@@ -78,18 +78,26 @@ def test_trained_adapter_in_peft_gives_our_logits(tiny_chat_llama_dir, tmp_path)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tiny_chat_llama_dir, tmp_path, accumulate):
-    """N steps + resume to 2N gives exactly the adapters of 2N straight (dropout on, same data order)."""
+@pytest.mark.parametrize(
+    ("accumulate", "padding_free"), [(1, False), (2, False), (2, True)], ids=["padded", "padded-accumulate", "packed"]
+)
+def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tiny_chat_llama_dir, tmp_path, accumulate, padding_free):
+    """N steps + resume to 2N gives exactly the adapters of 2N straight (dropout on, same data order), with padded
+    and with packed rows (`data.padding_free`)."""
     straight = straight_run_adapters(
-        tiny_chat_llama_dir, tmp_path / "straight", 6, every=3, accumulate_grad_batches=accumulate
+        tiny_chat_llama_dir,
+        tmp_path / "straight",
+        6,
+        padding_free=padding_free,
+        every=3,
+        accumulate_grad_batches=accumulate,
     )
 
     L.seed_everything(0)
-    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, padding_free=padding_free)
     cpu_trainer(tmp_path / "cut", max_steps=3, every=3, accumulate_grad_batches=accumulate).fit(module, data)
     L.seed_everything(123)  # a resumed process starts from another RNG state: the checkpoint must restore it
-    module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, padding_free=padding_free)
     cpu_trainer(tmp_path / "cut", max_steps=6, every=3, accumulate_grad_batches=accumulate).fit(
         module, data, ckpt_path=tmp_path / "cut" / "checkpoints" / "step=3.ckpt"
     )
@@ -187,8 +195,8 @@ def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_di
     length that is a multiple of 16 (48), likely an alignment guard of the GPU's matmuls (not traced)."""
     from torch._dynamo.utils import counters
 
-    module, data = tiny_module_and_data(tiny_chat_llama_dir, batch_size=4)
-    module.compile_layers, data.hparams.padding_free = True, padding_free
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, batch_size=4, padding_free=padding_free)
+    module.compile_layers = True
     if device == "cuda":
         module.quant = QuantSpec(compute_dtype="bfloat16")  # the GPU recipe's; varlen_attn takes 16-bit floats only
     module.to(device).configure_model()
@@ -300,12 +308,14 @@ def test_a_negative_warmup_is_refused():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
-def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, device):
-    """The same 8 examples, padded and padding-free (data.padding_free): the same loss and gradients."""
+@pytest.mark.parametrize("layers", ["eager", pytest.param("compiled-offloaded", marks=pytest.mark.slow)])
+def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, device, layers):
+    """The same 8 examples, padded and padding-free (data.padding_free): the same loss and gradients, with eager
+    layers and with the GPU configs' compiled layers and offloaded checkpointing."""
     results = []
     for padding_free in (False, True):
-        module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0, batch_size=8)
-        data.hparams.padding_free = padding_free
+        module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0, batch_size=8, padding_free=padding_free)
+        module.compile_layers = module.offload_activations = layers == "compiled-offloaded"
         if device != "cpu":
             module.quant = QuantSpec(compute_dtype="bfloat16")
         module.to(device).configure_model()
@@ -321,6 +331,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, 
         results.append(
             (loss.detach().float(), n, [p.grad.float() for p in module.model.parameters() if p.requires_grad])
         )
+    torch._dynamo.reset()
     (padded_loss, padded_n, padded_grads), (packed_loss, packed_n, packed_grads) = results
     assert padded_n == packed_n
     tol = 1e-5 if device == "cpu" else 2e-2  # bf16 on CUDA: other summation orders in attention

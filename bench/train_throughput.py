@@ -30,7 +30,8 @@ transformers stays in its own process. The peer and Unsloth load a random bf16 L
 written to /tmp once, with an offline tokenizer beside it (Unsloth always loads one); ours loads the same folder
 when either of them runs, else builds random weights directly in 4-bit. Unsloth is kept off the hub (offline
 variables set before its import) and compiles into /tmp/unsloth_compiled_cache; its first step compiles for
-~45 s, so keep >= 2 warm-up steps. Its wheels: `../shared/tools/gpu-wheels --unsloth`.
+~45 s, so keep >= 2 warm-up steps. Its wheels: `../shared/tools/gpu-wheels --unsloth xformers==0.0.35` (xformers is
+one of Unsloth's requirements on Linux x86-64 and runs its packed rows; see `unsloth_attention`).
 
 All stacks train on the same random batches with r 64, alpha 16, dropout 0.1 on all 7 projections, paged
 AdamW 32-bit (lr 2e-4), clipping 0.3 and gradient checkpointing; the peer and Unsloth in one plain loop under
@@ -569,6 +570,20 @@ def run_peer(args, sampler: DeviceMemorySampler) -> dict:
     return train_manually(args, "peer", model, batches(args, args.vocab, DEVICE), t0, sampler)
 
 
+def unsloth_attention() -> str:
+    """Which attention kernels Unsloth found (read after its import): `pip install unsloth` brings xformers on
+    Linux x86-64, whose block-diagonal kernel runs its packed rows; without it (or flash-attn, or torch >= 2.12's
+    varlen with `enable_gqa`) they fall back to one SDPA call per example, which is not the path its users get."""
+    from unsloth.utils import attention_dispatch as dispatch
+
+    found = [
+        f"xformers {md.version('xformers')}" if dispatch.HAS_XFORMERS else "no xformers",
+        "flash-attn" if dispatch.HAS_FLASH_ATTENTION else "no flash-attn",
+        "torch varlen" if dispatch._TORCH_VARLEN_ATTN is not None else "no torch varlen",
+    ]
+    return "attention kernels: " + ", ".join(found) + f"; packed rows on {dispatch.select_attention_backend(True)}"
+
+
 def run_unsloth(args, sampler: DeviceMemorySampler, packed: bool = False) -> dict:
     """Unsloth's FastLanguageModel: 4-bit NF4 + double quant, LoRA on the 7 projections with its fused kernels, its
     offloaded gradient checkpointing. Imported here only: it patches transformers, PEFT and TRL process-wide.
@@ -612,6 +627,7 @@ def run_unsloth(args, sampler: DeviceMemorySampler, packed: bool = False) -> dic
     quant = getattr(model.config, "quantization_config", None)
     quant = quant.to_dict() if hasattr(quant, "to_dict") else quant or {}
     versions = ", ".join(f"{name} {md.version(name)}" for name in ("unsloth", "unsloth_zoo", "trl"))
+    versions += f", {unsloth_attention()}"
     result = train_manually(args, "unsloth-packed" if packed else "unsloth", model, data, t0, sampler)
     result["note"] = (
         f"{versions}; base weights {quant.get('bnb_4bit_quant_type')}, double quant "

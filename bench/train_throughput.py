@@ -30,8 +30,13 @@ transformers stays in its own process. The peer and Unsloth load a random bf16 L
 written to /tmp once, with an offline tokenizer beside it (Unsloth always loads one); ours loads the same folder
 when either of them runs, else builds random weights directly in 4-bit. Unsloth is kept off the hub (offline
 variables set before its import) and compiles into /tmp/unsloth_compiled_cache; its first step compiles for
-~45 s, so keep >= 2 warm-up steps. Its wheels: `../shared/tools/gpu-wheels --unsloth xformers==0.0.35` (xformers is
-one of Unsloth's requirements on Linux x86-64 and runs its packed rows; see `unsloth_attention`).
+~45 s, so keep >= 2 warm-up steps. Its wheels: `../shared/tools/gpu-wheels --unsloth`. `pip install unsloth` also
+brings xformers on Linux x86-64, but xformers 0.0.35 from PyPI is built for torch 2.10 + CUDA 12.8 and cannot load
+its CUDA kernels under the GPU image's torch 2.11 + CUDA 13 (`memory_efficient_attention` raises "xFormers wasn't
+build with CUDA support"; it declares torch >= 2.10, so pip keeps torch 2.11 beside it), the image has no flash-attn,
+and Unsloth's torch varlen path needs `enable_gqa` in `varlen_attn` (torch 2.12). So on torch 2.11 Unsloth's packed
+rows run one SDPA call per example: the path its users on this torch get. Its row's note says which kernels it found
+(`unsloth_attention`).
 
 All stacks train on the same random batches with r 64, alpha 16, dropout 0.1 on all 7 projections, paged
 AdamW 32-bit (lr 2e-4), clipping 0.3 and gradient checkpointing; the peer and Unsloth in one plain loop under
@@ -571,9 +576,10 @@ def run_peer(args, sampler: DeviceMemorySampler) -> dict:
 
 
 def unsloth_attention() -> str:
-    """Which attention kernels Unsloth found (read after its import): `pip install unsloth` brings xformers on
-    Linux x86-64, whose block-diagonal kernel runs its packed rows; without it (or flash-attn, or torch >= 2.12's
-    varlen with `enable_gqa`) they fall back to one SDPA call per example, which is not the path its users get."""
+    """Which attention kernels Unsloth found (read after its import) and the backend it picks for packed rows:
+    xformers' block-diagonal kernel, flash-attn's varlen or torch >= 2.12's `varlen_attn` run them in one call;
+    without any of them (the GPU image with torch 2.11) it makes one SDPA call per example. Printed in its row's
+    note so that a table says which path was measured."""
     from unsloth.utils import attention_dispatch as dispatch
 
     found = [

@@ -2,7 +2,9 @@
 
 The names below are imported on first use, so that `import qlora_lightning.data` (or any one module) loads
 only what that module needs: the data pipeline, for instance, never imports bitsandbytes. Importing the
-package changes no process-wide setting; the entry points (`qlora_lightning.cli`, `train.py`) do that.
+package changes one process-wide thing, for every entry (the CLI, a plain `Trainer`, the benchmarks) alike: the
+`kernels` package is hidden, since bitsandbytes and transformers would otherwise fetch and run code from the hub
+unasked (`hub_kernels.py`). Other process settings are the entry points' (`qlora_lightning.cli`, `train.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from .hub_kernels import keep_hub_kernels_out
+
+keep_hub_kernels_out()
 
 _EXPORTS = {
     "QLoRAModule": "module",

@@ -7,7 +7,6 @@ their configs (`qlora-lightning generate --help`).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -19,14 +18,10 @@ def _process_settings() -> None:
     - `OMP_WAIT_POLICY=PASSIVE` (an explicit setting wins): bitsandbytes' CPU kernels use the system OpenMP
       runtime and torch its own; with both spinning after each parallel region, 2 CPU cores spend most of a
       training step waiting (seen here: 60-80 s vs 13 s a SmolLM2 step).
-    - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community … pip install kernels" is
-      dropped (logged at its import on CPUs with AVX512-BF16): the package it recommends fetches code from a
-      hub at run time, and bitsandbytes runs its own kernels without it.
+
+    (The package's import has already hidden the `kernels` package: `hub_kernels.py`.)
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage()
-    )
 
 
 _process_settings()

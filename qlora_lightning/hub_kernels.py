@@ -33,9 +33,9 @@ _TRUE = ("true", "1", "y", "yes", "on")
 
 def keep_hub_kernels_out() -> None:
     """Unless `USE_HUB_KERNELS` asks for hub kernels: set it to `0` where unset, make `import kernels` fail in this
-    process (as if it were not installed), and drop bitsandbytes' advice to install it. Must run before bitsandbytes or transformers' model
-    code is imported (the package's `__init__` calls it); if `kernels` was imported earlier, warn, since its code
-    may already have been fetched and transformers' modules wrapped."""
+    process (as if it were not installed), and drop bitsandbytes' advice to install it. Must run before bitsandbytes
+    or transformers' model code is imported (the package's `__init__` calls it); if `kernels` was imported earlier,
+    warn, since its code may already have been fetched and transformers' modules wrapped."""
     if os.environ.get("USE_HUB_KERNELS", "").lower() in _TRUE:
         return
     os.environ.setdefault("USE_HUB_KERNELS", "0")

@@ -206,23 +206,6 @@ def test_csv_logs_by_default_and_a_chosen_logger_is_kept(tmp_path):
     assert cli.trainer.logger is None
 
 
-def test_no_advice_to_install_a_package_that_fetches_code_from_a_hub(tmp_path):
-    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community … pip install kernels" at
-    import on CPUs with AVX512-BF16; the `kernels` package fetches code at run time, so our commands drop it."""
-    plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, timeout=300)
-    if "kernels-community" not in plain.stderr:
-        pytest.skip("bitsandbytes gives that advice only on CPUs with AVX512-BF16")
-    done = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "fit", "--print_config"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "kernels" not in done.stderr + done.stdout
-
-
 def test_a_setting_that_trains_nothing_is_refused_on_the_command_line(tiny_chat_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="lora.alpha must be a positive number"):
         main(cli_args(tiny_chat_llama_dir, tmp_path, max_steps=1, every=1, model__lora__alpha=0)[2:])

@@ -53,3 +53,20 @@ def test_kernels_imported_first_is_warned_about(fake_kernels, tmp_path):
     env, _ = fake_kernels
     done = run(["-c", "import kernels, qlora_lightning"], env, tmp_path)
     assert "the `kernels` package was imported before qlora_lightning" in done.stderr
+
+
+def test_no_advice_to_install_a_package_that_fetches_code_from_a_hub(tmp_path):
+    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community … pip install kernels" at
+    import on CPUs with AVX512-BF16; the `kernels` package fetches code at run time, so our commands drop it."""
+    plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, timeout=300)
+    if "kernels-community" not in plain.stderr:
+        pytest.skip("bitsandbytes gives that advice only on CPUs with AVX512-BF16")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernels" not in done.stderr + done.stdout

@@ -19,6 +19,7 @@ from bitsandbytes import functional as bnb_F
 from torch import nn
 
 from .lora_autograd import lora_linear
+from .offload import recomputing
 from .specs import LoraSpec, QuantSpec, torch_dtype
 
 #: The blocksize of the paper's NF4 (64 weights share one absmax constant).
@@ -65,6 +66,7 @@ class FrozenLinear:
             self.dense_weight,
             scaling=lora.scaling,
             dropout_p=p,
+            base_output=not (lora.skip_base_on_recompute and recomputing()),
         )
         return out.to(x.dtype)
 
@@ -268,6 +270,11 @@ class LoraLinear(nn.Module):
     """
 
     base_layer: FrozenLinear4bit | FrozenLinear16bit
+    #: True for a projection whose output only joins the residual stream (LLaMA's `mlp.down_proj`; set by
+    #: `model.enable_gradient_checkpointing` for the families where that holds): when offloaded checkpointing
+    #: recomputes the layer for its backward, nothing reads this output, so its frozen matmul (a fifth of the
+    #: recomputation's GEMM work at 7B) is skipped then. Backward is unchanged.
+    skip_base_on_recompute: bool = False
 
     def __init__(
         self,

@@ -13,7 +13,10 @@ writes and reads more activation-sized tensors than the math needs. Here:
   a temporary freed at once, and never saved: under activation checkpointing a saved copy would stay
   alive for the layer's whole backward, and without checkpointing it would keep a dense model in memory;
 - saved for backward: the dropped input (for grad A), its mask (for grad x), the rank-sized `drop(x) Aᵀ`
-  (for grad B) and the small A and s·B.
+  (for grad B) and the small A and s·B;
+- `base_output=False` leaves the frozen matmul out of forward and returns zeros: for a recomputation under
+  activation checkpointing whose output nobody reads (see `offload.recomputing`). What is saved, and so
+  backward, is the same.
 
 The plain composition stays the reference in tests (`tests/test_lora_autograd.py`), and inference
 (no gradient) keeps bitsandbytes' own kernels, which have a fast 4-bit GEMV for single tokens.
@@ -40,9 +43,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         dense_weight: Callable[[], torch.Tensor],
         scaling: float,
         dropout_p: float,
+        base_output: bool,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, dense_weight(), bias)
         if dropout_p > 0:
             x_drop, mask = torch.native_dropout(x2, dropout_p, True)
         else:
@@ -50,10 +53,13 @@ class _LoraLinearFunction(torch.autograd.Function):
         a = lora_A.to(x.dtype)
         scaled_b = (lora_B * scaling).to(x.dtype)
         h = x_drop @ a.t()
-        out.addmm_(h, scaled_b.t())
         ctx.save_for_backward(x_drop, mask, h, a, scaled_b)
         ctx.dense_weight, ctx.scaling, ctx.dropout_p = dense_weight, scaling, dropout_p
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
+        if not base_output:
+            return x.new_zeros(*x.shape[:-1], lora_B.shape[0])
+        out = F.linear(x2, dense_weight(), bias)
+        out.addmm_(h, scaled_b.t())
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -73,7 +79,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             grad_a = (grad_h.t() @ x_drop).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[2]:
             grad_b = ((g.t() @ h) * ctx.scaling).to(ctx.param_dtypes[1])
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def lora_linear(
@@ -85,13 +91,15 @@ def lora_linear(
     *,
     scaling: float,
     dropout_p: float,
+    base_output: bool = True,
 ) -> torch.Tensor:
     """`x Wᵀ + b + (drop(x) Aᵀ)(s B)ᵀ` with a hand-written backward (see the module docstring).
 
     `dense_weight()` returns the frozen (out × in) weight in `x`'s dtype; it is called once in forward
     and once in backward, so a 4-bit layer passes its dequantization. `dropout_p` is the LoRA dropout
-    probability in training (0 for none). The frozen weight and bias get no gradient.
+    probability in training (0 for none). The frozen weight and bias get no gradient. `base_output=False`
+    returns zeros instead, with the same backward: only for a recomputation whose output is never read.
     """
     if bias is not None and bias.requires_grad:
         raise ValueError("lora_linear trains only the LoRA factors; the base bias must be frozen")
-    return _LoraLinearFunction.apply(x, lora_A, lora_B, bias, dense_weight, scaling, dropout_p)
+    return _LoraLinearFunction.apply(x, lora_A, lora_B, bias, dense_weight, scaling, dropout_p, base_output)

@@ -366,9 +366,20 @@ def load_for_inference(
     )
 
 
+#: Per model type, the projections whose output only joins the residual stream: the decoder layer adds it to the
+#: residual and returns the sum, so no backward inside the layer reads its value. Offloaded checkpointing skips
+#: their frozen matmul when it recomputes a layer (`LoraLinear.skip_base_on_recompute`). Gemma 2/3 are not here:
+#: they normalise the MLP's output (`post_feedforward_layernorm`), whose backward reads it. A family is added only
+#: with `tests/test_families.py` passing for it (compiled and offloaded layers give the plain gradients).
+RESIDUAL_ONLY_OUTPUTS: dict[str, tuple[str, ...]] = {
+    family: ("mlp.down_proj",) for family in ("llama", "mistral", "qwen2", "qwen3", "phi3")
+}
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = False) -> None:
     """Activation checkpointing per decoder layer (non-reentrant), under either transformers API name; with
-    `offload`, each layer's input waits in pinned host memory until backward (`offload.offloaded_checkpoint`).
+    `offload`, each layer's input waits in pinned host memory until backward (`offload.offloaded_checkpoint`),
+    and the LoRA layers of `RESIDUAL_ONLY_OUTPUTS` skip their frozen matmul when it recomputes them.
 
     transformers gives no public way to choose the checkpointing function: it calls the
     `_gradient_checkpointing_func` it sets on each module with a `gradient_checkpointing` flag, as
@@ -385,3 +396,6 @@ def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = Fal
             if getattr(module, "gradient_checkpointing", False):
                 # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
                 module._gradient_checkpointing_func = offloaded_checkpoint  # type: ignore[assignment]
+        suffixes = RESIDUAL_ONLY_OUTPUTS.get(model.config.model_type, ())
+        for name, layer in lora_layers(model).items():
+            layer.skip_base_on_recompute = name.endswith(tuple("." + s for s in suffixes))

@@ -8,7 +8,9 @@ tokens. `offloaded_checkpoint` keeps it in pinned host memory instead:
 - backward copies the input back, recomputes the layer with gradients and back-propagates through it; while a
   layer is back-propagated, the input of the layer before it is already on its way back (prefetched on the side
   stream), so the copies hide behind compute;
-- the random state (LoRA dropout) of the forward is restored for the recomputation, so it draws the same masks.
+- the random state (LoRA dropout) of the forward is restored for the recomputation, so it draws the same masks;
+- while the layer is recomputed, `recomputing()` is true: a LoRA layer whose output only joins the residual stream
+  (`LoraLinear.skip_base_on_recompute`) then skips its frozen matmul, since nothing reads that output's value.
 On the CPU there is nothing to offload and the input simply stays where it is (the same arithmetic, which is what
 the tests compare with plain checkpointing).
 
@@ -24,7 +26,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["offloaded_checkpoint"]
+__all__ = ["offloaded_checkpoint", "recomputing"]
+
+#: True while `offloaded_checkpoint` recomputes a layer for its backward (`recomputing`)
+_recomputing = False
+
+
+def recomputing() -> bool:
+    """Whether a layer is being recomputed for its backward by `offloaded_checkpoint` (its output's values are then
+    never read: only the graph it builds is). torch.compile guards on it, so a compiled layer gets its own graph for
+    the recomputation."""
+    return _recomputing
 
 
 class _HostCopies:
@@ -120,10 +132,15 @@ class _OffloadedLayer(torch.autograd.Function):
         saved = ctx.saved
         _copies.pop_and_prefetch_previous(saved)  # the previous layer's input comes back while this one computes
         hidden_states = saved.fetch().detach().requires_grad_(saved.requires_grad)
+        global _recomputing
         with torch.random.fork_rng(devices=ctx.rng["devices"], device_type=ctx.rng["device_type"]):
             _set_rng(ctx.rng)
-            with torch.enable_grad():
-                outputs = ctx.function(hidden_states, *ctx.args)
+            _recomputing = True
+            try:
+                with torch.enable_grad():
+                    outputs = ctx.function(hidden_states, *ctx.args)
+            finally:
+                _recomputing = False
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [
             (o, g)

@@ -234,6 +234,29 @@ def test_family_compiled_and_offloaded_layers_give_the_plain_loss_and_gradients(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_family_recomputation_skips_only_outputs_no_backward_reads(family_model_dir, family, monkeypatch):
+    """`RESIDUAL_ONLY_OUTPUTS` (the projections whose frozen matmul the offloaded recomputation skips) lists exactly
+    the families whose MLP output goes straight into the residual. Gemma 2/3 normalise it first, so forcing the skip
+    on them changes the gradients: the test above is what catches a family listed wrongly."""
+    from family_models import FAMILY_SPECS, family_tokenizer
+
+    from qlora_lightning.model import RESIDUAL_ONLY_OUTPUTS
+
+    model_type = FAMILY_SPECS[family].model_type
+    if not family.startswith("gemma"):
+        assert RESIDUAL_ONLY_OUTPUTS[model_type] == ("mlp.down_proj",)
+        return
+    assert model_type not in RESIDUAL_ONLY_OUTPUTS
+    monkeypatch.setitem(RESIDUAL_ONLY_OUTPUTS, model_type, ("mlp.down_proj",))
+    folder = family_model_dir(family)
+    ids = _real_ids(family_tokenizer(family, copy=False))
+    forced = _loss_and_grads(folder, ids, offload_activations=True)
+    plain = _loss_and_grads(folder, ids)
+    torch.testing.assert_close(forced[0], plain[0])  # forward is untouched
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(forced[1], plain[1], strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_fsdp_units_are_its_decoder_layers_and_load_streaming(family_model_dir, family, monkeypatch):
     """FSDP's units are the family's own decoder-layer class (transformers' `_no_split_modules`, found from the model,
     not named anywhere in fsdp.py) and each frozen 4-bit base; the model left on the meta device and loaded unit by

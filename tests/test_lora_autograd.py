@@ -1,5 +1,6 @@
 """The fused LoRA autograd function: dropout on the LoRA input only, no dense weight saved for backward, the same mask
-when recomputed, FSDP's plain packed tensor, a trainable bias refused (its formula: tests/test_lora.py)."""
+when recomputed, the frozen matmul left out of a recomputation with the same backward, FSDP's plain packed tensor, a
+trainable bias refused (its formula: tests/test_lora.py)."""
 
 import pytest
 import torch
@@ -55,6 +56,37 @@ def test_under_checkpointing_the_recomputed_dropout_mask_is_the_same():
     direct = outputs_and_gradients(layer, layer, x)
     recomputed = outputs_and_gradients(layer, lambda t: checkpoint(layer, t, use_reentrant=False), x)
     for a, b in zip(direct, recomputed, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_without_the_base_output_forward_skips_the_frozen_matmul_and_backward_is_the_same(dropout):
+    """`base_output=False` (a recomputation whose output nobody reads): zeros out, the weight dequantized only for
+    backward, and the same gradients for x, A and B as the full forward given the same output gradient."""
+    layer = make_layer("nf4", "cpu", torch.float32, dropout)
+    calls = []
+    weight = layer.base_layer.dense_weight
+
+    def counted() -> torch.Tensor:
+        calls.append(1)
+        return weight()
+
+    x = torch.randn(2, 5, 64)
+    grad_out = torch.randn(2, 5, 48)
+    results = []
+    for base_output in (True, False):
+        calls.clear()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)  # the same dropout mask in both
+        args = (xi, layer.lora_A, layer.lora_B, None, counted)
+        out = lora_linear(*args, scaling=layer.scaling, dropout_p=dropout, base_output=base_output)
+        forward_calls = len(calls)
+        grads = torch.autograd.grad(out, (xi, layer.lora_A, layer.lora_B), grad_out)
+        results.append((out.detach(), forward_calls, grads))
+    (full, full_calls, full_grads), (skipped, skipped_calls, skipped_grads) = results
+    assert full_calls == 1 and skipped_calls == 0
+    assert skipped.shape == full.shape and not skipped.any() and full.abs().sum() > 0
+    for a, b in zip(full_grads, skipped_grads, strict=True):
         assert torch.equal(a, b)
 
 

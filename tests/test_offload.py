@@ -1,5 +1,6 @@
 """Offloaded activation checkpointing: the same loss and gradients as plain checkpointing, dropout included; less
-GPU memory held between forward and backward; nothing left behind by a forward without backward."""
+GPU memory held between forward and backward; the recomputation skips the frozen matmul of the projections whose
+output only joins the residual; nothing left behind by a forward without backward."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from qlora_testing import requires_cuda
 
 from qlora_lightning import QLoRAModule
+from qlora_lightning.lora import lora_layers
 from qlora_lightning.model import load_model
 from qlora_lightning.offload import _copies
 from qlora_lightning.specs import LoraSpec, QuantSpec
@@ -63,6 +65,28 @@ def test_on_the_gpu_the_layer_inputs_leave_it_and_the_gradients_stay(tiny_chat_l
     one_input = 2 * 512 * 64 * 2
     layers = 2
     assert plain[2] - offloaded[2] >= (layers - 1) * one_input
+
+
+def test_the_recomputation_skips_the_frozen_matmul_of_down_proj_only(tiny_chat_llama_dir):
+    """Each LoRA layer's frozen weight is materialised once when the layer is recomputed and once in backward, but
+    `mlp.down_proj` (a LLaMA layer adds its output to the residual and returns it) skips the recomputation's; the
+    gradients stay bitwise those of plain checkpointing (the test above)."""
+    model = load_model(str(tiny_chat_llama_dir), lora=LoraSpec(r=4), offload_activations=True, with_tokenizer=False)
+    layers = lora_layers(model.model)
+    calls = dict.fromkeys(layers, 0)
+    for name, layer in layers.items():
+        weight = layer.base_layer.dense_weight
+
+        def counted(name=name, weight=weight) -> torch.Tensor:
+            calls[name] += 1
+            return weight()
+
+        layer.base_layer.dense_weight = counted  # type: ignore[method-assign]
+    model.model(torch.randint(10, 256, (1, 8))).logits.sum().backward()
+    assert {n for n, layer in layers.items() if layer.skip_base_on_recompute} == {
+        n for n in layers if n.endswith(".mlp.down_proj")
+    }
+    assert calls == {n: 1 if n.endswith(".mlp.down_proj") else 2 for n in layers}
 
 
 def test_a_forward_without_backward_leaves_nothing_behind(tiny_llama_dir):

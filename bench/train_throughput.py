@@ -85,7 +85,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry ru
 # compile_layers, offload_activations, padding-free batches, qlora_lightning.optim.PagedAdamW32bitOneSync, and the
 # same with states_on_host
 OURS_OPTIONS = ("compiled", "offload", "packed", "onesync", "hoststates")
-
+#: `--shape` values: the keys of `qlora_lightning.model.RANDOM_SHAPES` (tiny for a CPU dry run), named here because
+#: the subprocesses must not import transformers before Unsloth
+SHAPES = ("tiny", "7b", "13b", "70b")
 
 #: `--strategy` values: Lightning's names, our two FSDP strategies, and one GPU
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "one")
@@ -747,12 +749,28 @@ def record(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    """Parse the options; run each stack in a subprocess (or, with --only, this one stack) and print the table."""
+    """Parse the options; for each shape, run each stack in a subprocess (or, with --only, this one stack) and print
+    the table."""
     p = _parser()
     args = p.parse_args()
     if args.only:  # a subprocess of the run below, given every option (Unsloth must come before transformers)
         print("RESULT " + json.dumps(run_stack(args)))
         return
+    shapes = args.shape.split(",") if args.shape else [None]
+    if unknown := sorted(set(shapes) - {None, *SHAPES}):
+        p.error(f"--shape: unknown {unknown}; choose from {', '.join(SHAPES)} (a comma list runs each in turn)")
+    if len(shapes) > 1 and args.model:
+        p.error("give several --shape values or one --model, not both")
+    failed = []
+    for shape in shapes:
+        failed += _run_shape(p, argparse.Namespace(**{**vars(args), "shape": shape}))
+    if failed:
+        raise SystemExit(f"failed stacks: {', '.join(failed)}")
+
+
+def _run_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Every stack on one shape (or `--model`): the table printed (and with --record appended to BENCHMARKS.md);
+    returns the runs that failed."""
     stacks, strategies = _checked_stacks(p, args)
     if args.model is None:
         if not FROM_DISK & set(stacks):
@@ -766,15 +784,16 @@ def main() -> None:
     if args.record and rows:
         with open(REPO / "BENCHMARKS.md", "a") as f:
             f.write(table)
-    if failed:
-        raise SystemExit(f"failed stacks: {', '.join(failed)}")
+    return failed
 
 
 def _parser() -> argparse.ArgumentParser:
     """The command line's options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--shape", choices=["tiny", "7b", "13b", "70b"], help="LLaMA-2 shape with random weights (tiny: CPU)"
+        "--shape",
+        help=f"LLaMA-2 shape with random weights, one of {', '.join(SHAPES)} (tiny: CPU), or a comma list of them, "
+        "run one after the other in this call (each its own table)",
     )
     p.add_argument("--model", help="a checkpoint folder instead of --shape (every stack loads it)")
     p.add_argument("--batch", type=int, default=16, help="rows (examples) per micro-batch")
@@ -886,19 +905,21 @@ def _child_options(args: argparse.Namespace) -> list[str]:
 
 
 def _run_stacks(stacks: list[str], strategies: list[str], args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """Each stack under each strategy (the peer and Unsloth on one GPU) in its own process: the rows measured and
-    the runs that failed. The other stacks still run after a failure: one call on a lent GPU should not lose every
+    """Each stack under each strategy (the peer and Unsloth on one GPU) in its own process, a stack named twice run
+    twice (its later rows marked "run 2", …): the rows measured and the runs that failed. The other stacks still run after a failure: one call on a lent GPU should not lose every
     row to one failure. The table so far is printed after every stack: a run stopped by a time limit still leaves
     its finished rows."""
     options = _child_options(args)
     rows, failed = [], []
     runs = [(stack, strategy) for stack in stacks for strategy in (strategies if stack not in FROM_DISK else ["one"])]
-    for stack, strategy in runs:
+    for i, (stack, strategy) in enumerate(runs):
         devices = 1 if strategy == "one" else args.devices
         row = _run_in_subprocess(stack, strategy, devices, options, args)
         if row is None:
             failed.append(f"{stack} ({strategy})")
             continue
+        if repeat := runs[:i].count((stack, strategy)):  # a stack named twice: its spread between runs of one call
+            row["stack"] += f" (run {repeat + 1})"
         rows.append(row)
         if row.get("profile"):
             print(f"CUDA kernels of one step, {row['stack']}:\n{row.pop('profile')}")

@@ -1,8 +1,10 @@
-"""bench/train_throughput.py: the micro-batches a timed run is fed (the GPU measurement itself runs on a GPU only)."""
+"""bench/train_throughput.py: the micro-batches a timed run is fed, several shapes and a repeated stack in one call
+(a CPU dry run; the measurement itself means something on a GPU only)."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,3 +29,27 @@ def test_grouped_timed_steps_span_the_sizes_of_the_recipe_s_batches():
     args = argparse.Namespace(lengths="orca-grouped", seq=512, target=128, batch=16, warmup=1, steps=7)
     sizes = sorted(sum(b) for b in train_throughput.step_lengths(args)[1:])
     assert sizes[0] < 0.5 * 16 * 512 and sizes[-1] > 0.9 * 16 * 512
+
+
+def test_its_shapes_are_the_random_shapes_the_loader_builds():
+    from qlora_lightning.model import RANDOM_SHAPES
+
+    assert tuple(RANDOM_SHAPES) == train_throughput.SHAPES
+
+
+def test_one_call_runs_each_shape_in_turn_and_a_stack_named_twice_twice():
+    script = Path(train_throughput.__file__)
+    options = ["--stacks", "ours,ours", "--batch", "2", "--seq", "64", "--target", "16", "--steps", "1"]
+    out = subprocess.run(
+        [sys.executable, str(script), "--shape", "tiny,tiny", *options, "--warmup", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = out.stdout.split("### tiny, ")
+    assert len(tables) == 1 + 2 * 2  # a table after each stack, for each shape
+    for final in (tables[2], tables[4]):
+        assert "| ours | " in final and "| ours (run 2) | " in final
+    bad = subprocess.run([sys.executable, str(script), "--shape", "7b,8b"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--shape: unknown ['8b']" in bad.stderr

@@ -5,8 +5,8 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
     python bench/train_throughput.py --shape 70b --stacks ours --batch 1
     python bench/train_throughput.py --shape 7b --stacks ours,ours-compiled,peer --profile
     python bench/train_throughput.py --shape 7b --stacks ours-compiled,peer,unsloth --warmup 3
-    python bench/train_throughput.py --shape 7b --stacks ours-compiled,ours-compiled-packed,peer,unsloth --lengths orca \
-        --warmup 3 --steps 9
+    python bench/train_throughput.py --shape 7b,13b --lengths orca --warmup 6 --steps 5 \
+        --stacks ours-compiled-offload-packed,unsloth-packed,unsloth,ours-compiled-offload,peer,unsloth-packed
     python bench/train_throughput.py --shape 70b --stacks ours-compiled,ours-compiled-hoststates --batch 1 \
         --accumulate 8 --warmup 8 --steps 16 --device-memory     # 70B on one card: memory with the paged states
     python bench/train_throughput.py --shape 70b --stacks ours --batch 4 --devices 2 --strategy fsdp \
@@ -27,8 +27,10 @@ on the packed rows ours gets, in its padding-free mode: `packed_seq_lengths` bes
 collator adds them, which its attention runs through varlen kernels). Each stack runs in its own
 subprocess, one after the other on the same card, so peaks do not mix and Unsloth's global patching of
 transformers stays in its own process. The peer and Unsloth load a random bf16 LLaMA-2-shaped checkpoint that is
-written to /tmp once, with an offline tokenizer beside it (Unsloth always loads one); ours loads the same folder
-when either of them runs, else builds random weights directly in 4-bit. Unsloth is kept off the hub (offline
+written to /tmp once (in a call over several shapes, `--shape 7b,13b`, it is deleted after its shape), with an
+offline tokenizer beside it (Unsloth always loads one); ours loads the same folder when either of them runs, else
+builds random weights directly in 4-bit. A stack named twice in `--stacks` runs twice ("run 2"): its spread within
+one call. Unsloth is kept off the hub (offline
 variables set before its import) and compiles into /tmp/unsloth_compiled_cache; its first step compiles for
 ~45 s, so keep >= 2 warm-up steps. Its wheels: `../shared/tools/gpu-wheels --unsloth`. `pip install unsloth` also
 brings xformers on Linux x86-64, but xformers 0.0.35 from PyPI is built for torch 2.10 + CUDA 12.8 and cannot load
@@ -68,6 +70,7 @@ import importlib.metadata as md
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -271,21 +274,23 @@ def write_offline_tokenizer(folder: Path, vocab: int) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def write_random_checkpoint(shape: str, folder: Path) -> None:
+def write_random_checkpoint(shape: str, folder: Path) -> bool:
     """A random bf16 LLaMA-2-shaped checkpoint for the stacks that load from disk, made on the GPU, and an offline
-    tokenizer beside it; each written once."""
+    tokenizer beside it; each written once. Whether the checkpoint was written now (not found from before)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlora_lightning.model import RANDOM_SHAPES
 
     config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5)
-    if not (folder / "config.json").is_file():
+    written = not (folder / "config.json").is_file()
+    if written:
         with torch.device(DEVICE):
             model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(folder, max_shard_size="5GB")
         del model
         torch.cuda.empty_cache()
     write_offline_tokenizer(folder, config.vocab_size)
+    return written
 
 
 def sync() -> None:
@@ -763,22 +768,26 @@ def main() -> None:
         p.error("give several --shape values or one --model, not both")
     failed = []
     for shape in shapes:
-        failed += _run_shape(p, argparse.Namespace(**{**vars(args), "shape": shape}))
+        failed += _run_shape(p, argparse.Namespace(**{**vars(args), "shape": shape}), keep_checkpoint=len(shapes) == 1)
     if failed:
         raise SystemExit(f"failed stacks: {', '.join(failed)}")
 
 
-def _run_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+def _run_shape(p: argparse.ArgumentParser, args: argparse.Namespace, keep_checkpoint: bool) -> list[str]:
     """Every stack on one shape (or `--model`): the table printed (and with --record appended to BENCHMARKS.md);
-    returns the runs that failed."""
+    returns the runs that failed. Without `keep_checkpoint` (a call over several shapes) the random checkpoint this
+    call wrote is deleted after its shape, so that only one is on disk at a time (13B: 26 GB)."""
     stacks, strategies = _checked_stacks(p, args)
+    written = False
     if args.model is None:
         if not FROM_DISK & set(stacks):
             args.model = f"random:{args.shape}"
         else:
             args.model = f"/tmp/random-{args.shape}"
-            write_random_checkpoint(args.shape, Path(args.model))
+            written = write_random_checkpoint(args.shape, Path(args.model))
     rows, failed = _run_stacks(stacks, strategies, args)
+    if written and not keep_checkpoint:
+        shutil.rmtree(args.model)
     table = record(rows, args) if rows else ""
     _print_memory(rows)
     if args.record and rows:

@@ -6,8 +6,7 @@ unquantized base, for the paper's 16-bit LoRA comparison. Both take the recipe's
 puts them into a model.
 
 Training runs through `lora_autograd.lora_linear` (base matmul and LoRA update under one hand-written
-autograd function), with or without gradients; evaluation and generation (eval mode, no gradients) keep
-bitsandbytes' own kernels plus `lora_delta`.
+autograd function); inference keeps bitsandbytes' own kernels plus `lora_delta`.
 """
 
 from __future__ import annotations
@@ -342,10 +341,8 @@ class LoraLinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.training:
-            # the fused training path, run by the base (see `FrozenLinear`); also in training's forward without
-            # gradients (offloaded checkpointing's), so that it computes exactly what its recomputation will
-            return self.base_layer(x, lora=self)
+        if torch.is_grad_enabled():
+            return self.base_layer(x, lora=self)  # the fused training path, run by the base (see `FrozenLinear`)
         out = self.base_layer(x)
         return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
 

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .adapters import adapter_config, is_adapter_key, validate
 from .callbacks import NonFiniteGuard, TrainingRngStream
@@ -85,7 +86,14 @@ def attached_trainer(module: LightningModule):
 
 
 def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> None:
-    """`torch.compile` each decoder layer of `model` into one graph (the module's `compile_layers`).
+    """`torch.compile` each decoder layer of `model` into one graph (the module's `compile_layers`), and what
+    activation checkpointing recomputes in backward too.
+
+    transformers >= 5.2x checkpoints a layer from inside its `forward` (`GradientCheckpointingLayer` wraps `forward`,
+    no longer `__call__`), so a compiled layer breaks its graph at the checkpoint, and the recomputation in backward,
+    called by autograd outside any compiled code, ran uncompiled (and so did the layer's backward). There the
+    function the checkpoint runs is compiled as well (`_compiling_checkpoint`), so that the forward, the
+    recomputation and its backward all run compiled, as they do with the GPU image's transformers 5.17.
 
     Under DDP each layer's calls run with dynamo's DDPOptimizer switched off (for those calls only, where each
     graph is compiled), as torch documents for activation
@@ -96,11 +104,43 @@ def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> No
     ("Recomputed values ... have different metadata": the README's DDP line with configs/7b.yaml on 2 H200s).
     The split only helps whole-model graphs overlap communication; per-layer graphs get that from DDP's hooks.
     """
+
+    def compile_function(function: Callable) -> Callable:
+        compiled = torch.compile(function)
+        return _without_ddp_optimizer(compiled) if data_parallel else compiled
+
+    compiled_forwards: dict[Callable, Callable] = {}  # one compiled function per layer class's own forward
+    inside_forward = "__call__" not in vars(GradientCheckpointingLayer)  # transformers >= 5.2x
     for layer in cast(torch.nn.ModuleList, model.get_decoder().layers):
         if data_parallel:
-            layer.forward = _without_ddp_optimizer(torch.compile(layer.forward))
+            layer.forward = compile_function(layer.forward)
         else:
             layer.compile()
+        if inside_forward and getattr(layer, "gradient_checkpointing", False):
+            own_forward = cast(Any, type(layer).forward).__wrapped__  # what transformers' checkpointing wrapper runs
+            if own_forward not in compiled_forwards:
+                compiled_forwards[own_forward] = compile_function(own_forward)
+            checkpoint = cast(Callable, layer._gradient_checkpointing_func)
+            # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
+            layer._gradient_checkpointing_func = _compiling_checkpoint(  # type: ignore[assignment]
+                checkpoint, own_forward, compiled_forwards[own_forward]
+            )
+
+
+def _compiling_checkpoint(checkpoint: Callable, own_forward: Callable, compiled: Callable) -> Callable:
+    """`checkpoint` (a layer's checkpointing function) running `compiled` (the layer class's `own_forward`,
+    compiled) where transformers gives it `partial(own_forward, layer, **kwargs)`."""
+
+    def run(function: Callable, *args: Any) -> Any:
+        if not (isinstance(function, partial) and function.func is own_forward):
+            raise TypeError(
+                f"compile_layers: transformers called the checkpointing function with {function!r}, not the "
+                "functools.partial of the layer's own forward it gives in 5.2x; turn compile_layers off with this "
+                "transformers version (or adapt module.compile_decoder_layers)"
+            )
+        return checkpoint(partial(compiled, *function.args, **function.keywords), *args)
+
+    return run
 
 
 def _without_ddp_optimizer(compiled: Callable) -> Callable:

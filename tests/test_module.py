@@ -150,9 +150,10 @@ def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir
     assert all(p.grad is not None for n_, p in module.model.named_parameters() if p.requires_grad)
 
 
-def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True, device="cpu", seed=1):
+def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True, offload=False, device="cpu", seed=1):
     module, data = tiny_module_and_data(base, dropout=dropout)
     module.compile_layers, module.gradient_checkpointing = compile_layers, gradient_checkpointing
+    module.offload_activations = offload
     if device != "cpu":  # the GPU recipe: bf16 compute
         module.quant = QuantSpec(compute_dtype="bfloat16")
     module.to(device).configure_model()
@@ -256,6 +257,25 @@ def test_compiled_dropout_is_redrawn_identically_when_checkpointing_recomputes(t
         torch.testing.assert_close(recomputed[0], kept[0], rtol=1e-3, atol=0)
         assert grad_gap(kept, recomputed) <= 3e-2
     assert not torch.equal(kept[0], no_dropout[0])  # dropout is really on
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout_masks(tiny_chat_llama_dir, device):
+    """With offloaded checkpointing the compiled layer runs once without gradients and is recomputed in backward:
+    the recomputation must run compiled too (transformers >= 5.2x checkpoints inside `forward`, which left it
+    uncompiled until `module.compile_decoder_layers` compiled what the checkpoint runs) and draw the forward's
+    masks; its gradients are then those of the layers compiled without checkpointing."""
+    kept = loss_and_grads(
+        tiny_chat_llama_dir, compile_layers=True, dropout=0.3, gradient_checkpointing=False, device=device
+    )
+    torch._dynamo.reset()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        offloaded = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3, offload=True, device=device)
+    torch._dynamo.reset()
+    assert any(e.name == "CompiledFunctionBackward" for e in prof.events()), "the layers' backward ran uncompiled"
+    torch.testing.assert_close(offloaded[0], kept[0], rtol=1e-5 if device == "cpu" else 1e-3, atol=0)
+    for a, b in zip(kept[1], offloaded[1], strict=True):
+        assert (b.float() - a.float()).norm() <= (1e-4 if device == "cpu" else 3e-2) * a.float().norm()
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_chat_llama_dir, tmp_path):

@@ -32,6 +32,7 @@ from .generate import answer_batch
 from .held_out import LabelledLossSum, log_held_out
 from .lora import lora_layers
 from .model import load_model
+from .offload import offloaded_checkpoint
 from .optim import PagedAdamW32bitOneSync
 from .preflight import check_precision, check_trains_something
 from .resume import (
@@ -93,7 +94,8 @@ def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> No
     no longer `__call__`), so a compiled layer breaks its graph at the checkpoint, and the recomputation in backward,
     called by autograd outside any compiled code, ran uncompiled (and so did the layer's backward). There the
     function the checkpoint runs is compiled as well (`_compiling_checkpoint`), so that the forward, the
-    recomputation and its backward all run compiled, as they do with the GPU image's transformers 5.17.
+    recomputation and its backward all run compiled, as they do with the GPU image's transformers 5.17. (torch's
+    own checkpoint, without offloading, is traced by dynamo together with the compiled call: nothing to do there.)
 
     Under DDP each layer's calls run with dynamo's DDPOptimizer switched off (for those calls only, where each
     graph is compiled), as torch documents for activation
@@ -109,36 +111,38 @@ def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> No
         compiled = torch.compile(function)
         return _without_ddp_optimizer(compiled) if data_parallel else compiled
 
-    compiled_forwards: dict[Callable, Callable] = {}  # one compiled function per layer class's own forward
+    compiled_forwards: dict[Callable, Callable] = {}  # what the checkpoint runs, compiled once per function
     inside_forward = "__call__" not in vars(GradientCheckpointingLayer)  # transformers >= 5.2x
     for layer in cast(torch.nn.ModuleList, model.get_decoder().layers):
         if data_parallel:
             layer.forward = compile_function(layer.forward)
         else:
             layer.compile()
-        if inside_forward and getattr(layer, "gradient_checkpointing", False):
-            own_forward = cast(Any, type(layer).forward).__wrapped__  # what transformers' checkpointing wrapper runs
-            if own_forward not in compiled_forwards:
-                compiled_forwards[own_forward] = compile_function(own_forward)
-            checkpoint = cast(Callable, layer._gradient_checkpointing_func)
+        if inside_forward and getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
             # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
             layer._gradient_checkpointing_func = _compiling_checkpoint(  # type: ignore[assignment]
-                checkpoint, own_forward, compiled_forwards[own_forward]
+                offloaded_checkpoint, compile_function, compiled_forwards
             )
 
 
-def _compiling_checkpoint(checkpoint: Callable, own_forward: Callable, compiled: Callable) -> Callable:
-    """`checkpoint` (a layer's checkpointing function) running `compiled` (the layer class's `own_forward`,
-    compiled) where transformers gives it `partial(own_forward, layer, **kwargs)`."""
+def _compiling_checkpoint(
+    checkpoint: Callable, compile_function: Callable, compiled: dict[Callable, Callable]
+) -> Callable:
+    """`checkpoint` (a layer's checkpointing function) running a compiled copy of what transformers gives it,
+    `partial(forward, layer, **kwargs)`: the function compiled once (kept in `compiled`, so that every layer of a
+    class shares its graphs), the same layer and arguments. Only our offloaded checkpoint needs it: torch's own
+    checkpoint is traced by dynamo together with the layer's compiled call, recomputation included."""
 
     def run(function: Callable, *args: Any) -> Any:
-        if not (isinstance(function, partial) and function.func is own_forward):
+        if not isinstance(function, partial):
             raise TypeError(
                 f"compile_layers: transformers called the checkpointing function with {function!r}, not the "
-                "functools.partial of the layer's own forward it gives in 5.2x; turn compile_layers off with this "
+                "functools.partial of the layer's forward it gives in 5.2x; turn compile_layers off with this "
                 "transformers version (or adapt module.compile_decoder_layers)"
             )
-        return checkpoint(partial(compiled, *function.args, **function.keywords), *args)
+        if function.func not in compiled:
+            compiled[function.func] = compile_function(function.func)
+        return checkpoint(partial(compiled[function.func], *function.args, **function.keywords), *args)
 
     return run
 

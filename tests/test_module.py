@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -264,7 +267,22 @@ def test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout
     """With offloaded checkpointing the compiled layer runs once without gradients and is recomputed in backward:
     the recomputation must run compiled too (transformers >= 5.2x checkpoints inside `forward`, which left it
     uncompiled until `module.compile_decoder_layers` compiled what the checkpoint runs) and draw the forward's
-    masks; its gradients are then those of the layers compiled without checkpointing."""
+    masks; its gradients are then those of the layers compiled without checkpointing. Checked in a fresh process,
+    as training runs: after the whole family suite in the same process the recomputation ran uncompiled again
+    (some test's leftover compiler state, not traced yet; torch.compiler.reset() does not clear it)."""
+    if os.environ.get("QLORA_LIGHTNING_FRESH_PROCESS") != "1":
+        test = (
+            f"{__file__}::test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout_masks[{device}]"
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+            env={**os.environ, "QLORA_LIGHTNING_FRESH_PROCESS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stdout[-4000:]
+        return
     kept = loss_and_grads(
         tiny_chat_llama_dir, compile_layers=True, dropout=0.3, gradient_checkpointing=False, device=device
     )
@@ -272,7 +290,9 @@ def test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         offloaded = loss_and_grads(tiny_chat_llama_dir, compile_layers=True, dropout=0.3, offload=True, device=device)
     torch._dynamo.reset()
-    assert any(e.name == "CompiledFunctionBackward" for e in prof.events()), "the layers' backward ran uncompiled"
+    assert any(e.name == "CompiledFunctionBackward" for e in prof.events()), sorted(
+        {e.name for e in prof.events() if "ompil" in e.name or "Offload" in e.name}
+    )
     torch.testing.assert_close(offloaded[0], kept[0], rtol=1e-5 if device == "cpu" else 1e-3, atol=0)
     for a, b in zip(kept[1], offloaded[1], strict=True):
         assert (b.float() - a.float()).norm() <= (1e-4 if device == "cpu" else 3e-2) * a.float().norm()

@@ -133,6 +133,10 @@ def _compiling_checkpoint(
     class shares its graphs), the same layer and arguments. Only our offloaded checkpoint needs it: torch's own
     checkpoint is traced by dynamo together with the layer's compiled call, recomputation included."""
 
+    # Run by the compiled layer's call, which breaks its graph at our checkpoint anyway: kept out of dynamo so that
+    # `torch.compile` below really compiles (traced by dynamo, a `torch.compile` call inside a compiled region
+    # returns the function uncompiled, and the recomputation ran eagerly whenever no graph break came first).
+    @torch.compiler.disable
     def run(function: Callable, *args: Any) -> Any:
         if not isinstance(function, partial):
             raise TypeError(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -267,22 +264,10 @@ def test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout
     """With offloaded checkpointing the compiled layer runs once without gradients and is recomputed in backward:
     the recomputation must run compiled too (transformers >= 5.2x checkpoints inside `forward`, which left it
     uncompiled until `module.compile_decoder_layers` compiled what the checkpoint runs) and draw the forward's
-    masks; its gradients are then those of the layers compiled without checkpointing. Checked in a fresh process,
-    as training runs: after the whole family suite in the same process the recomputation ran uncompiled again
-    (some test's leftover compiler state, not traced yet; torch.compiler.reset() does not clear it)."""
-    if os.environ.get("QLORA_LIGHTNING_FRESH_PROCESS") != "1":
-        test = (
-            f"{__file__}::test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout_masks[{device}]"
-        )
-        out = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-            env={**os.environ, "QLORA_LIGHTNING_FRESH_PROCESS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert out.returncode == 0, out.stdout[-4000:]
-        return
+    masks; its gradients are then those of the layers compiled without checkpointing. Run after other tests in one
+    process too: the checkpoint's compiled copy was once made inside dynamo's tracing, where `torch.compile` gives
+    the function back uncompiled, whenever nothing before had broken the graph (here: after the FSDP family test).
+    """
     kept = loss_and_grads(
         tiny_chat_llama_dir, compile_layers=True, dropout=0.3, gradient_checkpointing=False, device=device
     )

@@ -92,7 +92,8 @@ def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> No
 
     transformers >= 5.2x checkpoints a layer from inside its `forward` (`GradientCheckpointingLayer` wraps `forward`,
     no longer `__call__`), so a compiled layer breaks its graph at the checkpoint, and the recomputation in backward,
-    called by autograd outside any compiled code, ran uncompiled (and so did the layer's backward). There the
+    called by autograd outside any compiled code, ran uncompiled (and so did the layer's backward), drawing other
+    dropout masks than the compiled forward had drawn: wrong LoRA gradients. There the
     function the checkpoint runs is compiled as well (`_compiling_checkpoint`), so that the forward, the
     recomputation and its backward all run compiled, as they do with the GPU image's transformers 5.17. (torch's
     own checkpoint, without offloading, is traced by dynamo together with the compiled call: nothing to do there.)

@@ -396,6 +396,6 @@ def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = Fal
             if getattr(module, "gradient_checkpointing", False):
                 # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
                 module._gradient_checkpointing_func = offloaded_checkpoint  # type: ignore[assignment]
-        suffixes = RESIDUAL_ONLY_OUTPUTS.get(model.config.model_type, ())
+        suffixes = tuple("." + s for s in RESIDUAL_ONLY_OUTPUTS.get(model.config.model_type, ()))
         for name, layer in lora_layers(model).items():
-            layer.skip_base_on_recompute = name.endswith(tuple("." + s for s in suffixes))
+            layer.skip_base_on_recompute = name.endswith(suffixes)

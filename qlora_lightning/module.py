@@ -31,6 +31,7 @@ from .fsdp2 import QLoRAFSDP2Strategy
 from .generate import answer_batch
 from .held_out import LabelledLossSum, log_held_out
 from .lora import lora_layers
+from .lora_autograd import COMPILE_OPTIONS
 from .model import load_model
 from .offload import offloaded_checkpoint
 from .optim import PagedAdamW32bitOneSync
@@ -109,7 +110,7 @@ def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> No
     """
 
     def compile_function(function: Callable) -> Callable:
-        compiled = torch.compile(function)
+        compiled = torch.compile(function, options=COMPILE_OPTIONS)
         return _without_ddp_optimizer(compiled) if data_parallel else compiled
 
     compiled_forwards: dict[Callable, Callable] = {}  # what the checkpoint runs, compiled once per function
@@ -118,7 +119,7 @@ def compile_decoder_layers(model: PreTrainedModel, *, data_parallel: bool) -> No
         if data_parallel:
             layer.forward = compile_function(layer.forward)
         else:
-            layer.compile()
+            layer.compile(options=COMPILE_OPTIONS)
         if inside_forward and getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
             # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
             layer._gradient_checkpointing_func = _compiling_checkpoint(  # type: ignore[assignment]

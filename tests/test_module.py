@@ -225,7 +225,7 @@ def test_compiling_layers_for_ddp_leaves_dynamos_process_wide_settings_alone(tin
     seen = []
     layer = module.model.get_decoder().layers[0]
     layer.forward = lambda: seen.append(torch._dynamo.config.optimize_ddp)  # the setting a compiled call sees
-    monkeypatch.setattr(torch, "compile", lambda forward: forward)  # compiling itself is not what is tested
+    monkeypatch.setattr(torch, "compile", lambda forward, **options: forward)  # compiling is not what is tested
     compile_decoder_layers(module.model, data_parallel=True)
     layer.forward()
     assert seen == [False] and torch._dynamo.config.optimize_ddp == before
@@ -281,6 +281,52 @@ def test_compiled_offloaded_layers_recompute_compiled_with_the_forward_s_dropout
     torch.testing.assert_close(offloaded[0], kept[0], rtol=1e-5 if device == "cpu" else 1e-3, atol=0)
     for a, b in zip(kept[1], offloaded[1], strict=True):
         assert (b.float() - a.float()).norm() <= (1e-4 if device == "cpu" else 3e-2) * a.float().norm()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("layers", ["kept", "offloaded"])
+def test_compiled_layers_save_no_dequantized_weight_for_backward(tiny_chat_llama_dir, device, layers, monkeypatch):
+    """A compiled layer must not keep its frozen weights' dense (dequantized) copies from forward to backward:
+    AOTAutograd saved them, as it saves every custom op's output, until `lora_autograd.DequantizeInBackward` had
+    them recomputed in backward. Without activation checkpointing ("kept") that held a dense model in memory; with
+    offloading, each recomputed layer's dense weights until its backward (0.38 GiB at 7B). Counted: tensors saved
+    for backward shaped and typed as a frozen weight; the same run without the pass shows the count can fail."""
+
+    def dense_weights_saved() -> tuple[int, list[torch.Tensor]]:
+        # without dropout: compiled masks depend on the graph's random-op layout, which the pass may change
+        module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
+        module.compile_layers, module.gradient_checkpointing = True, layers == "offloaded"
+        module.offload_activations = layers == "offloaded"
+        if device != "cpu":
+            module.quant = QuantSpec(compute_dtype="bfloat16")
+        module.to(device).configure_model()
+        torch.manual_seed(0)
+        for p in module.model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradients to compare
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        shapes = {(m.out_features, m.in_features) for m in module.model.modules() if hasattr(m, "dense_weight")}
+        data.setup("fit")
+        batch = move_data_to_device(next(iter(data.val_dataloader())), device)
+        assert batch["input_ids"].numel() not in {s[0] for s in shapes}  # no activation shaped as a weight
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(tuple(t.shape) in shapes and t.dtype == dtype)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # offloaded: saved during backward
+            loss, _ = module.loss_on(batch)
+            loss.backward()
+        torch._dynamo.reset()
+        return sum(saved), [p.grad for p in module.model.parameters() if p.requires_grad]
+
+    count, grads = dense_weights_saved()
+    monkeypatch.setattr("qlora_lightning.module.COMPILE_OPTIONS", {})
+    count_without, grads_without = dense_weights_saved()
+    assert count == 0 and count_without > 0, (count, count_without)
+    for a, b in zip(grads, grads_without, strict=True):  # the same arithmetic, fused differently (bf16 on CUDA)
+        assert (b.float() - a.float()).norm() <= (1e-5 if device == "cpu" else 1e-2) * a.float().norm()
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_chat_llama_dir, tmp_path):

@@ -13,6 +13,8 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
         --device-memory                                         # add --no-forward-prefetch for the plain path
     python bench/train_throughput.py --shape 70b --stacks ours --batch 4 --devices 2 --strategy one,fsdp,fsdp2 \
         --device-memory                         # one GPU, FSDP1 and FSDP2 on 2 GPUs, the same micro-batch per GPU
+    python bench/train_throughput.py --shape 7b --stacks ours-compiled-offload --memory-peak /tmp/peaks  # what the
+                                                # peak holds, by allocation site (bench/memory_peak.py)
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
@@ -394,6 +396,32 @@ def profile_results(args, prof: torch.profiler.profile, step_s: float) -> dict:
     }
 
 
+class MemoryPeakRecorder:
+    """`--memory-peak`: records the allocator's history over one step (`step`) and writes what was live at its
+    peak, by allocation site (`bench/memory_peak.py`), to `--memory-peak`/STACK.txt."""
+
+    def __init__(self, args, step: int) -> None:
+        self.folder = Path(args.memory_peak) if args.memory_peak else None
+        self.name, self.step, self.start_bytes = args.only, step, 0
+
+    def start(self, i: int) -> None:
+        if self.folder is not None and i == self.step:
+            sync()
+            self.start_bytes = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+
+    def stop(self, i: int) -> None:
+        if self.folder is None or i != self.step:
+            return
+        from memory_peak import report
+
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = report(snapshot, self.start_bytes, torch.cuda.max_memory_allocated())
+        (self.folder / f"{self.name}.txt").write_text(text)
+
+
 def run_ours(
     args,
     sampler: DeviceMemorySampler,
@@ -438,6 +466,8 @@ def run_ours(
     graphs_before: list[int] = []  # graphs dynamo had compiled when each micro-batch started
     extra = {}  # what the model holds at the first step, the CUDA profile table
 
+    memory = MemoryPeakRecorder(args, step=args.warmup + (1 if args.profile else 0))
+
     class Timer(L.Callback):
         prof = None
 
@@ -458,6 +488,7 @@ def run_ours(
             if args.profile and i == args.warmup:  # one profiled step, then timing as usual
                 self.prof = step_profiler(args)
                 self.prof.__enter__()
+            memory.start(i)
             sync()
             self.t = time.perf_counter()
 
@@ -468,6 +499,7 @@ def run_ours(
             counts.append(batch_counts(batch))
             if self.prof is not None and i == args.warmup:
                 extra.update(profile_results(args, self.prof, times[-1]))
+            memory.stop(i)
 
     data = batches(args, args.vocab, "cpu", packed=packed)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
@@ -493,7 +525,7 @@ def run_ours(
     if compile_layers:  # graphs dynamo compiled in all, and during the timed steps (a compile there skews the rate)
         extra["graphs_compiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         extra["graphs_compiled_timed"] = extra["graphs_compiled"] - graphs_before[args.warmup]
-    skip = args.warmup + (1 if args.profile else 0)
+    skip = memory.step + (1 if args.memory_peak else 0)
     options = [
         o
         for o, on in (
@@ -867,6 +899,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also sample the card's memory in use (paged optimizer states included, which PyTorch does not count)",
     )
+    p.add_argument(
+        "--memory-peak",
+        help="write what is allocated at the peak of one of our steps after warm-up, by allocation site, to this "
+        "folder (STACK.txt, bench/memory_peak.py); that step is left out of the rates. CUDA only",
+    )
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--only", help=argparse.SUPPRESS)
     return p
@@ -885,6 +922,8 @@ def _checked_stacks(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         p.error(f"--accumulate {args.accumulate}: --warmup and --steps must be multiples of it, without --profile")
     if (args.trace and not args.profile) or (args.trace_stack and not args.trace):
         p.error("--trace needs --profile, and --trace-stack needs --trace")
+    if args.memory_peak and (DEVICE != "cuda" or args.accumulate > 1):
+        p.error("--memory-peak records the CUDA allocator's history: a GPU and --accumulate 1")
     if args.lengths.startswith("orca") and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
     stacks = args.stacks.split(",")
@@ -910,6 +949,7 @@ def _child_options(args: argparse.Namespace) -> list[str]:
     options += (["--trace", args.trace] if args.trace else []) + (["--trace-stack"] if args.trace_stack else [])
     options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
+    options += ["--memory-peak", args.memory_peak] if args.memory_peak else []
     return options
 
 

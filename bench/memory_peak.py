@@ -8,7 +8,8 @@ allocated when recording began finds the moment of the highest allocated total (
 reports); the blocks live then are grouped by where they were allocated (the innermost frames of our code,
 transformers' or a compiled graph's), largest first, so that two runs' peaks can be compared line by line.
 Memory allocated before the step (weights, LoRA factors, gradients, optimizer states on the card) has no recorded
-origin and is one line.
+origin and is one line. The compiled graphs' generated code that allocated live blocks (`generated_sources`) is
+copied beside the report, since a site inside one names only its line.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def report(snapshot: dict, start_bytes: int, allocator_peak: int | None = None, 
         rest = sum(size for _, size in by_site.most_common()[rows:])
         lines.append(f"  {rest / 2**20:9.1f}       ({len(by_site) - rows} more sites)")
     return "\n".join(lines) + "\n"
+
+
+def generated_sources(live: dict[int, dict]) -> list[str]:
+    """The files of compiled graphs' generated code (Inductor's) that allocated any of `live`'s blocks."""
+    return sorted(
+        {f["filename"] for e in live.values() for f in e.get("frames", []) if "torchinductor_" in f["filename"]}
+    )
 
 
 def _short_event(event: dict) -> str:

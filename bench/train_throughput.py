@@ -398,7 +398,8 @@ def profile_results(args, prof: torch.profiler.profile, step_s: float) -> dict:
 
 class MemoryPeakRecorder:
     """`--memory-peak`: records the allocator's history over one step (`step`) and writes what was live at its
-    peak, by allocation site (`bench/memory_peak.py`), to `--memory-peak`/STACK.txt."""
+    peak, by allocation site (`bench/memory_peak.py`), to `--memory-peak`/STACK.txt, with the generated code of the
+    compiled graphs that allocated it beside (STACK-FILE.py)."""
 
     def __init__(self, args, step: int) -> None:
         self.folder = Path(args.memory_peak) if args.memory_peak else None
@@ -413,13 +414,17 @@ class MemoryPeakRecorder:
     def stop(self, i: int) -> None:
         if self.folder is None or i != self.step:
             return
-        from memory_peak import report
+        from memory_peak import generated_sources, peak, report
 
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         self.folder.mkdir(parents=True, exist_ok=True)
-        text = report(snapshot, self.start_bytes, torch.cuda.max_memory_allocated())
+        device = torch.cuda.current_device()
+        text = report(snapshot, self.start_bytes, torch.cuda.max_memory_allocated(), device=device)
         (self.folder / f"{self.name}.txt").write_text(text)
+        _, _, live = peak(snapshot["device_traces"][device], self.start_bytes)
+        for source in generated_sources(live):  # named as in the report: the generated file's own name
+            shutil.copy(source, self.folder / f"{self.name}-{Path(source).name}")
 
 
 def run_ours(

@@ -71,3 +71,8 @@ def test_the_report_groups_live_blocks_by_site_outside_torch_s_machinery():
 def test_a_step_that_allocates_nothing_new_says_so():
     text = memory_peak.report({"device_traces": [[_free(9, 10)]]}, 512 * MIB)
     assert text.startswith("no allocation in the recorded step rose above the 0.500 GiB it began with")
+
+
+def test_the_generated_code_of_compiled_graphs_live_at_the_peak_is_named():
+    live = {1: _alloc(1, 64, LORA), 2: _alloc(2, 10, GRAPH), 3: _alloc(3, 10, GRAPH)}
+    assert memory_peak.generated_sources(live) == ["/tmp/torchinductor_root/ab/cab12.py"]

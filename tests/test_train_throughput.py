@@ -53,3 +53,29 @@ def test_one_call_runs_each_shape_in_turn_and_a_stack_named_twice_twice():
         assert "| ours | " in final and "| ours (run 2) | " in final
     bad = subprocess.run([sys.executable, str(script), "--shape", "7b,8b"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--shape: unknown ['8b']" in bad.stderr
+
+
+def test_memory_peak_records_one_step_and_writes_its_report_with_the_graphs_code(tmp_path, monkeypatch):
+    """`--memory-peak` on a stand-in CUDA allocator (no GPU here): only the chosen step is recorded, and the report
+    and the generated code of the graphs live at the peak land in the folder."""
+    graph = tmp_path / "torchinductor_root" / "ab" / "cab12.py"
+    graph.parent.mkdir(parents=True)
+    graph.write_text("def call(args): ...\n")
+    frames = [{"filename": str(graph), "line": 3, "name": "call"}]
+    calls = []
+    memory = train_throughput.torch.cuda.memory
+    monkeypatch.setattr(train_throughput, "sync", lambda: None)
+    monkeypatch.setattr(train_throughput.torch.cuda, "memory_allocated", lambda: 2**30)
+    monkeypatch.setattr(train_throughput.torch.cuda, "max_memory_allocated", lambda: 2**30 + 2**20)
+    monkeypatch.setattr(train_throughput.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(memory, "_record_memory_history", lambda enabled="all", **kw: calls.append(enabled))
+    trace = [{"action": "alloc", "addr": 1, "size": 2**20, "frames": frames}]
+    monkeypatch.setattr(memory, "_snapshot", lambda: {"device_traces": [trace]})
+    args = argparse.Namespace(memory_peak=str(tmp_path / "peaks"), only="ours-compiled")
+    recorder = train_throughput.MemoryPeakRecorder(args, step=2)
+    for i in range(4):
+        recorder.start(i)
+        recorder.stop(i)
+    assert calls == ["all", None]
+    assert (tmp_path / "peaks" / "ours-compiled.txt").read_text().startswith("peak 1.001 GiB at event 0 of 1")
+    assert (tmp_path / "peaks" / "ours-compiled-cab12.py").read_text() == graph.read_text()

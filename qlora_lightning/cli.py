@@ -215,3 +215,20 @@ def main(argv: list[str] | None = None) -> None:
         run_lightning_cli(args)
     except USER_ERRORS as e:  # say what and where, without a traceback
         raise SystemExit(f"error: {e}") from None
+    except SystemExit:  # a deliberate exit (SIGTERM's 143 after saving): the process group ends cleanly too
+        _leave_process_group()
+        raise
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """End the distributed process group a multi-process run started, while the interpreter is still whole.
+
+    Left to interpreter exit, gloo's worker threads still hold work objects with tensors, whose destruction during
+    finalisation aborts the process ("terminate called without an active exception", SIGABRT) after a run that
+    finished: now and then on the CPU, seen in the two-node test under load (the mechanism as described in
+    pytorch#179291). Not after an unexpected error, where another rank may still wait in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -322,3 +322,39 @@ def test_sigterm_saves_then_exits_non_zero_and_the_resume_equals_the_straight_ru
     resumed = load_file(run / "lightning_logs" / "version_1" / "adapter" / "adapter_model.safetensors")
     expected = load_file(straight / "lightning_logs" / "version_0" / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("exit_code", [None, 143])
+def test_the_cli_ends_the_process_group_a_run_started_before_the_interpreter_exits(tmp_path, monkeypatch, exit_code):
+    """A multi-process run's gloo group left to interpreter exit aborted the process now and then after a finished
+    run ("terminate called without an active exception"): the CLI ends it itself, after a finished run and after
+    a deliberate exit (SIGTERM's 143), but not after an unexpected error (another rank may be waiting)."""
+    import torch.distributed as dist
+
+    def a_run(args):  # stands in for a DDP run: the group Lightning starts, then the run's end
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if exit_code is not None:
+            raise SystemExit(exit_code)
+
+    monkeypatch.setattr("qlora_lightning.cli.run_lightning_cli", a_run)
+    if exit_code is None:
+        main(["fit"])
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            main(["fit"])
+        assert stopped.value.code == exit_code
+    assert not dist.is_initialized()
+
+
+def test_the_cli_leaves_the_process_group_alone_after_an_unexpected_error(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    def a_failing_run(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise RuntimeError("a rank failed")
+
+    monkeypatch.setattr("qlora_lightning.cli.run_lightning_cli", a_failing_run)
+    with pytest.raises(RuntimeError, match="a rank failed"):
+        main(["fit"])
+    assert dist.is_initialized()
+    dist.destroy_process_group()

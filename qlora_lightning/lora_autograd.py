@@ -114,23 +114,18 @@ def lora_linear(
 
 class DequantizeInBackward(CustomGraphPass):
     """An Inductor joint-graph pass that marks bitsandbytes' 4-bit dequantizations "must recompute" (the mark
-    selective activation checkpointing gives), so that the partitioner recomputes a frozen weight's dense copy in
-    backward, right before its matmul, instead of saving forward's (see the module docstring). Its outputs are
-    an activation-free (out × in) bf16 copy per frozen linear: 0.38 GiB per 7B layer that a compiled layer kept
-    alive between its forward and its backward, for every layer at once without activation checkpointing."""
+    selective activation checkpointing gives), so that the partitioner redoes each in backward, right before its
+    matmul, instead of saving forward's (see the module docstring). Each is a dense (out × in) copy of a frozen
+    weight in the compute dtype: 0.38 GiB per 7B layer that a compiled layer kept from its forward to its
+    backward, every layer's at once without activation checkpointing."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in graph.nodes:
-            if node.op == "call_function" and node.target in _dequantize_ops():
+            if node.op == "call_function" and node.target is torch.ops.bitsandbytes.dequantize_4bit.default:
                 node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
     def uuid(self) -> Any:  # Inductor's compiled-graph cache keys on it: change it when the pass changes
         return "qlora_lightning.DequantizeInBackward.1"
-
-
-def _dequantize_ops() -> tuple:
-    ops = torch.ops.bitsandbytes
-    return (ops.dequantize_4bit.default,)
 
 
 #: `torch.compile(..., options=COMPILE_OPTIONS)` for anything that runs `lora_linear` compiled and trains.

@@ -18,9 +18,11 @@ writes and reads more activation-sized tensors than the math needs. Here:
   well: AOTAutograd's partitioner would otherwise compute backward's dequantization in forward (it depends on
   the frozen weights alone) and save it, as it saves every custom op's output it cannot recompute, so a compiled
   layer held its dense weights from its forward to its backward (`DequantizeInBackward`);
-- `base_output=False` leaves the frozen matmul out of forward and returns zeros: for a recomputation under
-  activation checkpointing whose output nobody reads (see `offload.recomputing`). What is saved, and so
-  backward, is the same.
+- `base_output=False` leaves the frozen matmul out of forward and returns the LoRA update alone: for a
+  recomputation under activation checkpointing whose output nobody reads (see `offload.recomputing`). What is
+  saved, and so backward, is the same. Not zeros: an output that depends on the input keeps what feeds it in
+  forward's graph when compiled (with zeros Inductor's partitioner moved a LLaMA MLP's whole forward into the
+  backward graph, where its temporaries raised the peak).
 
 The plain composition stays the reference in tests (`tests/test_lora_autograd.py`), and inference
 (no gradient) keeps bitsandbytes' own kernels, which have a fast 4-bit GEMV for single tokens.
@@ -63,10 +65,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x_drop, mask, h, a, scaled_b)
         ctx.dense_weight, ctx.scaling, ctx.dropout_p = dense_weight, scaling, dropout_p
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
-        if not base_output:
-            return x.new_zeros(*x.shape[:-1], lora_B.shape[0])
-        out = F.linear(x2, dense_weight(), bias)
-        out.addmm_(h, scaled_b.t())
+        if base_output:
+            out = F.linear(x2, dense_weight(), bias).addmm_(h, scaled_b.t())
+        else:
+            out = h @ scaled_b.t()
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -105,7 +107,7 @@ def lora_linear(
     `dense_weight()` returns the frozen (out × in) weight in `x`'s dtype; it is called once in forward
     and once in backward, so a 4-bit layer passes its dequantization. `dropout_p` is the LoRA dropout
     probability in training (0 for none). The frozen weight and bias get no gradient. `base_output=False`
-    returns zeros instead, with the same backward: only for a recomputation whose output is never read.
+    returns the LoRA update alone, with the same backward: only for a recomputation whose output is never read.
     """
     if bias is not None and bias.requires_grad:
         raise ValueError("lora_linear trains only the LoRA factors; the base bias must be frozen")

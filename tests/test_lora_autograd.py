@@ -61,8 +61,9 @@ def test_under_checkpointing_the_recomputed_dropout_mask_is_the_same():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_without_the_base_output_forward_skips_the_frozen_matmul_and_backward_is_the_same(dropout):
-    """`base_output=False` (a recomputation whose output nobody reads): zeros out, the weight dequantized only for
-    backward, and the same gradients for x, A and B as the full forward given the same output gradient."""
+    """`base_output=False` (a recomputation whose output nobody reads): the LoRA update alone out, the weight
+    dequantized only for backward, and the same gradients for x, A and B as the full forward given the same output
+    gradient."""
     layer = make_layer("nf4", "cpu", torch.float32, dropout)
     calls = []
     weight = layer.base_layer.dense_weight
@@ -85,7 +86,9 @@ def test_without_the_base_output_forward_skips_the_frozen_matmul_and_backward_is
         results.append((out.detach(), forward_calls, grads))
     (full, full_calls, full_grads), (skipped, skipped_calls, skipped_grads) = results
     assert full_calls == 1 and skipped_calls == 0
-    assert skipped.shape == full.shape and not skipped.any() and full.abs().sum() > 0
+    base = torch.nn.functional.linear(x, weight())
+    torch.testing.assert_close(skipped, full - base)  # the LoRA update: the full output without the frozen matmul
+    assert skipped.abs().sum() > 0
     for a, b in zip(full_grads, skipped_grads, strict=True):
         assert torch.equal(a, b)
 

@@ -227,6 +227,22 @@ def outputs_and_gradients(layer, fn, x):
     return out.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
 
+def saved_for_backward(module, batch) -> list[torch.Tensor]:
+    """Every tensor autograd saves while `module` computes its loss on `batch` and back-propagates it (what an
+    offloaded layer's recomputation saves in backward included), with dynamo reset after (compiled layers)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = module.loss_on(batch)
+        loss.backward()
+    torch._dynamo.reset()
+    return saved
+
+
 def free_port() -> int:
     """A TCP port free on this host now, for a process group's rendezvous: fixed ports collide when two test runs
     (or two parametrized cases) start process groups at once."""

@@ -14,6 +14,7 @@ from qlora_testing import (
     assert_bnb_cpu_repacking_off,
     cpu_trainer,
     requires_cuda,
+    saved_for_backward,
     straight_run_adapters,
     tiny_module_and_data,
     transformers_4bit,
@@ -309,17 +310,9 @@ def test_compiled_layers_save_no_dequantized_weight_for_backward(tiny_chat_llama
         data.setup("fit")
         batch = move_data_to_device(next(iter(data.val_dataloader())), device)
         assert batch["input_ids"].numel() not in {s[0] for s in shapes}  # no activation shaped as a weight
-        saved = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            saved.append(tuple(t.shape) in shapes and t.dtype == dtype)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # offloaded: saved during backward
-            loss, _ = module.loss_on(batch)
-            loss.backward()
-        torch._dynamo.reset()
-        return sum(saved), [p.grad for p in module.model.parameters() if p.requires_grad]
+        saved = saved_for_backward(module, batch)
+        count = sum(tuple(t.shape) in shapes and t.dtype == dtype for t in saved)
+        return count, [p.grad for p in module.model.parameters() if p.requires_grad]
 
     count, grads = dense_weights_saved()
     monkeypatch.setattr("qlora_lightning.module.COMPILE_OPTIONS", {})

@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from qlora_testing import requires_cuda, tiny_module_and_data
+from qlora_testing import requires_cuda, saved_for_backward, tiny_module_and_data
 
 from qlora_lightning import QLoRAModule
 from qlora_lightning.lora import lora_layers
@@ -104,8 +104,9 @@ def test_offloading_needs_checkpointing(tiny_llama_dir):
 def test_with_compiled_layers_the_skip_leaves_what_the_recomputation_saves_unchanged(tiny_chat_llama_dir, monkeypatch):
     """The skipped matmul must not change what a compiled layer's recomputation saves for its backward. With zeros
     as the skipped output nothing in the recomputation's forward read the MLP, so Inductor's partitioner moved the
-    MLP's whole forward into the backward graph, where its temporaries raised the peak (0.5 GiB at 7B on an H200);
-    returning the LoRA update instead keeps the MLP in forward. Compared: the activation-sized tensors saved."""
+    MLP's whole forward into the backward graph, where an H200's memory snapshot found the skip's extra peak (0.5 GiB
+    at 7B); returning the LoRA update instead keeps the MLP in forward. Compared: the activation-sized tensors
+    saved."""
 
     def saved_activations() -> list[tuple[tuple[int, ...], torch.dtype]]:
         module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.1)
@@ -113,19 +114,10 @@ def test_with_compiled_layers_the_skip_leaves_what_the_recomputation_saves_uncha
         module.configure_model()
         data.setup("fit")
         batch = next(iter(data.val_dataloader()))
-        tokens = batch["input_ids"].numel()
-        saved = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.numel() >= tokens * 8:  # activation-sized, not the LoRA factors or quantization constants
-                saved.append((tuple(t.shape), t.dtype))
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the recomputation saves in backward
-            loss, _ = module.loss_on(batch)
-            loss.backward()
-        torch._dynamo.reset()
-        return sorted(saved, key=str)
+        tokens = batch["input_ids"].numel()  # activation-sized: not the LoRA factors or quantization constants
+        return sorted(
+            ((tuple(t.shape), t.dtype) for t in saved_for_backward(module, batch) if t.numel() >= tokens * 8), key=str
+        )
 
     skipping = saved_activations()
     monkeypatch.setattr("qlora_lightning.model.RESIDUAL_ONLY_OUTPUTS", {})

@@ -13,6 +13,7 @@ from qlora_testing import (
     FP32,
     assert_bnb_cpu_repacking_off,
     cpu_trainer,
+    randomize_adapters,
     requires_cuda,
     saved_for_backward,
     straight_run_adapters,
@@ -301,10 +302,7 @@ def test_compiled_layers_save_no_dequantized_weight_for_backward(tiny_chat_llama
         if device != "cpu":
             module.quant = QuantSpec(compute_dtype="bfloat16")
         module.to(device).configure_model()
-        torch.manual_seed(0)
-        for p in module.model.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradients to compare
+        randomize_adapters(module.model, seed=0)  # B = 0 would leave A without gradients to compare
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         shapes = {(m.out_features, m.in_features) for m in module.model.modules() if hasattr(m, "dense_weight")}
         data.setup("fit")

@@ -27,7 +27,7 @@ writes and reads more activation-sized tensors than the math needs. Here:
 The plain composition stays the reference in tests (`tests/test_lora_autograd.py`), and inference
 (no gradient) keeps bitsandbytes' own kernels, which have a fast 4-bit GEMV for single tokens.
 `torch.compile` traces through this function (its dequantization is a registered bitsandbytes op), so
-a compiled decoder layer is one graph with the LoRA layers' dropout and mask fused in.
+a compiled decoder layer is one graph; its dropout runs torch's own kernel inside it (`COMPILE_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -131,4 +131,11 @@ class DequantizeInBackward(CustomGraphPass):
 
 
 #: `torch.compile(..., options=COMPILE_OPTIONS)` for anything that runs `lora_linear` compiled and trains.
-COMPILE_OPTIONS: dict[str, Any] = {"joint_custom_pre_pass": DequantizeInBackward()}
+#: - `joint_custom_pre_pass`: dense weights recomputed in backward, never saved (`DequantizeInBackward`).
+#: - `fallback_random`: the LoRA dropout runs torch's own `native_dropout` kernel instead of Inductor's generated
+#:   random numbers. Inductor's Triton code draws one Philox result per element and discards the other three, so
+#:   the fused kernels holding the masks (seven projections' inputs a layer, drawn again in the recomputation)
+#:   were bound by random-number arithmetic: at 7B, 119 ms of compiled elementwise kernels a 16 × 512 step, 54 ms
+#:   plus 38 ms of torch's dropout kernels with this option, 3 % more tokens/s at fixed length and 5 % packed at the
+#:   same peak (H200, BENCHMARKS.md). The masks are then the ones eager layers draw from the same seed.
+COMPILE_OPTIONS: dict[str, Any] = {"joint_custom_pre_pass": DequantizeInBackward(), "fallback_random": True}

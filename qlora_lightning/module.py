@@ -192,8 +192,8 @@ class QLoRAModule(LightningModule):
         quant: how the frozen base is stored (`QuantSpec`: NF4, double quantization, bf16 compute by default).
         lora: adapter rank, scale, dropout and targets (`LoraSpec`: the paper's r=64, alpha=16, all linear).
         gradient_checkpointing: recompute activations in backward (non-reentrant); the paper's setting.
-        compile_layers: `torch.compile` each decoder layer into one graph (norms, rotary, SwiGLU, dropout fused;
-            other dropout masks than eager). Off by default (CPU, tests), on in the GPU configs; under FSDP2, not FSDP1.
+        compile_layers: `torch.compile` each decoder layer into one graph (norms, rotary, SwiGLU fused; the same
+            dropout masks as eager). Off by default (CPU, tests), on in the GPU configs; under FSDP2, not FSDP1.
         offload_activations: keep each checkpointed layer's input in pinned host memory until backward
             (`offload.offloaded_checkpoint`); needs gradient_checkpointing, not under FSDP. Off by default.
         trust_remote_code: run the base folder's own modelling code; off unless the command line or config asks.

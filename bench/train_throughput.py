@@ -15,6 +15,8 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
         --device-memory                         # one GPU, FSDP1 and FSDP2 on 2 GPUs, the same micro-batch per GPU
     python bench/train_throughput.py --shape 7b --stacks ours-compiled-offload --memory-peak /tmp/peaks  # what the
                                                 # peak holds, by allocation site (bench/memory_peak.py)
+    python bench/train_throughput.py --shape 7b --stacks ours-compiled-offload --inductor fallback_random=False
+                                                # A/B of a compiler setting of our compiled layers
     python bench/train_throughput.py --shape tiny --stacks ours,peer --batch 2 --seq 64 --target 16  # CPU dry run
 
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
@@ -695,6 +697,10 @@ def run_stack(args) -> dict:
     if args.only in ("unsloth", "unsloth-packed"):
         return run_unsloth(args, sampler, packed=args.only == "unsloth-packed")
     options = ours_options(args.only)
+    if args.inductor:
+        from qlora_lightning.lora_autograd import COMPILE_OPTIONS
+
+        COMPILE_OPTIONS.update(inductor_options(args.inductor))
     return run_ours(
         args,
         sampler,
@@ -704,6 +710,27 @@ def run_stack(args) -> dict:
         onesync="onesync" in options,
         hoststates="hoststates" in options,
     )
+
+
+def inductor_options(pairs: list[str]) -> dict[str, object]:
+    """`--inductor` values (`KEY=VALUE`, VALUE a Python literal) as Inductor options, each checked against
+    Inductor's config, so that a misspelt key fails here rather than being ignored or failing at the first compile."""
+    import ast
+
+    from torch._inductor import config
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE, e.g. fallback_random=False")
+        if not hasattr(config, key):
+            raise SystemExit(f"--inductor {pair!r}: Inductor has no option {key!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--inductor {pair!r}: the value must be a Python literal (True, 3, 'ATEN')") from None
+    return options
 
 
 def summary(ranks: list[dict], accumulate: int = 1, pooled: bool = False) -> dict:
@@ -761,7 +788,9 @@ def record(rows: list[dict], args) -> str:
         f"{args.steps} timed steps after {args.warmup} warm-up"
         + (f" (micro-batches; an optimizer step every {args.accumulate})" if args.accumulate > 1 else "")
         + "; r 64 / α 16 / dropout 0.1, all 7 projections, "
-        "paged AdamW 32-bit, clip 0.3, gradient checkpointing.",
+        "paged AdamW 32-bit, clip 0.3, gradient checkpointing"
+        + (f"; our compiled layers with Inductor options {', '.join(args.inductor)}" if args.inductor else "")
+        + ".",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -909,6 +938,15 @@ def _parser() -> argparse.ArgumentParser:
         help="write what is allocated at the peak of one of our steps after warm-up, by allocation site, to this "
         "folder (STACK.txt, bench/memory_peak.py); that step is left out of the rates. CUDA only",
     )
+    p.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor option for our compiled layers on top of `lora_autograd.COMPILE_OPTIONS`, for an A/B of a "
+        "compiler setting without editing the code (repeatable; e.g. fallback_random=False, "
+        "coordinate_descent_tuning=True); the table's header names them",
+    )
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     p.add_argument("--only", help=argparse.SUPPRESS)
     return p
@@ -931,6 +969,7 @@ def _checked_stacks(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
         p.error("--memory-peak records the CUDA allocator's history: a GPU and --accumulate 1")
     if args.lengths.startswith("orca") and args.target >= args.seq:
         p.error("--lengths orca: --seq must exceed --target (sources are cut to --seq minus --target tokens)")
+    inductor_options(args.inductor)  # a bad --inductor fails before a checkpoint is written
     stacks = args.stacks.split(",")
     strategies = args.strategy.split(",")
     if unknown := sorted(set(strategies) - set(STRATEGIES)):
@@ -955,6 +994,7 @@ def _child_options(args: argparse.Namespace) -> list[str]:
     options += ["--no-forward-prefetch"] if args.no_forward_prefetch else []
     options += ["--device-memory"] if args.device_memory else []
     options += ["--memory-peak", args.memory_peak] if args.memory_peak else []
+    options += [f"--inductor={pair}" for pair in args.inductor]
     return options
 
 

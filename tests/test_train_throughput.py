@@ -40,6 +40,7 @@ def test_its_shapes_are_the_random_shapes_the_loader_builds():
 def test_one_call_runs_each_shape_in_turn_and_a_stack_named_twice_twice():
     script = Path(train_throughput.__file__)
     options = ["--stacks", "ours,ours", "--batch", "2", "--seq", "64", "--target", "16", "--steps", "1"]
+    options += ["--inductor", "coordinate_descent_tuning=True"]  # passed on to each stack and named in the table
     out = subprocess.run(
         [sys.executable, str(script), "--shape", "tiny,tiny", *options, "--warmup", "1"],
         capture_output=True,
@@ -51,6 +52,7 @@ def test_one_call_runs_each_shape_in_turn_and_a_stack_named_twice_twice():
     assert len(tables) == 1 + 2 * 2  # a table after each stack, for each shape
     for final in (tables[2], tables[4]):
         assert "| ours | " in final and "| ours (run 2) | " in final
+        assert "compiled layers with Inductor options coordinate_descent_tuning=True." in final
     bad = subprocess.run([sys.executable, str(script), "--shape", "7b,8b"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--shape: unknown ['8b']" in bad.stderr
 
@@ -79,3 +81,15 @@ def test_memory_peak_records_one_step_and_writes_its_report_with_the_graphs_code
     assert calls == ["all", None]
     assert (tmp_path / "peaks" / "ours-compiled.txt").read_text().startswith("peak 1.001 GiB at event 0 of 1")
     assert (tmp_path / "peaks" / "ours-compiled-cab12.py").read_text() == graph.read_text()
+
+
+def test_inductor_options_are_parsed_as_literals_and_checked_against_inductor_s_config():
+    parsed = train_throughput.inductor_options(["fallback_random=False", "max_autotune_gemm_backends='ATEN'"])
+    assert parsed == {"fallback_random": False, "max_autotune_gemm_backends": "ATEN"}
+    for bad, said in [
+        ("fallback_randomm=False", "Inductor has no option 'fallback_randomm'"),
+        ("fallback_random", "expected KEY=VALUE"),
+        ("fallback_random=no", "must be a Python literal"),
+    ]:
+        with pytest.raises(SystemExit, match=said):
+            train_throughput.inductor_options([bad])

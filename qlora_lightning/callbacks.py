@@ -28,6 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from .fsdp2 import local_gradients
+from .optim import PagedAdamW32bitOneSync
 
 __all__ = ["NonFiniteGuard", "PeakMemory", "TokensPerSecond", "TrainingRngStream", "training_monitors"]
 
@@ -92,20 +93,32 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        """Decide on the device, then read the decision (a wait for the device) where the optimizer is about to
+        update: `PagedAdamW32bitOneSync.check_before_update` runs it after preparing its update, so the device is not
+        left idle meanwhile; with any other optimizer, or a gradient scaler, now."""
         grads = local_gradients(pl_module)  # under FSDP2, this rank's shards
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
         bad = (~torch.isfinite(norm)) | (~self._loss_finite if self._loss_finite is not None else False)
         self._loss_finite = None
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
-        if bool(bad):
-            loss = float(self._last_loss) if self._last_loss is not None else float("nan")
-            raise FloatingPointError(
-                f"training stopped at step {trainer.global_step + 1}: the loss ({loss:.4g} on this rank) or the "
-                f"gradient norm ({float(norm):.4g}) is not finite. Nothing of this step was applied or saved; the "
-                "last checkpoint is intact. Usual causes: a learning rate too high for this model, float16 "
-                "overflow (use bf16), or NaN in the data or a starting adapter"
-            )
+        last_loss, step = self._last_loss, trainer.global_step + 1
+
+        def check() -> None:
+            if bool(bad):
+                loss = float(last_loss) if last_loss is not None else float("nan")
+                raise FloatingPointError(
+                    f"training stopped at step {step}: the loss ({loss:.4g} on this rank) or the gradient norm "
+                    f"({float(norm):.4g}) is not finite. Nothing of this step was applied or saved; the last "
+                    "checkpoint is intact. Usual causes: a learning rate too high for this model, float16 overflow "
+                    "(use bf16), or NaN in the data or a starting adapter"
+                )
+
+        # Not under float16's gradient scaler, which skips the optimizer's step (and with it the check) on overflow.
+        if isinstance(optimizer, PagedAdamW32bitOneSync) and getattr(trainer.precision_plugin, "scaler", None) is None:
+            optimizer.check_before_update(check)
+        else:
+            check()
 
 
 class TrainingRngStream(Callback):

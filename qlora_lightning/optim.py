@@ -11,8 +11,10 @@ group's parameters, gradients and states computes, element for element, what the
 managed memory that the driver may evict under memory pressure), of which each parameter's `state1`/`state2` are
 views; a step concatenates the gradients and the parameters, launches bitsandbytes' own kernel once (per 2**30
 elements), copies the parameters back, and synchronizes once at the end, which paging needs (paged states are moved
-asynchronously). Its results are bitwise those of `bitsandbytes.optim.PagedAdamW32bit` (tested), its state dict has
-bitsandbytes' per-parameter layout, and checkpoints of either load into the other.
+asynchronously). A check that must pass before anything changes and waits for the device (`check_before_update`:
+the non-finite guard's) runs after the host has prepared the update and right before its launch, so that the
+device is not left idle during that preparation. Its results are bitwise those of `bitsandbytes.optim.PagedAdamW32bit`
+(tested), its state dict has bitsandbytes' per-parameter layout, and checkpoints of either load into the other.
 
 Where one launch cannot stand for the per-parameter updates, the group is updated one parameter at a time with
 bitsandbytes' own `update_step` (still one synchronization per step): parameters at different step counts (one
@@ -32,6 +34,8 @@ Host states are updated one parameter at a time.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import bitsandbytes as bnb
@@ -96,9 +100,24 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
         super().__init__(params, **kwargs)
         self.states_on_host = states_on_host
         self._group_states: dict[int, _GroupStates] = {}  # by group index, for the groups updated in one launch
+        self._checks: list[Callable[[], None]] = []  # run in the next step before its updates (check_before_update)
+
+    def check_before_update(self, check: Callable[[], None]) -> None:
+        """Run `check` once in the next (or the current) step, after its closure and everything the host prepares for
+        the update, right before the first parameter or state changes; an exception it raises leaves both as they
+        were. For a check that waits for the device (`callbacks.NonFiniteGuard` reading its flag): run before the
+        step, the device would idle while the host prepares the update (at 7B, gradient clipping plus this step's
+        Python for 448 parameters); run here, that preparation overlaps the end of backward."""
+        self._checks.append(check)
 
     @torch.no_grad()
     def step(self, closure=None):
+        try:
+            return self._step(closure)
+        finally:
+            self._checks = []  # each is for one step: a step that raised leaves none behind
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -107,16 +126,21 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
+        updates: list[Callable[[], None]] = []  # prepared first, launched after the checks
         updated = None
         for gindex, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             if self._one_launch_serves(params):
-                self._update_group(group, gindex, params)
+                updates.append(self._prepare_group(group, gindex, params))
             else:
-                self._update_each(group, gindex)
+                updates.append(functools.partial(self._update_each, group, gindex))
             updated = params[-1]
+        for check in self._checks:
+            check()
+        for update in updates:
+            update()
         if updated is not None:
             sync_gpu(updated)  # once: paged or host states are brought in and written back asynchronously
         return loss
@@ -150,45 +174,49 @@ class PagedAdamW32bitOneSync(bnb.optim.PagedAdamW32bit):
             else:
                 self.update_step(group, p, gindex, pindex)
 
-    def _update_group(self, group, gindex: int, params: list[torch.Tensor]) -> None:
-        """bitsandbytes' 32-bit update of all `params` at once: their gradients and values concatenated, the states
-        flat (`_states_of`), one launch per `LAUNCH_ELEMENTS`, the new values copied back."""
+    def _prepare_group(self, group, gindex: int, params: list[torch.Tensor]) -> Callable[[], None]:
+        """bitsandbytes' 32-bit update of all `params` at once, prepared: their gradients and values concatenated, the
+        states flat (`_states_of`); the returned function launches it (one launch per `LAUNCH_ELEMENTS`), copies the
+        new values back and counts the step, and is the first to change a parameter or a state."""
         states = self._states_of(gindex, params)
         config = self.get_config(gindex, 0, group)  # the group's settings: no parameter has its own here
         step = self.state[params[0]]["step"] + 1
-        for p in params:
-            self.state[p]["step"] = step
         grads = torch.cat([g.reshape(-1) for p in params if (g := p.grad) is not None])  # every one has a gradient
         values = torch.cat([p.detach().reshape(-1) for p in params])
+        targets = [p.detach() for p in params]
+        sources = [v.view(p.shape) for p, v in zip(params, values.split([p.numel() for p in params]), strict=True)]
         for flat in (states.state1, states.state2):
             if getattr(flat, "is_paged", False):
                 bnb_F.prefetch_tensor(flat)
         betas = config["betas"]
-        for start in range(0, values.numel(), LAUNCH_ELEMENTS):
-            part = slice(start, start + LAUNCH_ELEMENTS)
-            bnb_F.optimizer_update_32bit(
-                self.optimizer_name,
-                grads[part],
-                values[part],
-                _as_paged_like(states.state1[part], states.state1),
-                betas[0],
-                config["eps"],
-                step,
-                config["lr"],
-                _as_paged_like(states.state2[part], states.state2),
-                betas[1],
-                betas[2] if len(betas) >= 3 else 0.0,
-                config.get("alpha", 0.0),
-                config["weight_decay"],
-                1.0,
-                None,
-                max_unorm=0.0,
-                skip_zeros=config["skip_zeros"],
-            )
-        torch._foreach_copy_(
-            [p.detach() for p in params],
-            [v.view(p.shape) for p, v in zip(params, values.split([p.numel() for p in params]), strict=True)],
-        )
+
+        def launch() -> None:
+            for p in params:
+                self.state[p]["step"] = step
+            for start in range(0, values.numel(), LAUNCH_ELEMENTS):
+                part = slice(start, start + LAUNCH_ELEMENTS)
+                bnb_F.optimizer_update_32bit(
+                    self.optimizer_name,
+                    grads[part],
+                    values[part],
+                    _as_paged_like(states.state1[part], states.state1),
+                    betas[0],
+                    config["eps"],
+                    step,
+                    config["lr"],
+                    _as_paged_like(states.state2[part], states.state2),
+                    betas[1],
+                    betas[2] if len(betas) >= 3 else 0.0,
+                    config.get("alpha", 0.0),
+                    config["weight_decay"],
+                    1.0,
+                    None,
+                    max_unorm=0.0,
+                    skip_zeros=config["skip_zeros"],
+                )
+            torch._foreach_copy_(targets, sources)
+
+        return launch
 
     def _states_of(self, gindex: int, params: list[torch.Tensor]) -> _GroupStates:
         """The flat states of `params` (group `gindex`), made on first use and whenever they no longer are the

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
+import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
@@ -325,8 +327,13 @@ def test_compiled_layers_save_no_dequantized_weight_for_backward(tiny_chat_llama
         assert (b.float() - a.float()).norm() <= (1e-5 if device == "cpu" else 1e-2) * a.float().norm()
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_chat_llama_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["default", "bitsandbytes"])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_chat_llama_dir, tmp_path, optimizer):
+    """With the default optimizer the guard's decision is read inside its step, before any update
+    (`PagedAdamW32bitOneSync.check_before_update`); with any other, in the hook before the step."""
     module, data = tiny_module_and_data(tiny_chat_llama_dir)
+    if optimizer == "bitsandbytes":
+        module.optimizer_factory = lambda params: bnb.optim.PagedAdamW32bit(params, lr=2e-4)
     loss_on = module.loss_on
 
     def diverging(batch):
@@ -335,8 +342,13 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tin
 
     module.loss_on = diverging
     t = cpu_trainer(tmp_path, max_steps=6, every=1)
-    with pytest.raises(FloatingPointError, match="training stopped at step 3: the loss \\(inf on this rank\\)"):
+    with pytest.raises(
+        FloatingPointError, match="training stopped at step 3: the loss \\(inf on this rank\\)"
+    ) as caught:
         t.fit(module, data)
+    raised_in = [frame.name for frame in traceback.extract_tb(caught.tb)]
+    called_from = "_step" if optimizer == "default" else "on_before_optimizer_step"  # PagedAdamW32bitOneSync._step
+    assert raised_in[-2:] == [called_from, "check"], raised_in
     last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)  # no step applied

@@ -301,3 +301,45 @@ def test_a_state_dict_saved_and_loaded_goes_into_flat_states_and_on_bitwise(devi
         assert got["step"] == want["step"] == 3
         assert torch.equal(got["state1"], want["state1"]) and torch.equal(got["state2"], want["state2"])
         assert getattr(got["state1"], "is_paged", False) == (device == "cuda")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_check_before_the_update_runs_after_the_closure_and_a_failing_one_changes_nothing(device):
+    """`check_before_update`, registered inside the closure as `callbacks.NonFiniteGuard` registers it from
+    Lightning's: it runs once, after the closure; raising, it leaves the parameters, the states and the step count as
+    they were, and the next step is the one an optimizer that never saw the failed one takes."""
+    params, optimizer = _steps(PagedAdamW32bitOneSync, device, steps=1)
+    reference, reference_optimizer = _steps(PagedAdamW32bitOneSync, device, steps=1)
+    order: list[str] = []
+
+    def closure(fail: bool) -> None:
+        order.append("closure")
+        for p in params[:-1]:
+            p.grad = torch.ones_like(p)
+
+        def check() -> None:
+            order.append("check")
+            if fail:
+                raise FloatingPointError("not finite")
+
+        optimizer.check_before_update(check)
+
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()} for p in params[:-1]]
+    with pytest.raises(FloatingPointError, match="not finite"):
+        optimizer.step(lambda: closure(fail=True))
+    assert order == ["closure", "check"]
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    for p, saved in zip(params[:-1], states, strict=True):
+        assert optimizer.state[p].keys() == saved.keys()
+        assert all(
+            torch.equal(v, saved[k]) if torch.is_tensor(v) else v == saved[k] for k, v in optimizer.state[p].items()
+        )
+
+    optimizer.step(lambda: closure(fail=False))  # the failed step's check does not run again
+    assert order == ["closure", "check", "closure", "check"]
+    for p in reference[:-1]:
+        p.grad = torch.ones_like(p)
+    reference_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
+    assert optimizer.state[params[0]]["step"] == reference_optimizer.state[reference[0]]["step"] == 2

@@ -196,17 +196,14 @@ def test_family_trains_through_the_cli_and_a_finished_run_resumes_bitwise(family
 def _loss_and_grads(folder, ids, **layers):
     """Loss and LoRA gradients of one batch of `ids` (second half labelled) through `QLoRAModule`, fp32 on the CPU,
     with the layers' settings (`compile_layers`, `offload_activations`); the adapters drawn at random."""
-    from qlora_testing import FP32
+    from qlora_testing import FP32, randomize_adapters
 
     from qlora_lightning import QLoRAModule
     from qlora_lightning.specs import LoraSpec
 
     module = QLoRAModule(str(folder), quant=FP32, lora=LoraSpec(r=8, dropout=0.0), **layers)
     module.configure_model()
-    torch.manual_seed(0)
-    for p in module.model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
+    randomize_adapters(module.model, seed=0)  # B = 0 would hide differences in the LoRA path
     labels = ids.clone()
     labels[:, : ids.shape[1] // 2] = -100
     loss, _ = module.loss_on({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})

@@ -11,7 +11,13 @@ import textwrap
 
 import pytest
 import torch
-from qlora_testing import assert_bnb_cpu_repacking_off, make_tiny_llama, requires_cuda, transformers_4bit
+from qlora_testing import (
+    assert_bnb_cpu_repacking_off,
+    make_tiny_llama,
+    randomize_adapters,
+    requires_cuda,
+    transformers_4bit,
+)
 from transformers import AutoModelForCausalLM
 
 from qlora_lightning.adapters import export_adapter
@@ -166,9 +172,7 @@ def test_deferred_loading_module_by_module_in_any_order_gives_the_same_model(tmp
     from come from a PEFT folder."""
     folder = str(make_tiny_llama(tmp_path / "tiny", tie=tie))
     direct = load_model(folder, device=device, with_tokenizer=False).model.eval()
-    for p in direct.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide the adapters
+    randomize_adapters(direct, seed=0)  # B = 0 would hide the adapters
     adapter = export_adapter(direct, tmp_path / "adapter", base_model=folder)
     deferred = load_model(folder, device=device, adapter=adapter, materialize=False, with_tokenizer=False)
     assert all(p.is_meta for p in deferred.model.parameters())

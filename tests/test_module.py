@@ -162,10 +162,7 @@ def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True
     if device != "cpu":  # the GPU recipe: bf16 compute
         module.quant = QuantSpec(compute_dtype="bfloat16")
     module.to(device).configure_model()
-    torch.manual_seed(0)
-    for p in module.model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
+    randomize_adapters(module.model, seed=0)  # B = 0 would hide differences in the LoRA path
     data.setup("fit")
     batch = move_data_to_device(next(iter(data.val_dataloader())), device)
     torch.manual_seed(seed)  # the dropout masks' seed
@@ -398,10 +395,7 @@ def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, 
         if device != "cpu":
             module.quant = QuantSpec(compute_dtype="bfloat16")
         module.to(device).configure_model()
-        torch.manual_seed(0)
-        for p in module.model.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.05)
+        randomize_adapters(module.model, seed=0)
         data.setup("fit")
         batch = move_data_to_device(next(iter(data.val_dataloader())), device)
         assert ("position_ids" in batch) == padding_free and ("attention_mask" in batch) != padding_free

@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from qlora_testing import requires_cuda, saved_for_backward, tiny_module_and_data
+from qlora_testing import randomize_adapters, requires_cuda, saved_for_backward, tiny_module_and_data
 
 from qlora_lightning import QLoRAModule
 from qlora_lightning.lora import lora_layers
@@ -26,10 +26,7 @@ def loss_and_grads(base, *, offload: bool, dropout: float, device: str = "cpu", 
         offload_activations=offload,
     )
     module.to(device).configure_model()
-    torch.manual_seed(0)
-    for p in module.model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide differences in the LoRA path
+    randomize_adapters(module.model, seed=0)  # B = 0 would hide differences in the LoRA path
     ids = torch.randint(10, 1000, (2, seq), generator=torch.Generator().manual_seed(1)).to(device)
     labels = ids.clone()
     labels[:, : seq // 2] = -100

@@ -23,6 +23,30 @@ gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `gguf` pack
 from family_models import FAMILY_SPECS  # noqa: E402
 from test_export_gguf import F16_TOL, Q8_TOL, export, logits, random_adapter, read_gguf, rel_err  # noqa: E402
 
+
+@pytest.fixture(scope="module", autouse=True)
+def gguf_files_parsed_once():
+    """Each GGUF file is parsed once in this module, by one shared `gguf.GGUFReader` (read-only, memory-mapped) that
+    the tests and transformers' loader (which imports `GGUFReader` when it loads) all get. transformers parses a
+    file again for its tokenizer, its config and its weights, and gguf's reader takes about 20 s for a 262k-entry
+    vocabulary on 2 cores: Gemma's read-back alone took 68 s. The same bytes give the same parse, so nothing checked
+    changes; a file rewritten in between (another size or time) is parsed anew."""
+    readers: dict[tuple, object] = {}
+    parse = gguf.GGUFReader
+
+    def shared_reader(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared_reader)
+        yield
+    readers.clear()
+
+
 #: Text whose ids and logits are compared: words, digits (split differently by each family), punctuation, accents.
 TEXT = "Hello world, this is a test of 12345 tokens: café, naïve."
 

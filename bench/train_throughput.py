@@ -22,9 +22,10 @@ as `fit` runs it) beside the model card's stack (transformers 4-bit + PEFT + pag
 Stacks: `ours` with any of `-compiled` (compile_layers), `-offload` (offload_activations), `-packed`
 (padding-free batches, below), `-onesync` (`qlora_lightning.optim.PagedAdamW32bitOneSync` named explicitly: the
 module's default optimizer since 2026-12-02, so the same steps as without; earlier rows without it used bitsandbytes'
-`PagedAdamW32bit`) and `-hoststates` (the same with `states_on_host`: the optimizer states wait in host memory
-between steps), e.g.
-`ours-compiled-offload`; `peer` (the model
+`PagedAdamW32bit`), `-hoststates` (the same with `states_on_host`: the optimizer states wait in host memory
+between steps) and, with `-offload`, projection names (`-o_proj`, `-v_proj`, ...: `offload_outputs`, their outputs
+kept in host memory for the recomputation, which skips their frozen matmul), e.g.
+`ours-compiled-offload` or `ours-compiled-offload-o_proj-v_proj`; `peer` (the model
 card's transformers + PEFT + bitsandbytes), `unsloth` (FastLanguageModel: NF4 + double quant, its fused LoRA
 kernels and offloaded gradient checkpointing, `use_gradient_checkpointing="unsloth"`) and `unsloth-packed` (the same
 on the packed rows ours gets, in its padding-free mode: `packed_seq_lengths` beside the row, as its SFTTrainer
@@ -101,9 +102,18 @@ STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "one")
 
 
 def ours_options(stack: str) -> set[str] | None:
-    """The options of an `ours[-compiled][-offload][-packed][-onesync][-hoststates]` stack name (None otherwise)."""
+    """The options of an `ours[-compiled][-offload][-packed][-onesync][-hoststates][-o_proj]...` stack name (None
+    otherwise); a projection's name (`-o_proj`, `-v_proj`, ...) keeps its output for the recomputation
+    (`offload_outputs`, with `-offload`)."""
     name, *options = stack.split("-")
-    return set(options) if name == "ours" and set(options) <= set(OURS_OPTIONS) else None
+    return set(options) if name == "ours" and set(options) <= {*OURS_OPTIONS, *TARGETS} else None
+
+
+def offload_outputs(options: set[str]) -> tuple[str, ...]:
+    """`QLoRAModule(offload_outputs=...)` for the projection names among a stack's options, in `TARGETS`' order."""
+    return tuple(
+        ("mlp." if t in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + t for t in TARGETS if t in options
+    )
 
 
 FROM_DISK = {"peer", "unsloth", "unsloth-packed"}  # stacks that load the checkpoint folder (so ours loads it too)
@@ -437,10 +447,11 @@ def run_ours(
     offload: bool = False,
     onesync: bool = False,
     hoststates: bool = False,
+    kept: tuple[str, ...] = (),
 ) -> dict:
     """QLoRAModule under a Lightning Trainer, as `fit` runs it; `packed` feeds it `packed_batch`es, `offload` turns
-    on offload_activations, `onesync` steps with `PagedAdamW32bitOneSync` (same settings as the default),
-    `hoststates` with it and `states_on_host=True`."""
+    on offload_activations (and `kept` its offload_outputs), `onesync` steps with `PagedAdamW32bitOneSync` (same
+    settings as the default), `hoststates` with it and `states_on_host=True`."""
     import lightning as L
 
     from qlora_lightning import AtomicCheckpointIO, QLoRAModule
@@ -466,6 +477,7 @@ def run_ours(
         lora=LoraSpec(r=64, alpha=16, dropout=0.1),
         compile_layers=compile_layers,
         offload_activations=offload,
+        offload_outputs=kept,
         **({"optimizer": one_sync_adamw} if onesync or hoststates else {}),
     )
     t0 = time.perf_counter()
@@ -541,6 +553,7 @@ def run_ours(
             ("packed", packed),
             ("one sync", onesync and not hoststates),
             ("optimizer states on host", hoststates),
+            ("outputs kept: " + " ".join(k.split(".")[-1] for k in kept), kept),
         )
         if on
     ]
@@ -709,6 +722,7 @@ def run_stack(args) -> dict:
         offload="offload" in options,
         onesync="onesync" in options,
         hoststates="hoststates" in options,
+        kept=offload_outputs(options),
     )
 
 
@@ -894,7 +908,8 @@ def _parser() -> argparse.ArgumentParser:
         "--stacks",
         default="ours,peer",
         help="comma list of: ours[-compiled][-offload][-packed] (compile_layers, offload_activations, padding-free "
-        "batches), peer, unsloth (peer and unsloth load a checkpoint from disk)",
+        "batches; with -offload, projection names such as -o_proj-v_proj for offload_outputs), peer, unsloth (peer "
+        "and unsloth load a checkpoint from disk)",
     )
     p.add_argument("--devices", type=int, default=1, help="GPUs for ours (the peer and Unsloth always run on one)")
     p.add_argument(
@@ -977,7 +992,7 @@ def _checked_stacks(p: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     if unknown := sorted(s for s in stacks if s not in FROM_DISK and ours_options(s) is None):
         raise SystemExit(
             f"--stacks: unknown {unknown}; choose from peer, unsloth, unsloth-packed, "
-            f"ours[-{']['.join(OURS_OPTIONS)}] (any of them)"
+            f"ours[-{']['.join(OURS_OPTIONS)}] (any of them), with -offload also projection names ({', '.join(TARGETS)})"
         )
     if args.devices > 1 and FROM_DISK & set(stacks):
         raise SystemExit("--devices applies to ours only: run the peer and Unsloth in a single-device call")

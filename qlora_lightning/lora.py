@@ -19,7 +19,7 @@ from bitsandbytes import functional as bnb_F
 from torch import nn
 
 from .lora_autograd import lora_linear
-from .offload import recomputing
+from .offload import keep_output, output_from_forward, recomputing
 from .specs import LoraSpec, QuantSpec, torch_dtype
 
 #: The blocksize of the paper's NF4 (64 weights share one absmax constant).
@@ -58,6 +58,7 @@ class FrozenLinear:
         if lora is None:
             return self.frozen_forward(x)
         p = lora.lora_dropout.p if lora.training and isinstance(lora.lora_dropout, nn.Dropout) else 0.0
+        reuse = lora.reuse_output_on_recompute and recomputing()
         out = lora_linear(
             x.to(self.compute_dtype),
             lora.lora_A,
@@ -66,9 +67,11 @@ class FrozenLinear:
             self.dense_weight,
             scaling=lora.scaling,
             dropout_p=p,
-            base_output=not (lora.skip_base_on_recompute and recomputing()),
+            base_output=not (reuse or (lora.skip_base_on_recompute and recomputing())),
         )
-        return out.to(x.dtype)
+        out = out.to(x.dtype)
+        # forward's value (as the no-gradient path below kept it); the gradient goes through the LoRA update above
+        return output_from_forward(out) if reuse else out
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone, in `x`'s dtype."""
@@ -275,6 +278,11 @@ class LoraLinear(nn.Module):
     #: recomputes the layer for its backward, nothing reads this output, so its frozen matmul (a fifth of the
     #: recomputation's GEMM work at 7B) is skipped then. Backward is unchanged.
     skip_base_on_recompute: bool = False
+    #: True for a projection whose forward output waits in pinned host memory with its decoder layer's input (set by
+    #: `model.enable_gradient_checkpointing` for `offload_outputs`): when offloaded checkpointing recomputes the
+    #: layer, that value is taken back (`offload.output_from_forward`) and the frozen matmul is skipped, any
+    #: projection alike. Backward is unchanged.
+    reuse_output_on_recompute: bool = False
 
     def __init__(
         self,
@@ -344,7 +352,10 @@ class LoraLinear(nn.Module):
         if torch.is_grad_enabled():
             return self.base_layer(x, lora=self)  # the fused training path, run by the base (see `FrozenLinear`)
         out = self.base_layer(x)
-        return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
+        out = out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
+        if self.reuse_output_on_recompute:
+            keep_output(out)  # for the recomputation, when this is an offloaded layer's forward
+        return out
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"

@@ -13,7 +13,9 @@ Nothing full-size is ever built: peak host memory is about one tensor of the che
 from __future__ import annotations
 
 import os
+import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -239,6 +241,7 @@ def load_model(
     materialize: bool = True,
     gradient_checkpointing: bool = True,
     offload_activations: bool = False,
+    offload_outputs: Sequence[str] = (),
     train_mode: bool = True,
     with_tokenizer: bool = True,
     trust_remote_code: bool = False,
@@ -270,6 +273,9 @@ def load_model(
             it is what lets 65B fit one 48 GB GPU. Off: the KV cache is on, for generation.
         offload_activations: with `gradient_checkpointing`, keep each layer's input in pinned host memory
             until backward instead of on the device (`offload.offloaded_checkpoint`).
+        offload_outputs: with `offload_activations`, the projections (name suffixes, e.g. "self_attn.o_proj") whose
+            forward output waits in pinned host memory too, so that the recomputation reuses it instead of redoing
+            their frozen matmul (`enable_gradient_checkpointing`).
         train_mode: leave the model in train mode (a loaded model starts in eval mode, which would
             silently disable gradient checkpointing and dropout under Lightning).
         with_tokenizer: also load the tokenizer (see `load_tokenizer`).
@@ -302,7 +308,13 @@ def load_model(
     if missing := materializer.missing(model):
         raise KeyError(f"{name_or_path}: the checkpoint lacks {missing[:8]}{' …' if len(missing) > 8 else ''}")
 
-    _set_mode(model, gradient_checkpointing=gradient_checkpointing, offload=offload_activations, train=train_mode)
+    _set_mode(
+        model,
+        gradient_checkpointing=gradient_checkpointing,
+        offload=offload_activations,
+        offload_outputs=offload_outputs,
+        train=train_mode,
+    )
     if materialize:
         for module in model.modules():
             materializer(module)
@@ -311,13 +323,17 @@ def load_model(
     return LoadedModel(model, tokenizer, materializer, fingerprint)
 
 
-def _set_mode(model: PreTrainedModel, *, gradient_checkpointing: bool, offload: bool, train: bool) -> None:
+def _set_mode(
+    model: PreTrainedModel, *, gradient_checkpointing: bool, offload: bool, offload_outputs: Sequence[str], train: bool
+) -> None:
     """Training's mode (checkpointing, optionally offloaded; no KV cache) or generation's (the KV cache on)."""
     model.config.use_cache = not gradient_checkpointing
     if offload and not gradient_checkpointing:
         raise ValueError("offload_activations offloads the inputs that gradient checkpointing keeps: turn on both")
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model, offload=offload)
+        enable_gradient_checkpointing(model, offload=offload, offload_outputs=offload_outputs)
+    elif offload_outputs:
+        raise ValueError("offload_outputs are reused by offloaded checkpointing: turn on gradient_checkpointing")
     model.train(train)
 
 
@@ -376,10 +392,14 @@ RESIDUAL_ONLY_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = False) -> None:
+def enable_gradient_checkpointing(
+    model: PreTrainedModel, *, offload: bool = False, offload_outputs: Sequence[str] = ()
+) -> None:
     """Activation checkpointing per decoder layer (non-reentrant), under either transformers API name; with
     `offload`, each layer's input waits in pinned host memory until backward (`offload.offloaded_checkpoint`),
-    and the LoRA layers of `RESIDUAL_ONLY_OUTPUTS` skip their frozen matmul when it recomputes them.
+    the LoRA layers of `RESIDUAL_ONLY_OUTPUTS` skip their frozen matmul when it recomputes them, and those named by
+    `offload_outputs` (name suffixes) keep their forward output there too, for the recomputation to reuse
+    (`LoraLinear.reuse_output_on_recompute`; a residual-only projection needs none: it is skipped either way).
 
     transformers gives no public way to choose the checkpointing function: it calls the
     `_gradient_checkpointing_func` it sets on each module with a `gradient_checkpointing` flag, as
@@ -391,11 +411,21 @@ def enable_gradient_checkpointing(model: PreTrainedModel, *, offload: bool = Fal
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # the GPU image's transformers 5.17 and 4.x
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if offload:
-        for module in model.modules():
-            if getattr(module, "gradient_checkpointing", False):
-                # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
-                module._gradient_checkpointing_func = offloaded_checkpoint  # type: ignore[assignment]
-        suffixes = tuple("." + s for s in RESIDUAL_ONLY_OUTPUTS.get(model.config.model_type, ()))
-        for name, layer in lora_layers(model).items():
-            layer.skip_base_on_recompute = name.endswith(suffixes)
+    if offload_outputs and not offload:
+        raise ValueError("offload_outputs wait in host memory with the layer inputs: turn on offload_activations")
+    if not offload:
+        return
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            # torch types a module's attributes as tensors or modules (`Module.__setattr__`); this is a function
+            module._gradient_checkpointing_func = offloaded_checkpoint  # type: ignore[assignment]
+    layers = lora_layers(model)
+    for suffix in offload_outputs:
+        if not any(name.endswith("." + suffix) for name in layers):
+            found = sorted({re.sub(r"^.*\.layers\.\d+\.", "", name) for name in layers})
+            raise ValueError(f"offload_outputs: {suffix!r} names no LoRA layer of this model; its projections: {found}")
+    residual_only = tuple("." + s for s in RESIDUAL_ONLY_OUTPUTS.get(model.config.model_type, ()))
+    kept = tuple("." + s for s in offload_outputs)
+    for name, layer in layers.items():
+        layer.skip_base_on_recompute = name.endswith(residual_only)
+        layer.reuse_output_on_recompute = name.endswith(kept) and not layer.skip_base_on_recompute

@@ -196,6 +196,9 @@ class QLoRAModule(LightningModule):
             dropout masks as eager). Off by default (CPU, tests), on in the GPU configs; under FSDP2, not FSDP1.
         offload_activations: keep each checkpointed layer's input in pinned host memory until backward
             (`offload.offloaded_checkpoint`); needs gradient_checkpointing, not under FSDP. Off by default.
+        offload_outputs: with offload_activations, the projections (name suffixes, e.g. `self_attn.o_proj`) whose
+            forward output waits in pinned host memory too, so that the recomputation reuses it and skips their
+            frozen matmul: less GEMM for more host copies (`LoraLinear.reuse_output_on_recompute`). None by default.
         trust_remote_code: run the base folder's own modelling code; off unless the command line or config asks.
         optimizer: builds the optimizer from the LoRA parameters; the paper's paged AdamW 32-bit by default.
         scheduler: builds the LR scheduler; None gives a constant rate after `warmup_ratio` warmup.
@@ -212,6 +215,7 @@ class QLoRAModule(LightningModule):
         gradient_checkpointing: bool = True,
         compile_layers: bool = False,
         offload_activations: bool = False,
+        offload_outputs: tuple[str, ...] = (),
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = paged_adamw,
         scheduler: LRSchedulerCallable | None = None,
@@ -229,6 +233,7 @@ class QLoRAModule(LightningModule):
         self.base_model, self.quant, self.lora = base_model, quant, lora
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
         self.compile_layers, self.offload_activations = compile_layers, offload_activations
+        self.offload_outputs = tuple(offload_outputs)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio, self.init_adapter = warmup_ratio, init_adapter
         self.predict_max_new_tokens = predict_max_new_tokens
@@ -278,6 +283,7 @@ class QLoRAModule(LightningModule):
             materialize=sharding is None,
             gradient_checkpointing=self.gradient_checkpointing,
             offload_activations=self.offload_activations,
+            offload_outputs=self.offload_outputs,
             with_tokenizer=False,
             trust_remote_code=self.trust_remote_code,
         )

@@ -231,6 +231,32 @@ def test_family_compiled_and_offloaded_layers_give_the_plain_loss_and_gradients(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_family_outputs_kept_from_forward_give_the_plain_loss_and_gradients(family_model_dir, family):
+    """`offload_outputs` naming every projection but those the recomputation skips anyway (fused ones such as Phi-3's
+    `qkv_proj` included): the recomputation reuses their forward outputs and the loss and gradients are the plain
+    layers'. Eager here; tests/test_offload.py runs the ops compiled."""
+    import re
+
+    from family_models import family_tokenizer
+
+    from qlora_lightning.lora import lora_layers
+    from qlora_lightning.model import RESIDUAL_ONLY_OUTPUTS, load_model
+    from qlora_lightning.specs import LoraSpec
+
+    folder = family_model_dir(family)
+    skeleton = load_model(str(folder), lora=LoraSpec(r=8), materialize=False, with_tokenizer=False).model
+    projections = {re.sub(r"^.*\.layers\.\d+\.", "", name) for name in lora_layers(skeleton)}
+    kept = tuple(sorted(projections - set(RESIDUAL_ONLY_OUTPUTS.get(skeleton.config.model_type, ()))))
+    assert len(kept) >= 2, kept  # attention and MLP projections
+    ids = _real_ids(family_tokenizer(family, copy=False))
+    reused = _loss_and_grads(folder, ids, offload_activations=True, offload_outputs=kept)
+    plain = _loss_and_grads(folder, ids)
+    torch.testing.assert_close(reused[0], plain[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(reused[1], plain[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_recomputation_skips_only_outputs_no_backward_reads(family_model_dir, family, monkeypatch):
     """`RESIDUAL_ONLY_OUTPUTS` (the projections whose frozen matmul the offloaded recomputation skips) lists exactly
     the families whose MLP output goes straight into the residual. Gemma 2/3 normalise it first, so forcing the skip

@@ -1,6 +1,7 @@
 """Offloaded activation checkpointing: the same loss and gradients as plain checkpointing, dropout included; less
 GPU memory held between forward and backward; the recomputation skips the frozen matmul of the projections whose
-output only joins the residual; nothing left behind by a forward without backward."""
+output only joins the residual, and of those whose output it takes back from forward (`offload_outputs`); nothing
+left behind by a forward without backward."""
 
 from __future__ import annotations
 
@@ -16,14 +17,21 @@ from qlora_lightning.model import load_model
 from qlora_lightning.offload import _copies
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
+#: Every attention projection and the MLP's gate and up: each kind of consumer (RoPE, attention, the residual, SwiGLU)
+ALL_BUT_DOWN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
-def loss_and_grads(base, *, offload: bool, dropout: float, device: str = "cpu", seq: int = 12):
+
+def loss_and_grads(
+    base, *, offload: bool, dropout: float, device: str = "cpu", seq: int = 12, outputs=(), compiled: bool = False
+):
     dtype = "float32" if device == "cpu" else "bfloat16"
     module = QLoRAModule(
         str(base),
         quant=QuantSpec(compute_dtype=dtype),
         lora=LoraSpec(r=8, dropout=dropout),
         offload_activations=offload,
+        offload_outputs=outputs,
+        compile_layers=compiled,
     )
     module.to(device).configure_model()
     randomize_adapters(module.model, seed=0)  # B = 0 would hide differences in the LoRA path
@@ -46,6 +54,19 @@ def test_offloaded_checkpointing_gives_the_plain_loss_and_gradients_bitwise(tiny
     assert all(
         torch.equal(a, b) for a, b in zip(plain[1], offloaded[1], strict=True)
     )  # the recomputation redrew the same masks
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("outputs", [("self_attn.o_proj",), ALL_BUT_DOWN], ids=["o_proj", "all-but-down"])
+def test_outputs_kept_from_forward_give_the_plain_loss_and_gradients_bitwise(tiny_chat_llama_dir, outputs, compiled):
+    """`offload_outputs`: the recomputation takes those projections' outputs from forward instead of redoing their
+    frozen matmul, with dropout on; the loss and every gradient are bitwise those of plain checkpointing. Compiled,
+    the two ops run inside the layer's graphs (forward's keep, the recomputation's take-back)."""
+    torch._dynamo.reset()
+    plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=0.3, compiled=compiled)
+    kept = loss_and_grads(tiny_chat_llama_dir, offload=True, dropout=0.3, outputs=outputs, compiled=compiled)
+    assert torch.equal(plain[0], kept[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], kept[1], strict=True))
 
 
 @requires_cuda
@@ -86,8 +107,74 @@ def test_the_recomputation_skips_the_frozen_matmul_of_down_proj_only(tiny_chat_l
     assert calls == {n: 1 if n.endswith(".mlp.down_proj") else 2 for n in layers}
 
 
+@requires_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_on_the_gpu_kept_outputs_come_back_as_forward_computed_them(tiny_chat_llama_dir, compiled):
+    """On the GPU the kept outputs go to the host on a side stream while the layer goes on (a compiled layer may
+    reuse an output's buffer at once: what the copy reads is the op's own snapshot); the gradients stay those of plain
+    checkpointing within bf16's rounding, as without kept outputs."""
+    torch._dynamo.reset()
+    plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=0.1, device="cuda", seq=512, compiled=compiled)
+    kept = loss_and_grads(
+        tiny_chat_llama_dir, offload=True, dropout=0.1, device="cuda", seq=512, outputs=ALL_BUT_DOWN, compiled=compiled
+    )
+    torch.testing.assert_close(kept[0], plain[0], rtol=1e-3, atol=0)
+    for a, b in zip(plain[1], kept[1], strict=True):
+        assert (b.float() - a.float()).norm() <= 1e-2 * a.float().norm()
+
+
+def test_kept_outputs_skip_the_recomputation_s_frozen_matmul(tiny_chat_llama_dir):
+    """With `offload_outputs` the named projections' frozen weights are materialised in backward only, like
+    `mlp.down_proj`'s; naming `mlp.down_proj` as well changes nothing (it is skipped either way)."""
+    kept = ("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    model = load_model(
+        str(tiny_chat_llama_dir),
+        lora=LoraSpec(r=4),
+        offload_activations=True,
+        offload_outputs=kept,
+        with_tokenizer=False,
+    )
+    layers = lora_layers(model.model)
+    calls = dict.fromkeys(layers, 0)
+    for name, layer in layers.items():
+        weight = layer.base_layer.dense_weight
+
+        def counted(name=name, weight=weight) -> torch.Tensor:
+            calls[name] += 1
+            return weight()
+
+        layer.base_layer.dense_weight = counted  # type: ignore[method-assign]
+    model.model(torch.randint(10, 256, (1, 8))).logits.sum().backward()
+    assert {n for n, layer in layers.items() if layer.reuse_output_on_recompute} == {
+        n for n in layers if n.endswith((".self_attn.o_proj", ".mlp.up_proj"))
+    }
+    assert calls == {n: 1 if n.endswith(kept) else 2 for n in layers}
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"offload_outputs": ("self_attn.o_proj",)}, "turn on offload_activations"),
+        ({"offload_outputs": ("self_attn.o_proj",), "gradient_checkpointing": False}, "turn on gradient_checkpointing"),
+        (
+            {"offload_outputs": ("attn.out_proj",), "offload_activations": True},
+            r"'attn.out_proj' names no LoRA layer of this model; its projections: \['mlp.down_proj', ",
+        ),
+    ],
+)
+def test_offload_outputs_refuses_what_it_cannot_do(tiny_llama_dir, settings, error):
+    with pytest.raises(ValueError, match=error):
+        load_model(str(tiny_llama_dir), lora=LoraSpec(r=4), with_tokenizer=False, **settings)
+
+
 def test_a_forward_without_backward_leaves_nothing_behind(tiny_llama_dir):
-    model = load_model(str(tiny_llama_dir), lora=LoraSpec(r=4), offload_activations=True, with_tokenizer=False).model
+    model = load_model(
+        str(tiny_llama_dir),
+        lora=LoraSpec(r=4),
+        offload_activations=True,
+        offload_outputs=("self_attn.o_proj",),  # kept with the input: released with it
+        with_tokenizer=False,
+    ).model
     model(torch.randint(0, 256, (1, 8))).logits.sum()  # gradients on, never back-propagated
     gc.collect()
     assert all(ref() is None for ref in _copies.pending)

@@ -28,7 +28,7 @@ from qlora_lightning import QLoRAModule
 from qlora_lightning.adapters import adapter_state_dict, is_adapter_key
 from qlora_lightning.callbacks import training_monitors
 from qlora_lightning.lora_autograd import COMPILE_OPTIONS, DequantizeInBackward
-from qlora_lightning.module import compile_decoder_layers
+from qlora_lightning.module import compile_decoder_layers, labelled_positions
 from qlora_lightning.resume import CheckpointError, read_checkpoint
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -153,6 +153,64 @@ def test_loss_on_labelled_positions_equals_transformers_loss(tiny_chat_llama_dir
     assert n == (batch["labels"][:, 1:] != -100).sum() > 0
     loss.backward()
     assert all(p.grad is not None for n_, p in module.model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_labelled_positions_are_the_rows_the_label_mask_picks(packed):
+    """`labelled_positions` gives the flattened hidden states' rows whose next token is labelled, in the order the
+    boolean mask takes them, and those tokens: the loss gathers the same rows as `hidden[:, :-1][mask]`."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (1, 40) if packed else (3, 12), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.5] = -100
+    hidden = torch.randn(*labels.shape, 4, generator=generator)
+    rows, targets = labelled_positions(labels)
+    mask = labels[:, 1:] != -100
+    assert torch.equal(hidden.flatten(0, 1)[rows], hidden[:, :-1][mask])
+    assert torch.equal(targets, labels[:, 1:][mask]) and 0 < len(rows) < mask.numel()
+
+
+def test_a_transferred_batch_keeps_its_labels_on_the_host(tiny_chat_llama_dir):
+    """Lightning's transfer moves every model input and leaves `labels` where the loader made them, so that
+    `loss_on` counts them on the host; the loss is the same as with every tensor on one device, bitwise."""
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved.keys() == batch.keys() and moved["labels"] is batch["labels"]
+    assert all(v.device.type == "meta" for k, v in moved.items() if k != "labels" and torch.is_tensor(v))
+    module.configure_model()
+    randomize_adapters(module.model, seed=0)
+    here = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert torch.equal(module.loss_on(here)[0], module.loss_on(move_data_to_device(batch, "cpu"))[0])
+
+
+@requires_cuda
+def test_on_the_gpu_loss_on_with_host_labels_adds_no_synchronization(tiny_chat_llama_dir):
+    """With the labels on the host the loss adds no device synchronization to forward: the boolean-mask gather it
+    replaced waited for the whole forward to count the labelled tokens. Same loss within bf16's rounding."""
+    import warnings
+
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
+    module.quant = QuantSpec(compute_dtype="bfloat16")
+    module.to("cuda").configure_model()
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+
+    def synchronizations(batch) -> tuple[torch.Tensor, int]:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss, _ = module.loss_on(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return loss, sum("synchronizing" in str(w.message) for w in caught)
+
+    on_host, host_syncs = synchronizations(module.transfer_batch_to_device(batch, torch.device("cuda"), 0))
+    on_device, device_syncs = synchronizations(move_data_to_device(batch, "cuda"))
+    assert host_syncs < device_syncs, (host_syncs, device_syncs)
+    torch.testing.assert_close(on_host, on_device, rtol=1e-3, atol=0)
 
 
 def loss_and_grads(base, *, compile_layers, dropout, gradient_checkpointing=True, offload=False, device="cpu", seed=1):

@@ -63,6 +63,12 @@ MODEL_INPUTS = (
 )
 
 
+#: The batch entries that stay on the host (`QLoRAModule.transfer_batch_to_device`): the labels, from which `loss_on`
+#: finds the labelled positions there (`labelled_positions`), and a packed row's example count (`examples_in`).
+#: Read on the device, each would make the host wait for the device at the end of every forward.
+HOST_ENTRIES = ("labels", "num_examples")
+
+
 def paged_adamw(params) -> torch.optim.Optimizer:
     """The default optimizer: paged AdamW with 32-bit states, lr 2e-4, betas (0.9, 0.999), no weight decay.
 
@@ -315,12 +321,12 @@ class QLoRAModule(LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Lightning's transfer, except that a batch's `labels` stay on the host: `loss_on` finds the labelled
-        positions there (`labelled_positions`), so that forward never waits for the device to count them."""
-        if not isinstance(batch, dict) or "labels" not in batch:
+        """Lightning's transfer, except for the `HOST_ENTRIES`, which stay where the loader made them."""
+        if not isinstance(batch, dict):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        rest = {key: value for key, value in batch.items() if key != "labels"}
-        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "labels": batch["labels"]}
+        rest = {key: value for key, value in batch.items() if key not in HOST_ENTRIES}
+        moved = super().transfer_batch_to_device(rest, device, dataloader_idx)
+        return {**moved, **{key: batch[key] for key in HOST_ENTRIES if key in batch}}
 
     def loss_on(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean causal-LM loss over the labelled (target) tokens, and their count, for a padded or a packed batch

@@ -28,7 +28,7 @@ from qlora_lightning import QLoRAModule
 from qlora_lightning.adapters import adapter_state_dict, is_adapter_key
 from qlora_lightning.callbacks import training_monitors
 from qlora_lightning.lora_autograd import COMPILE_OPTIONS, DequantizeInBackward
-from qlora_lightning.module import compile_decoder_layers, labelled_positions
+from qlora_lightning.module import compile_decoder_layers, examples_in, labelled_positions
 from qlora_lightning.resume import CheckpointError, read_checkpoint
 from qlora_lightning.specs import LoraSpec, QuantSpec
 
@@ -169,15 +169,19 @@ def test_labelled_positions_are_the_rows_the_label_mask_picks(packed):
     assert torch.equal(targets, labels[:, 1:][mask]) and 0 < len(rows) < mask.numel()
 
 
-def test_a_transferred_batch_keeps_its_labels_on_the_host(tiny_chat_llama_dir):
-    """Lightning's transfer moves every model input and leaves `labels` where the loader made them, so that
-    `loss_on` counts them on the host; the loss is the same as with every tensor on one device, bitwise."""
-    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_a_transferred_batch_keeps_its_labels_and_count_on_the_host(tiny_chat_llama_dir, padding_free):
+    """Lightning's transfer moves every model input and leaves `labels` (and a packed row's `num_examples`) where the
+    loader made them, so that `loss_on` and the step count them on the host; the loss is the same as with every
+    tensor on one device, bitwise."""
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0, padding_free=padding_free)
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
     moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
-    assert moved.keys() == batch.keys() and moved["labels"] is batch["labels"]
-    assert all(v.device.type == "meta" for k, v in moved.items() if k != "labels" and torch.is_tensor(v))
+    host = {"labels", "num_examples"} & batch.keys()
+    assert moved.keys() == batch.keys() and all(moved[k] is batch[k] for k in host)
+    assert host == ({"labels", "num_examples"} if padding_free else {"labels"})
+    assert all(v.device.type == "meta" for k, v in moved.items() if k not in host and torch.is_tensor(v))
     module.configure_model()
     randomize_adapters(module.model, seed=0)
     here = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
@@ -185,12 +189,14 @@ def test_a_transferred_batch_keeps_its_labels_on_the_host(tiny_chat_llama_dir):
 
 
 @requires_cuda
-def test_on_the_gpu_loss_on_with_host_labels_adds_no_synchronization(tiny_chat_llama_dir):
-    """With the labels on the host the loss adds no device synchronization to forward: the boolean-mask gather it
-    replaced waited for the whole forward to count the labelled tokens. Same loss within bf16's rounding."""
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+def test_on_the_gpu_the_step_s_counts_add_no_synchronization(tiny_chat_llama_dir, padding_free):
+    """With the labels (and a packed row's example count) on the host, the loss and the step's example count add no
+    device synchronization to forward: the boolean-mask gather they replaced, and `int()` of a count on the device,
+    waited for the whole forward. Same loss within bf16's rounding."""
     import warnings
 
-    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0)
+    module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0, padding_free=padding_free)
     module.quant = QuantSpec(compute_dtype="bfloat16")
     module.to("cuda").configure_model()
     data.setup("fit")
@@ -203,6 +209,7 @@ def test_on_the_gpu_loss_on_with_host_labels_adds_no_synchronization(tiny_chat_l
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 loss, _ = module.loss_on(batch)
+                examples_in(batch)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return loss, sum("synchronizing" in str(w.message) for w in caught)

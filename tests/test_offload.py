@@ -85,48 +85,16 @@ def test_on_the_gpu_the_layer_inputs_leave_it_and_the_gradients_stay(tiny_chat_l
     assert plain[2] - offloaded[2] >= (layers - 1) * one_input
 
 
-def test_the_recomputation_skips_the_frozen_matmul_of_down_proj_only(tiny_chat_llama_dir):
+@pytest.mark.parametrize(
+    ("kept", "reused"),
+    [((), ()), (("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"), (".self_attn.o_proj", ".mlp.up_proj"))],
+    ids=["none-kept", "o-up-down-kept"],
+)
+def test_the_recomputation_skips_the_frozen_matmul_of_down_proj_and_of_kept_outputs(tiny_chat_llama_dir, kept, reused):
     """Each LoRA layer's frozen weight is materialised once when the layer is recomputed and once in backward, but
-    `mlp.down_proj` (a LLaMA layer adds its output to the residual and returns it) skips the recomputation's; the
-    gradients stay bitwise those of plain checkpointing (the test above)."""
-    model = load_model(str(tiny_chat_llama_dir), lora=LoraSpec(r=4), offload_activations=True, with_tokenizer=False)
-    layers = lora_layers(model.model)
-    calls = dict.fromkeys(layers, 0)
-    for name, layer in layers.items():
-        weight = layer.base_layer.dense_weight
-
-        def counted(name=name, weight=weight) -> torch.Tensor:
-            calls[name] += 1
-            return weight()
-
-        layer.base_layer.dense_weight = counted  # type: ignore[method-assign]
-    model.model(torch.randint(10, 256, (1, 8))).logits.sum().backward()
-    assert {n for n, layer in layers.items() if layer.skip_base_on_recompute} == {
-        n for n in layers if n.endswith(".mlp.down_proj")
-    }
-    assert calls == {n: 1 if n.endswith(".mlp.down_proj") else 2 for n in layers}
-
-
-@requires_cuda
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_on_the_gpu_kept_outputs_come_back_as_forward_computed_them(tiny_chat_llama_dir, compiled):
-    """On the GPU the kept outputs go to the host on a side stream while the layer goes on (a compiled layer may
-    reuse an output's buffer at once: what the copy reads is the op's own snapshot); the gradients stay those of plain
-    checkpointing within bf16's rounding, as without kept outputs."""
-    torch._dynamo.reset()
-    plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=0.1, device="cuda", seq=512, compiled=compiled)
-    kept = loss_and_grads(
-        tiny_chat_llama_dir, offload=True, dropout=0.1, device="cuda", seq=512, outputs=ALL_BUT_DOWN, compiled=compiled
-    )
-    torch.testing.assert_close(kept[0], plain[0], rtol=1e-3, atol=0)
-    for a, b in zip(plain[1], kept[1], strict=True):
-        assert (b.float() - a.float()).norm() <= 1e-2 * a.float().norm()
-
-
-def test_kept_outputs_skip_the_recomputation_s_frozen_matmul(tiny_chat_llama_dir):
-    """With `offload_outputs` the named projections' frozen weights are materialised in backward only, like
-    `mlp.down_proj`'s; naming `mlp.down_proj` as well changes nothing (it is skipped either way)."""
-    kept = ("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+    `mlp.down_proj` (a LLaMA layer adds its output to the residual and returns it) skips the recomputation's, and so
+    do the projections `offload_outputs` names (their outputs come from forward); naming `mlp.down_proj` there
+    changes nothing. The gradients stay bitwise those of plain checkpointing (the tests above)."""
     model = load_model(
         str(tiny_chat_llama_dir),
         lora=LoraSpec(r=4),
@@ -145,10 +113,29 @@ def test_kept_outputs_skip_the_recomputation_s_frozen_matmul(tiny_chat_llama_dir
 
         layer.base_layer.dense_weight = counted  # type: ignore[method-assign]
     model.model(torch.randint(10, 256, (1, 8))).logits.sum().backward()
-    assert {n for n, layer in layers.items() if layer.reuse_output_on_recompute} == {
-        n for n in layers if n.endswith((".self_attn.o_proj", ".mlp.up_proj"))
+    assert {n for n, layer in layers.items() if layer.skip_base_on_recompute} == {
+        n for n in layers if n.endswith(".mlp.down_proj")
     }
-    assert calls == {n: 1 if n.endswith(kept) else 2 for n in layers}
+    assert {n for n, layer in layers.items() if layer.reuse_output_on_recompute} == {
+        n for n in layers if n.endswith(reused)
+    }
+    assert calls == {n: 1 if n.endswith((".mlp.down_proj", *reused)) else 2 for n in layers}
+
+
+@requires_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_on_the_gpu_kept_outputs_come_back_as_forward_computed_them(tiny_chat_llama_dir, compiled):
+    """On the GPU the kept outputs go to the host on a side stream while the layer goes on (a compiled layer may
+    reuse an output's buffer at once: what the copy reads is the op's own snapshot); the gradients stay those of plain
+    checkpointing within bf16's rounding, as without kept outputs."""
+    torch._dynamo.reset()
+    plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=0.1, device="cuda", seq=512, compiled=compiled)
+    kept = loss_and_grads(
+        tiny_chat_llama_dir, offload=True, dropout=0.1, device="cuda", seq=512, outputs=ALL_BUT_DOWN, compiled=compiled
+    )
+    torch.testing.assert_close(kept[0], plain[0], rtol=1e-3, atol=0)
+    for a, b in zip(plain[1], kept[1], strict=True):
+        assert (b.float() - a.float()).norm() <= 1e-2 * a.float().norm()
 
 
 @pytest.mark.parametrize(

@@ -334,13 +334,12 @@ class QLoRAModule(LightningModule):
         runs on the labelled positions only (three quarters less head work and fp32 logits at source 384 / target
         128), unless the model transforms its logits (`logits_transformed`: transformers' own loss). `labels` may
         be on the host (as `transfer_batch_to_device` leaves them) or with the inputs."""
-        device = batch["input_ids"].device
-        rows, targets = (t.to(device, non_blocking=True) for t in labelled_positions(batch["labels"]))
-        count = torch.tensor(targets.numel()).to(device, non_blocking=True)
+        device, labels = batch["input_ids"].device, batch["labels"]
+        count = (labels[:, 1:] != -100).sum().to(device, non_blocking=True)
         inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
         if not self._head_on_labelled_only:
-            labels = batch["labels"].to(device, non_blocking=True)
-            return self.model(**inputs, labels=labels, use_cache=False).loss, count
+            return self.model(**inputs, labels=labels.to(device, non_blocking=True), use_cache=False).loss, count
+        rows, targets = (t.to(device, non_blocking=True) for t in labelled_positions(labels))
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, rows))
         return torch.nn.functional.cross_entropy(logits.float(), targets), count

@@ -19,7 +19,7 @@ On the CPU there is nothing to offload and the input simply stays where it is (t
 the tests compare with plain checkpointing).
 
 `model.enable_gradient_checkpointing(model, offload=True)` installs it; the LightningModule's
-`offload_activations` option turns it on.
+`offload_activations` option turns it on, and its `offload_outputs` names the projections whose outputs are kept.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def recomputing() -> bool:
 
 
 class _HostCopies:
-    """The offloaded inputs of one forward pass, in layer order, each with its copy-back prefetched ahead of need."""
+    """What the offloaded layers of one forward pass keep (`_LayerSaved`), in layer order, each brought back ahead of
+    need."""
 
     def __init__(self) -> None:
         self.stream: torch.cuda.Stream | None = None
@@ -211,7 +212,7 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved
-        _copies.pop_and_prefetch_previous(saved)  # the previous layer's input comes back while this one computes
+        _copies.pop_and_prefetch_previous(saved)  # what the previous layer kept comes back while this one computes
         hidden_states = saved.input.fetch().detach().requires_grad_(saved.input.requires_grad)
         global _recomputing
         with torch.random.fork_rng(devices=ctx.rng["devices"], device_type=ctx.rng["device_type"]):

@@ -161,8 +161,9 @@ def _keep_output(output: torch.Tensor) -> None:
     """Inside an offloaded layer's forward, a copy of `output` joins what the layer keeps for backward; elsewhere
     (evaluation, the recomputation) nothing. An opaque op, so that a compiled layer calls it at run time (where
     `_running` says which layer runs). `output` is declared mutated, which it is not: a compiler drops an op with
-    neither outputs nor mutations as dead code. The copy is taken on the compute stream before the op returns,
-    because a compiled layer may reuse `output`'s buffer for its next kernels while the host copy is under way."""
+    neither outputs nor mutations as dead code. The copy is taken on the compute stream before the op returns:
+    Inductor reuses the buffer of a tensor whose last reader has run for a later kernel's output, and the host copy
+    runs on a side stream, concurrently with those kernels."""
     if _running is not None and not _recomputing:
         _running.outputs.append(_Offloaded(output.detach().clone()))
 

@@ -125,9 +125,9 @@ def test_the_recomputation_skips_the_frozen_matmul_of_down_proj_and_of_kept_outp
 @requires_cuda
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_on_the_gpu_kept_outputs_come_back_as_forward_computed_them(tiny_chat_llama_dir, compiled):
-    """On the GPU the kept outputs go to the host on a side stream while the layer goes on (a compiled layer may
-    reuse an output's buffer at once: what the copy reads is the op's own snapshot); the gradients stay those of plain
-    checkpointing within bf16's rounding, as without kept outputs."""
+    """On the GPU the kept outputs go to the host on a side stream while the layer goes on (a compiled layer's next
+    kernels may write into an output's buffer: the copy reads the op's own snapshot); the gradients stay those of
+    plain checkpointing within bf16's rounding, as without kept outputs."""
     torch._dynamo.reset()
     plain = loss_and_grads(tiny_chat_llama_dir, offload=False, dropout=0.1, device="cuda", seq=512, compiled=compiled)
     kept = loss_and_grads(

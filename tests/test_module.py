@@ -257,17 +257,22 @@ def test_compiled_layers_give_the_uncompiled_loss_and_gradients(tiny_chat_llama_
     [("cpu", False), pytest.param("cuda", False, marks=requires_cuda), pytest.param("cuda", True, marks=requires_cuda)],
     ids=["cpu-padded", "cuda-padded", "cuda-packed"],
 )
-def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_dir, device, padding_free):
+@pytest.mark.parametrize("kept", [False, True], ids=["", "offloaded-kept"])
+def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_dir, device, padding_free, kept):
     """Grouped or packed batches change length every step. Compiled layers may specialise on the first lengths
     they see, but must then cover every new length without compiling again: recompiling per step would cost seconds
     a step and, past dynamo's recompile limit, fall back to eager layers. (Packed rows on the CPU are not compiled:
     their per-example attention breaks the graph inside the checkpointed layer, so dynamo runs it eagerly.) Seen:
     CPU padded, graphs [1, 2, 2, ...]; CUDA bf16 padded, [1, 2, 2, 2, 3, 3, ...], the third graph at the first
-    length that is a multiple of 16 (48), likely an alignment guard of the GPU's matmuls (not traced)."""
+    length that is a multiple of 16 (48), likely an alignment guard of the GPU's matmuls (not traced). Offloaded, the
+    recomputation is a graph of its own, so twice the graphs: CPU padded [2, 4, 4, ...], with or without attention
+    outputs kept for it (`offload_outputs`, which add none)."""
     from torch._dynamo.utils import counters
 
     module, data = tiny_module_and_data(tiny_chat_llama_dir, batch_size=4, padding_free=padding_free)
     module.compile_layers = True
+    if kept:
+        module.offload_activations, module.offload_outputs = True, ("self_attn.o_proj", "self_attn.v_proj")
     if device == "cuda":
         module.quant = QuantSpec(compute_dtype="bfloat16")  # the GPU recipe's; varlen_attn takes 16-bit floats only
     module.to(device).configure_model()
@@ -283,7 +288,8 @@ def test_compiled_layers_stop_recompiling_after_a_few_lengths(tiny_chat_llama_di
         loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
-    assert graphs[0] >= 1 and graphs[5:] == [graphs[4]] * 4 and graphs[-1] <= 3, (lengths, graphs)
+    per_length = 2 if kept else 1  # forward, and the offloaded recomputation's own graph
+    assert graphs[0] >= 1 and graphs[5:] == [graphs[4]] * 4 and graphs[-1] <= 3 * per_length, (lengths, graphs)
 
 
 def test_compiling_layers_for_ddp_leaves_dynamos_process_wide_settings_alone(tiny_chat_llama_dir, monkeypatch):
@@ -449,14 +455,24 @@ def test_a_negative_warmup_is_refused():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
-@pytest.mark.parametrize("layers", ["eager", pytest.param("compiled-offloaded", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "layers",
+    [
+        "eager",
+        pytest.param("compiled-offloaded", marks=pytest.mark.slow),
+        pytest.param("compiled-offloaded-kept", marks=pytest.mark.slow),
+    ],
+)
 def test_packed_batches_give_the_padded_loss_and_gradients(tiny_chat_llama_dir, device, layers):
     """The same 8 examples, padded and padding-free (data.padding_free): the same loss and gradients, with eager
-    layers and with the GPU configs' compiled layers and offloaded checkpointing."""
+    layers and with the GPU configs' compiled layers and offloaded checkpointing (and with the attention
+    projections' outputs kept for the recomputation, `offload_outputs`: packed rows change length every batch)."""
     results = []
     for padding_free in (False, True):
         module, data = tiny_module_and_data(tiny_chat_llama_dir, dropout=0.0, batch_size=8, padding_free=padding_free)
-        module.compile_layers = module.offload_activations = layers == "compiled-offloaded"
+        module.compile_layers = module.offload_activations = layers.startswith("compiled-offloaded")
+        if layers.endswith("-kept"):
+            module.offload_outputs = ("q_proj", "k_proj", "v_proj", "o_proj")
         if device != "cpu":
             module.quant = QuantSpec(compute_dtype="bfloat16")
         module.to(device).configure_model()

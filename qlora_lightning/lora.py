@@ -18,7 +18,7 @@ import torch
 from bitsandbytes import functional as bnb_F
 from torch import nn
 
-from .lora_autograd import lora_linear
+from .lora_autograd import accumulate_product, lora_linear
 from .offload import keep_output, output_from_forward, recomputing
 from .specs import LoraSpec, QuantSpec, torch_dtype
 
@@ -27,15 +27,28 @@ NF4_BLOCKSIZE = 64
 
 
 def lora_delta(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, dropout: nn.Module, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    dropout: nn.Module,
+    scaling: float,
+    *,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`dropout(x) @ A^T @ B^T * scaling`, computed in the LoRA weights' dtype (bf16 by default).
+    """`dropout(x) @ A^T @ B^T * scaling`, computed in the LoRA weights' dtype (bf16 by default); with `into` (the
+    frozen layer's output), added into it by the second matmul itself and `into` returned.
 
     The scale is folded into the small (r × out) factor rather than applied to the activation-sized
-    result: one full-size temporary fewer per layer.
+    result: one full-size temporary fewer per layer. With `into` there is no activation-sized delta at all (for an
+    output that is materialised whole anyway; one read by a compiled consumer gets the add fused there).
     """
-    x = dropout(x.to(lora_A.dtype))
-    return (x @ lora_A.t()) @ (lora_B.t() * scaling)
+    h = dropout(x.to(lora_A.dtype)) @ lora_A.t()
+    scaled_b = lora_B.t() * scaling
+    if into is None:
+        return h @ scaled_b
+    flat = into.view(-1, into.shape[-1])
+    accumulate_product(flat, h.reshape(-1, h.shape[-1]).to(into.dtype), scaled_b.to(into.dtype))
+    return into
 
 
 class FrozenLinear:
@@ -352,9 +365,12 @@ class LoraLinear(nn.Module):
         if torch.is_grad_enabled():
             return self.base_layer(x, lora=self)  # the fused training path, run by the base (see `FrozenLinear`)
         out = self.base_layer(x)
-        out = out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
-        if self.reuse_output_on_recompute:
-            keep_output(out)  # for the recomputation, when this is an offloaded layer's forward
+        if not self.reuse_output_on_recompute:
+            return out.add_(lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling).to(out.dtype))
+        # Kept whole for the recomputation (when this is an offloaded layer's forward): the LoRA product goes into it
+        # in its matmul, as in the training path
+        out = lora_delta(x, self.lora_A, self.lora_B, self.lora_dropout, self.scaling, into=out)
+        keep_output(out)
         return out
 
     def extra_repr(self) -> str:

@@ -151,6 +151,35 @@ def test_the_layer_computes_w_x_plus_scaled_b_a_x(device, cls, dtype, tol, p):
     assert (out - expected).norm() / expected.norm() < max(tol, 1e-4)  # eval runs bitsandbytes' own kernels
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kept_output_gets_the_lora_product_in_its_matmul_compiled(device):
+    """Without gradients (an offloaded layer's forward), a layer whose output is kept whole for the recomputation
+    (`reuse_output_on_recompute`) adds the LoRA product into that output in the matmul (`accumulate_product`): no
+    activation-sized delta written and added back in a kernel of its own. The output is the plain layer's; a layer
+    that keeps nothing leaves the add to the compiler, which fuses it into the consumer."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qlora_lightning.lora_autograd import COMPILE_OPTIONS
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    quant = QuantSpec(compute_dtype=str(dtype)[6:])
+    layer = LoraLinear4bit.from_weight(torch.randn(48, 64) / 8, device=device, lora=LoraSpec(r=8), quant=quant).eval()
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 5, 64, device=device, dtype=dtype)
+    calls = {}
+    with torch.no_grad():
+        plain = layer(x)
+        for kept in (False, True):
+            layer.reuse_output_on_recompute = kept
+            compiled = torch.compile(lambda t: layer(t) * 2, options=COMPILE_OPTIONS)  # a consumer to fuse into
+            out, sources = run_and_get_code(compiled, x)
+            torch._dynamo.reset()
+            torch.testing.assert_close(out, plain * 2, rtol=1e-5 if device == "cpu" else 2e-2, atol=1e-5)
+            calls[kept] = sum(source.count("qlora_lightning.accumulate_product.default(") for source in sources)
+    assert calls == {False: 0, True: 1}
+
+
 def test_a_weight_packed_for_sharding_cannot_be_loaded_again_as_dense():
     """After `pack_for_sharding` the 4-bit layer's weight is one byte tensor with its quantization state inside:
     `load_dense` (which needs bitsandbytes' parameter as built) says so instead of quantizing into the wrong layout."""

@@ -134,8 +134,11 @@ def test_on_the_gpu_kept_outputs_come_back_as_forward_computed_them(tiny_chat_ll
         tiny_chat_llama_dir, offload=True, dropout=0.1, device="cuda", seq=512, outputs=ALL_BUT_DOWN, compiled=compiled
     )
     torch.testing.assert_close(kept[0], plain[0], rtol=1e-3, atol=0)
+    # bf16: compiled, offloaded layers without kept outputs are already 1.0 % off plain checkpointing in their
+    # worst gradient (H200, 2026-12-05), with them 1.04 %, and 0.96 % apart from each other
+    tol = 2e-2 if compiled else 1e-2
     for a, b in zip(plain[1], kept[1], strict=True):
-        assert (b.float() - a.float()).norm() <= 1e-2 * a.float().norm()
+        assert (b.float() - a.float()).norm() <= tol * a.float().norm()
 
 
 @pytest.mark.parametrize(

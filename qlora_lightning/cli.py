@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 
 
 def _process_settings() -> None:
@@ -19,9 +20,14 @@ def _process_settings() -> None:
       runtime and torch its own; with both spinning after each parallel region, 2 CPU cores spend most of a
       training step waiting (seen here: 60-80 s vs 13 s a SmolLM2 step).
 
+    - Lightning's warning that `QLoRAModule` overrides `transfer_batch_to_device` while a data module is passed is
+      silenced: the module's hook (labels left on the host, `module.HOST_ENTRIES`) is the one meant to run, with
+      any data module; the warning read like a misconfiguration on every run.
+
     (The package's import has already hidden the `kernels` package: `hub_kernels.py`.)
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
 
 
 _process_settings()

@@ -71,7 +71,8 @@ class FrozenLinear:
         if lora is None:
             return self.frozen_forward(x)
         p = lora.lora_dropout.p if lora.training and isinstance(lora.lora_dropout, nn.Dropout) else 0.0
-        reuse = lora.reuse_output_on_recompute and recomputing()
+        recomputed = recomputing()
+        reuse = lora.reuse_output_on_recompute and recomputed
         out = lora_linear(
             x.to(self.compute_dtype),
             lora.lora_A,
@@ -80,7 +81,7 @@ class FrozenLinear:
             self.dense_weight,
             scaling=lora.scaling,
             dropout_p=p,
-            base_output=not (reuse or (lora.skip_base_on_recompute and recomputing())),
+            base_output=not (reuse or (lora.skip_base_on_recompute and recomputed)),
         )
         out = out.to(x.dtype)
         # forward's value (as the no-gradient path below kept it); the gradient goes through the LoRA update above
